@@ -1,0 +1,205 @@
+//! The admin API's bearer token: generated on first start into
+//! `<data-dir>/admin.token` (0600, reused after), or given by the operator
+//! (`MESHWIRE_ADMIN_TOKEN`), and checked on every admin call.
+//!
+//! Only the admin service is behind this check: sidecars reach the xDS
+//! service on the same port without it (they authenticate with mTLS later).
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Status};
+
+/// The token file's name inside the data directory.
+pub const TOKEN_FILE: &str = "admin.token";
+
+/// Shortest token accepted from the operator.
+const MIN_TOKEN_LEN: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what}: {reason}")]
+    Invalid { what: String, reason: String },
+}
+
+/// Checks a token's shape: it must fit an HTTP header and not be guessable
+/// by its length alone.
+pub fn check_token(what: &str, token: &str) -> Result<(), TokenError> {
+    let invalid = |reason: &str| TokenError::Invalid {
+        what: what.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(invalid(&format!(
+            "must be at least {MIN_TOKEN_LEN} characters"
+        )));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "must be printable ASCII without spaces (it is sent in a header)",
+        ));
+    }
+    Ok(())
+}
+
+/// Reads `<dir>/admin.token`, creating it (random, mode 0600) if missing.
+pub fn load_or_create(dir: &Path) -> Result<String, TokenError> {
+    let path = dir.join(TOKEN_FILE);
+    let io = |source| TokenError::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::File::open(&path) {
+        Ok(mut f) => {
+            let mode = f.metadata().map_err(io)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "admin token file is readable by others; chmod 600 it");
+            }
+            let mut token = String::new();
+            f.read_to_string(&mut token).map_err(io)?;
+            let token = token.trim().to_owned();
+            check_token(&path.display().to_string(), &token)?;
+            Ok(token)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = generate().map_err(io)?;
+            // Written under a temporary name and renamed, so a crash never
+            // leaves a half-written token behind.
+            let tmp = dir.join(format!("{TOKEN_FILE}.tmp"));
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io)?;
+            f.write_all(format!("{token}\n").as_bytes()).map_err(io)?;
+            f.sync_all().map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            tracing::info!(path = %path.display(), "admin token generated");
+            Ok(token)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// 32 random bytes from the OS, hex-encoded.
+fn generate() -> std::io::Result<String> {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The admin API's request check (a tonic interceptor).
+#[derive(Clone)]
+pub struct RequireToken {
+    expected: std::sync::Arc<str>,
+}
+
+impl std::fmt::Debug for RequireToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequireToken(..)")
+    }
+}
+
+impl RequireToken {
+    pub fn new(token: &str) -> Self {
+        Self {
+            expected: token.into(),
+        }
+    }
+
+    fn check(&self, md: &MetadataMap) -> Result<(), Status> {
+        let Some(value) = md.get("authorization") else {
+            return Err(Status::unauthenticated(
+                "missing admin token: send `authorization: Bearer <token>` (meshctl: --token, MESHWIRE_ADMIN_TOKEN or --data-dir)",
+            ));
+        };
+        let given = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
+        if !constant_time_eq(given.trim().as_bytes(), self.expected.as_bytes()) {
+            return Err(Status::unauthenticated("invalid admin token"));
+        }
+        Ok(())
+    }
+}
+
+impl tonic::service::Interceptor for RequireToken {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        self.check(req.metadata()).inspect_err(|s| {
+            tracing::debug!(remote = ?req.remote_addr(), reason = s.message(), "admin call refused");
+        })?;
+        Ok(req)
+    }
+}
+
+/// Compares without stopping at the first difference, so response timing
+/// does not reveal how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::service::Interceptor;
+
+    use super::*;
+
+    #[test]
+    fn token_file_is_created_private_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let t1 = load_or_create(dir.path()).unwrap();
+        assert_eq!(t1.len(), 64);
+        let meta = std::fs::metadata(dir.path().join(TOKEN_FILE)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(load_or_create(dir.path()).unwrap(), t1);
+
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(load_or_create(other.path()).unwrap(), t1);
+
+        std::fs::write(dir.path().join(TOKEN_FILE), "short\n").unwrap();
+        let e = load_or_create(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("admin.token") && e.contains("at least 16"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn only_the_right_bearer_token_passes() {
+        let token = "0123456789abcdef0123";
+        let mut check = RequireToken::new(token);
+        let call = |check: &mut RequireToken, header: Option<&str>| {
+            let mut req = Request::new(());
+            if let Some(h) = header {
+                req.metadata_mut()
+                    .insert("authorization", h.parse().unwrap());
+            }
+            check.call(req).map(|_| ()).map_err(|s| s.code())
+        };
+        assert_eq!(call(&mut check, Some(&format!("Bearer {token}"))), Ok(()));
+        for bad in [None, Some("Bearer nope"), Some(token), Some("Basic abc")] {
+            assert_eq!(
+                call(&mut check, bad),
+                Err(tonic::Code::Unauthenticated),
+                "{bad:?}"
+            );
+        }
+        assert!(check_token("t", "has space in it 0123").is_err());
+        assert!(check_token("t", token).is_ok());
+    }
+}

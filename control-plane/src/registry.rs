@@ -1,0 +1,696 @@
+//! The mesh configuration as the control plane holds it: every service with
+//! its endpoints in memory, backed by a [`Store`].
+//!
+//! Every mutation is one step under a writer lock: read the current state,
+//! validate the change against it, commit it to the store (durable when the
+//! store returns), then apply it to memory and announce it. A failed
+//! validation or commit leaves store and memory untouched. The step runs in
+//! its own task, so a caller that goes away mid-commit cannot leave the store
+//! and memory apart.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use meshwire_xds::model::{DEFAULT_ACTIVE_REQUEST_BIAS, validate_service_name};
+use meshwire_xds::{Cluster, Endpoint, LbPolicy, ModelError, Snapshot};
+use tokio::sync::{broadcast, watch};
+
+use crate::store::{Change, Store, StoreError};
+
+/// How many events a slow watcher may fall behind before it is cut off.
+const EVENT_BACKLOG: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("service {0:?} not found")]
+    ServiceNotFound(String),
+    #[error("service {0:?} already exists")]
+    ServiceExists(String),
+    #[error("endpoint {address} not found in service {service:?}")]
+    EndpointNotFound {
+        service: String,
+        address: SocketAddr,
+    },
+    #[error("endpoint {address} already exists in service {service:?}")]
+    EndpointExists {
+        service: String,
+        address: SocketAddr,
+    },
+    /// The field path is relative to the service or endpoint being changed.
+    #[error("{0}")]
+    Invalid(#[from] ModelError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// One committed change, as announced to watchers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub version: u64,
+    pub change: Change,
+}
+
+/// A service's settings and how many endpoints it has.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceInfo {
+    /// The service without its endpoints.
+    pub settings: Cluster,
+    pub endpoints: usize,
+}
+
+/// The load-balancing policy alone (its bias is a field of its own in a patch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbKind {
+    LeastRequest,
+    RoundRobin,
+}
+
+/// Changes to a service's settings; `None` keeps the current value.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServicePatch {
+    pub lb_policy: Option<LbKind>,
+    /// `Some(None)` resets the bias to its default.
+    pub active_request_bias: Option<Option<f64>>,
+    pub connect_timeout: Option<Duration>,
+    pub request_timeout: Option<Option<Duration>>,
+    pub authority: Option<Option<String>>,
+}
+
+impl ServicePatch {
+    /// Applies the patch to `c`'s settings (not validated here).
+    pub fn apply(&self, c: &mut Cluster) -> Result<(), ModelError> {
+        let current_bias = match c.lb {
+            LbPolicy::LeastRequest {
+                active_request_bias,
+            } => Some(active_request_bias),
+            LbPolicy::RoundRobin => None,
+        };
+        let kind = self.lb_policy.unwrap_or(match c.lb {
+            LbPolicy::LeastRequest { .. } => LbKind::LeastRequest,
+            LbPolicy::RoundRobin => LbKind::RoundRobin,
+        });
+        c.lb = match kind {
+            LbKind::RoundRobin => {
+                if let Some(Some(_)) = self.active_request_bias {
+                    return Err(ModelError::new(
+                        "active_request_bias",
+                        "only applies to least-request load balancing",
+                    ));
+                }
+                LbPolicy::RoundRobin
+            }
+            LbKind::LeastRequest => LbPolicy::LeastRequest {
+                active_request_bias: match self.active_request_bias {
+                    Some(b) => b.unwrap_or(DEFAULT_ACTIVE_REQUEST_BIAS),
+                    None => current_bias.unwrap_or(DEFAULT_ACTIVE_REQUEST_BIAS),
+                },
+            },
+        };
+        if let Some(t) = self.connect_timeout {
+            c.connect_timeout = t;
+        }
+        if let Some(t) = self.request_timeout {
+            c.request_timeout = t;
+        }
+        if let Some(a) = &self.authority {
+            c.authority = a.clone();
+        }
+        Ok(())
+    }
+}
+
+/// Changes to one endpoint; `None` keeps the current value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointPatch {
+    pub weight: Option<u32>,
+    pub draining: Option<bool>,
+}
+
+/// A service's settings: the cluster without its endpoints.
+pub fn settings(c: &Cluster) -> Cluster {
+    Cluster {
+        name: c.name.clone(),
+        lb: c.lb,
+        connect_timeout: c.connect_timeout,
+        request_timeout: c.request_timeout,
+        authority: c.authority.clone(),
+        endpoints: Vec::new(),
+        policy: c.policy.clone(),
+        permissive: c.permissive,
+    }
+}
+
+// === State ===
+
+/// What is committed, in memory. Endpoints are kept sorted by address.
+#[derive(Debug, Default)]
+pub struct State {
+    pub version: u64,
+    pub clusters: BTreeMap<String, Cluster>,
+}
+
+impl State {
+    fn cluster(&self, name: &str) -> Result<&Cluster, RegistryError> {
+        self.clusters
+            .get(name)
+            .ok_or_else(|| RegistryError::ServiceNotFound(name.to_owned()))
+    }
+
+    fn endpoint(&self, service: &str, address: SocketAddr) -> Result<&Endpoint, RegistryError> {
+        let c = self.cluster(service)?;
+        find(c, address)
+            .map(|i| &c.endpoints[i])
+            .map_err(|_| RegistryError::EndpointNotFound {
+                service: service.to_owned(),
+                address,
+            })
+    }
+
+    fn apply(&mut self, change: &Change) {
+        match change {
+            Change::ServiceCreated(c) => {
+                self.clusters.insert(c.name.clone(), settings(c));
+            }
+            Change::ServiceUpdated(c) => {
+                if let Some(old) = self.clusters.get_mut(&c.name) {
+                    let endpoints = std::mem::take(&mut old.endpoints);
+                    *old = settings(c);
+                    old.endpoints = endpoints;
+                }
+            }
+            Change::ServiceDeleted { name, .. } => {
+                self.clusters.remove(name);
+            }
+            Change::EndpointAdded { service, endpoint }
+            | Change::EndpointUpdated { service, endpoint } => {
+                if let Some(c) = self.clusters.get_mut(service) {
+                    match find(c, endpoint.address) {
+                        Ok(i) => c.endpoints[i] = endpoint.clone(),
+                        Err(i) => c.endpoints.insert(i, endpoint.clone()),
+                    }
+                }
+            }
+            Change::EndpointRemoved { service, address } => {
+                if let Some(c) = self.clusters.get_mut(service)
+                    && let Ok(i) = find(c, *address)
+                {
+                    c.endpoints.remove(i);
+                }
+            }
+        }
+    }
+}
+
+fn find(c: &Cluster, address: SocketAddr) -> Result<usize, usize> {
+    c.endpoints.binary_search_by_key(&address, |e| e.address)
+}
+
+/// What a mutation decided, given the current state.
+enum Plan<R> {
+    /// Nothing to write (the state already is what was asked).
+    Unchanged(R),
+    Commit(Change, R),
+}
+
+// === Registry ===
+
+pub struct Registry {
+    store: Arc<dyn Store>,
+    /// Serializes mutations from reading the state to applying the commit.
+    writer: tokio::sync::Mutex<()>,
+    /// Only ever held for a few instructions (never across an `.await`).
+    state: Mutex<State>,
+    versions: watch::Sender<u64>,
+    events: broadcast::Sender<Arc<Event>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("store", &self.store)
+            .field("version", &self.version())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// Loads the store's current state.
+    pub async fn load(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
+        let loaded = store.load().await?;
+        let mut clusters = BTreeMap::new();
+        for mut c in loaded.clusters {
+            c.endpoints.sort_by_key(|e| e.address);
+            clusters.insert(c.name.clone(), c);
+        }
+        tracing::info!(
+            version = loaded.version,
+            services = clusters.len(),
+            endpoints = clusters.values().map(|c| c.endpoints.len()).sum::<usize>(),
+            "configuration loaded"
+        );
+        Ok(Arc::new(Self {
+            store,
+            writer: tokio::sync::Mutex::new(()),
+            versions: watch::channel(loaded.version).0,
+            state: Mutex::new(State {
+                version: loaded.version,
+                clusters,
+            }),
+            events: broadcast::channel(EVENT_BACKLOG).0,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The store's current version.
+    pub fn version(&self) -> u64 {
+        self.lock().version
+    }
+
+    /// Everything, at the current version.
+    pub fn snapshot(&self) -> Snapshot {
+        let st = self.lock();
+        Snapshot {
+            version: st.version,
+            clusters: st.clusters.clone(),
+        }
+    }
+
+    /// Notified with the version after every commit.
+    pub fn versions(&self) -> watch::Receiver<u64> {
+        self.versions.subscribe()
+    }
+
+    /// The current version and every event after it.
+    pub fn subscribe(&self) -> (u64, broadcast::Receiver<Arc<Event>>) {
+        // Under the state lock, which commits hold while announcing: no event
+        // is both before `version` and in the receiver, or in neither.
+        let st = self.lock();
+        (st.version, self.events.subscribe())
+    }
+
+    pub fn service(&self, name: &str) -> Result<(u64, Cluster), RegistryError> {
+        let st = self.lock();
+        Ok((st.version, st.cluster(name)?.clone()))
+    }
+
+    pub fn services(&self) -> (u64, Vec<ServiceInfo>) {
+        let st = self.lock();
+        let infos = st
+            .clusters
+            .values()
+            .map(|c| ServiceInfo {
+                settings: settings(c),
+                endpoints: c.endpoints.len(),
+            })
+            .collect();
+        (st.version, infos)
+    }
+
+    pub fn endpoints(&self, service: &str) -> Result<(u64, Vec<Endpoint>), RegistryError> {
+        let st = self.lock();
+        Ok((st.version, st.cluster(service)?.endpoints.clone()))
+    }
+
+    /// Stops writes and releases the store.
+    pub fn close(&self) {
+        self.store.close();
+    }
+
+    // === mutations ===
+
+    /// Creates a service (its endpoints, if any, are ignored: they are added
+    /// one by one).
+    pub async fn create_service(
+        self: &Arc<Self>,
+        service: Cluster,
+    ) -> Result<(u64, ServiceInfo), RegistryError> {
+        let service = settings(&service);
+        service.validate()?;
+        self.mutate(move |st| {
+            if st.clusters.contains_key(&service.name) {
+                return Err(RegistryError::ServiceExists(service.name));
+            }
+            let info = ServiceInfo {
+                settings: service.clone(),
+                endpoints: 0,
+            };
+            Ok(Plan::Commit(Change::ServiceCreated(service), info))
+        })
+        .await
+    }
+
+    pub async fn update_service(
+        self: &Arc<Self>,
+        name: &str,
+        patch: ServicePatch,
+    ) -> Result<(u64, ServiceInfo), RegistryError> {
+        let name = name.to_owned();
+        self.mutate(move |st| {
+            let current = st.cluster(&name)?;
+            let mut next = settings(current);
+            patch.apply(&mut next)?;
+            next.validate()?;
+            let info = ServiceInfo {
+                settings: next.clone(),
+                endpoints: current.endpoints.len(),
+            };
+            if next == settings(current) {
+                return Ok(Plan::Unchanged(info));
+            }
+            Ok(Plan::Commit(Change::ServiceUpdated(next), info))
+        })
+        .await
+    }
+
+    /// Deletes a service and its endpoints; returns how many endpoints it had.
+    pub async fn delete_service(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<(u64, usize), RegistryError> {
+        let name = name.to_owned();
+        self.mutate(move |st| {
+            let endpoints: Vec<SocketAddr> = st
+                .cluster(&name)?
+                .endpoints
+                .iter()
+                .map(|e| e.address)
+                .collect();
+            let n = endpoints.len();
+            Ok(Plan::Commit(Change::ServiceDeleted { name, endpoints }, n))
+        })
+        .await
+    }
+
+    pub async fn add_endpoint(
+        self: &Arc<Self>,
+        service: &str,
+        endpoint: Endpoint,
+    ) -> Result<(u64, Endpoint), RegistryError> {
+        endpoint.validate()?;
+        let service = service.to_owned();
+        self.mutate(move |st| {
+            let c = st.cluster(&service)?;
+            if find(c, endpoint.address).is_ok() {
+                return Err(RegistryError::EndpointExists {
+                    service,
+                    address: endpoint.address,
+                });
+            }
+            let ep = endpoint.clone();
+            Ok(Plan::Commit(
+                Change::EndpointAdded { service, endpoint },
+                ep,
+            ))
+        })
+        .await
+    }
+
+    pub async fn update_endpoint(
+        self: &Arc<Self>,
+        service: &str,
+        address: SocketAddr,
+        patch: EndpointPatch,
+    ) -> Result<(u64, Endpoint), RegistryError> {
+        let service = service.to_owned();
+        self.mutate(move |st| {
+            let current = st.endpoint(&service, address)?;
+            let mut next = current.clone();
+            if let Some(w) = patch.weight {
+                next.weight = w;
+            }
+            if let Some(d) = patch.draining {
+                next.draining = d;
+            }
+            next.validate()?;
+            if next == *current {
+                return Ok(Plan::Unchanged(next));
+            }
+            let ep = next.clone();
+            Ok(Plan::Commit(
+                Change::EndpointUpdated {
+                    service,
+                    endpoint: next,
+                },
+                ep,
+            ))
+        })
+        .await
+    }
+
+    pub async fn remove_endpoint(
+        self: &Arc<Self>,
+        service: &str,
+        address: SocketAddr,
+    ) -> Result<u64, RegistryError> {
+        let service = service.to_owned();
+        self.mutate(move |st| {
+            st.endpoint(&service, address)?;
+            Ok(Plan::Commit(
+                Change::EndpointRemoved { service, address },
+                (),
+            ))
+        })
+        .await
+        .map(|(v, ())| v)
+    }
+
+    /// Runs one mutation to its end in a task of its own (see the module docs).
+    async fn mutate<R, F>(self: &Arc<Self>, plan: F) -> Result<(u64, R), RegistryError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&State) -> Result<Plan<R>, RegistryError> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::spawn(async move { this.mutate_now(plan).await })
+            .await
+            .map_err(|e| StoreError::Database(format!("mutation task failed: {e}")))?
+    }
+
+    async fn mutate_now<R, F>(&self, plan: F) -> Result<(u64, R), RegistryError>
+    where
+        F: FnOnce(&State) -> Result<Plan<R>, RegistryError>,
+    {
+        let _writer = self.writer.lock().await;
+        let planned = plan(&self.lock())?;
+        let (change, result) = match planned {
+            Plan::Unchanged(r) => return Ok((self.version(), r)),
+            Plan::Commit(change, r) => (change, r),
+        };
+        let version = self.store.commit(&change).await.inspect_err(|e| {
+            tracing::error!(service = change.service(), error = %e, "commit failed; nothing changed");
+        })?;
+        {
+            let mut st = self.lock();
+            debug_assert!(version > st.version, "store versions must increase");
+            st.apply(&change);
+            st.version = version;
+            tracing::debug!(version, service = change.service(), "committed");
+            // A send error only means nobody is watching.
+            let _ = self.events.send(Arc::new(Event { version, change }));
+        }
+        self.versions.send_replace(version);
+        Ok((version, result))
+    }
+}
+
+/// Checks a service name given in a request (`field` names it).
+pub fn check_service_name(field: &str, name: &str) -> Result<(), ModelError> {
+    validate_service_name(name).map_err(|e| e.within(field))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    async fn registry() -> (Arc<MemoryStore>, Arc<Registry>) {
+        let store = Arc::new(MemoryStore::default());
+        let reg = Registry::load(store.clone()).await.unwrap();
+        (store, reg)
+    }
+
+    #[tokio::test]
+    async fn mutations_commit_apply_and_announce_in_order() {
+        let (store, reg) = registry().await;
+        let (v0, mut events) = reg.subscribe();
+        assert_eq!(v0, 0);
+        let (v1, info) = reg.create_service(Cluster::new("greeter")).await.unwrap();
+        assert_eq!((v1, info.endpoints), (1, 0));
+        let (v2, _) = reg
+            .add_endpoint("greeter", Endpoint::new(addr(2)))
+            .await
+            .unwrap();
+        let (v3, _) = reg
+            .add_endpoint("greeter", Endpoint::new(addr(1)))
+            .await
+            .unwrap();
+        let (v4, ep) = reg
+            .update_endpoint(
+                "greeter",
+                addr(2),
+                EndpointPatch {
+                    weight: Some(5),
+                    draining: Some(true),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!((v2, v3, v4), (2, 3, 4));
+        assert!(ep.draining && ep.weight == 5);
+
+        // Memory, store and events agree.
+        let (_, c) = reg.service("greeter").unwrap();
+        let addrs: Vec<_> = c.endpoints.iter().map(|e| e.address).collect();
+        assert_eq!(addrs, vec![addr(1), addr(2)], "sorted by address");
+        let loaded = store.load().await.unwrap();
+        assert_eq!(loaded.version, 4);
+        assert_eq!(loaded.clusters, vec![c.clone()]);
+        assert_eq!(reg.snapshot(), Snapshot::new(4, [c]));
+        for want in 1..=4 {
+            assert_eq!(events.recv().await.unwrap().version, want);
+        }
+    }
+
+    #[tokio::test]
+    async fn no_op_changes_commit_nothing() {
+        let (_, reg) = registry().await;
+        reg.create_service(Cluster::new("s")).await.unwrap();
+        reg.add_endpoint("s", Endpoint::new(addr(1))).await.unwrap();
+        let (v, _) = reg
+            .update_endpoint(
+                "s",
+                addr(1),
+                EndpointPatch {
+                    weight: Some(1),
+                    draining: Some(false),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(v, 2);
+        let (v, _) = reg
+            .update_service(
+                "s",
+                ServicePatch {
+                    connect_timeout: Some(Cluster::DEFAULT_CONNECT_TIMEOUT),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(v, 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_change_changes_nothing() {
+        let (store, reg) = registry().await;
+        reg.create_service(Cluster::new("s")).await.unwrap();
+        reg.add_endpoint("s", Endpoint::new(addr(1))).await.unwrap();
+        let before = reg.snapshot();
+
+        // Rejected by validation against the current state.
+        let e = reg
+            .add_endpoint("s", Endpoint::new(addr(1)))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RegistryError::EndpointExists { .. }), "{e}");
+        let e = reg
+            .update_endpoint(
+                "s",
+                addr(1),
+                EndpointPatch {
+                    weight: Some(0),
+                    draining: None,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().starts_with("weight:"), "{e}");
+        let e = reg
+            .update_service(
+                "s",
+                ServicePatch {
+                    lb_policy: Some(LbKind::RoundRobin),
+                    active_request_bias: Some(Some(1.0)),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().starts_with("active_request_bias:"), "{e}");
+        let e = reg.delete_service("nope").await.unwrap_err();
+        assert!(matches!(e, RegistryError::ServiceNotFound(_)), "{e}");
+
+        // Rejected by the store: memory stays as the store is.
+        store.fail_next_commit();
+        let e = reg.delete_service("s").await.unwrap_err();
+        assert!(matches!(e, RegistryError::Store(_)), "{e}");
+
+        assert_eq!(reg.snapshot(), before);
+        assert_eq!(store.load().await.unwrap().version, before.version);
+        // And the next change gets the next version.
+        assert_eq!(reg.delete_service("s").await.unwrap(), (3, 1));
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_goes_away_does_not_split_store_and_memory() {
+        let (store, reg) = registry().await;
+        reg.create_service(Cluster::new("s")).await.unwrap();
+        // Dropped at its first poll: the spawned mutation still completes.
+        let fut = reg.add_endpoint("s", Endpoint::new(addr(1)));
+        let _ = tokio::time::timeout(Duration::ZERO, fut).await;
+        let mut versions = reg.versions();
+        versions.wait_for(|v| *v == 2).await.unwrap();
+        assert_eq!(store.load().await.unwrap().version, 2);
+        assert_eq!(reg.endpoints("s").unwrap().1.len(), 1);
+    }
+
+    #[test]
+    fn patches_follow_the_policy() {
+        let mut c = Cluster::new("s");
+        let rr = ServicePatch {
+            lb_policy: Some(LbKind::RoundRobin),
+            ..Default::default()
+        };
+        rr.apply(&mut c).unwrap();
+        assert_eq!(c.lb, LbPolicy::RoundRobin);
+        // Back to least-request: default bias unless given.
+        let lr = ServicePatch {
+            lb_policy: Some(LbKind::LeastRequest),
+            ..Default::default()
+        };
+        lr.apply(&mut c).unwrap();
+        assert_eq!(c.lb, LbPolicy::default());
+        let bias = ServicePatch {
+            active_request_bias: Some(Some(0.5)),
+            authority: Some(Some("a:1".into())),
+            ..Default::default()
+        };
+        bias.apply(&mut c).unwrap();
+        assert_eq!(
+            c.lb,
+            LbPolicy::LeastRequest {
+                active_request_bias: 0.5
+            }
+        );
+        assert_eq!(c.authority.as_deref(), Some("a:1"));
+        ServicePatch {
+            active_request_bias: Some(None),
+            authority: Some(None),
+            ..Default::default()
+        }
+        .apply(&mut c)
+        .unwrap();
+        assert_eq!(c.lb, LbPolicy::default());
+        assert_eq!(c.authority, None);
+    }
+}

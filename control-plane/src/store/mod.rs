@@ -1,0 +1,258 @@
+//! Where the mesh configuration is kept: a small [`Store`] trait (so an etcd
+//! store can be added later) and its default, embedded implementation on
+//! `redb` ([`RedbStore`]), plus an in-memory one for tests ([`MemoryStore`]).
+//!
+//! The store sees one [`Change`] at a time, already validated against the
+//! current state by the [`crate::registry::Registry`], and writes only what
+//! that change touches (one endpoint row, one service row, ...) in one
+//! transaction together with the new version. Records are our own serde types
+//! ([`ServiceRecord`], [`EndpointRecord`]) so the on-disk format does not move
+//! when the model does.
+
+mod memory;
+mod redb;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use meshwire_xds::{Cluster, Endpoint, LbPolicy};
+use serde::{Deserialize, Serialize};
+
+pub use self::memory::MemoryStore;
+pub use self::redb::RedbStore;
+
+/// A store of services and endpoints with a version that strictly increases
+/// with every commit, also across restarts.
+///
+/// There is one writer: the registry serializes commits, so implementations
+/// need not detect concurrent writers of their own.
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Everything stored and the version of the last commit (0 when empty).
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>>;
+
+    /// Writes one change in one transaction together with the next version,
+    /// and returns that version. When it returns `Ok` the change is durable;
+    /// on `Err` nothing of it was written.
+    fn commit<'a>(&'a self, change: &'a Change) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Releases the underlying database (file locks, connections); later
+    /// calls fail with [`StoreError::Closed`].
+    fn close(&self);
+}
+
+/// The state of a store as loaded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Loaded {
+    pub version: u64,
+    /// Every service with its endpoints (sorted by address).
+    pub clusters: Vec<Cluster>,
+}
+
+/// One committed change. Service changes carry the service's settings only
+/// (`endpoints` is ignored); endpoints change one at a time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    ServiceCreated(Cluster),
+    ServiceUpdated(Cluster),
+    /// The service and every endpoint it had.
+    ServiceDeleted {
+        name: String,
+        endpoints: Vec<SocketAddr>,
+    },
+    EndpointAdded {
+        service: String,
+        endpoint: Endpoint,
+    },
+    /// Weight, draining state or other fields of an existing endpoint.
+    EndpointUpdated {
+        service: String,
+        endpoint: Endpoint,
+    },
+    EndpointRemoved {
+        service: String,
+        address: SocketAddr,
+    },
+}
+
+impl Change {
+    /// The service the change is about.
+    pub fn service(&self) -> &str {
+        match self {
+            Change::ServiceCreated(c) | Change::ServiceUpdated(c) => &c.name,
+            Change::ServiceDeleted { name, .. } => name,
+            Change::EndpointAdded { service, .. }
+            | Change::EndpointUpdated { service, .. }
+            | Change::EndpointRemoved { service, .. } => service,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("{0}")]
+    Database(String),
+    #[error("stored record {key:?} is unreadable: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("the store is closed")]
+    Closed,
+}
+
+// === records ===
+
+/// A service's settings as stored (its endpoints are rows of their own).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub name: String,
+    pub lb: LbRecord,
+    pub connect_timeout: Duration,
+    #[serde(default)]
+    pub request_timeout: Option<Duration>,
+    #[serde(default)]
+    pub authority: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "policy", rename_all = "snake_case")]
+pub enum LbRecord {
+    LeastRequest { active_request_bias: f64 },
+    RoundRobin,
+}
+
+/// One endpoint as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub address: SocketAddr,
+    pub weight: u32,
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub draining: bool,
+    #[serde(default)]
+    pub identity: Option<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl From<&Cluster> for ServiceRecord {
+    fn from(c: &Cluster) -> Self {
+        Self {
+            name: c.name.clone(),
+            lb: match c.lb {
+                LbPolicy::LeastRequest {
+                    active_request_bias,
+                } => LbRecord::LeastRequest {
+                    active_request_bias,
+                },
+                LbPolicy::RoundRobin => LbRecord::RoundRobin,
+            },
+            connect_timeout: c.connect_timeout,
+            request_timeout: c.request_timeout,
+            authority: c.authority.clone(),
+        }
+    }
+}
+
+impl ServiceRecord {
+    /// The cluster these settings describe, without endpoints.
+    pub fn into_cluster(self) -> Cluster {
+        let mut c = Cluster::new(self.name);
+        c.lb = match self.lb {
+            LbRecord::LeastRequest {
+                active_request_bias,
+            } => LbPolicy::LeastRequest {
+                active_request_bias,
+            },
+            LbRecord::RoundRobin => LbPolicy::RoundRobin,
+        };
+        c.connect_timeout = self.connect_timeout;
+        c.request_timeout = self.request_timeout;
+        c.authority = self.authority;
+        c
+    }
+}
+
+impl From<&Endpoint> for EndpointRecord {
+    fn from(e: &Endpoint) -> Self {
+        Self {
+            address: e.address,
+            weight: e.weight,
+            zone: e.zone.clone(),
+            draining: e.draining,
+            identity: e.identity.clone(),
+            metadata: e.metadata.clone(),
+        }
+    }
+}
+
+impl From<EndpointRecord> for Endpoint {
+    fn from(r: EndpointRecord) -> Self {
+        Self {
+            address: r.address,
+            weight: r.weight,
+            zone: r.zone,
+            draining: r.draining,
+            identity: r.identity,
+            metadata: r.metadata,
+        }
+    }
+}
+
+/// Assembles loaded rows into validated clusters (endpoints sorted by
+/// address); a row that no longer validates is reported as corrupt rather
+/// than served.
+fn assemble(
+    services: Vec<ServiceRecord>,
+    mut endpoints: BTreeMap<String, Vec<EndpointRecord>>,
+) -> Result<Vec<Cluster>, StoreError> {
+    let mut clusters = Vec::with_capacity(services.len());
+    for s in services {
+        let mut c = s.into_cluster();
+        let mut eps: Vec<Endpoint> = endpoints
+            .remove(&c.name)
+            .unwrap_or_default()
+            .into_iter()
+            .map(Endpoint::from)
+            .collect();
+        eps.sort_by_key(|e| e.address);
+        c.endpoints = eps;
+        c.validate().map_err(|e| StoreError::Corrupt {
+            key: c.name.clone(),
+            reason: e.to_string(),
+        })?;
+        clusters.push(c);
+    }
+    for (service, eps) in endpoints {
+        // Cannot happen through the registry (a delete removes both in one
+        // transaction); kept out of the snapshot rather than failing start-up.
+        tracing::warn!(%service, endpoints = eps.len(), "endpoints of an unknown service ignored");
+    }
+    Ok(clusters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_the_model() {
+        let mut c = Cluster::new("greeter");
+        c.lb = LbPolicy::RoundRobin;
+        c.request_timeout = Some(Duration::from_millis(1500));
+        c.authority = Some("greeter.internal:80".into());
+        let back = ServiceRecord::from(&c).into_cluster();
+        assert_eq!(back, c);
+
+        let mut e = Endpoint::new("10.0.0.1:80".parse().unwrap()).with_weight(7);
+        e.zone = Some("a".into());
+        e.identity = Some("spiffe://mesh/greeter".into());
+        e.metadata.insert("k".into(), "v".into());
+        e.draining = true;
+        let json = serde_json::to_vec(&EndpointRecord::from(&e)).unwrap();
+        let back: EndpointRecord = serde_json::from_slice(&json).unwrap();
+        assert_eq!(Endpoint::from(back), e);
+    }
+}

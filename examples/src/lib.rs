@@ -1,0 +1,10 @@
+//! Example services for Meshwire: used by the end-to-end tests, the
+//! benchmarks and the demo.
+//!
+//! - [`echo`]: the `meshwire.example.v1.Echo` service (unary and all three
+//!   streaming shapes, with delay/failure knobs and counters).
+//! - [`interop`]: gRPC's interop `grpc.testing.TestService`, for running the
+//!   official interop client test cases (e.g. grpcio's) through the mesh.
+
+pub mod echo;
+pub mod interop;

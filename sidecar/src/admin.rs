@@ -1,0 +1,356 @@
+//! The admin HTTP server (default `127.0.0.1:15000`): liveness, readiness and
+//! what the balancer sees.
+//!
+//! - `GET /live`: 200 while the process runs.
+//! - `GET /ready`: 200 once the listeners are bound and a config is applied;
+//!   503 before, and while draining.
+//! - `GET /clusters`: JSON, every cluster and endpoint with weight,
+//!   outstanding calls, connections and call totals; plus the local app.
+//! - `GET /config_dump`: JSON, the configuration the sidecar runs: its source
+//!   (static file or control plane), the xDS versions applied, the last
+//!   rejected update, and every cluster with its endpoints.
+//! - `GET /metrics`: Prometheus metrics (OpenMetrics text), see `telemetry::metrics`.
+//! - `GET /logging`: the log filter; `POST /logging?level=FILTER` replaces it
+//!   (e.g. `debug`, `meshwire_sidecar=debug,info`).
+//! - `POST /drain`: starts a graceful drain, as SIGTERM does (listeners
+//!   stop, in-flight calls finish, the process exits).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use meshwire_xds::LbPolicy;
+use meshwire_xds::client::ClientStatus;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::body::ResponseBody;
+use crate::endpoint::Endpoint;
+use crate::outbound::route::Routes;
+use crate::respond;
+use crate::telemetry::metrics::{self as prom, SidecarCollector};
+use crate::telemetry::{LogControl, Telemetry};
+
+/// Lifecycle as reported by `/ready`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Starting = 0,
+    Ready = 1,
+    Draining = 2,
+}
+
+#[derive(Debug)]
+pub struct AdminState {
+    pub routes: Arc<Routes>,
+    pub app: Option<Arc<Endpoint>>,
+    /// The control plane's address and the xDS client's status, when one is used.
+    pub xds: Option<(String, watch::Receiver<ClientStatus>)>,
+    phase: AtomicU8,
+    /// What `/metrics` shows (see [`AdminState::with_telemetry`]).
+    metrics: Option<prometheus_client::registry::Registry>,
+    /// The live log filter, when this process installed one (`/logging`).
+    log: Option<Arc<LogControl>>,
+    /// Cancelled by `POST /drain`.
+    drain: tokio_util::sync::CancellationToken,
+}
+
+impl AdminState {
+    pub fn new(
+        routes: Arc<Routes>,
+        app: Option<Arc<Endpoint>>,
+        xds: Option<(String, watch::Receiver<ClientStatus>)>,
+    ) -> Self {
+        Self {
+            routes,
+            app,
+            xds,
+            phase: AtomicU8::new(Phase::Starting as u8),
+            metrics: None,
+            log: None,
+            drain: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    /// Serves `/metrics` from the live state and `telemetry`'s counters, and
+    /// `/logging` with `log`.
+    pub fn with_telemetry(mut self, telemetry: &Telemetry, log: Option<Arc<LogControl>>) -> Self {
+        self.metrics = Some(prom::registry(SidecarCollector {
+            routes: self.routes.clone(),
+            app: self.app.clone(),
+            xds: self.xds.as_ref().map(|(_, rx)| rx.clone()),
+            sidecar: telemetry.metrics.clone(),
+        }));
+        self.log = log;
+        self
+    }
+
+    /// Cancelled when `POST /drain` asks for a graceful drain.
+    pub fn drain_requested(&self) -> &tokio_util::sync::CancellationToken {
+        &self.drain
+    }
+
+    pub fn set_phase(&self, p: Phase) {
+        self.phase.store(p as u8, Ordering::Relaxed);
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Relaxed) {
+            1 => Phase::Ready,
+            2 => Phase::Draining,
+            _ => Phase::Starting,
+        }
+    }
+
+    fn handle(&self, req: &Request<Incoming>) -> Response<ResponseBody> {
+        match (req.method(), req.uri().path()) {
+            (&Method::POST, "/logging") => return self.set_logging(req.uri().query()),
+            (&Method::POST, "/drain") => {
+                if !self.drain.is_cancelled() {
+                    tracing::info!("drain requested on the admin port");
+                    self.drain.cancel();
+                }
+                return respond::text(StatusCode::OK, "draining\n");
+            }
+            (&Method::GET | &Method::HEAD, _) => {}
+            (_, "/logging" | "/drain") => {
+                return respond::text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+            }
+            _ => return respond::text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
+        }
+        match req.uri().path() {
+            "/live" => respond::text(StatusCode::OK, "live\n"),
+            "/ready" => match self.phase() {
+                Phase::Ready => respond::text(StatusCode::OK, "ready\n"),
+                Phase::Starting => respond::text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+                Phase::Draining => respond::text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+            },
+            "/clusters" => json(&self.clusters()),
+            "/config_dump" => json(&self.config_dump()),
+            "/metrics" => match &self.metrics {
+                Some(reg) => {
+                    let mut r = respond::text(StatusCode::OK, prom::render(reg));
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(prom::CONTENT_TYPE),
+                    );
+                    r
+                }
+                None => respond::text(StatusCode::NOT_FOUND, "no metrics here\n"),
+            },
+            "/logging" => match &self.log {
+                Some(l) => respond::text(StatusCode::OK, format!("{}\n", l.current())),
+                None => respond::text(
+                    StatusCode::NOT_FOUND,
+                    "logging is not controlled by this sidecar (in-process)\n",
+                ),
+            },
+            "/" => respond::text(
+                StatusCode::OK,
+                "meshwire sidecar admin: /live /ready /clusters /config_dump /metrics /logging (POST ?level=) /drain (POST)\n",
+            ),
+            other => respond::text(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no admin page {other:?}; try /live /ready /clusters /config_dump /metrics /logging /drain\n"
+                ),
+            ),
+        }
+    }
+
+    /// `POST /logging?level=FILTER`.
+    fn set_logging(&self, query: Option<&str>) -> Response<ResponseBody> {
+        let Some(log) = &self.log else {
+            return respond::text(
+                StatusCode::NOT_FOUND,
+                "logging is not controlled by this sidecar (in-process)\n",
+            );
+        };
+        let level = query.into_iter().flat_map(|q| q.split('&')).find_map(|kv| {
+            let v = kv.strip_prefix("level=")?;
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8()
+                .ok()
+                .map(|v| v.into_owned())
+        });
+        let Some(level) = level.filter(|l| !l.is_empty()) else {
+            return respond::text(
+                StatusCode::BAD_REQUEST,
+                "give the new filter as ?level=FILTER (e.g. debug, meshwire_sidecar=debug,info)\n",
+            );
+        };
+        match log.set(&level) {
+            Ok(()) => respond::text(StatusCode::OK, format!("{level}\n")),
+            Err(e) => respond::text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        }
+    }
+
+    fn clusters(&self) -> ClustersView {
+        let table = self.routes.load();
+        let mut clusters: Vec<ClusterView> = table
+            .clusters()
+            .map(|c| {
+                let set = c.endpoints.load();
+                ClusterView {
+                    name: c.name.to_string(),
+                    lb_policy: match c.lb {
+                        LbPolicy::LeastRequest { .. } => "least_request",
+                        LbPolicy::RoundRobin => "round_robin",
+                    },
+                    endpoints: set
+                        .entries()
+                        .iter()
+                        .map(|e| EndpointView::new(&e.endpoint, e.weight, e.draining))
+                        .collect(),
+                }
+            })
+            .collect();
+        clusters.sort_by(|a, b| a.name.cmp(&b.name));
+        ClustersView {
+            clusters,
+            app: self.app.as_ref().map(|a| EndpointView::new(a, 1, false)),
+        }
+    }
+}
+
+impl AdminState {
+    fn config_dump(&self) -> serde_json::Value {
+        let table = self.routes.load();
+        let mut clusters: Vec<serde_json::Value> = table
+            .clusters()
+            .map(|c| {
+                let set = c.endpoints.load();
+                serde_json::json!({
+                    "name": &*c.name,
+                    "lb_policy": match c.lb {
+                        LbPolicy::LeastRequest { .. } => "least_request",
+                        LbPolicy::RoundRobin => "round_robin",
+                    },
+                    "active_request_bias": match c.lb {
+                        LbPolicy::LeastRequest { active_request_bias } => Some(active_request_bias),
+                        LbPolicy::RoundRobin => None,
+                    },
+                    "connect_timeout_ms": c.connect_timeout.as_millis() as u64,
+                    "request_timeout_ms": c.request_timeout.map(|t| t.as_millis() as u64),
+                    "authority": c.authority.as_ref().map(|a| a.as_str()),
+                    "endpoints": set.entries().iter().map(|e| serde_json::json!({
+                        "address": e.endpoint.addr.to_string(),
+                        "weight": e.weight,
+                        "draining": e.draining,
+                        "zone": e.endpoint.zone,
+                        "identity": e.endpoint.identity,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        clusters.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        let source = match &self.xds {
+            None => serde_json::json!({ "type": "static" }),
+            Some((server, status)) => {
+                let s = status.borrow();
+                serde_json::json!({
+                    "type": "xds",
+                    "control_plane": server,
+                    "connected": s.connected,
+                    "warm": s.warm,
+                    "versions": { "clusters": s.cds_version, "endpoints": s.eds_version },
+                    "warming": s.warming,
+                    "last_nack": s.last_nack.as_ref().map(|n| serde_json::json!({
+                        "type_url": n.type_url, "version": n.version, "error": n.error,
+                    })),
+                    "streams_opened": s.streams_opened,
+                    "last_error": s.last_error,
+                })
+            }
+        };
+        serde_json::json!({ "source": source, "clusters": clusters })
+    }
+}
+
+fn json(v: &impl Serialize) -> Response<ResponseBody> {
+    let body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    let mut r = respond::text(StatusCode::OK, body);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+#[derive(Debug, Serialize)]
+struct ClustersView {
+    clusters: Vec<ClusterView>,
+    /// The local app behind the inbound listener.
+    app: Option<EndpointView>,
+}
+
+#[derive(Debug, Serialize)]
+struct ClusterView {
+    name: String,
+    lb_policy: &'static str,
+    endpoints: Vec<EndpointView>,
+}
+
+#[derive(Debug, Serialize)]
+struct EndpointView {
+    address: String,
+    weight: u32,
+    zone: Option<String>,
+    draining: bool,
+    /// False while connects fail and the endpoint backs off.
+    available: bool,
+    /// Calls in flight plus calls waiting for a connection.
+    outstanding: usize,
+    connections: usize,
+    requests: u64,
+    success: u64,
+    failure: u64,
+    connect_attempts: u64,
+    connect_errors: u64,
+}
+
+impl EndpointView {
+    fn new(e: &Endpoint, weight: u32, draining: bool) -> Self {
+        let r = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        Self {
+            address: e.addr.to_string(),
+            weight,
+            zone: e.zone.clone(),
+            draining,
+            available: e.pool.is_available(),
+            outstanding: e.outstanding(),
+            connections: e.pool.connection_count(),
+            requests: r(&e.stats.requests),
+            success: r(&e.stats.success),
+            failure: r(&e.stats.failure),
+            connect_attempts: r(&e.pool.stats.connects),
+            connect_errors: r(&e.pool.stats.connect_errors),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    state: Arc<AdminState>,
+}
+
+impl AdminService {
+    pub fn new(state: Arc<AdminState>) -> Self {
+        Self { state }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for AdminService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let resp = self.state.handle(&req);
+        Box::pin(async move { Ok(resp) })
+    }
+}

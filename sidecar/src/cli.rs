@@ -1,0 +1,115 @@
+//! The `meshwire-sidecar` command line: flags → config → runtime → run until
+//! SIGTERM/SIGINT → graceful drain. Shared by the binary and by test wrappers.
+
+#![allow(clippy::print_stderr)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::Sidecar;
+use crate::config::Args;
+
+/// Exit codes: 0 drained cleanly, 1 could not start, 2 bad flags or config,
+/// 3 the drain timeout cut in-flight calls short.
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = match EnvFilter::try_new(&args.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("meshwire-sidecar: --log {:?}: {e}", args.log);
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let workers = usize::from(args.workers);
+    let addr_file = args.addr_file.clone();
+    let cfg = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("meshwire-sidecar: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // One worker: a current-thread runtime avoids work-stealing overhead.
+    let rt = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    };
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshwire-sidecar: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let sidecar = match Sidecar::start(cfg).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("meshwire-sidecar: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Some(path) = addr_file
+            && let Err(e) = write_addr_file(&path, &sidecar)
+        {
+            eprintln!("meshwire-sidecar: --addr-file {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        wait_for_signal().await;
+        sidecar.shutdown();
+        if sidecar.wait().await {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(3)
+        }
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+/// Writes the bound addresses as JSON (atomically: a temp file, then rename),
+/// so scripts and tests that bind port 0 can read the real ports.
+fn write_addr_file(path: &std::path::Path, s: &Sidecar) -> std::io::Result<()> {
+    let services: serde_json::Map<String, serde_json::Value> = s
+        .service_addrs
+        .iter()
+        .map(|(n, a)| (n.clone(), a.to_string().into()))
+        .collect();
+    let v = serde_json::json!({
+        "outbound": s.outbound_addr.to_string(),
+        "inbound": s.inbound_addr.map(|a| a.to_string()),
+        "admin": s.admin_addr.to_string(),
+        "services": services,
+        "pid": std::process::id(),
+    });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, v.to_string())?;
+    std::fs::rename(tmp, path)
+}

@@ -1,0 +1,360 @@
+//! Configuration: command-line flags (each also an environment variable
+//! `MESHWIRE_...`, since sidecars are injected into container specs) and the
+//! static YAML file that lists the services this sidecar can call.
+//!
+//! Errors name the offending flag or the field's path in the file
+//! (`services[1].endpoints[0].weight: ...`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use meshwire_xds::{Cluster, Endpoint, LbPolicy, model::DEFAULT_ACTIVE_REQUEST_BIAS};
+use serde::Deserialize;
+
+use crate::SidecarConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {field}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+    #[error("{0}")]
+    Flag(String),
+}
+
+/// `meshwire-sidecar` flags.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "meshwire-sidecar", version, about = "Meshwire sidecar proxy")]
+pub struct Args {
+    /// Where the local app sends its calls (h2c and HTTP/1.1).
+    #[arg(long, env = "MESHWIRE_OUTBOUND", default_value = "127.0.0.1:15001")]
+    pub outbound: SocketAddr,
+    /// Where other sidecars connect.
+    #[arg(long, env = "MESHWIRE_INBOUND", default_value = "0.0.0.0:15006")]
+    pub inbound: SocketAddr,
+    /// Admin HTTP server (/live, /ready, /clusters).
+    #[arg(long, env = "MESHWIRE_ADMIN", default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// The local app's h2c address; without it the sidecar serves no inbound traffic.
+    #[arg(long, env = "MESHWIRE_APP")]
+    pub app: Option<SocketAddr>,
+    /// YAML file listing the services this sidecar can call (no control plane).
+    #[arg(long, env = "MESHWIRE_STATIC_CONFIG", conflicts_with = "control_plane")]
+    pub static_config: Option<PathBuf>,
+    /// The control plane to take config from over xDS, e.g. `http://10.0.0.2:15010`.
+    #[arg(long, env = "MESHWIRE_CONTROL_PLANE", requires = "service")]
+    pub control_plane: Option<String>,
+    /// The service this sidecar belongs to (its xDS node cluster).
+    #[arg(long, env = "MESHWIRE_SERVICE")]
+    pub service: Option<String>,
+    /// This sidecar's xDS node id (default: `<service>-<hostname>-<pid>`).
+    #[arg(long, env = "MESHWIRE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Worker threads (the sidecar shares the machine with its app).
+    #[arg(long, env = "MESHWIRE_WORKERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: u16,
+    /// Longest wait for in-flight calls to finish on SIGTERM/SIGINT.
+    #[arg(long, env = "MESHWIRE_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Time allowed to connect to the local app.
+    #[arg(long, env = "MESHWIRE_APP_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub app_connect_timeout: Duration,
+    /// HTTP/2 streams a client may open on one connection to this sidecar.
+    #[arg(long, env = "MESHWIRE_MAX_CONCURRENT_STREAMS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+    /// Most endpoints one service may have; a larger update is refused (NACK).
+    #[arg(long, env = "MESHWIRE_MAX_ENDPOINTS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_endpoints: u32,
+    /// Once listening, write the bound addresses here as JSON (for port 0).
+    #[arg(long, env = "MESHWIRE_ADDR_FILE")]
+    pub addr_file: Option<PathBuf>,
+    /// Log filter (`info`, `meshwire_sidecar=debug`, ...).
+    #[arg(long, env = "MESHWIRE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 500ms, 5s, 1m)"))
+}
+
+impl Args {
+    pub fn into_config(self) -> Result<SidecarConfig, ConfigError> {
+        let file = match &self.static_config {
+            Some(p) => StaticConfig::load(p)?,
+            None => StaticConfig::default(),
+        };
+        let mut cfg = SidecarConfig::new(self.outbound, self.admin);
+        cfg.inbound = self.app.map(|_| self.inbound);
+        cfg.app = self.app;
+        cfg.app_connect_timeout = self.app_connect_timeout;
+        cfg.drain_timeout = self.drain_timeout;
+        cfg.server.max_concurrent_streams = self.max_concurrent_streams;
+        cfg.max_endpoints = self.max_endpoints as usize;
+        cfg.service_listeners = file.listeners();
+        cfg.clusters = file.clusters();
+        if let Some(server) = self.control_plane {
+            let uri: http::Uri = server
+                .parse()
+                .map_err(|e| ConfigError::Flag(format!("--control-plane {server:?}: {e}")))?;
+            if uri.scheme().is_none() || uri.authority().is_none() {
+                return Err(ConfigError::Flag(format!(
+                    "--control-plane {server:?}: write it as http://HOST:PORT"
+                )));
+            }
+            let service = self.service.unwrap_or_default();
+            meshwire_xds::model::validate_service_name(&service)
+                .map_err(|e| ConfigError::Flag(format!("--service: {}", e.reason)))?;
+            let node_id = self.node_id.unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "host".into());
+                format!("{service}-{host}-{}", std::process::id())
+            });
+            cfg.control_plane = Some(crate::ControlPlaneConfig {
+                server,
+                service,
+                node_id,
+            });
+        }
+        Ok(cfg)
+    }
+}
+
+/// The static configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticConfig {
+    #[serde(default)]
+    pub services: Vec<ServiceFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFile {
+    pub name: String,
+    #[serde(default)]
+    pub lb_policy: LbPolicyFile,
+    /// Strength of load steering for unequal weights (0 = plain weighted round robin).
+    pub active_request_bias: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// `:authority` sent upstream instead of the caller's.
+    pub authority: Option<String>,
+    /// A local port for apps that cannot set an authority: calls arriving here go to this service.
+    pub listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointFile>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicyFile {
+    #[default]
+    LeastRequest,
+    RoundRobin,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointFile {
+    pub address: SocketAddr,
+    #[serde(default = "one")]
+    pub weight: u32,
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub draining: bool,
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl StaticConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|(field, reason)| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            reason,
+        })
+    }
+
+    /// Parses and validates; the error is `(field path, reason)`.
+    pub fn parse(text: &str) -> Result<Self, (String, String)> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let cfg: StaticConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let reason = match inner.location() {
+                Some(l) => format!("{inner} (line {}, column {})", l.line(), l.column()),
+                None => inner.to_string(),
+            };
+            (if path == "." { String::new() } else { path }, reason)
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let clusters = self.clusters();
+        let mut names = std::collections::HashMap::new();
+        for (i, c) in clusters.iter().enumerate() {
+            c.validate()
+                .map_err(|e| e.within(&format!("services[{i}]")))
+                .map_err(|e| (e.field, e.reason))?;
+            if let Some(first) = names.insert(c.name.clone(), i) {
+                return Err((
+                    format!("services[{i}].name"),
+                    format!("{:?} is already services[{first}]", c.name),
+                ));
+            }
+        }
+        let mut ports = std::collections::HashMap::new();
+        for (i, s) in self.services.iter().enumerate() {
+            if let Some(addr) = s.listen
+                && addr.port() != 0
+                && let Some(first) = ports.insert(addr, i)
+            {
+                return Err((
+                    format!("services[{i}].listen"),
+                    format!("{addr} is already the listen address of services[{first}]"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn clusters(&self) -> Vec<Cluster> {
+        self.services
+            .iter()
+            .map(|s| {
+                let mut c = Cluster::new(s.name.clone());
+                c.lb = match s.lb_policy {
+                    LbPolicyFile::LeastRequest => LbPolicy::LeastRequest {
+                        active_request_bias: s
+                            .active_request_bias
+                            .unwrap_or(DEFAULT_ACTIVE_REQUEST_BIAS),
+                    },
+                    LbPolicyFile::RoundRobin => LbPolicy::RoundRobin,
+                };
+                if let Some(t) = s.connect_timeout {
+                    c.connect_timeout = t;
+                }
+                c.request_timeout = s.request_timeout;
+                c.authority = s.authority.clone();
+                c.endpoints = s
+                    .endpoints
+                    .iter()
+                    .map(|e| Endpoint {
+                        address: e.address,
+                        weight: e.weight,
+                        zone: e.zone.clone(),
+                        draining: e.draining,
+                        identity: None,
+                        metadata: e.metadata.clone(),
+                    })
+                    .collect();
+                c
+            })
+            .collect()
+    }
+
+    pub fn listeners(&self) -> Vec<(SocketAddr, String)> {
+        self.services
+            .iter()
+            .filter_map(|s| s.listen.map(|a| (a, s.name.clone())))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+services:
+  - name: greeter
+    connect_timeout: 250ms
+    request_timeout: 5s
+    authority: greeter.internal:50051
+    listen: 127.0.0.1:9001
+    endpoints:
+      - address: 10.0.0.1:15006
+        weight: 3
+        zone: a
+      - address: 10.0.0.2:15006
+  - name: billing
+    lb_policy: round_robin
+"#;
+
+    #[test]
+    fn parses_a_full_file() {
+        let cfg = StaticConfig::parse(GOOD).unwrap();
+        let cl = cfg.clusters();
+        assert_eq!(cl.len(), 2);
+        assert_eq!(cl[0].connect_timeout, Duration::from_millis(250));
+        assert_eq!(cl[0].request_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(cl[0].endpoints[0].weight, 3);
+        assert_eq!(cl[0].endpoints[1].weight, 1);
+        assert_eq!(cl[1].lb, LbPolicy::RoundRobin);
+        assert_eq!(
+            cfg.listeners(),
+            vec![("127.0.0.1:9001".parse().unwrap(), "greeter".into())]
+        );
+    }
+
+    fn err(text: &str) -> (String, String) {
+        StaticConfig::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let (f, r) = err(
+            "services:\n  - name: a\n    endpoints:\n      - address: 10.0.0.1:1\n        weight: 0\n",
+        );
+        assert_eq!(f, "services[0].endpoints[0].weight");
+        assert!(r.contains("between 1 and 10000"), "{r}");
+
+        let (f, r) = err("services:\n  - name: a\n    endpoints:\n      - address: nope\n");
+        assert_eq!(f, "services[0].endpoints[0].address");
+        assert!(r.contains("line 4"), "{r}");
+
+        let (f, r) = err("services:\n  - name: a\n    wieght: 3\n");
+        assert_eq!(f, "services[0].wieght");
+        assert!(r.contains("unknown field `wieght`"), "{r}");
+
+        let (f, _) = err("services:\n  - name: a\n    connect_timeout: soon\n");
+        assert_eq!(f, "services[0].connect_timeout");
+
+        let (f, _) = err("services:\n  - name: a\n  - name: a\n");
+        assert_eq!(f, "services[1].name");
+
+        let (f, _) = err(
+            "services:\n  - name: a\n    listen: 127.0.0.1:9\n  - name: b\n    listen: 127.0.0.1:9\n",
+        );
+        assert_eq!(f, "services[1].listen");
+
+        let (f, _) = err("services:\n  - name: a\n    lb_policy: random\n");
+        assert_eq!(f, "services[0].lb_policy");
+    }
+}

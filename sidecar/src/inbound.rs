@@ -1,0 +1,135 @@
+//! The inbound side: calls from other sidecars over HTTP/2, forwarded to the
+//! local app over one reused h2c connection (more only when the app's
+//! `max_concurrent_streams` is reached).
+//!
+//! ```text
+//! peer sidecar ─▶ inbound listener ─▶ deadline ─▶ lease a stream to the app ─▶ send ─▶ response back
+//! ```
+//! Authorization (the identity issue) goes between the listener and the lease.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::body::{RequestBody, ResponseBody};
+use crate::endpoint::Endpoint;
+use crate::grpc;
+use crate::proxy::{self, CallShape, SendError};
+use crate::respond::ProxyError;
+use crate::telemetry::{CallTrace, Direction, Telemetry};
+
+/// Tries per call: a connection to the app that closed before the request was
+/// written is retried once on a fresh one.
+const MAX_ATTEMPTS: usize = 2;
+
+#[derive(Debug)]
+pub struct Inbound {
+    /// The local app, tracked like any endpoint (outstanding, counters, pool).
+    pub app: Arc<Endpoint>,
+    /// Error counts and server spans.
+    pub telemetry: Arc<Telemetry>,
+}
+
+impl Inbound {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        let grpc = grpc::is_grpc(req.headers());
+        let version = req.version();
+        match self.forward(req, grpc).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.telemetry.metrics.error(Direction::Inbound, e.kind());
+                let mut r = e.into_response(grpc);
+                *r.version_mut() = version;
+                r
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        grpc: bool,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let timeout = proxy::call_timeout(req.headers(), None);
+        let shape = CallShape {
+            grpc,
+            downstream: req.version(),
+            deadline: timeout.map(|t| Instant::now() + t),
+        };
+        let mut trace = self
+            .telemetry
+            .server_span(req.headers(), req.uri().path(), grpc);
+        let call = self.send_to_app(req, shape, &mut trace);
+        let result = match timeout {
+            Some(t) => tokio::time::timeout(t, call)
+                .await
+                .unwrap_or(Err(ProxyError::DeadlineExceeded(t))),
+            None => call.await,
+        };
+        if let (Err(e), Some(t)) = (&result, trace.as_mut()) {
+            t.finish(e.code() as u8);
+        }
+        result
+    }
+
+    async fn send_to_app(
+        &self,
+        mut req: Request<Incoming>,
+        shape: CallShape,
+        trace: &mut Option<Box<CallTrace>>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        proxy::prepare_request(&mut req, &http::uri::Scheme::HTTP, None)?;
+        let mut req = req.map(RequestBody::Incoming);
+        if let Some(t) = trace.as_deref() {
+            t.endpoint(self.app.addr, 1);
+            t.inject(req.headers_mut());
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            let guard = self.app.start_call();
+            let lease = self
+                .app
+                .pool
+                .acquire()
+                .await
+                .map_err(ProxyError::AppUnreachable)?;
+            match proxy::send(lease, guard, req, shape, trace).await {
+                Ok(resp) => return Ok(resp),
+                Err(SendError::Failed(e)) => return Err(e),
+                Err(SendError::NotSent(r)) => req = *r,
+            }
+        }
+        Err(ProxyError::AppUnreachable(
+            crate::connect::ConnectError::Io {
+                addr: self.app.addr,
+                reason: "connection closed before the request could be sent".into(),
+            },
+        ))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct InboundService {
+    inner: Arc<Inbound>,
+}
+
+impl InboundService {
+    pub fn new(inner: Arc<Inbound>) -> Self {
+        Self { inner }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for InboundService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move { Ok(inner.handle(req).await) })
+    }
+}

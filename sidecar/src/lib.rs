@@ -1,0 +1,402 @@
+//! The Meshwire sidecar: a proxy that sits next to one application and
+//! carries its gRPC (and HTTP) calls to other services' sidecars, choosing an
+//! endpoint **per call** by weighted least outstanding requests.
+//!
+//! # One call
+//! ```text
+//! app ──h2c/HTTP1.1──▶ outbound listener (127.0.0.1:15001)
+//!     ─▶ route by :authority / Host (or per-service port) ─▶ deadline (grpc-timeout)
+//!     ─▶ weighted least-request pick (outbound::balance)
+//!     ─▶ one multiplexed HTTP/2 connection per endpoint (pool), fail over if nothing was sent
+//!     ──HTTP/2──▶ peer sidecar's inbound listener (0.0.0.0:15006)
+//!     ─▶ one reused h2c connection ─▶ local app
+//! ```
+//! Bodies stream through unbuffered (HTTP/2 flow control end to end), trailers
+//! and metadata pass unchanged, and every error the sidecar makes itself is a
+//! trailers-only gRPC response made in [`respond`].
+//!
+//! # One config update
+//! A new list of [`meshwire_xds::Cluster`]s goes to [`Sidecar::apply`] (from the
+//! static file today, from xDS later): it is validated whole, then the route
+//! table is swapped atomically; endpoints that stay keep their connections
+//! and in-flight calls.
+//!
+//! Start one in-process with [`Sidecar::start`] (tests bind `127.0.0.1:0` and
+//! read the ports back), or run the `meshwire-sidecar` binary.
+
+pub mod admin;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod connect;
+pub mod endpoint;
+pub mod grpc;
+pub mod inbound;
+pub mod outbound;
+pub mod pool;
+pub mod proxy;
+pub mod respond;
+pub mod server;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshwire_xds::client::{self as xds_client, ClientStatus, ConfigSink};
+use meshwire_xds::{Cluster, ModelError};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{AdminService, AdminState, Phase};
+use crate::connect::Connector;
+use crate::endpoint::Endpoint;
+use crate::inbound::{Inbound, InboundService};
+use crate::outbound::route::Routes;
+use crate::outbound::{Outbound, OutboundService};
+use crate::pool::H2Settings;
+use crate::server::{Protocols, ServerSettings};
+use crate::telemetry::{LogControl, Telemetry, TraceConfig, TraceError};
+
+/// Everything a sidecar needs to start.
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    pub outbound: SocketAddr,
+    /// `None`: no inbound listener (a client-only sidecar).
+    pub inbound: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    /// The local app's h2c address, target of inbound calls.
+    pub app: Option<SocketAddr>,
+    pub app_connect_timeout: Duration,
+    pub clusters: Vec<Cluster>,
+    /// Extra outbound listeners bound to one service each.
+    pub service_listeners: Vec<(SocketAddr, String)>,
+    pub drain_timeout: Duration,
+    pub server: ServerSettings,
+    pub client: H2Settings,
+    /// Take clusters from a control plane over xDS instead of `clusters`.
+    pub control_plane: Option<ControlPlaneConfig>,
+    /// Most endpoints one service may have (a larger update is refused).
+    pub max_endpoints: usize,
+    /// Trace calls and export spans over OTLP (`None`: tracing off).
+    pub trace: Option<TraceConfig>,
+    /// The process's log filter, for the admin `/logging` page.
+    pub log_control: Option<Arc<LogControl>>,
+}
+
+/// Where the sidecar gets its config over xDS.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneConfig {
+    /// e.g. `http://127.0.0.1:15010`.
+    pub server: String,
+    /// The service this sidecar belongs to.
+    pub service: String,
+    pub node_id: String,
+}
+
+impl SidecarConfig {
+    pub fn new(outbound: SocketAddr, admin: SocketAddr) -> Self {
+        Self {
+            outbound,
+            inbound: None,
+            admin,
+            app: None,
+            app_connect_timeout: Duration::from_secs(1),
+            clusters: Vec::new(),
+            service_listeners: Vec::new(),
+            drain_timeout: Duration::from_secs(20),
+            server: ServerSettings::default(),
+            client: H2Settings::default(),
+            control_plane: None,
+            max_endpoints: outbound::route::DEFAULT_MAX_ENDPOINTS,
+            trace: None,
+            log_control: None,
+        }
+    }
+
+    /// Everything on `127.0.0.1:0`, for tests.
+    pub fn local() -> Self {
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        Self::new(any, any)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Config(#[from] ModelError),
+    #[error("services[].listen names unknown service {0:?}")]
+    UnknownListenerService(String),
+    #[error("a static config and a control plane cannot both be given")]
+    StaticAndControlPlane,
+    #[error("tracing: {0}")]
+    Trace(#[from] TraceError),
+}
+
+/// A running sidecar. Dropping it does not stop it; call [`Sidecar::shutdown`].
+#[derive(Debug)]
+pub struct Sidecar {
+    pub outbound_addr: SocketAddr,
+    pub inbound_addr: Option<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    /// Per-service listeners as bound: `(service, address)`.
+    pub service_addrs: Vec<(String, SocketAddr)>,
+    routes: Arc<Routes>,
+    admin: Arc<AdminState>,
+    xds: Option<tokio::task::JoinHandle<()>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    drain_timeout: Duration,
+    telemetry: Arc<Telemetry>,
+}
+
+async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: what.into(),
+            addr,
+            source,
+        })
+}
+
+impl Sidecar {
+    /// Validates the config, binds every listener and starts serving.
+    pub async fn start(cfg: SidecarConfig) -> Result<Self, StartError> {
+        let client = Arc::new(cfg.client.clone());
+        let routes = Arc::new(
+            Routes::new(Connector::default(), client.clone()).with_max_endpoints(cfg.max_endpoints),
+        );
+        if cfg.control_plane.is_some() && !cfg.clusters.is_empty() {
+            return Err(StartError::StaticAndControlPlane);
+        }
+        routes.apply(&cfg.clusters)?;
+        for (_, svc) in &cfg.service_listeners {
+            if routes.load().get(svc).is_none() {
+                return Err(StartError::UnknownListenerService(svc.clone()));
+            }
+        }
+
+        let app = cfg.app.map(|addr| {
+            let spec = meshwire_xds::Endpoint::new(addr);
+            Endpoint::new(
+                &spec,
+                Connector::default(),
+                cfg.app_connect_timeout,
+                client.clone(),
+            )
+        });
+        let (xds_status_tx, xds_status) = tokio::sync::watch::channel(ClientStatus::default());
+        let telemetry = Arc::new(Telemetry::start(cfg.trace.as_ref())?);
+        let admin = Arc::new(
+            AdminState::new(
+                routes.clone(),
+                app.clone(),
+                cfg.control_plane
+                    .as_ref()
+                    .map(|cp| (cp.server.clone(), xds_status.clone())),
+            )
+            .with_telemetry(&telemetry, cfg.log_control.clone()),
+        );
+
+        // Bind everything before serving anything, so a bad address fails start-up whole.
+        let outbound_l = bind("outbound", cfg.outbound).await?;
+        let admin_l = bind("admin", cfg.admin).await?;
+        let inbound_l = match (cfg.inbound, &app) {
+            (Some(addr), Some(_)) => Some(bind("inbound", addr).await?),
+            _ => None,
+        };
+        let mut service_ls = Vec::new();
+        for (addr, svc) in &cfg.service_listeners {
+            service_ls.push((svc.clone(), bind(format!("service {svc}"), *addr).await?));
+        }
+        let local = |l: &TcpListener| l.local_addr().expect("bound socket has an address");
+
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let outbound = Arc::new(Outbound::new(routes.clone()).with_telemetry(telemetry.clone()));
+        let xds = cfg.control_plane.as_ref().map(|cp| {
+            let client = xds_client::ClientConfig {
+                server: cp.server.clone(),
+                node_id: cp.node_id.clone(),
+                service: cp.service.clone(),
+                user_agent: "meshwire-sidecar".into(),
+                connect_timeout: Duration::from_secs(2),
+            };
+            let sink: Arc<dyn ConfigSink> = routes.clone();
+            tokio::spawn(xds_client::run(client, sink, xds_status_tx))
+        });
+        let sidecar = Sidecar {
+            outbound_addr: local(&outbound_l),
+            inbound_addr: inbound_l.as_ref().map(local),
+            admin_addr: local(&admin_l),
+            service_addrs: service_ls
+                .iter()
+                .map(|(s, l)| (s.clone(), local(l)))
+                .collect(),
+            routes,
+            admin: admin.clone(),
+            xds,
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+            drain_timeout: cfg.drain_timeout,
+            telemetry: telemetry.clone(),
+        };
+        // `POST /drain` on the admin port: the same graceful drain as `shutdown`.
+        {
+            let admin = admin.clone();
+            let shutdown = shutdown.clone();
+            let xds = sidecar.xds.as_ref().map(|x| x.abort_handle());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = admin.drain_requested().cancelled() => {}
+                    () = shutdown.cancelled() => return,
+                }
+                if let Some(x) = xds {
+                    x.abort();
+                }
+                admin.set_phase(Phase::Draining);
+                shutdown.cancel();
+            });
+        }
+
+        let ob = outbound.clone();
+        server::spawn(
+            "outbound",
+            outbound_l,
+            Protocols::Http1AndHttp2,
+            &cfg.server,
+            move |_peer| OutboundService::new(ob.clone(), None),
+            shutdown.clone(),
+            &tracker,
+        );
+        for (svc, l) in service_ls {
+            let ob = outbound.clone();
+            let name: Arc<str> = Arc::from(svc.as_str());
+            server::spawn(
+                "service",
+                l,
+                Protocols::Http1AndHttp2,
+                &cfg.server,
+                move |_peer| OutboundService::new(ob.clone(), Some(name.clone())),
+                shutdown.clone(),
+                &tracker,
+            );
+        }
+        if let (Some(l), Some(app)) = (inbound_l, app) {
+            let inbound = Arc::new(Inbound {
+                app,
+                telemetry: telemetry.clone(),
+            });
+            server::spawn(
+                "inbound",
+                l,
+                Protocols::Http2,
+                &cfg.server,
+                move |_peer| InboundService::new(inbound.clone()),
+                shutdown.clone(),
+                &tracker,
+            );
+        }
+        // The admin server outlives the drain of the data listeners (it reports
+        // "draining"), so it stops on its own token at the very end.
+        let admin_stop = CancellationToken::new();
+        let st = admin.clone();
+        server::spawn(
+            "admin",
+            admin_l,
+            Protocols::Http1,
+            &cfg.server,
+            move |_peer| AdminService::new(st.clone()),
+            admin_stop.clone(),
+            &TaskTracker::new(),
+        );
+        let done = tracker.clone();
+        tokio::spawn(async move {
+            done.wait().await;
+            admin_stop.cancel();
+        });
+        tracker.close();
+        match cfg.control_plane {
+            // Ready once the first complete config from the control plane is applied.
+            Some(_) => {
+                let admin = admin.clone();
+                let mut status = xds_status;
+                tokio::spawn(async move {
+                    if status.wait_for(|s| s.warm).await.is_ok() && admin.phase() == Phase::Starting
+                    {
+                        admin.set_phase(Phase::Ready);
+                        tracing::info!("first config from the control plane applied; ready");
+                    }
+                });
+            }
+            None => admin.set_phase(Phase::Ready),
+        }
+        tracing::info!(
+            outbound = %sidecar.outbound_addr,
+            inbound = ?sidecar.inbound_addr,
+            admin = %sidecar.admin_addr,
+            services = cfg.clusters.len(),
+            "sidecar ready"
+        );
+        Ok(sidecar)
+    }
+
+    /// The admin state (readiness, what `/clusters` and `/config_dump` show).
+    pub fn admin(&self) -> &Arc<AdminState> {
+        &self.admin
+    }
+
+    /// Applies a new set of services (validated whole; on error nothing changes).
+    pub fn apply(&self, clusters: &[Cluster]) -> Result<(), ModelError> {
+        self.routes.apply(clusters)
+    }
+
+    pub fn routes(&self) -> &Arc<Routes> {
+        &self.routes
+    }
+
+    /// Its metrics counters and tracer.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
+    /// Resolves once a drain has started (by [`Sidecar::shutdown`] or `POST /drain`).
+    pub async fn stopping(&self) {
+        self.shutdown.cancelled().await;
+    }
+
+    /// Starts a graceful drain: listeners stop accepting, connections get a
+    /// GOAWAY, in-flight calls may finish.
+    pub fn shutdown(&self) {
+        if !self.shutdown.is_cancelled() {
+            tracing::info!(drain_timeout = ?self.drain_timeout, "draining");
+            if let Some(x) = &self.xds {
+                x.abort();
+            }
+            self.admin.set_phase(Phase::Draining);
+            self.shutdown.cancel();
+        }
+    }
+
+    /// Waits for the drain to finish; `false` if the drain timeout cut it short.
+    pub async fn wait(&self) -> bool {
+        match tokio::time::timeout(self.drain_timeout, self.tracker.wait()).await {
+            Ok(()) => {
+                tracing::info!("drained");
+                true
+            }
+            Err(_) => {
+                tracing::warn!(drain_timeout = ?self.drain_timeout, "drain timed out; closing remaining connections");
+                false
+            }
+        }
+    }
+}

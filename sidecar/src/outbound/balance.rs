@@ -1,0 +1,306 @@
+//! Per-call endpoint choice: weighted least outstanding requests.
+//!
+//! *Outstanding* is calls in flight plus calls still waiting for a connection
+//! (counted from the moment of the pick, see [`Endpoint::start_call`]), so an
+//! endpoint that is slow to accept does not look idle (envoy#44989).
+//!
+//! - **Equal weights**: power of two choices: two distinct endpoints at
+//!   random, the one with fewer outstanding calls wins (ties: the first draw).
+//! - **Unequal weights**: stride scheduling (earliest virtual deadline first)
+//!   over the *effective weight* `w / (1 + o/w)^bias`, where `o` is the
+//!   endpoint's outstanding count. With equal latencies `o/w` is the same on
+//!   every endpoint once the split follows the weights, so every endpoint's
+//!   effective weight shrinks by the same factor and the split stays exactly
+//!   proportional to the weights at any concurrency (at concurrency 1, `o` is
+//!   always 0 and this is plain weighted round robin). A slow endpoint builds
+//!   up a larger `o/w`, its effective weight drops, and it gets fewer calls;
+//!   `bias` sets how hard. Envoy's `w / (o + 1)^bias` does not keep the
+//!   weights at high concurrency (it tends to a `√w` split); a plain
+//!   `argmin o/w` ties everything at concurrency 1.
+//! - **Round robin** is the same scheduler with bias 0.
+//!
+//! Draining endpoints get no calls; endpoints backing off after failed
+//! connects are skipped while any other can be used.
+
+use std::sync::{Arc, Mutex};
+
+use meshwire_xds::LbPolicy;
+
+use crate::endpoint::Endpoint;
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub endpoint: Arc<Endpoint>,
+    pub weight: u32,
+    pub draining: bool,
+}
+
+#[derive(Debug)]
+enum Picker {
+    PowerOfTwo,
+    Stride { bias: f64, passes: Mutex<Vec<f64>> },
+}
+
+/// An immutable endpoint list with its picker; replaced as a whole on updates.
+#[derive(Debug)]
+pub struct EndpointSet {
+    entries: Vec<Entry>,
+    picker: Picker,
+}
+
+impl EndpointSet {
+    pub fn new(entries: Vec<Entry>, lb: LbPolicy) -> Self {
+        let equal = entries.windows(2).all(|w| w[0].weight == w[1].weight);
+        let stride = |bias| Picker::Stride {
+            bias,
+            passes: Mutex::new(vec![0.0; entries.len()]),
+        };
+        let picker = match lb {
+            LbPolicy::LeastRequest { .. } if equal => Picker::PowerOfTwo,
+            LbPolicy::LeastRequest {
+                active_request_bias,
+            } => stride(active_request_bias),
+            LbPolicy::RoundRobin => stride(0.0),
+        };
+        Self { entries, picker }
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Chooses an endpoint for one call, never one in `exclude` (endpoints that
+    /// already failed this call). `None` when nothing can take it.
+    pub fn pick(&self, exclude: &[usize]) -> Option<usize> {
+        match &self.picker {
+            Picker::PowerOfTwo => self.pick_p2c(exclude),
+            Picker::Stride { bias, passes } => {
+                let mut passes = passes.lock().unwrap_or_else(|e| e.into_inner());
+                self.pick_stride(*bias, &mut passes, exclude)
+            }
+        }
+    }
+
+    fn usable(&self, i: usize, exclude: &[usize]) -> bool {
+        let e = &self.entries[i];
+        !e.draining && e.endpoint.pool.is_available() && !exclude.contains(&i)
+    }
+
+    /// Endpoints backing off are still better than nothing: their pool fails
+    /// fast, which lets the caller report why.
+    fn last_resort(&self, exclude: &[usize]) -> Option<usize> {
+        (0..self.entries.len())
+            .filter(|&i| !self.entries[i].draining && !exclude.contains(&i))
+            .min_by_key(|&i| self.entries[i].endpoint.outstanding())
+    }
+
+    fn pick_p2c(&self, exclude: &[usize]) -> Option<usize> {
+        let n = self.entries.len();
+        if n == 0 {
+            return None;
+        }
+        if n == 1 {
+            return if self.usable(0, exclude) {
+                Some(0)
+            } else {
+                self.last_resort(exclude)
+            };
+        }
+        let a = fastrand::usize(..n);
+        let mut b = fastrand::usize(..n - 1);
+        if b >= a {
+            b += 1;
+        }
+        match (self.usable(a, exclude), self.usable(b, exclude)) {
+            (true, true) => {
+                let out = |i: usize| self.entries[i].endpoint.outstanding();
+                Some(if out(b) < out(a) { b } else { a })
+            }
+            (true, false) => Some(a),
+            (false, true) => Some(b),
+            (false, false) => (0..n)
+                .filter(|&i| self.usable(i, exclude))
+                .min_by_key(|&i| self.entries[i].endpoint.outstanding())
+                .or_else(|| self.last_resort(exclude)),
+        }
+    }
+
+    fn pick_stride(&self, bias: f64, passes: &mut [f64], exclude: &[usize]) -> Option<usize> {
+        let mut best: Option<usize> = None;
+        for i in 0..self.entries.len() {
+            if self.usable(i, exclude) && best.is_none_or(|b| passes[i] < passes[b]) {
+                best = Some(i);
+            }
+        }
+        let Some(best) = best else {
+            return self.last_resort(exclude);
+        };
+        let now = passes[best];
+        // Skipped endpoints must not bank credit and burst when they return.
+        for (i, p) in passes.iter_mut().enumerate() {
+            if *p < now && !self.usable(i, exclude) {
+                *p = now;
+            }
+        }
+        let e = &self.entries[best];
+        let w = f64::from(e.weight);
+        let load = 1.0 + e.endpoint.outstanding() as f64 / w;
+        let effective = if bias == 0.0 {
+            w
+        } else if bias == 1.0 {
+            w / load
+        } else if bias == 2.0 {
+            w / (load * load)
+        } else {
+            w / load.powf(bias)
+        };
+        passes[best] = now + 1.0 / effective;
+        Some(best)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The balancer against a closed-loop simulation: `conc` callers, each
+    //! issuing its next call when the previous one completes, endpoints with
+    //! fixed latencies (±10 % jitter). Deterministic in virtual time.
+
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::connect::Connector;
+    use crate::endpoint::CallGuard;
+    use crate::pool::H2Settings;
+
+    fn set(weights: &[u32], lb: LbPolicy) -> EndpointSet {
+        let settings = Arc::new(H2Settings::default());
+        let entries = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let spec = meshwire_xds::Endpoint::new(([127, 0, 0, 1], 1000 + i as u16).into());
+                Entry {
+                    endpoint: Endpoint::new(
+                        &spec,
+                        Connector::default(),
+                        Duration::from_secs(1),
+                        settings.clone(),
+                    ),
+                    weight: w,
+                    draining: false,
+                }
+            })
+            .collect();
+        EndpointSet::new(entries, lb)
+    }
+
+    /// Returns each endpoint's share of `calls` calls, in percent.
+    fn simulate(set: &EndpointSet, latency_us: &[u64], conc: usize, calls: usize) -> Vec<f64> {
+        fastrand::seed(7);
+        let mut counts = vec![0usize; latency_us.len()];
+        let mut events: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
+        let mut guards: Vec<Option<CallGuard>> = Vec::new();
+        let mut start =
+            |now: u64, guards: &mut Vec<Option<CallGuard>>, events: &mut BinaryHeap<_>| {
+                let i = set.pick(&[]).expect("an endpoint");
+                counts[i] += 1;
+                let g = set.entries[i].endpoint.start_call();
+                let jitter = 0.9 + fastrand::f64() * 0.2;
+                let done = now + (latency_us[i] as f64 * jitter) as u64;
+                guards.push(Some(g));
+                events.push(Reverse((done, guards.len() - 1)));
+            };
+        for _ in 0..conc {
+            start(0, &mut guards, &mut events);
+        }
+        for _ in 0..calls {
+            let Reverse((now, id)) = events.pop().unwrap();
+            guards[id].take();
+            start(now, &mut guards, &mut events);
+        }
+        let total: usize = counts.iter().sum();
+        counts
+            .iter()
+            .map(|&c| 100.0 * c as f64 / total as f64)
+            .collect()
+    }
+
+    const LR: LbPolicy = LbPolicy::LeastRequest {
+        active_request_bias: meshwire_xds::model::DEFAULT_ACTIVE_REQUEST_BIAS,
+    };
+
+    #[test]
+    fn weights_hold_at_equal_latency_for_any_concurrency() {
+        for conc in [1, 4, 16, 64, 256] {
+            let s = simulate(&set(&[3, 1], LR), &[1000, 1000], conc, 40_000);
+            let ratio = s[0] / s[1];
+            assert!(
+                (ratio - 3.0).abs() <= 0.15 || (conc < 16 && (ratio - 3.0).abs() <= 0.5),
+                "conc {conc}: split {s:?} ratio {ratio}"
+            );
+        }
+        // 1 initial call + 3999 follow-ups = 4000 picks.
+        let s = simulate(&set(&[3, 1], LR), &[1000, 1000], 1, 3_999);
+        assert_eq!(
+            s,
+            vec![75.0, 25.0],
+            "concurrency 1 is exact weighted round robin"
+        );
+        let s = simulate(&set(&[5, 3, 2], LR), &[1000, 1000, 1000], 64, 40_000);
+        for (got, want) in s.iter().zip([50.0, 30.0, 20.0]) {
+            assert!((got - want).abs() < 1.5, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn weighted_steers_away_from_a_slow_endpoint() {
+        // Without load feedback endpoint 0 would get 60 %.
+        let s = simulate(&set(&[3, 1, 1], LR), &[10_000, 1000, 1000], 16, 40_000);
+        assert!(s[0] < 30.0, "slow endpoint share {s:?}");
+        // Bias 0 is weighted round robin: no steering.
+        let rr = simulate(
+            &set(&[3, 1, 1], LbPolicy::RoundRobin),
+            &[10_000, 1000, 1000],
+            16,
+            40_000,
+        );
+        assert!((rr[0] - 60.0).abs() < 1.0, "{rr:?}");
+    }
+
+    #[test]
+    fn equal_weights_p2c_steers_away_from_a_slow_endpoint() {
+        for conc in [16, 64] {
+            let s = simulate(&set(&[1, 1, 1], LR), &[11_400, 2300, 2300], conc, 40_000);
+            // Equal in-flight would be ~9 %; round robin would be 33 %.
+            assert!(s[0] < 14.0, "conc {conc}: {s:?}");
+            assert!((s[1] - s[2]).abs() < 3.0, "{s:?}");
+        }
+        let s = simulate(&set(&[1, 1, 1], LR), &[1000, 1000, 1000], 64, 30_000);
+        for x in &s {
+            assert!((x - 33.3).abs() < 2.0, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn draining_and_excluded_endpoints_get_nothing() {
+        let mut s = set(&[1, 1, 1], LR);
+        s.entries[1].draining = true;
+        for _ in 0..1000 {
+            let i = s.pick(&[2]).unwrap();
+            assert_eq!(i, 0);
+        }
+        assert_eq!(s.pick(&[0, 2]), None);
+
+        let mut w = set(&[3, 1, 1], LR);
+        w.entries[0].draining = true;
+        let picks: Vec<_> = (0..100).map(|_| w.pick(&[]).unwrap()).collect();
+        assert!(picks.iter().all(|&i| i != 0));
+        assert!(picks.iter().filter(|&&i| i == 1).count() == 50);
+    }
+}

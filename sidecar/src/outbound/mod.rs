@@ -1,0 +1,192 @@
+//! The outbound side: the local app's calls, in cleartext HTTP/2 (h2c) or
+//! HTTP/1.1, routed by `:authority`/`Host` (or by the per-service port they
+//! arrived on) to a cluster, balanced per call over its endpoints, and sent on
+//! a multiplexed HTTP/2 connection to the chosen peer sidecar.
+//!
+//! ```text
+//! request ─▶ route (authority → cluster) ─▶ deadline ─▶ pick endpoint
+//!         ─▶ lease a stream (connect / fail over) ─▶ send ─▶ stream response back
+//! ```
+
+pub mod balance;
+pub mod route;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http::uri::Scheme;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::body::{RequestBody, ResponseBody};
+use crate::grpc;
+use crate::proxy::{self, CallShape, SendError};
+use crate::respond::ProxyError;
+use crate::telemetry::{CallTrace, Direction, Telemetry};
+use route::{ClusterState, Routes};
+
+/// Attempts per call: the first pick and up to two fail-overs, made only when
+/// nothing was sent (connect failures, a connection closed under us).
+const MAX_ATTEMPTS: usize = 3;
+
+/// The outbound handler shared by every outbound listener.
+#[derive(Debug)]
+pub struct Outbound {
+    pub routes: Arc<Routes>,
+    scheme: Scheme,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Outbound {
+    pub fn new(routes: Arc<Routes>) -> Self {
+        Self {
+            routes,
+            // The hop is h2c today; `https` once it is mTLS.
+            scheme: Scheme::HTTP,
+            telemetry: Arc::default(),
+        }
+    }
+
+    /// Counts errors and traces calls with `telemetry`.
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
+        self.telemetry = telemetry;
+        self
+    }
+
+    async fn handle(&self, req: Request<Incoming>, fixed: Option<&str>) -> Response<ResponseBody> {
+        let grpc = grpc::is_grpc(req.headers());
+        let version = req.version();
+        match self.proxy(req, fixed, grpc).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.telemetry.metrics.error(Direction::Outbound, e.kind());
+                let mut r = e.into_response(grpc);
+                *r.version_mut() = version;
+                r
+            }
+        }
+    }
+
+    async fn proxy(
+        &self,
+        req: Request<Incoming>,
+        fixed: Option<&str>,
+        grpc: bool,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let cluster = {
+            let table = self.routes.load();
+            let name = match fixed {
+                Some(n) => n,
+                None => {
+                    proxy::host_of(proxy::request_authority(&req).ok_or(ProxyError::NoAuthority)?)
+                }
+            };
+            table
+                .get(name)
+                .cloned()
+                .ok_or_else(|| ProxyError::UnknownService(name.to_owned()))?
+        };
+        let timeout = proxy::call_timeout(req.headers(), cluster.request_timeout);
+        let shape = CallShape {
+            grpc,
+            downstream: req.version(),
+            deadline: timeout.map(|t| Instant::now() + t),
+        };
+        let mut trace =
+            self.telemetry
+                .client_span(req.headers(), &cluster.name, req.uri().path(), grpc);
+        let call = self.dispatch(&cluster, req, shape, &mut trace);
+        let result = match timeout {
+            Some(t) => tokio::time::timeout(t, call)
+                .await
+                .unwrap_or(Err(ProxyError::DeadlineExceeded(t))),
+            None => call.await,
+        };
+        // On success the span went with the response body.
+        if let (Err(e), Some(t)) = (&result, trace.as_mut()) {
+            t.finish(e.code() as u8);
+        }
+        result
+    }
+
+    async fn dispatch(
+        &self,
+        cluster: &ClusterState,
+        mut req: Request<Incoming>,
+        shape: CallShape,
+        trace: &mut Option<Box<CallTrace>>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        proxy::prepare_request(&mut req, &self.scheme, cluster.authority.as_ref())?;
+        let mut req = req.map(RequestBody::Incoming);
+        let set = cluster.endpoints.load_full();
+        if set.is_empty() {
+            return Err(ProxyError::NoEndpoints(cluster.name.to_string()));
+        }
+        let mut tried = [usize::MAX; MAX_ATTEMPTS];
+        let mut last_error = None;
+        for attempt in 0..MAX_ATTEMPTS {
+            let Some(i) = set.pick(&tried[..attempt]) else {
+                break;
+            };
+            tried[attempt] = i;
+            let endpoint = &set.entries()[i].endpoint;
+            // Counted from here: waiting for a connection is outstanding work.
+            let guard = endpoint.start_call();
+            let lease = match endpoint.pool.acquire().await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::debug!(service = %cluster.name, endpoint = %endpoint.addr, error = %e, attempt, "failing over");
+                    last_error = Some(e);
+                    continue;
+                }
+            };
+            if let Some(t) = trace.as_deref() {
+                t.endpoint(endpoint.addr, attempt + 1);
+                t.inject(req.headers_mut());
+            }
+            match proxy::send(lease, guard, req, shape, trace).await {
+                Ok(resp) => return Ok(resp),
+                Err(SendError::Failed(e)) => return Err(e),
+                Err(SendError::NotSent(r)) => {
+                    tracing::debug!(service = %cluster.name, endpoint = %endpoint.addr, attempt, "connection closed before send; failing over");
+                    req = *r;
+                }
+            }
+        }
+        Err(match last_error {
+            Some(last) => ProxyError::Unreachable {
+                service: cluster.name.to_string(),
+                last,
+            },
+            None => ProxyError::NoEndpoints(cluster.name.to_string()),
+        })
+    }
+}
+
+/// The hyper service of one outbound listener; `fixed` names the service for
+/// per-service ports (apps that cannot set an authority).
+#[derive(Debug, Clone)]
+pub struct OutboundService {
+    inner: Arc<Outbound>,
+    fixed: Option<Arc<str>>,
+}
+
+impl OutboundService {
+    pub fn new(inner: Arc<Outbound>, fixed: Option<Arc<str>>) -> Self {
+        Self { inner, fixed }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for OutboundService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.inner.handle(req, this.fixed.as_deref()).await) })
+    }
+}

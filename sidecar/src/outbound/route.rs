@@ -1,0 +1,285 @@
+//! The outbound route table: service name → cluster, swapped atomically on
+//! every config change.
+//!
+//! Applying a new config diffs endpoints by address: an endpoint that stays
+//! keeps its [`Endpoint`] (connections, outstanding count, counters), so a
+//! weight change or an unrelated push drops nothing in flight. Removed
+//! endpoints leave the table; their connections close once the calls still
+//! using them finish.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::uri::Authority;
+use meshwire_xds::{Cluster, LbPolicy, ModelError};
+
+use super::balance::{EndpointSet, Entry};
+use crate::connect::Connector;
+use crate::endpoint::Endpoint;
+use crate::pool::H2Settings;
+
+/// One service as the outbound side runs it.
+#[derive(Debug)]
+pub struct ClusterState {
+    pub name: Arc<str>,
+    pub lb: LbPolicy,
+    pub request_timeout: Option<Duration>,
+    pub connect_timeout: Duration,
+    /// Parsed once: the `:authority` to send upstream, if rewritten.
+    pub authority: Option<Authority>,
+    pub endpoints: ArcSwap<EndpointSet>,
+}
+
+impl ClusterState {
+    fn same_settings(&self, c: &Cluster) -> bool {
+        self.lb == c.lb
+            && self.request_timeout == c.request_timeout
+            && self.connect_timeout == c.connect_timeout
+            && self.authority.as_ref().map(Authority::as_str) == c.authority.as_deref()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    clusters: HashMap<Arc<str>, Arc<ClusterState>>,
+}
+
+impl RouteTable {
+    pub fn get(&self, service: &str) -> Option<&Arc<ClusterState>> {
+        self.clusters.get(service).or_else(|| {
+            // Hosts are case-insensitive; names are stored lowercase.
+            if service.bytes().any(|b| b.is_ascii_uppercase()) {
+                self.clusters.get(service.to_ascii_lowercase().as_str())
+            } else {
+                None
+            }
+        })
+    }
+
+    pub fn clusters(&self) -> impl Iterator<Item = &Arc<ClusterState>> {
+        self.clusters.values()
+    }
+}
+
+/// The live route table and what is needed to build endpoints for it.
+#[derive(Debug)]
+pub struct Routes {
+    table: ArcSwap<RouteTable>,
+    connector: Connector,
+    settings: Arc<H2Settings>,
+    /// Most endpoints one service may have here: bounds this sidecar's memory
+    /// whatever a control plane sends.
+    max_endpoints: usize,
+}
+
+/// Default for [`Routes::with_max_endpoints`].
+pub const DEFAULT_MAX_ENDPOINTS: usize = 10_000;
+
+impl Routes {
+    pub fn new(connector: Connector, settings: Arc<H2Settings>) -> Self {
+        Self {
+            table: ArcSwap::from_pointee(RouteTable::default()),
+            connector,
+            settings,
+            max_endpoints: DEFAULT_MAX_ENDPOINTS,
+        }
+    }
+
+    pub fn with_max_endpoints(mut self, max: usize) -> Self {
+        self.max_endpoints = max;
+        self
+    }
+
+    pub fn load(&self) -> arc_swap::Guard<Arc<RouteTable>> {
+        self.table.load()
+    }
+
+    /// Replaces the whole set of clusters. Validates everything first, so an
+    /// invalid config changes nothing.
+    pub fn apply(&self, clusters: &[Cluster]) -> Result<(), ModelError> {
+        let mut seen = HashMap::new();
+        for (i, c) in clusters.iter().enumerate() {
+            c.validate()
+                .map_err(|e| e.within(&format!("services[{i}]")))?;
+            if c.endpoints.len() > self.max_endpoints {
+                return Err(ModelError::new(
+                    format!("services[{i}].endpoints"),
+                    format!(
+                        "service {:?} has {} endpoints; this sidecar allows at most {} (--max-endpoints)",
+                        c.name,
+                        c.endpoints.len(),
+                        self.max_endpoints
+                    ),
+                ));
+            }
+            if let Some(first) = seen.insert(c.name.as_str(), i) {
+                return Err(ModelError::new(
+                    format!("services[{i}].name"),
+                    format!("{:?} is already services[{first}]", c.name),
+                ));
+            }
+        }
+        let old = self.table.load_full();
+        let mut next = RouteTable::default();
+        for c in clusters {
+            let prev = old.clusters.get(c.name.as_str());
+            let keep: HashMap<SocketAddr, Arc<Endpoint>> = prev
+                .map(|p| {
+                    p.endpoints
+                        .load()
+                        .entries()
+                        .iter()
+                        .map(|e| (e.endpoint.addr, e.endpoint.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let set = Arc::new(self.build_set(c, &keep));
+            let state = match prev {
+                // Same settings: swap the endpoints in place, so calls that
+                // already hold this cluster see the change too.
+                Some(p) if p.same_settings(c) => {
+                    p.endpoints.store(set);
+                    p.clone()
+                }
+                _ => Arc::new(ClusterState {
+                    name: Arc::from(c.name.as_str()),
+                    lb: c.lb,
+                    request_timeout: c.request_timeout,
+                    connect_timeout: c.connect_timeout,
+                    // Validated by `Cluster::validate`.
+                    authority: c
+                        .authority
+                        .as_deref()
+                        .and_then(|a| Authority::try_from(a).ok()),
+                    endpoints: ArcSwap::new(set),
+                }),
+            };
+            next.clusters.insert(state.name.clone(), state);
+        }
+        self.table.store(Arc::new(next));
+        Ok(())
+    }
+
+    fn build_set(&self, c: &Cluster, keep: &HashMap<SocketAddr, Arc<Endpoint>>) -> EndpointSet {
+        let entries = c
+            .endpoints
+            .iter()
+            .map(|spec| {
+                let endpoint = match keep.get(&spec.address) {
+                    Some(ep) => {
+                        ep.pool.set_connect_timeout(c.connect_timeout);
+                        ep.clone()
+                    }
+                    None => Endpoint::new(
+                        spec,
+                        self.connector.clone(),
+                        c.connect_timeout,
+                        self.settings.clone(),
+                    ),
+                };
+                Entry {
+                    endpoint,
+                    weight: spec.weight,
+                    draining: spec.draining,
+                }
+            })
+            .collect();
+        EndpointSet::new(entries, c.lb)
+    }
+}
+
+impl meshwire_xds::client::ConfigSink for Routes {
+    fn apply(&self, clusters: &[Cluster]) -> Result<(), String> {
+        Routes::apply(self, clusters).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshwire_xds::Endpoint as Spec;
+
+    fn cluster(name: &str, eps: &[(u16, u32)]) -> Cluster {
+        let mut c = Cluster::new(name);
+        c.endpoints = eps
+            .iter()
+            .map(|&(p, w)| Spec::new(([127, 0, 0, 1], p).into()).with_weight(w))
+            .collect();
+        c
+    }
+
+    fn routes() -> Routes {
+        Routes::new(Connector::default(), Arc::new(H2Settings::default()))
+    }
+
+    #[test]
+    fn unchanged_endpoints_are_kept_across_updates() {
+        let r = routes();
+        r.apply(&[cluster("a", &[(1, 1), (2, 1)])]).unwrap();
+        let before = r.load().get("a").unwrap().clone();
+        let ep1 = before.endpoints.load().entries()[0].endpoint.clone();
+        let _call = ep1.start_call();
+
+        r.apply(&[cluster("a", &[(1, 5), (3, 1)])]).unwrap();
+        let after = r.load().get("a").unwrap().clone();
+        assert!(
+            Arc::ptr_eq(&before, &after),
+            "same settings: same cluster state"
+        );
+        let set = after.endpoints.load();
+        assert!(Arc::ptr_eq(&set.entries()[0].endpoint, &ep1));
+        assert_eq!(set.entries()[0].weight, 5);
+        assert_eq!(
+            set.entries()[0].endpoint.outstanding(),
+            1,
+            "in-flight call kept"
+        );
+        assert_eq!(set.entries()[1].endpoint.addr.port(), 3);
+    }
+
+    #[test]
+    fn invalid_config_changes_nothing() {
+        let r = routes();
+        r.apply(&[cluster("a", &[(1, 1)])]).unwrap();
+        let err = r
+            .apply(&[cluster("a", &[(1, 1)]), cluster("b", &[(2, 0)])])
+            .unwrap_err();
+        assert_eq!(err.field, "services[1].endpoints[0].weight");
+        assert!(r.load().get("b").is_none());
+        let err = r
+            .apply(&[cluster("a", &[]), cluster("a", &[])])
+            .unwrap_err();
+        assert_eq!(err.field, "services[1].name");
+        assert_eq!(
+            r.load().get("a").unwrap().endpoints.load().entries().len(),
+            1
+        );
+    }
+
+    #[test]
+    fn endpoint_limit_rejects_the_whole_update() {
+        let r = Routes::new(Connector::default(), Arc::new(H2Settings::default()))
+            .with_max_endpoints(2);
+        r.apply(&[cluster("a", &[(1, 1), (2, 1)])]).unwrap();
+        let err = r
+            .apply(&[cluster("a", &[(1, 1), (2, 1), (3, 1)])])
+            .unwrap_err();
+        assert_eq!(err.field, "services[0].endpoints");
+        assert!(err.reason.contains("at most 2"), "{err}");
+        assert_eq!(
+            r.load().get("a").unwrap().endpoints.load().entries().len(),
+            2
+        );
+    }
+
+    #[test]
+    fn lookup_ignores_case() {
+        let r = routes();
+        r.apply(&[cluster("greeter", &[])]).unwrap();
+        assert!(r.load().get("Greeter").is_some());
+        assert!(r.load().get("other").is_none());
+    }
+}

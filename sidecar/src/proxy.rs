@@ -1,0 +1,335 @@
+//! Forwarding one call over a leased HTTP/2 stream, shared by the outbound
+//! (app → peer sidecar) and inbound (peer sidecar → app) sides.
+//!
+//! Headers are rewritten in place (no copies on the HTTP/2 path), bodies are
+//! passed through unbuffered, and the call's deadline follows it into the
+//! response body.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, Request, Response, Uri, Version, header};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::body::{CallState, RequestBody, RequestPipe, ResponseBody};
+use crate::endpoint::CallGuard;
+use crate::grpc;
+use crate::pool::Lease;
+use crate::respond::ProxyError;
+use crate::telemetry::CallTrace;
+
+/// The deadline of a call: the caller's `grpc-timeout`, capped by the service's
+/// request timeout.
+pub(crate) fn call_timeout(headers: &HeaderMap, cap: Option<Duration>) -> Option<Duration> {
+    let asked = headers
+        .get(grpc::GRPC_TIMEOUT)
+        .and_then(grpc::parse_timeout);
+    match (asked, cap) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
+    }
+}
+
+/// The authority a request names (`:authority`, or `Host` for HTTP/1.1).
+pub(crate) fn request_authority(req: &Request<Incoming>) -> Option<&str> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty())
+}
+
+/// `greeter:50051` -> `greeter`.
+pub(crate) fn host_of(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+/// Connection-specific headers (RFC 9110 §7.6.1) that must not cross a proxy.
+const HOP_BY_HOP: [header::HeaderName; 5] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::HeaderName::from_static("keep-alive"),
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named by `Connection` are hop-by-hop too.
+    let named: Vec<header::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| header::HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for h in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(h);
+    }
+    headers.remove("proxy-connection");
+    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
+        headers.remove(header::TE);
+    }
+}
+
+/// Turns a downstream request into the upstream HTTP/2 request, in place.
+/// HTTP/2 requests cannot carry connection-specific headers (the h2 codec
+/// rejects them), so only HTTP/1.x requests need stripping and a new URI.
+pub(crate) fn prepare_request(
+    req: &mut Request<Incoming>,
+    scheme: &Scheme,
+    authority: Option<&Authority>,
+) -> Result<(), ProxyError> {
+    if req.version() == Version::HTTP_2 && authority.is_none() {
+        return Ok(());
+    }
+    let authority = match authority {
+        Some(a) => a.clone(),
+        None => {
+            let a = request_authority(req).ok_or(ProxyError::NoAuthority)?;
+            Authority::try_from(a).map_err(|_| ProxyError::BadRequest("invalid Host header"))?
+        }
+    };
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(scheme.clone());
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() =
+        Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    if req.version() != Version::HTTP_2 {
+        strip_hop_by_hop(req.headers_mut());
+        req.headers_mut().remove(header::HOST);
+        *req.version_mut() = Version::HTTP_2;
+    }
+    Ok(())
+}
+
+/// Forwards the time left, so the next hop and the app see the true deadline.
+fn set_timeout_header(headers: &mut HeaderMap, deadline: Option<Instant>) {
+    if let Some(d) = deadline {
+        let left = d.saturating_duration_since(Instant::now());
+        headers.insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(left));
+    }
+}
+
+/// Why a send did not produce a response.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// The upstream never processed the request (the connection refused it
+    /// before it was written, a GOAWAY excluded it, or REFUSED_STREAM): it is
+    /// handed back, body included, and may go elsewhere.
+    NotSent(Box<Request<RequestBody>>),
+    Failed(ProxyError),
+}
+
+/// How long a call refused unprocessed waits for the rest of its body before
+/// it can be sent elsewhere.
+const REPLAY_WAIT: Duration = Duration::from_millis(50);
+
+/// Failures that guarantee the upstream did not process the request (RFC 9113
+/// §8.7): streams above a GOAWAY's last stream id, and REFUSED_STREAM.
+fn never_processed(e: &h2::Error) -> bool {
+    e.is_remote()
+        && (e.is_go_away() || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
+}
+
+/// How the upstream response is framed back to the caller.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallShape {
+    pub(crate) grpc: bool,
+    pub(crate) downstream: Version,
+    pub(crate) deadline: Option<Instant>,
+}
+
+/// Sends the request on the leased stream and wraps the response so the
+/// guard, the lease and the deadline live as long as the response body.
+///
+/// The request body is piped inside this future while the response headers
+/// are awaited; only a body still streaming when they arrive (client or bidi
+/// streaming) gets a task of its own. A unary call costs no extra task.
+///
+/// `trace`, the call's span if it is traced, moves into the response body on
+/// success; on an error it stays with the caller, who records the outcome.
+pub(crate) async fn send(
+    lease: Lease,
+    mut guard: CallGuard,
+    req: Request<RequestBody>,
+    shape: CallShape,
+    trace: &mut Option<Box<CallTrace>>,
+) -> Result<Response<ResponseBody>, SendError> {
+    let (mut parts, body) = req.into_parts();
+    set_timeout_header(&mut parts.headers, shape.deadline);
+    let mut sender = lease.sender();
+    // A closed or GOAWAY'd connection refuses here, before anything is sent.
+    if std::future::poll_fn(|cx| sender.poll_ready(cx))
+        .await
+        .is_err()
+    {
+        lease.mark_closed();
+        return Err(SendError::NotSent(Box::new(Request::from_parts(
+            parts, body,
+        ))));
+    }
+    // Kept in case the upstream turns the stream away unprocessed.
+    let mut again = Request::new(());
+    *again.method_mut() = parts.method.clone();
+    *again.uri_mut() = parts.uri.clone();
+    *again.version_mut() = parts.version;
+    *again.headers_mut() = parts.headers.clone();
+    let eos = body.is_end_stream();
+    guard.sent(true);
+    let (mut response, tx) = match sender.send_request(Request::from_parts(parts, ()), eos) {
+        Ok(r) => r,
+        Err(e) => {
+            lease.mark_closed();
+            return Err(failed(&mut guard, ProxyError::from_h2(e)));
+        }
+    };
+    let mut pipe = (!eos).then(|| RequestPipe::new(body, tx));
+    let mut piping = pipe.is_some();
+    let resp = std::future::poll_fn(|cx| {
+        if piping
+            && let Some(p) = pipe.as_mut()
+            && Pin::new(p).poll(cx).is_ready()
+        {
+            piping = false;
+        }
+        Pin::new(&mut response).poll(cx)
+    })
+    .await;
+    let resp = match resp {
+        Ok(r) => {
+            if let Some(mut p) = pipe {
+                if piping {
+                    // Still streaming: it counts its bytes itself when done.
+                    p.account = Some(guard.endpoint().clone());
+                    tokio::spawn(p);
+                } else {
+                    guard.request_bytes += p.sent;
+                }
+            }
+            r
+        }
+        Err(e) if never_processed(&e) => {
+            guard.sent(false);
+            let replay = match pipe {
+                None => Some(RequestBody::Replay(Default::default())),
+                Some(p) => p.into_replay(REPLAY_WAIT).await,
+            };
+            return Err(match replay {
+                Some(body) => {
+                    tracing::debug!(error = %e, "upstream did not process the call; it can go elsewhere");
+                    let (head, ()) = again.into_parts();
+                    SendError::NotSent(Box::new(Request::from_parts(head, body)))
+                }
+                None => {
+                    guard.sent(true);
+                    failed(&mut guard, ProxyError::from_h2(e))
+                }
+            });
+        }
+        Err(e) => return Err(failed(&mut guard, ProxyError::from_h2(e))),
+    };
+    let (mut parts, recv) = resp.into_parts();
+    let http_code = grpc::code_of_http(parts.status);
+    // The call's status if the response ends with its headers (trailers-only).
+    let headers_code = if shape.grpc {
+        parts
+            .headers
+            .get(grpc::GRPC_STATUS)
+            .map_or(grpc::Code::Unknown as u8, grpc::status_code)
+    } else {
+        http_code
+    };
+    if shape.downstream != Version::HTTP_2 {
+        parts.version = shape.downstream;
+        strip_hop_by_hop(&mut parts.headers);
+    }
+    let state = CallState {
+        guard: Some(guard),
+        lease: Some(lease),
+        deadline: shape
+            .deadline
+            .map(|d| Box::pin(tokio::time::sleep_until(d))),
+        grpc: shape.grpc,
+        code_without_trailers: if shape.grpc {
+            grpc::Code::Unknown as u8
+        } else {
+            http_code
+        },
+        trace: trace.take(),
+    };
+    Ok(Response::from_parts(
+        parts,
+        ResponseBody::proxied(recv, state, headers_code),
+    ))
+}
+
+/// The call failed at the endpoint: count it with the error's status.
+fn failed(guard: &mut CallGuard, e: ProxyError) -> SendError {
+    guard.finish(e.code() as u8);
+    SendError::Failed(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn host_strips_port_only() {
+        assert_eq!(host_of("greeter:50051"), "greeter");
+        assert_eq!(host_of("greeter"), "greeter");
+        assert_eq!(host_of("greeter.ns.svc:80"), "greeter.ns.svc");
+        assert_eq!(host_of("weird:name"), "weird:name");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+        let mut t = HeaderMap::new();
+        t.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut t);
+        assert_eq!(t[header::TE], "trailers", "gRPC needs te: trailers");
+    }
+
+    #[test]
+    fn timeout_is_capped_by_the_service() {
+        let mut h = HeaderMap::new();
+        assert_eq!(call_timeout(&h, None), None);
+        assert_eq!(
+            call_timeout(&h, Some(Duration::from_secs(2))),
+            Some(Duration::from_secs(2))
+        );
+        h.insert(grpc::GRPC_TIMEOUT, HeaderValue::from_static("500m"));
+        assert_eq!(call_timeout(&h, None), Some(Duration::from_millis(500)));
+        assert_eq!(
+            call_timeout(&h, Some(Duration::from_millis(100))),
+            Some(Duration::from_millis(100))
+        );
+    }
+}

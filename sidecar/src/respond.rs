@@ -1,0 +1,192 @@
+//! Every error the sidecar itself produces becomes a response here, in one
+//! place: gRPC callers get a trailers-only response (HTTP 200, `grpc-status`,
+//! `grpc-message`), HTTP callers the matching HTTP status and a text body.
+//! Such responses carry `meshwire-error: <kind>` so they can be told apart
+//! from the application's own errors.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::ResponseBody;
+use crate::connect::ConnectError;
+use crate::grpc::{self, Code};
+
+pub(crate) const ERROR_HEADER: &str = "meshwire-error";
+
+/// What went wrong with a call, from the sidecar's point of view.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("meshwire: no service named {0:?} is known to this sidecar")]
+    UnknownService(String),
+    #[error("meshwire: the request names no service (no :authority or Host)")]
+    NoAuthority,
+    #[error("meshwire: service {0:?} has no endpoints")]
+    NoEndpoints(String),
+    #[error("meshwire: service {service:?}: no endpoint could be reached: {last}")]
+    Unreachable { service: String, last: ConnectError },
+    #[error("meshwire: local application unreachable: {0}")]
+    AppUnreachable(ConnectError),
+    #[error("meshwire: upstream reset the stream ({0})")]
+    UpstreamReset(h2::Reason),
+    #[error("meshwire: upstream failed: {0}")]
+    Upstream(h2::Error),
+    #[error("meshwire: deadline of {0:?} exceeded")]
+    DeadlineExceeded(Duration),
+    #[error("meshwire: bad request: {0}")]
+    BadRequest(&'static str),
+}
+
+impl ProxyError {
+    /// The upstream's error, classified: a stream reset keeps its reason; a
+    /// GOAWAY or a broken connection is a plain failure (`UNAVAILABLE`).
+    pub(crate) fn from_h2(e: h2::Error) -> Self {
+        match e.reason() {
+            Some(r) if e.is_reset() => ProxyError::UpstreamReset(r),
+            _ => ProxyError::Upstream(e),
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            ProxyError::UnknownService(_)
+            | ProxyError::NoEndpoints(_)
+            | ProxyError::Unreachable { .. }
+            | ProxyError::AppUnreachable(_)
+            | ProxyError::Upstream(_) => Code::Unavailable,
+            ProxyError::NoAuthority | ProxyError::BadRequest(_) => Code::InvalidArgument,
+            ProxyError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            ProxyError::UpstreamReset(r) => match *r {
+                h2::Reason::CANCEL => Code::Cancelled,
+                // The peer never processed it: safe for the caller to retry.
+                h2::Reason::REFUSED_STREAM => Code::Unavailable,
+                h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
+                h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+                _ => Code::Unavailable,
+            },
+        }
+    }
+
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::UnknownService(_) => "unknown-service",
+            ProxyError::NoAuthority => "no-authority",
+            ProxyError::NoEndpoints(_) => "no-endpoints",
+            ProxyError::Unreachable { .. } => "unreachable",
+            ProxyError::AppUnreachable(_) => "app-unreachable",
+            ProxyError::UpstreamReset(_) => "upstream-reset",
+            ProxyError::Upstream(_) => "upstream-failed",
+            ProxyError::DeadlineExceeded(_) => "deadline-exceeded",
+            ProxyError::BadRequest(_) => "bad-request",
+        }
+    }
+
+    /// The response a caller gets for this error.
+    pub fn into_response(self, grpc_call: bool) -> Response<ResponseBody> {
+        let code = self.code();
+        let message = self.to_string();
+        tracing::debug!(error = %message, grpc_status = code as u8, "sidecar error response");
+        let kind = HeaderValue::from_static(self.kind());
+        if grpc_call {
+            let mut r = Response::new(ResponseBody::empty());
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert(grpc::GRPC_STATUS, code.header_value());
+            h.insert(grpc::GRPC_MESSAGE, grpc::encode_message(&message));
+            h.insert(ERROR_HEADER, kind);
+            r
+        } else {
+            let mut r = Response::new(ResponseBody::full(format!("{message}\n")));
+            *r.status_mut() = code.http_status();
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            h.insert(ERROR_HEADER, kind);
+            r
+        }
+    }
+}
+
+/// A plain response with a status and text (used by the admin server).
+pub(crate) fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ResponseBody> {
+    let mut r = Response::new(ResponseBody::full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body::Body as _;
+
+    #[test]
+    fn grpc_errors_are_trailers_only() {
+        let r = ProxyError::UnknownService("greeter".into()).into_response(true);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert!(
+            r.headers()["grpc-message"]
+                .to_str()
+                .unwrap()
+                .contains("\"greeter\"")
+        );
+        assert_eq!(r.headers()[ERROR_HEADER], "unknown-service");
+        assert!(
+            r.body().is_end_stream(),
+            "trailers-only: headers carry END_STREAM"
+        );
+    }
+
+    #[test]
+    fn http_errors_use_matching_status() {
+        let cases = [
+            (
+                ProxyError::UnknownService("x".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                ProxyError::DeadlineExceeded(Duration::from_millis(5)),
+                StatusCode::GATEWAY_TIMEOUT,
+            ),
+            (
+                ProxyError::UpstreamReset(h2::Reason::CANCEL),
+                StatusCode::from_u16(499).unwrap(),
+            ),
+            (
+                ProxyError::UpstreamReset(h2::Reason::INTERNAL_ERROR),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (ProxyError::NoAuthority, StatusCode::BAD_REQUEST),
+        ];
+        for (e, status) in cases {
+            let r = e.into_response(false);
+            assert_eq!(r.status(), status);
+            assert!(r.headers().get("grpc-status").is_none());
+        }
+    }
+
+    #[test]
+    fn reset_reasons_map_to_codes() {
+        assert_eq!(
+            ProxyError::UpstreamReset(h2::Reason::CANCEL).code(),
+            Code::Cancelled
+        );
+        assert_eq!(
+            ProxyError::UpstreamReset(h2::Reason::REFUSED_STREAM).code(),
+            Code::Unavailable
+        );
+        assert_eq!(
+            ProxyError::DeadlineExceeded(Duration::ZERO).code(),
+            Code::DeadlineExceeded
+        );
+    }
+}

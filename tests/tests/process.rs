@@ -1,0 +1,232 @@
+//! The `meshwire-sidecar` binary as a real process: flags and environment
+//! variables, precise errors with non-zero exits, and graceful shutdown on
+//! SIGTERM/SIGINT.
+
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use meshwire_tests::*;
+use tonic::Code;
+
+const SIDECAR: &str = env!("CARGO_BIN_EXE_mw-sidecar");
+
+/// Runs the binary expecting it to fail; returns (exit code, stderr).
+fn fails(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(SIDECAR);
+    cmd.args(["--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run sidecar");
+    let code = out.status.code().expect("exited");
+    assert_ne!(code, 0, "expected failure for {args:?}");
+    (code, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_flags_and_config_get_precise_errors() {
+    let (code, err) = fails(&["--workers", "0"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--workers"), "{err}");
+
+    let (code, err) = fails(&["--inbound", "not-an-address"], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("'not-an-address'") && err.contains("--inbound"),
+        "{err}"
+    );
+
+    let (_, err) = fails(&["--drain-timeout", "soon"], &[]);
+    assert!(
+        err.contains("--drain-timeout") && err.contains("e.g. 500ms"),
+        "{err}"
+    );
+
+    let (_, err) = fails(&["--no-such-flag"], &[]);
+    assert!(err.contains("--no-such-flag"), "{err}");
+
+    // The same checks apply to values from the environment.
+    let (code, err) = fails(&[], &[("MESHWIRE_WORKERS", "many")]);
+    assert_eq!(code, 2);
+    assert!(err.contains("'many'") && err.contains("--workers"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SidecarProcess::write_config(
+        dir.path(),
+        "services:\n  - name: echo\n    endpoints:\n      - address: 127.0.0.1:1\n        weight: 20000\n",
+    );
+    let (code, err) = fails(&["--static-config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("services[0].endpoints[0].weight"), "{err}");
+    assert!(err.contains("mesh.yaml"), "names the file: {err}");
+
+    let (code, err) = fails(&["--static-config", "/nonexistent/mesh.yaml"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/mesh.yaml"), "{err}");
+
+    let (_, err) = fails(&["--log", "meshwire=loud"], &[]);
+    assert!(err.contains("--log"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn address_in_use_fails_start_up() {
+    let taken = tokio::net::TcpListener::bind(localhost()).await.unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(SIDECAR)
+            .args(["--outbound", &addr, "--admin", "127.0.0.1:0"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("outbound") && err.contains("in use"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_entirely_from_the_environment() {
+    let backend = echo("env-backend").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SidecarProcess::write_config(
+        dir.path(),
+        &format!(
+            "services:\n  - name: echo\n    endpoints:\n      - address: {}\n",
+            backend.addr
+        ),
+    );
+    // Server sidecar: its app and config from MESHWIRE_* variables only.
+    let server = SidecarProcess::spawn(
+        SIDECAR,
+        &[],
+        &[
+            ("MESHWIRE_APP", &backend.addr.to_string()),
+            ("MESHWIRE_LOG", "debug"),
+        ],
+    )
+    .await;
+    let inbound = server.addrs.inbound.expect("inbound from MESHWIRE_APP");
+    let client_cfg = SidecarProcess::write_config(
+        dir.path(),
+        &format!("services:\n  - name: echo\n    endpoints:\n      - address: {inbound}\n"),
+    );
+    let client = SidecarProcess::spawn(
+        SIDECAR,
+        &[],
+        &[("MESHWIRE_STATIC_CONFIG", client_cfg.to_str().unwrap())],
+    )
+    .await;
+    drop(cfg);
+    let mut c = echo_client(client.addrs.outbound, "echo").await;
+    let r = c
+        .echo(EchoRequest::default())
+        .await
+        .expect("call via env-configured sidecars");
+    assert_eq!(r.into_inner().server, "env-backend");
+    assert!(server.log().contains("DEBUG"), "MESHWIRE_LOG applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_calls_then_exits() {
+    let backend = echo("drain-backend").await;
+    let stats = backend.stats.clone();
+    let mut server = SidecarProcess::spawn(
+        SIDECAR,
+        &["--app", &backend.addr.to_string(), "--drain-timeout", "30s"],
+        &[],
+    )
+    .await;
+    let inbound = server.addrs.inbound.unwrap();
+    let admin = server.addrs.admin;
+    let client = client_sidecar(vec![cluster("echo", &[(inbound, 1)])]).await;
+    let mut c = echo_client(client.outbound_addr, "echo").await;
+    c.echo(EchoRequest::default()).await.unwrap();
+
+    let mut slow = c.clone();
+    let call = tokio::spawn(async move {
+        slow.echo(EchoRequest {
+            delay_ms: 1500,
+            ..Default::default()
+        })
+        .await
+    });
+    eventually(
+        "the slow call reached the app",
+        Duration::from_secs(5),
+        || async { stats.calls.load(Ordering::Relaxed) == 2 },
+    )
+    .await;
+    server.signal("TERM");
+    // Draining: not ready, no new connections, the call in flight continues.
+    eventually("/ready turns 503", Duration::from_secs(5), || async {
+        http1_get(admin, "a", "/ready")
+            .await
+            .is_ok_and(|r| r.0 == http::StatusCode::SERVICE_UNAVAILABLE)
+    })
+    .await;
+    eventually(
+        "the inbound port stops accepting",
+        Duration::from_secs(5),
+        || async { tokio::net::TcpStream::connect(inbound).await.is_err() },
+    )
+    .await;
+    let reply = call
+        .await
+        .unwrap()
+        .expect("the in-flight call completes during the drain");
+    assert_eq!(reply.into_inner().server, "drain-backend");
+    assert_eq!(stats.cancelled.load(Ordering::Relaxed), 0);
+    let code = server.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "clean drain exits 0:\n{}", server.log());
+    assert!(server.log().contains("drained"), "{}", server.log());
+
+    // Later calls see the endpoint gone (the only one): a proper UNAVAILABLE.
+    let err = c.echo(EchoRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_bounds_shutdown() {
+    let backend = echo("stuck-backend").await;
+    let stats = backend.stats.clone();
+    let mut server = SidecarProcess::spawn(
+        SIDECAR,
+        &[
+            "--app",
+            &backend.addr.to_string(),
+            "--drain-timeout",
+            "300ms",
+        ],
+        &[],
+    )
+    .await;
+    let client = client_sidecar(vec![cluster("echo", &[(server.addrs.inbound.unwrap(), 1)])]).await;
+    let mut c = echo_client(client.outbound_addr, "echo").await;
+    let call = tokio::spawn(async move {
+        c.echo(EchoRequest {
+            delay_ms: 60_000,
+            ..Default::default()
+        })
+        .await
+    });
+    eventually(
+        "the call reached the app",
+        Duration::from_secs(5),
+        || async { stats.calls.load(Ordering::Relaxed) == 1 },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    server.signal("INT");
+    let code = server.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(3), "drain cut short: exit 3\n{}", server.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let err = call.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+}

@@ -1,0 +1,375 @@
+//! The sidecar's xDS client: one ADS stream (State of the World) to the
+//! control plane, subscribed to every `Cluster` and to the
+//! `ClusterLoadAssignment` of each.
+//!
+//! ```text
+//! DiscoveryResponse ─▶ decode + validate every resource ─▶ ConfigSink::apply(whole config)
+//!                      │ ok: ACK (version_info = the version applied)
+//!                      └ error anywhere: NACK with error_detail; nothing changes,
+//!                        the last good config keeps serving
+//! ```
+//! A new cluster is held back ("warming") until its endpoints arrive, so it
+//! never serves with an empty endpoint set. If the stream breaks (control
+//! plane down or restarting) the sidecar keeps serving what it has and
+//! reconnects with jittered exponential backoff; on reconnect it resubscribes
+//! and the control plane sends the current state again.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::model::{Cluster, Endpoint};
+use crate::resources::{self, CLUSTER, ENDPOINT};
+
+/// Where a validated configuration goes.
+pub trait ConfigSink: Send + Sync + 'static {
+    /// Applies a whole new set of clusters. An error rejects it: nothing
+    /// changes, the previous set keeps serving, and the update is NACKed.
+    fn apply(&self, clusters: &[Cluster]) -> Result<(), String>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The control plane, e.g. `http://127.0.0.1:15010`.
+    pub server: String,
+    pub node_id: String,
+    /// The service this sidecar belongs to (`node.cluster`).
+    pub service: String,
+    pub user_agent: String,
+    pub connect_timeout: Duration,
+}
+
+/// A refused update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NackInfo {
+    pub type_url: String,
+    pub version: String,
+    pub error: String,
+}
+
+/// What the client has done, for readiness and `/config_dump`.
+#[derive(Debug, Clone, Default)]
+pub struct ClientStatus {
+    pub connected: bool,
+    /// A complete configuration (every cluster with its endpoints) has been applied.
+    pub warm: bool,
+    pub cds_version: Option<String>,
+    pub eds_version: Option<String>,
+    pub last_nack: Option<NackInfo>,
+    /// Updates refused (NACKed) since start.
+    pub nacks: u64,
+    /// The clusters as last applied.
+    pub applied: Vec<Cluster>,
+    /// Clusters known from CDS still waiting for their endpoints.
+    pub warming: Vec<String>,
+    pub streams_opened: u64,
+    pub last_error: Option<String>,
+}
+
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Runs until the task is dropped/aborted.
+pub async fn run(
+    cfg: ClientConfig,
+    sink: Arc<dyn ConfigSink>,
+    status: watch::Sender<ClientStatus>,
+) {
+    let mut state = State::default();
+    let mut failures = 0u32;
+    loop {
+        status.send_modify(|s| s.streams_opened += 1);
+        match stream_once(&cfg, &*sink, &status, &mut state).await {
+            Ok(()) => {
+                tracing::warn!(server = %cfg.server, "xDS stream closed by the control plane")
+            }
+            Err(e) => {
+                tracing::warn!(server = %cfg.server, error = %e, "xDS stream failed; keeping the current config");
+                status.send_modify(|s| s.last_error = Some(e));
+            }
+        }
+        status.send_modify(|s| s.connected = false);
+        if state.had_response {
+            failures = 0;
+        }
+        failures = failures.saturating_add(1);
+        state.had_response = false;
+        let exp = BACKOFF_BASE.saturating_mul(1 << failures.min(10).saturating_sub(1));
+        let delay = exp.min(BACKOFF_MAX).mul_f64(0.5 + fastrand::f64() * 0.5);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Everything the client knows, kept across reconnects.
+#[derive(Debug, Default)]
+struct State {
+    settings: BTreeMap<String, Cluster>,
+    endpoints: BTreeMap<String, Vec<Endpoint>>,
+    cds_version: String,
+    eds_version: String,
+    cds_nonce: String,
+    eds_nonce: String,
+    applied: Vec<Cluster>,
+    had_response: bool,
+}
+
+impl State {
+    /// The clusters that can serve: those whose endpoints are known.
+    fn config(
+        &self,
+        settings: &BTreeMap<String, Cluster>,
+        endpoints: &BTreeMap<String, Vec<Endpoint>>,
+    ) -> Vec<Cluster> {
+        settings
+            .values()
+            .filter_map(|c| {
+                let eps = endpoints.get(&c.name)?;
+                let mut c = c.clone();
+                c.endpoints = eps.clone();
+                Some(c)
+            })
+            .collect()
+    }
+
+    fn warming(&self) -> Vec<String> {
+        self.settings
+            .keys()
+            .filter(|n| !self.endpoints.contains_key(*n))
+            .cloned()
+            .collect()
+    }
+}
+
+async fn stream_once(
+    cfg: &ClientConfig,
+    sink: &dyn ConfigSink,
+    status: &watch::Sender<ClientStatus>,
+    state: &mut State,
+) -> Result<(), String> {
+    let channel = tonic::transport::Endpoint::from_shared(cfg.server.clone())
+        .map_err(|e| format!("bad control-plane address {:?}: {e}", cfg.server))?
+        .connect_timeout(cfg.connect_timeout)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("connect {}: {e}", cfg.server))?;
+    let mut client = AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel::<DiscoveryRequest>(16);
+    let node = Node {
+        id: cfg.node_id.clone(),
+        cluster: cfg.service.clone(),
+        user_agent_name: cfg.user_agent.clone(),
+        ..Default::default()
+    };
+    // Resubscribe to everything we had; the control plane sends its current state.
+    tx.send(DiscoveryRequest {
+        version_info: state.cds_version.clone(),
+        node: Some(node.clone()),
+        type_url: CLUSTER.into(),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    if !state.settings.is_empty() {
+        tx.send(eds_request(state, String::new()))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let mut responses = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("ADS: {e}"))?
+        .into_inner();
+    status.send_modify(|s| {
+        s.connected = true;
+        s.last_error = None;
+    });
+    tracing::info!(server = %cfg.server, node = %cfg.node_id, "xDS stream open");
+    while let Some(resp) = responses.next().await {
+        let resp = resp.map_err(|e| format!("ADS stream: {e}"))?;
+        state.had_response = true;
+        let reply = match resp.type_url.as_str() {
+            CLUSTER => on_clusters(resp, sink, status, state),
+            ENDPOINT => on_endpoints(resp, sink, status, state),
+            other => {
+                // Not subscribed; ACK so the server does not wait on us.
+                tracing::debug!(type_url = other, "ignoring unrequested resource type");
+                vec![DiscoveryRequest {
+                    version_info: resp.version_info,
+                    type_url: resp.type_url,
+                    response_nonce: resp.nonce,
+                    ..Default::default()
+                }]
+            }
+        };
+        for r in reply {
+            tx.send(r).await.map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+fn eds_request(state: &State, nonce: String) -> DiscoveryRequest {
+    DiscoveryRequest {
+        version_info: state.eds_version.clone(),
+        resource_names: state.settings.keys().cloned().collect(),
+        type_url: ENDPOINT.into(),
+        response_nonce: nonce,
+        ..Default::default()
+    }
+}
+
+/// A NACK. In State of the World every request restates the subscription,
+/// so it carries the current names too (without them the server would read
+/// an unsubscribe).
+fn nack(resp: &DiscoveryResponse, state: &State, last_good: &str, error: &str) -> DiscoveryRequest {
+    let resource_names = if resp.type_url == ENDPOINT {
+        state.settings.keys().cloned().collect()
+    } else {
+        Vec::new()
+    };
+    DiscoveryRequest {
+        version_info: last_good.to_owned(),
+        resource_names,
+        type_url: resp.type_url.clone(),
+        response_nonce: resp.nonce.clone(),
+        error_detail: Some(RpcStatus {
+            code: tonic::Code::InvalidArgument as i32,
+            message: error.to_owned(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn record_nack(status: &watch::Sender<ClientStatus>, resp: &DiscoveryResponse, error: &str) {
+    tracing::warn!(type_url = %resp.type_url, version = %resp.version_info, error, "rejecting xDS update (NACK); the last good config keeps serving");
+    status.send_modify(|s| {
+        s.nacks += 1;
+        s.last_nack = Some(NackInfo {
+            type_url: resp.type_url.clone(),
+            version: resp.version_info.clone(),
+            error: error.to_owned(),
+        });
+    });
+}
+
+fn publish(status: &watch::Sender<ClientStatus>, state: &State) {
+    let warming = state.warming();
+    status.send_modify(|s| {
+        s.cds_version = (!state.cds_version.is_empty()).then(|| state.cds_version.clone());
+        s.eds_version = (!state.eds_version.is_empty()).then(|| state.eds_version.clone());
+        s.applied = state.applied.clone();
+        s.warm = warming.is_empty() && !state.cds_version.is_empty();
+        s.warming = warming;
+    });
+}
+
+fn on_clusters(
+    resp: DiscoveryResponse,
+    sink: &dyn ConfigSink,
+    status: &watch::Sender<ClientStatus>,
+    state: &mut State,
+) -> Vec<DiscoveryRequest> {
+    let mut settings = BTreeMap::new();
+    for any in &resp.resources {
+        match resources::decode_cluster(any) {
+            Ok(c) => {
+                if settings.insert(c.name.clone(), c).is_some() {
+                    let e = "duplicate cluster in one response";
+                    record_nack(status, &resp, e);
+                    return vec![nack(&resp, state, &state.cds_version, e)];
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                record_nack(status, &resp, &e);
+                return vec![nack(&resp, state, &state.cds_version, &e)];
+            }
+        }
+    }
+    // Endpoints of clusters that are gone are forgotten.
+    let mut endpoints = state.endpoints.clone();
+    endpoints.retain(|name, _| settings.contains_key(name));
+    let config = state.config(&settings, &endpoints);
+    if let Err(e) = sink.apply(&config) {
+        record_nack(status, &resp, &e);
+        return vec![nack(&resp, state, &state.cds_version, &e)];
+    }
+    let names_changed = settings.keys().ne(state.settings.keys());
+    state.settings = settings;
+    state.endpoints = endpoints;
+    state.applied = config;
+    state.cds_version = resp.version_info.clone();
+    state.cds_nonce = resp.nonce.clone();
+    publish(status, state);
+    let mut out = vec![DiscoveryRequest {
+        version_info: resp.version_info,
+        type_url: resp.type_url,
+        response_nonce: resp.nonce,
+        ..Default::default()
+    }];
+    if names_changed {
+        out.push(eds_request(state, state.eds_nonce.clone()));
+    }
+    out
+}
+
+fn on_endpoints(
+    resp: DiscoveryResponse,
+    sink: &dyn ConfigSink,
+    status: &watch::Sender<ClientStatus>,
+    state: &mut State,
+) -> Vec<DiscoveryRequest> {
+    let mut endpoints = state.endpoints.clone();
+    let mut seen = std::collections::BTreeSet::new();
+    for any in &resp.resources {
+        match resources::decode_cla(any) {
+            Ok((name, eps)) => {
+                if !seen.insert(name.clone()) {
+                    let e = format!("ClusterLoadAssignment {name:?} twice in one response");
+                    record_nack(status, &resp, &e);
+                    return vec![nack(&resp, state, &state.eds_version, &e)];
+                }
+                if state.settings.contains_key(&name) {
+                    endpoints.insert(name, eps);
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                record_nack(status, &resp, &e);
+                return vec![nack(&resp, state, &state.eds_version, &e)];
+            }
+        }
+    }
+    let config = state.config(&state.settings, &endpoints);
+    if let Err(e) = sink.apply(&config) {
+        record_nack(status, &resp, &e);
+        return vec![nack(&resp, state, &state.eds_version, &e)];
+    }
+    state.endpoints = endpoints;
+    state.applied = config;
+    state.eds_version = resp.version_info.clone();
+    state.eds_nonce = resp.nonce.clone();
+    publish(status, state);
+    vec![DiscoveryRequest {
+        version_info: resp.version_info,
+        resource_names: state.settings.keys().cloned().collect(),
+        type_url: resp.type_url,
+        response_nonce: resp.nonce,
+        ..Default::default()
+    }]
+}

@@ -1,0 +1,309 @@
+//! Validated domain types of the mesh: clusters (services) and endpoints.
+//!
+//! Every constructor path ends in [`Cluster::validate`], so code holding a
+//! `Cluster` may assume its invariants (weights in range, no duplicate
+//! endpoint, a well-formed name).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Smallest and largest endpoint weight (Envoy's `load_balancing_weight` range
+/// is wider; we keep weights small so the balancer's arithmetic stays exact).
+pub const MIN_WEIGHT: u32 = 1;
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// Default bias of the weighted least-request picker (see the sidecar's
+/// `balance` module for what it does).
+pub const DEFAULT_ACTIVE_REQUEST_BIAS: f64 = 2.0;
+
+/// Why a cluster or endpoint was rejected; `field` names the offending field
+/// as a path (e.g. `endpoints[2].weight`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ModelError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl ModelError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Prefixes the field path, e.g. `weight` -> `endpoints[1].weight`.
+    pub fn within(mut self, parent: &str) -> Self {
+        self.field = if self.field.is_empty() {
+            parent.to_string()
+        } else {
+            format!("{parent}.{}", self.field)
+        };
+        self
+    }
+}
+
+/// How a cluster spreads calls over its endpoints.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LbPolicy {
+    /// Weighted least outstanding requests (the default).
+    LeastRequest { active_request_bias: f64 },
+    /// Weighted round robin, no load awareness.
+    RoundRobin,
+}
+
+impl Default for LbPolicy {
+    fn default() -> Self {
+        Self::LeastRequest {
+            active_request_bias: DEFAULT_ACTIVE_REQUEST_BIAS,
+        }
+    }
+}
+
+/// One service of the mesh as a caller sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    /// The service name callers put in `:authority` / `Host`.
+    pub name: String,
+    pub lb: LbPolicy,
+    /// Time allowed to open a connection (TCP and, later, TLS) to an endpoint.
+    pub connect_timeout: Duration,
+    /// Upper bound on a whole call; `None` means only the caller's deadline.
+    pub request_timeout: Option<Duration>,
+    /// `:authority` sent upstream instead of the caller's.
+    pub authority: Option<String>,
+    pub endpoints: Vec<Endpoint>,
+    /// Who may call this service; enforced by the service's own sidecars.
+    pub policy: Option<crate::policy::Policy>,
+    /// The service's sidecars also accept plaintext (no identity) callers.
+    pub permissive: bool,
+}
+
+impl Cluster {
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            lb: LbPolicy::default(),
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: None,
+            authority: None,
+            endpoints: Vec::new(),
+            policy: None,
+            permissive: false,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        validate_service_name(&self.name).map_err(|e| e.within("name"))?;
+        if self.connect_timeout.is_zero() {
+            return Err(ModelError::new(
+                "connect_timeout",
+                "must be greater than zero",
+            ));
+        }
+        if self.connect_timeout > Duration::from_secs(300) {
+            return Err(ModelError::new("connect_timeout", "must be at most 300s"));
+        }
+        if let Some(t) = self.request_timeout
+            && t.is_zero()
+        {
+            return Err(ModelError::new(
+                "request_timeout",
+                "must be greater than zero (omit it for no timeout)",
+            ));
+        }
+        if let LbPolicy::LeastRequest {
+            active_request_bias,
+        } = self.lb
+            && !(0.0..=10.0).contains(&active_request_bias)
+        {
+            return Err(ModelError::new(
+                "lb.active_request_bias",
+                format!("must be between 0 and 10, got {active_request_bias}"),
+            ));
+        }
+        if let Some(a) = &self.authority
+            && a.parse::<http_authority::Authority>().is_err()
+        {
+            return Err(ModelError::new(
+                "authority",
+                format!("{a:?} is not a valid host[:port]"),
+            ));
+        }
+        if let Some(p) = &self.policy {
+            p.validate().map_err(|e| e.within("policy"))?;
+        }
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            if let Some(id) = &ep.identity
+                && crate::identity::SpiffeId::parse(id).is_err()
+            {
+                return Err(ModelError::new(
+                    format!("endpoints[{i}].identity"),
+                    format!("{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"),
+                ));
+            }
+        }
+        let mut seen = BTreeMap::new();
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            let path = format!("endpoints[{i}]");
+            ep.validate().map_err(|e| e.within(&path))?;
+            if let Some(first) = seen.insert(ep.address, i) {
+                return Err(ModelError::new(
+                    format!("{path}.address"),
+                    format!("{} is already endpoints[{first}]", ep.address),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One instance of a service: where its sidecar's inbound listener is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub zone: Option<String>,
+    /// A draining endpoint gets no new calls; calls in flight finish.
+    pub draining: bool,
+    /// The identity (SPIFFE ID) the endpoint must present, once mTLS exists.
+    pub identity: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Endpoint {
+    pub fn new(address: SocketAddr) -> Self {
+        Self {
+            address,
+            weight: 1,
+            zone: None,
+            draining: false,
+            identity: None,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    pub fn with_weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if !(MIN_WEIGHT..=MAX_WEIGHT).contains(&self.weight) {
+            return Err(ModelError::new(
+                "weight",
+                format!(
+                    "must be between {MIN_WEIGHT} and {MAX_WEIGHT}, got {}",
+                    self.weight
+                ),
+            ));
+        }
+        if self.address.port() == 0 {
+            return Err(ModelError::new("address", "port must not be 0"));
+        }
+        if self.address.ip().is_unspecified() {
+            return Err(ModelError::new(
+                "address",
+                format!("{} is not a routable address", self.address.ip()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Service names are what callers put in `:authority`, so they are DNS-like:
+/// lowercase letters, digits, `-` and `.`, starting with a letter or digit.
+pub fn validate_service_name(name: &str) -> Result<(), ModelError> {
+    if name.is_empty() {
+        return Err(ModelError::new("", "must not be empty"));
+    }
+    if name.len() > 253 {
+        return Err(ModelError::new("", "must be at most 253 characters"));
+    }
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    if let Some(c) = name.chars().find(|c| !ok_char(*c)) {
+        return Err(ModelError::new(
+            "",
+            format!("{name:?} has {c:?}; use lowercase letters, digits, '-' and '.'"),
+        ));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(ModelError::new(
+            "",
+            format!("{name:?} must start with a letter or digit"),
+        ));
+    }
+    Ok(())
+}
+
+/// Minimal `host[:port]` check, kept here so the model has no HTTP dependency.
+mod http_authority {
+    pub(super) struct Authority;
+
+    impl std::str::FromStr for Authority {
+        type Err = ();
+
+        fn from_str(s: &str) -> Result<Self, ()> {
+            let (host, port) = match s.rsplit_once(':') {
+                Some((h, p)) if !h.contains(']') || h.ends_with(']') => (h, Some(p)),
+                _ => (s, None),
+            };
+            if host.is_empty()
+                || !host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-._[]:".contains(c))
+            {
+                return Err(());
+            }
+            if let Some(p) = port {
+                p.parse::<u16>().map_err(|_| ())?;
+            }
+            Ok(Authority)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(port: u16) -> Endpoint {
+        Endpoint::new(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    #[test]
+    fn valid_cluster_passes() {
+        let mut c = Cluster::new("greeter");
+        c.endpoints = vec![ep(1).with_weight(3), ep(2)];
+        c.authority = Some("greeter.internal:50051".into());
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut c = Cluster::new("greeter");
+        c.endpoints = vec![ep(1), ep(2).with_weight(0)];
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "endpoints[1].weight");
+        assert!(e.reason.contains("between 1 and 10000"), "{e}");
+
+        c.endpoints = vec![ep(1), ep(1)];
+        assert_eq!(c.validate().unwrap_err().field, "endpoints[1].address");
+
+        let bad = Cluster::new("Greeter_1");
+        let e = bad.validate().unwrap_err();
+        assert_eq!(e.field, "name");
+        assert!(e.reason.contains("'G'"), "{e}");
+
+        let mut c = Cluster::new("x");
+        c.authority = Some("bad host".into());
+        assert_eq!(c.validate().unwrap_err().field, "authority");
+        c.authority = None;
+        c.endpoints = vec![Endpoint::new("0.0.0.0:80".parse().unwrap())];
+        assert_eq!(c.validate().unwrap_err().field, "endpoints[0].address");
+    }
+}

@@ -1,0 +1,859 @@
+//! Translation between the mesh model and Envoy's xDS v3 resources.
+//!
+//! Encoding (control plane) covers what three kinds of clients need:
+//! - **Meshwire sidecars** and **stock Envoy**: `Cluster` (type EDS over ADS,
+//!   `LEAST_REQUEST` with `active_request_bias`, HTTP/2 upstream) and
+//!   `ClusterLoadAssignment` (endpoint weights, zones as localities,
+//!   draining endpoints as `DRAINING`).
+//! - **Stock Envoy** also gets an outbound `Listener` (HTTP connection manager
+//!   over RDS) and a `RouteConfiguration` with one virtual host per service.
+//! - **Proxyless gRPC** (gRFC A27) asks for a `Listener` by service name and
+//!   gets an API listener whose RDS route sends everything to that cluster.
+//!
+//! Decoding (sidecar) validates everything it reads; an error names the
+//! resource and field so the NACK's `error_detail` says what is wrong.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbConfig, LbPolicy as XLbPolicy,
+    LeastRequestLbConfig,
+};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    Cluster as XCluster, LoadBalancingPolicy, load_balancing_policy,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Http2ProtocolOptions,
+    Locality, Metadata, RuntimeDouble, SocketAddress, TypedExtensionConfig, address, config_source,
+    socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint as XEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{
+    ApiListener, Filter, FilterChain, Listener, filter,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
+    route_match,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use envoy_types::pb::google::protobuf::{
+    Any, Duration as PDuration, Struct, UInt32Value, Value, value,
+};
+use prost::Message;
+
+use crate::model::{self, Cluster, Endpoint, LbPolicy, ModelError};
+
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+const HTTP_OPTIONS: &str =
+    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+const HTTP_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+const LEAST_REQUEST: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest";
+const ROUND_ROBIN: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin";
+
+/// `filter_metadata` key for Meshwire's own attributes.
+pub const META: &str = "meshwire";
+/// `filter_metadata` key for an endpoint's user metadata (string values).
+pub const USER_META: &str = "meshwire.metadata";
+
+/// The listener and route names a stock Envoy gets (wildcard LDS).
+pub const ENVOY_LISTENER: &str = "meshwire_outbound";
+pub const ENVOY_ROUTE: &str = "meshwire_outbound";
+/// Node metadata key naming the port of Envoy's outbound listener.
+pub const NODE_OUTBOUND_PORT: &str = "meshwire.outbound_port";
+pub const DEFAULT_OUTBOUND_PORT: u32 = 15001;
+
+/// Why a resource could not be decoded or is invalid.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ResourceError {
+    #[error("{kind} {name:?}: cannot decode: {reason}")]
+    Decode {
+        kind: &'static str,
+        name: String,
+        reason: String,
+    },
+    #[error("{kind} {name:?}: {field}: {reason}")]
+    Invalid {
+        kind: &'static str,
+        name: String,
+        field: String,
+        reason: String,
+    },
+    #[error("unexpected type {got}, want {want}")]
+    WrongType { got: String, want: &'static str },
+}
+
+fn invalid(kind: &'static str, name: &str, e: ModelError) -> ResourceError {
+    ResourceError::Invalid {
+        kind,
+        name: name.to_owned(),
+        field: e.field,
+        reason: e.reason,
+    }
+}
+
+pub fn to_any(type_url: &str, msg: &impl Message) -> Any {
+    Any {
+        type_url: type_url.to_owned(),
+        value: msg.encode_to_vec(),
+    }
+}
+
+/// A stable content hash, used as a per-resource version and to skip pushes
+/// that would change nothing.
+pub fn content_hash(any: &Any) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    any.type_url.hash(&mut h);
+    any.value.hash(&mut h);
+    h.finish()
+}
+
+fn pduration(d: Duration) -> PDuration {
+    PDuration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn from_pduration(d: &PDuration) -> Option<Duration> {
+    if d.seconds < 0 || d.nanos < 0 {
+        return None;
+    }
+    Some(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        resource_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
+fn str_value(s: &str) -> Value {
+    Value {
+        kind: Some(value::Kind::StringValue(s.to_owned())),
+    }
+}
+
+fn num_value(n: f64) -> Value {
+    Value {
+        kind: Some(value::Kind::NumberValue(n)),
+    }
+}
+
+fn meta_str<'a>(m: Option<&'a Metadata>, key: &str, field: &str) -> Option<&'a str> {
+    match m?
+        .filter_metadata
+        .get(key)?
+        .fields
+        .get(field)?
+        .kind
+        .as_ref()?
+    {
+        value::Kind::StringValue(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn meta_num(m: Option<&Metadata>, key: &str, field: &str) -> Option<f64> {
+    match m?
+        .filter_metadata
+        .get(key)?
+        .fields
+        .get(field)?
+        .kind
+        .as_ref()?
+    {
+        value::Kind::NumberValue(n) => Some(*n),
+        _ => None,
+    }
+}
+
+// === Cluster ===
+
+fn policy(name: &str, config: Any) -> load_balancing_policy::Policy {
+    load_balancing_policy::Policy {
+        typed_extension_config: Some(TypedExtensionConfig {
+            name: name.to_owned(),
+            typed_config: Some(config),
+        }),
+    }
+}
+
+/// The policy list clients pick from (the first they support): least
+/// request, then round robin for clients without it (proxyless gRPC
+/// rejects the legacy `lb_policy: LEAST_REQUEST` enum).
+fn lb_policies(lb: LbPolicy) -> LoadBalancingPolicy {
+    let round_robin = policy(
+        "envoy.load_balancing_policies.round_robin",
+        to_any(ROUND_ROBIN, &RoundRobin::default()),
+    );
+    let policies = match lb {
+        LbPolicy::LeastRequest {
+            active_request_bias,
+        } => vec![
+            policy(
+                "envoy.load_balancing_policies.least_request",
+                to_any(
+                    LEAST_REQUEST,
+                    &LeastRequest {
+                        choice_count: Some(UInt32Value { value: 2 }),
+                        active_request_bias: Some(RuntimeDouble {
+                            default_value: active_request_bias,
+                            runtime_key: "meshwire.active_request_bias".into(),
+                        }),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            round_robin,
+        ],
+        LbPolicy::RoundRobin => vec![round_robin],
+    };
+    LoadBalancingPolicy { policies }
+}
+
+/// Our policy from a `load_balancing_policy` list: the first we support.
+fn decode_lb_policies(p: &LoadBalancingPolicy) -> Result<LbPolicy, String> {
+    for entry in &p.policies {
+        let Some(any) = entry
+            .typed_extension_config
+            .as_ref()
+            .and_then(|t| t.typed_config.as_ref())
+        else {
+            continue;
+        };
+        match any.type_url.as_str() {
+            LEAST_REQUEST => {
+                let lr = LeastRequest::decode(any.value.as_slice()).map_err(|e| e.to_string())?;
+                return Ok(LbPolicy::LeastRequest {
+                    active_request_bias: lr
+                        .active_request_bias
+                        .map_or(model::DEFAULT_ACTIVE_REQUEST_BIAS, |b| b.default_value),
+                });
+            }
+            ROUND_ROBIN => return Ok(LbPolicy::RoundRobin),
+            _ => {}
+        }
+    }
+    Err("no supported policy in load_balancing_policy (least_request, round_robin)".into())
+}
+
+/// The xDS `Cluster` for a service (its endpoints go in the CLA).
+pub fn encode_cluster(c: &Cluster) -> XCluster {
+    let (lb_policy, lb_config) = match c.lb {
+        LbPolicy::LeastRequest {
+            active_request_bias,
+        } => (
+            XLbPolicy::LeastRequest,
+            Some(LbConfig::LeastRequestLbConfig(LeastRequestLbConfig {
+                choice_count: Some(UInt32Value { value: 2 }),
+                active_request_bias: Some(RuntimeDouble {
+                    default_value: active_request_bias,
+                    runtime_key: format!("meshwire.{}.active_request_bias", c.name),
+                }),
+                ..Default::default()
+            })),
+        ),
+        LbPolicy::RoundRobin => (XLbPolicy::RoundRobin, None),
+    };
+    let mut fields = BTreeMap::new();
+    if let Some(t) = c.request_timeout {
+        fields.insert(
+            "request_timeout_ms".to_owned(),
+            num_value(t.as_millis() as f64),
+        );
+    }
+    if let Some(a) = &c.authority {
+        fields.insert("authority".to_owned(), str_value(a));
+    }
+    if let Some(p) = &c.policy {
+        // Carried as JSON: Envoy and gRPC ignore our metadata.
+        let json = serde_json::to_string(p).unwrap_or_default();
+        fields.insert("policy".to_owned(), str_value(&json));
+    }
+    if c.permissive {
+        fields.insert(
+            "permissive".to_owned(),
+            Value {
+                kind: Some(value::Kind::BoolValue(true)),
+            },
+        );
+    }
+    let metadata = (!fields.is_empty()).then(|| Metadata {
+        filter_metadata: [(
+            META.to_owned(),
+            Struct {
+                fields: fields.into_iter().collect(),
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    });
+    // Upstreams speak HTTP/2 (gRPC); stock Envoy needs to be told.
+    let http2 = HttpProtocolOptions {
+        upstream_protocol_options: Some(
+            http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(
+                        http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                            Http2ProtocolOptions::default(),
+                        ),
+                    ),
+                },
+            ),
+        ),
+        ..Default::default()
+    };
+    XCluster {
+        name: c.name.clone(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        }),
+        connect_timeout: Some(pduration(c.connect_timeout)),
+        // The legacy enum for older clients; `load_balancing_policy` wins where understood.
+        lb_policy: lb_policy as i32,
+        lb_config,
+        load_balancing_policy: Some(lb_policies(c.lb)),
+        typed_extension_protocol_options: [(
+            HTTP_OPTIONS_KEY.to_owned(),
+            to_any(HTTP_OPTIONS, &http2),
+        )]
+        .into_iter()
+        .collect(),
+        metadata,
+        ..Default::default()
+    }
+}
+
+/// A cluster's settings from xDS (endpoints come separately, from EDS).
+pub fn decode_cluster(any: &Any) -> Result<Cluster, ResourceError> {
+    if any.type_url != CLUSTER {
+        return Err(ResourceError::WrongType {
+            got: any.type_url.clone(),
+            want: CLUSTER,
+        });
+    }
+    let x = XCluster::decode(any.value.as_slice()).map_err(|e| ResourceError::Decode {
+        kind: "Cluster",
+        name: String::new(),
+        reason: e.to_string(),
+    })?;
+    let name = x.name.clone();
+    let err = |field: &str, reason: String| ResourceError::Invalid {
+        kind: "Cluster",
+        name: name.clone(),
+        field: field.to_owned(),
+        reason,
+    };
+    match x.cluster_discovery_type {
+        Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::Eds as i32 => {}
+        other => {
+            return Err(err(
+                "type",
+                format!("only EDS clusters are supported, got {other:?}"),
+            ));
+        }
+    }
+    let lb = match &x.load_balancing_policy {
+        Some(p) => decode_lb_policies(p).map_err(|e| err("load_balancing_policy", e))?,
+        None => legacy_lb_policy(&x).map_err(|e| err("lb_policy", e))?,
+    };
+    let mut c = Cluster::new(name.clone());
+    c.lb = lb;
+    if let Some(t) = &x.connect_timeout {
+        c.connect_timeout =
+            from_pduration(t).ok_or_else(|| err("connect_timeout", "negative".into()))?;
+    }
+    let md = x.metadata.as_ref();
+    if let Some(ms) = meta_num(md, META, "request_timeout_ms") {
+        if !(ms.is_finite() && ms >= 0.0) {
+            return Err(err("metadata.request_timeout_ms", format!("invalid {ms}")));
+        }
+        c.request_timeout = Some(Duration::from_millis(ms as u64));
+    }
+    c.authority = meta_str(md, META, "authority").map(str::to_owned);
+    if let Some(json) = meta_str(md, META, "policy") {
+        c.policy = Some(
+            serde_json::from_str(json)
+                .map_err(|e| err("metadata.policy", format!("invalid policy: {e}")))?,
+        );
+    }
+    c.permissive = md
+        .and_then(|m| m.filter_metadata.get(META))
+        .and_then(|s| s.fields.get("permissive"))
+        .is_some_and(|v| matches!(v.kind, Some(value::Kind::BoolValue(true))));
+    c.validate().map_err(|e| invalid("Cluster", &name, e))?;
+    Ok(c)
+}
+
+fn legacy_lb_policy(x: &XCluster) -> Result<LbPolicy, String> {
+    Ok(match XLbPolicy::try_from(x.lb_policy) {
+        Ok(XLbPolicy::LeastRequest) => LbPolicy::LeastRequest {
+            active_request_bias: match &x.lb_config {
+                Some(LbConfig::LeastRequestLbConfig(c)) => c
+                    .active_request_bias
+                    .as_ref()
+                    .map_or(model::DEFAULT_ACTIVE_REQUEST_BIAS, |b| b.default_value),
+                _ => model::DEFAULT_ACTIVE_REQUEST_BIAS,
+            },
+        },
+        Ok(XLbPolicy::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(other) => {
+            return Err(format!(
+                "{other:?} is not supported (LEAST_REQUEST or ROUND_ROBIN)"
+            ));
+        }
+        Err(_) => return Err(format!("unknown value {}", x.lb_policy)),
+    })
+}
+
+// === ClusterLoadAssignment ===
+
+/// Endpoints grouped by zone (one locality each), weights as
+/// `load_balancing_weight`, draining endpoints `DRAINING`.
+pub fn encode_cla(c: &Cluster) -> ClusterLoadAssignment {
+    let mut by_zone: BTreeMap<&str, Vec<&Endpoint>> = BTreeMap::new();
+    for e in &c.endpoints {
+        by_zone
+            .entry(e.zone.as_deref().unwrap_or(""))
+            .or_default()
+            .push(e);
+    }
+    let endpoints = by_zone
+        .into_iter()
+        .map(|(zone, eps)| LocalityLbEndpoints {
+            locality: Some(Locality {
+                zone: zone.to_owned(),
+                ..Default::default()
+            }),
+            // gRPC drops localities without a weight.
+            load_balancing_weight: Some(UInt32Value {
+                value: eps.iter().map(|e| e.weight).sum::<u32>().max(1),
+            }),
+            lb_endpoints: eps.into_iter().map(encode_lb_endpoint).collect(),
+            ..Default::default()
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: c.name.clone(),
+        endpoints,
+        ..Default::default()
+    }
+}
+
+fn encode_lb_endpoint(e: &Endpoint) -> LbEndpoint {
+    let mut filter_metadata = std::collections::HashMap::new();
+    if let Some(id) = &e.identity {
+        filter_metadata.insert(
+            META.to_owned(),
+            Struct {
+                fields: [("identity".to_owned(), str_value(id))]
+                    .into_iter()
+                    .collect(),
+            },
+        );
+    }
+    if !e.metadata.is_empty() {
+        filter_metadata.insert(
+            USER_META.to_owned(),
+            Struct {
+                fields: e
+                    .metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), str_value(v)))
+                    .collect(),
+            },
+        );
+    }
+    LbEndpoint {
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(XEndpoint {
+            address: Some(socket(e.address)),
+            ..Default::default()
+        })),
+        health_status: if e.draining {
+            HealthStatus::Draining
+        } else {
+            HealthStatus::Healthy
+        } as i32,
+        load_balancing_weight: Some(UInt32Value { value: e.weight }),
+        metadata: (!filter_metadata.is_empty()).then(|| Metadata {
+            filter_metadata,
+            ..Default::default()
+        }),
+    }
+}
+
+fn socket(a: SocketAddr) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: a.ip().to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                a.port(),
+            ))),
+            ..Default::default()
+        })),
+    }
+}
+
+/// A CLA's endpoints, validated. Unhealthy endpoints are dropped; draining
+/// ones kept (marked) so their in-flight calls finish.
+pub fn decode_cla(any: &Any) -> Result<(String, Vec<Endpoint>), ResourceError> {
+    if any.type_url != ENDPOINT {
+        return Err(ResourceError::WrongType {
+            got: any.type_url.clone(),
+            want: ENDPOINT,
+        });
+    }
+    let x =
+        ClusterLoadAssignment::decode(any.value.as_slice()).map_err(|e| ResourceError::Decode {
+            kind: "ClusterLoadAssignment",
+            name: String::new(),
+            reason: e.to_string(),
+        })?;
+    let name = x.cluster_name.clone();
+    let mut out = Vec::new();
+    for (li, loc) in x.endpoints.iter().enumerate() {
+        let zone = loc
+            .locality
+            .as_ref()
+            .map(|l| l.zone.clone())
+            .filter(|z| !z.is_empty());
+        for (ei, lb) in loc.lb_endpoints.iter().enumerate() {
+            let path = format!("endpoints[{li}].lb_endpoints[{ei}]");
+            let err = |field: &str, reason: String| ResourceError::Invalid {
+                kind: "ClusterLoadAssignment",
+                name: name.clone(),
+                field: format!("{path}.{field}"),
+                reason,
+            };
+            let health = HealthStatus::try_from(lb.health_status).unwrap_or(HealthStatus::Unknown);
+            if matches!(health, HealthStatus::Unhealthy | HealthStatus::Timeout) {
+                continue;
+            }
+            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
+                return Err(err(
+                    "endpoint",
+                    "missing (named endpoints are not supported)".into(),
+                ));
+            };
+            let Some(address::Address::SocketAddress(sa)) =
+                ep.address.as_ref().and_then(|a| a.address.as_ref())
+            else {
+                return Err(err("endpoint.address", "missing socket address".into()));
+            };
+            let ip: IpAddr = sa.address.parse().map_err(|_| {
+                err(
+                    "endpoint.address.address",
+                    format!("{:?} is not an IP", sa.address),
+                )
+            })?;
+            let port = match sa.port_specifier {
+                Some(socket_address::PortSpecifier::PortValue(p)) if p > 0 && p <= 65535 => {
+                    p as u16
+                }
+                _ => {
+                    return Err(err(
+                        "endpoint.address.port_value",
+                        "missing or out of range".into(),
+                    ));
+                }
+            };
+            let md = lb.metadata.as_ref();
+            let metadata = md
+                .and_then(|m| m.filter_metadata.get(USER_META))
+                .map(|s| {
+                    s.fields
+                        .iter()
+                        .filter_map(|(k, v)| match &v.kind {
+                            Some(value::Kind::StringValue(s)) => Some((k.clone(), s.clone())),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let e = Endpoint {
+                address: SocketAddr::new(ip, port),
+                weight: lb.load_balancing_weight.as_ref().map_or(1, |w| w.value),
+                zone: zone.clone(),
+                draining: health == HealthStatus::Draining,
+                identity: meta_str(md, META, "identity").map(str::to_owned),
+                metadata,
+            };
+            e.validate().map_err(|m| err(&m.field, m.reason))?;
+            out.push(e);
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for e in &out {
+        if !seen.insert(e.address) {
+            return Err(ResourceError::Invalid {
+                kind: "ClusterLoadAssignment",
+                name,
+                field: "endpoints".into(),
+                reason: format!("{} appears twice", e.address),
+            });
+        }
+    }
+    Ok((name, out))
+}
+
+// === Listener / RouteConfiguration ===
+
+fn router_filter() -> HttpFilter {
+    HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(to_any(
+            ROUTER,
+            &Router::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
+fn hcm(stat_prefix: &str, route_name: &str) -> HttpConnectionManager {
+    HttpConnectionManager {
+        stat_prefix: stat_prefix.to_owned(),
+        codec_type: http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: route_name.to_owned(),
+        })),
+        http_filters: vec![router_filter()],
+        ..Default::default()
+    }
+}
+
+/// Proxyless gRPC's listener for `xds:///<service>` (gRFC A27): an API
+/// listener whose route configuration is named after the service.
+pub fn grpc_api_listener(service: &str) -> Listener {
+    Listener {
+        name: service.to_owned(),
+        api_listener: Some(ApiListener {
+            api_listener: Some(to_any(HCM, &hcm(service, service))),
+        }),
+        ..Default::default()
+    }
+}
+
+fn route_to(cluster: &Cluster) -> Route {
+    Route {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix(String::new())),
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                cluster.name.clone(),
+            )),
+            // Envoy's default route timeout (15 s) would cut streams; follow the service's.
+            timeout: Some(pduration(cluster.request_timeout.unwrap_or(Duration::ZERO))),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// Proxyless gRPC's route configuration for one service.
+pub fn grpc_route(cluster: &Cluster) -> RouteConfiguration {
+    RouteConfiguration {
+        name: cluster.name.clone(),
+        virtual_hosts: vec![VirtualHost {
+            name: cluster.name.clone(),
+            domains: vec!["*".into()],
+            routes: vec![route_to(cluster)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Stock Envoy's outbound listener: h2c/HTTP1 on `127.0.0.1:port`, routed by RDS.
+pub fn envoy_listener(port: u32) -> Listener {
+    Listener {
+        name: ENVOY_LISTENER.into(),
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: "127.0.0.1".into(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+                ..Default::default()
+            })),
+        }),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(to_any(
+                    HCM,
+                    &hcm(ENVOY_LISTENER, ENVOY_ROUTE),
+                ))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Stock Envoy's routes: one virtual host per service, matched by authority
+/// (`greeter` and `greeter:<any port>`).
+pub fn envoy_route<'a>(clusters: impl Iterator<Item = &'a Cluster>) -> RouteConfiguration {
+    RouteConfiguration {
+        name: ENVOY_ROUTE.into(),
+        virtual_hosts: clusters
+            .map(|c| VirtualHost {
+                name: c.name.clone(),
+                domains: vec![c.name.clone(), format!("{}:*", c.name)],
+                routes: vec![route_to(c)],
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster() -> Cluster {
+        let mut c = Cluster::new("greeter");
+        c.connect_timeout = Duration::from_millis(250);
+        c.request_timeout = Some(Duration::from_secs(5));
+        c.authority = Some("greeter.internal".into());
+        c.lb = LbPolicy::LeastRequest {
+            active_request_bias: 1.5,
+        };
+        let mut e1 = Endpoint::new("10.0.0.1:15006".parse().unwrap()).with_weight(3);
+        e1.zone = Some("a".into());
+        e1.identity = Some("spiffe://mesh/ns/default/sa/greeter".into());
+        e1.metadata.insert("version".into(), "v2".into());
+        let mut e2 = Endpoint::new("[fd00::2]:15006".parse().unwrap());
+        e2.draining = true;
+        c.endpoints = vec![e1, e2];
+        c.permissive = true;
+        c.policy = Some(crate::policy::Policy {
+            default_action: crate::policy::Action::Deny,
+            rules: vec![crate::policy::Rule {
+                action: Some(crate::policy::Action::Allow),
+                sources: vec!["spiffe://mesh/ns/prod/*".into()],
+                methods: vec!["pkg.Echo/*".into()],
+                cidrs: vec!["10.0.0.0/8".into()],
+            }],
+        });
+        c
+    }
+
+    #[test]
+    fn cluster_and_endpoints_round_trip() {
+        let c = cluster();
+        let mut back = decode_cluster(&to_any(CLUSTER, &encode_cluster(&c))).unwrap();
+        let (name, eps) = decode_cla(&to_any(ENDPOINT, &encode_cla(&c))).unwrap();
+        assert_eq!(name, "greeter");
+        back.endpoints = eps;
+        // Zones group endpoints: order within the CLA is by zone.
+        back.endpoints.sort_by_key(|e| e.address);
+        let mut want = c.clone();
+        want.endpoints.sort_by_key(|e| e.address);
+        assert_eq!(back, want);
+        let rr = Cluster {
+            lb: LbPolicy::RoundRobin,
+            ..Cluster::new("rr")
+        };
+        assert_eq!(
+            decode_cluster(&to_any(CLUSTER, &encode_cluster(&rr)))
+                .unwrap()
+                .lb,
+            LbPolicy::RoundRobin
+        );
+    }
+
+    #[test]
+    fn invalid_resources_name_the_problem() {
+        // The policy list: the first supported entry wins; none supported is an error.
+        let mut x = encode_cluster(&cluster());
+        x.load_balancing_policy.as_mut().unwrap().policies.remove(0);
+        assert_eq!(
+            decode_cluster(&to_any(CLUSTER, &x)).unwrap().lb,
+            LbPolicy::RoundRobin
+        );
+        x.load_balancing_policy.as_mut().unwrap().policies.clear();
+        let e = decode_cluster(&to_any(CLUSTER, &x))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("load_balancing_policy"), "{e}");
+
+        // Without the list, the legacy enum decides.
+        let mut x = encode_cluster(&cluster());
+        x.load_balancing_policy = None;
+        x.lb_policy = XLbPolicy::Maglev as i32;
+        let e = decode_cluster(&to_any(CLUSTER, &x))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"greeter\"") && e.contains("lb_policy") && e.contains("Maglev"),
+            "{e}"
+        );
+
+        let mut x = encode_cluster(&cluster());
+        x.name = "Bad Name".into();
+        let e = decode_cluster(&to_any(CLUSTER, &x))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("name"), "{e}");
+
+        let mut cla = encode_cla(&cluster());
+        cla.endpoints[0].lb_endpoints[0].load_balancing_weight = Some(UInt32Value { value: 0 });
+        let e = decode_cla(&to_any(ENDPOINT, &cla)).unwrap_err().to_string();
+        assert!(
+            e.contains("lb_endpoints[0].weight") && e.contains("between 1 and 10000"),
+            "{e}"
+        );
+
+        let e = decode_cla(&to_any(CLUSTER, &cla)).unwrap_err();
+        assert!(matches!(e, ResourceError::WrongType { .. }));
+        let garbage = Any {
+            type_url: CLUSTER.into(),
+            value: vec![0xff, 0xff, 0xff],
+        };
+        assert!(matches!(
+            decode_cluster(&garbage),
+            Err(ResourceError::Decode { .. })
+        ));
+    }
+
+    #[test]
+    fn unhealthy_endpoints_are_dropped() {
+        let mut cla = encode_cla(&cluster());
+        for loc in &mut cla.endpoints {
+            for e in &mut loc.lb_endpoints {
+                e.health_status = HealthStatus::Unhealthy as i32;
+            }
+        }
+        let (_, eps) = decode_cla(&to_any(ENDPOINT, &cla)).unwrap();
+        assert!(eps.is_empty());
+    }
+}

@@ -1,0 +1,637 @@
+//! The xDS v3 ADS server, State-of-the-World and Delta, over [`Snapshot`]s.
+//!
+//! ```text
+//! watch<Arc<Snapshot>> ──▶ per-stream task: on a new snapshot, for each subscribed type,
+//!                          compute the resources this node asked for; if their content
+//!                          changed since the last push, send them (new nonce)
+//! client requests ───────▶ the same task: ACK/NACK bookkeeping (observer), subscription changes
+//! ```
+//! Resources are encoded once per snapshot and shared by every stream; a
+//! cluster unchanged since the previous snapshot reuses its encoding. A
+//! stream whose client reads slowly blocks on a bounded channel and then
+//! sends only the latest state: pushes coalesce instead of queueing.
+//!
+//! What a node gets, by type:
+//! - `Cluster`: every service (wildcard) or the ones named.
+//! - `ClusterLoadAssignment`: the ones named.
+//! - `Listener`: a wildcard request (stock Envoy) gets the outbound listener on
+//!   the port in node metadata `meshwire.outbound_port` (default 15001, 0 for
+//!   an ephemeral port);
+//!   named listeners (proxyless gRPC, `xds:///<service>`) get API listeners.
+//! - `RouteConfiguration`: `meshwire_outbound` (Envoy) routes by authority to
+//!   every service; a service's name (gRPC) routes everything to it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use envoy_types::pb::google::protobuf::{Any, value};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::Snapshot;
+use crate::resources::{self, CLUSTER, ENDPOINT, LISTENER, ROUTE};
+
+/// What the server tells its owner about each stream (for `meshctl status`).
+pub trait StreamObserver: Send + Sync + 'static {
+    fn connected(&self, stream: u64, node_id: &str, service: &str, user_agent: &str);
+    fn pushed(&self, stream: u64, type_url: &str, version: &str);
+    fn acked(&self, stream: u64, type_url: &str, version: &str);
+    fn nacked(&self, stream: u64, type_url: &str, version: &str, error: &str);
+    fn disconnected(&self, stream: u64);
+}
+
+/// Responses buffered per stream before the stream task waits for the client.
+const STREAM_BUFFER: usize = 4;
+
+/// Serves the latest [`Snapshot`] to every ADS stream.
+#[derive(Clone)]
+pub struct AdsServer {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    observer: Arc<dyn StreamObserver>,
+    cache: Arc<Mutex<Option<Arc<Encoded>>>>,
+    next_stream: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for AdsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdsServer").finish_non_exhaustive()
+    }
+}
+
+/// One snapshot's resources, encoded once for all streams.
+#[derive(Debug)]
+struct Encoded {
+    snapshot: Arc<Snapshot>,
+    clusters: BTreeMap<String, (Any, u64)>,
+    clas: BTreeMap<String, (Any, u64)>,
+}
+
+fn entry(type_url: &str, msg: &impl prost::Message) -> (Any, u64) {
+    let any = resources::to_any(type_url, msg);
+    let h = resources::content_hash(&any);
+    (any, h)
+}
+
+impl Encoded {
+    fn build(snapshot: Arc<Snapshot>, prev: Option<&Encoded>) -> Self {
+        let mut clusters = BTreeMap::new();
+        let mut clas = BTreeMap::new();
+        for (name, c) in &snapshot.clusters {
+            let unchanged = prev.and_then(|p| {
+                (p.snapshot.clusters.get(name) == Some(c))
+                    .then(|| (p.clusters.get(name), p.clas.get(name)))
+            });
+            match unchanged {
+                Some((Some(cl), Some(cla))) => {
+                    clusters.insert(name.clone(), cl.clone());
+                    clas.insert(name.clone(), cla.clone());
+                }
+                _ => {
+                    clusters.insert(name.clone(), entry(CLUSTER, &resources::encode_cluster(c)));
+                    clas.insert(name.clone(), entry(ENDPOINT, &resources::encode_cla(c)));
+                }
+            }
+        }
+        Self {
+            snapshot,
+            clusters,
+            clas,
+        }
+    }
+}
+
+/// A node's identity as the first request of a stream gives it.
+#[derive(Debug, Default, Clone)]
+struct NodeInfo {
+    outbound_port: u32,
+}
+
+impl NodeInfo {
+    fn from(node: &Node) -> Self {
+        let port = node
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(resources::NODE_OUTBOUND_PORT))
+            .and_then(|v| match &v.kind {
+                Some(value::Kind::NumberValue(n)) => Some(*n as u32),
+                Some(value::Kind::StringValue(s)) => s.parse().ok(),
+                _ => None,
+            })
+            // 0 is allowed: the listener binds an ephemeral port (tests).
+            .filter(|p| *p <= 65535)
+            .unwrap_or(resources::DEFAULT_OUTBOUND_PORT);
+        Self {
+            outbound_port: port,
+        }
+    }
+}
+
+/// Which resources of one type a stream wants.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Interest {
+    wildcard: bool,
+    names: BTreeSet<String>,
+}
+
+impl AdsServer {
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        observer: Arc<dyn StreamObserver>,
+    ) -> Self {
+        Self {
+            snapshots,
+            observer,
+            cache: Arc::default(),
+            next_stream: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
+        AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    fn encoded(&self, snap: &Arc<Snapshot>) -> Arc<Encoded> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = cache.as_ref()
+            && Arc::ptr_eq(&e.snapshot, snap)
+        {
+            return e.clone();
+        }
+        let e = Arc::new(Encoded::build(snap.clone(), cache.as_deref()));
+        *cache = Some(e.clone());
+        e
+    }
+}
+
+/// The resources of `type_url` a stream with `interest` gets: `(name, Any, hash)`.
+fn resources_for(
+    enc: &Encoded,
+    type_url: &str,
+    interest: &Interest,
+    node: &NodeInfo,
+) -> Vec<(String, Any, u64)> {
+    let pick = |map: &BTreeMap<String, (Any, u64)>| -> Vec<(String, Any, u64)> {
+        let take = |(n, (a, h)): (&String, &(Any, u64))| (n.clone(), a.clone(), *h);
+        if interest.wildcard {
+            map.iter().map(take).collect()
+        } else {
+            interest
+                .names
+                .iter()
+                .filter_map(|n| map.get_key_value(n).map(take))
+                .collect()
+        }
+    };
+    match type_url {
+        CLUSTER => pick(&enc.clusters),
+        ENDPOINT => pick(&enc.clas),
+        LISTENER => {
+            let mut out = Vec::new();
+            if interest.wildcard {
+                let (a, h) = entry(LISTENER, &resources::envoy_listener(node.outbound_port));
+                out.push((resources::ENVOY_LISTENER.to_owned(), a, h));
+            }
+            for n in &interest.names {
+                if enc.snapshot.clusters.contains_key(n) {
+                    let (a, h) = entry(LISTENER, &resources::grpc_api_listener(n));
+                    out.push((n.clone(), a, h));
+                }
+            }
+            out
+        }
+        ROUTE => interest
+            .names
+            .iter()
+            .filter_map(|n| {
+                let rc = if n == resources::ENVOY_ROUTE {
+                    resources::envoy_route(enc.snapshot.clusters.values())
+                } else {
+                    resources::grpc_route(enc.snapshot.clusters.get(n)?)
+                };
+                let (a, h) = entry(ROUTE, &rc);
+                Some((n.clone(), a, h))
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn set_hash(items: &[(String, Any, u64)]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (n, _, v) in items {
+        n.hash(&mut h);
+        v.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// CDS and LDS are wildcard when no name is given (the legacy convention),
+/// or when `*` is named.
+fn wildcard_default(type_url: &str) -> bool {
+    type_url == CLUSTER || type_url == LISTENER
+}
+
+fn control_plane() -> Option<ControlPlane> {
+    Some(ControlPlane {
+        identifier: "meshwire".into(),
+    })
+}
+
+// === State of the World ===
+
+#[derive(Debug, Default)]
+struct SotwSub {
+    interest: Interest,
+    nonce: String,
+    sent_version: String,
+    sent_hash: Option<u64>,
+    /// Per resource, the content last sent (EDS/RDS may be sent partially).
+    sent: BTreeMap<String, u64>,
+}
+
+/// In State of the World, only Listener and Cluster responses must carry every
+/// resource; for the others a response may carry just what changed (xDS
+/// protocol, "Grouping resources into responses"). With 10,000 endpoints a
+/// weight change then costs one CLA per client, not all of them.
+fn partial_updates(type_url: &str) -> bool {
+    type_url == ENDPOINT || type_url == ROUTE
+}
+
+struct SotwStream {
+    server: AdsServer,
+    id: u64,
+    node: Option<NodeInfo>,
+    subs: BTreeMap<String, SotwSub>,
+    nonce: u64,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+}
+
+impl SotwStream {
+    async fn run(mut self, mut incoming: Streaming<DiscoveryRequest>) {
+        let mut snapshots = self.server.snapshots.clone();
+        let mut snap = snapshots.borrow_and_update().clone();
+        loop {
+            tokio::select! {
+                req = incoming.next() => match req {
+                    Some(Ok(r)) => {
+                        if self.on_request(r, &snap).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(stream = self.id, error = %e, "xDS stream error");
+                        break;
+                    }
+                    None => break,
+                },
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    snap = snapshots.borrow_and_update().clone();
+                    let types: Vec<String> = self.subs.keys().cloned().collect();
+                    let mut failed = false;
+                    for t in types {
+                        if self.push(&t, &snap, false).await.is_err() {
+                            failed = true;
+                            break;
+                        }
+                    }
+                    if failed {
+                        break;
+                    }
+                }
+            }
+        }
+        if self.node.is_some() {
+            self.server.observer.disconnected(self.id);
+        }
+    }
+
+    async fn on_request(&mut self, r: DiscoveryRequest, snap: &Arc<Snapshot>) -> Result<(), ()> {
+        if self.node.is_none() {
+            let node = r.node.clone().unwrap_or_default();
+            self.server
+                .observer
+                .connected(self.id, &node.id, &node.cluster, &node.user_agent_name);
+            tracing::info!(stream = self.id, node = %node.id, service = %node.cluster, agent = %node.user_agent_name, "xDS stream (SotW)");
+            self.node = Some(NodeInfo::from(&node));
+        }
+        let type_url = r.type_url.clone();
+        let sub = self.subs.entry(type_url.clone()).or_default();
+        let initial = r.response_nonce.is_empty();
+        if !initial {
+            if r.response_nonce != sub.nonce {
+                // A reply to an older response; a newer one is in flight.
+                return Ok(());
+            }
+            match &r.error_detail {
+                Some(st) => {
+                    tracing::warn!(stream = self.id, type_url = %type_url, version = %sub.sent_version, error = %st.message, "NACK");
+                    self.server
+                        .observer
+                        .nacked(self.id, &type_url, &sub.sent_version, &st.message);
+                }
+                None => self
+                    .server
+                    .observer
+                    .acked(self.id, &type_url, &r.version_info),
+            }
+        }
+        let names: BTreeSet<String> = r
+            .resource_names
+            .iter()
+            .filter(|n| *n != "*")
+            .cloned()
+            .collect();
+        let interest = Interest {
+            wildcard: r.resource_names.iter().any(|n| n == "*")
+                || (r.resource_names.is_empty() && wildcard_default(&type_url)),
+            names,
+        };
+        let changed = interest != sub.interest;
+        sub.interest = interest;
+        if initial || changed {
+            self.push(&type_url, snap, true).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends this type's resources if they changed since the last push (or `force`).
+    async fn push(&mut self, type_url: &str, snap: &Arc<Snapshot>, force: bool) -> Result<(), ()> {
+        let enc = self.server.encoded(snap);
+        let node = self.node.clone().unwrap_or_default();
+        let Some(sub) = self.subs.get_mut(type_url) else {
+            return Ok(());
+        };
+        let mut items = resources_for(&enc, type_url, &sub.interest, &node);
+        let h = set_hash(&items);
+        if !force && sub.sent_hash == Some(h) {
+            return Ok(());
+        }
+        if partial_updates(type_url) {
+            let all: BTreeMap<String, u64> =
+                items.iter().map(|(n, _, v)| (n.clone(), *v)).collect();
+            if !force {
+                items.retain(|(n, _, v)| sub.sent.get(n) != Some(v));
+                if items.is_empty() {
+                    // Only removals: the client learns of those from CDS.
+                    sub.sent = all;
+                    sub.sent_hash = Some(h);
+                    return Ok(());
+                }
+            }
+            sub.sent = all;
+        }
+        self.nonce += 1;
+        sub.nonce = self.nonce.to_string();
+        sub.sent_version = snap.version.to_string();
+        sub.sent_hash = Some(h);
+        let resp = DiscoveryResponse {
+            version_info: sub.sent_version.clone(),
+            resources: items.into_iter().map(|(_, a, _)| a).collect(),
+            type_url: type_url.to_owned(),
+            nonce: sub.nonce.clone(),
+            control_plane: control_plane(),
+            ..Default::default()
+        };
+        self.server
+            .observer
+            .pushed(self.id, type_url, &sub.sent_version);
+        self.tx.send(Ok(resp)).await.map_err(|_| ())
+    }
+}
+
+// === Delta ===
+
+#[derive(Debug, Default)]
+struct DeltaSub {
+    interest: Interest,
+    /// Resource versions the client has (or told us it has).
+    known: BTreeMap<String, String>,
+    nonce: String,
+    sent_version: String,
+}
+
+struct DeltaStream {
+    server: AdsServer,
+    id: u64,
+    node: Option<NodeInfo>,
+    subs: BTreeMap<String, DeltaSub>,
+    nonce: u64,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+}
+
+impl DeltaStream {
+    async fn run(mut self, mut incoming: Streaming<DeltaDiscoveryRequest>) {
+        let mut snapshots = self.server.snapshots.clone();
+        let mut snap = snapshots.borrow_and_update().clone();
+        loop {
+            tokio::select! {
+                req = incoming.next() => match req {
+                    Some(Ok(r)) => {
+                        if self.on_request(r, &snap).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(stream = self.id, error = %e, "xDS delta stream error");
+                        break;
+                    }
+                    None => break,
+                },
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    snap = snapshots.borrow_and_update().clone();
+                    let types: Vec<String> = self.subs.keys().cloned().collect();
+                    let mut failed = false;
+                    for t in types {
+                        if self.push(&t, &snap).await.is_err() {
+                            failed = true;
+                            break;
+                        }
+                    }
+                    if failed {
+                        break;
+                    }
+                }
+            }
+        }
+        if self.node.is_some() {
+            self.server.observer.disconnected(self.id);
+        }
+    }
+
+    async fn on_request(
+        &mut self,
+        r: DeltaDiscoveryRequest,
+        snap: &Arc<Snapshot>,
+    ) -> Result<(), ()> {
+        if self.node.is_none() {
+            let node = r.node.clone().unwrap_or_default();
+            self.server
+                .observer
+                .connected(self.id, &node.id, &node.cluster, &node.user_agent_name);
+            tracing::info!(stream = self.id, node = %node.id, service = %node.cluster, agent = %node.user_agent_name, "xDS stream (delta)");
+            self.node = Some(NodeInfo::from(&node));
+        }
+        let type_url = r.type_url.clone();
+        let first = !self.subs.contains_key(&type_url);
+        let sub = self.subs.entry(type_url.clone()).or_default();
+        if !r.response_nonce.is_empty() {
+            if r.response_nonce != sub.nonce {
+                return Ok(());
+            }
+            match &r.error_detail {
+                Some(st) => {
+                    tracing::warn!(stream = self.id, type_url = %type_url, version = %sub.sent_version, error = %st.message, "NACK");
+                    self.server
+                        .observer
+                        .nacked(self.id, &type_url, &sub.sent_version, &st.message);
+                }
+                None => self
+                    .server
+                    .observer
+                    .acked(self.id, &type_url, &sub.sent_version),
+            }
+        }
+        if first {
+            sub.known = r.initial_resource_versions.into_iter().collect();
+            if r.resource_names_subscribe.is_empty() && wildcard_default(&type_url) {
+                sub.interest.wildcard = true;
+            }
+        }
+        for n in r.resource_names_subscribe {
+            if n == "*" {
+                sub.interest.wildcard = true;
+            } else {
+                sub.interest.names.insert(n);
+            }
+        }
+        for n in &r.resource_names_unsubscribe {
+            if n == "*" {
+                sub.interest.wildcard = false;
+            } else {
+                sub.interest.names.remove(n);
+                sub.known.remove(n);
+            }
+        }
+        self.push(&type_url, snap).await
+    }
+
+    /// Sends what this client does not have yet, and what it must remove.
+    async fn push(&mut self, type_url: &str, snap: &Arc<Snapshot>) -> Result<(), ()> {
+        let enc = self.server.encoded(snap);
+        let node = self.node.clone().unwrap_or_default();
+        let Some(sub) = self.subs.get_mut(type_url) else {
+            return Ok(());
+        };
+        let items = resources_for(&enc, type_url, &sub.interest, &node);
+        let current: BTreeMap<&str, (&Any, String)> = items
+            .iter()
+            .map(|(n, a, h)| (n.as_str(), (a, format!("{h:016x}"))))
+            .collect();
+        let mut resources = Vec::new();
+        for (name, (any, version)) in &current {
+            if sub.known.get(*name) != Some(version) {
+                resources.push(Resource {
+                    name: (*name).to_owned(),
+                    version: version.clone(),
+                    resource: Some((*any).clone()),
+                    ..Default::default()
+                });
+            }
+        }
+        let removed: Vec<String> = sub
+            .known
+            .keys()
+            .filter(|n| !current.contains_key(n.as_str()))
+            .cloned()
+            .collect();
+        if resources.is_empty() && removed.is_empty() {
+            return Ok(());
+        }
+        for r in &resources {
+            sub.known.insert(r.name.clone(), r.version.clone());
+        }
+        for n in &removed {
+            sub.known.remove(n);
+        }
+        self.nonce += 1;
+        sub.nonce = self.nonce.to_string();
+        sub.sent_version = snap.version.to_string();
+        let resp = DeltaDiscoveryResponse {
+            system_version_info: sub.sent_version.clone(),
+            resources,
+            type_url: type_url.to_owned(),
+            removed_resources: removed,
+            nonce: sub.nonce.clone(),
+            control_plane: control_plane(),
+            ..Default::default()
+        };
+        self.server
+            .observer
+            .pushed(self.id, type_url, &sub.sent_version);
+        self.tx.send(Ok(resp)).await.map_err(|_| ())
+    }
+}
+
+type SotwResponses = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+type DeltaResponses = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = SotwResponses;
+    type DeltaAggregatedResourcesStream = DeltaResponses;
+
+    async fn stream_aggregated_resources(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SotwResponses>, Status> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let stream = SotwStream {
+            server: self.clone(),
+            id: self.next_stream.fetch_add(1, Ordering::Relaxed),
+            node: None,
+            subs: BTreeMap::new(),
+            nonce: 0,
+            tx,
+        };
+        tokio::spawn(stream.run(req.into_inner()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaResponses>, Status> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let stream = DeltaStream {
+            server: self.clone(),
+            id: self.next_stream.fetch_add(1, Ordering::Relaxed),
+            node: None,
+            subs: BTreeMap::new(),
+            nonce: 0,
+            tx,
+        };
+        tokio::spawn(stream.run(req.into_inner()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
