@@ -59,7 +59,7 @@ async fn weighted_split_follows_weights_at_concurrency_1_and_64() {
     let client = echo_client(sc.outbound_addr, "echo").await;
     // At concurrency 1 nothing is ever outstanding, so scheduling noise
     // cannot skew the pick and no service time is needed.
-    for (conc, calls, delay_ms) in [(1, 2000, 0), (64, 8000, 3)] {
+    for (conc, calls, delay_ms) in [(1, 2000, 0), (64, 8000, 20)] {
         let counts = run(&client, calls, conc, delay_ms).await;
         let heavy = share(&counts, "heavy");
         let ratio = heavy / (100.0 - heavy);
