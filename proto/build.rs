@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     const PROTOS: &[&str] = &[
         "meshwire/example/v1/echo.proto",
         "meshwire/admin/v1/admin.proto",
+        "meshwire/identity/v1/identity.proto",
         "grpc/testing/empty.proto",
         "grpc/testing/messages.proto",
         "grpc/testing/test.proto",

@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures_util::Stream;
 use meshwire_proto::admin::v1 as pb;
 use meshwire_proto::admin::v1::mesh_admin_server::{MeshAdmin, MeshAdminServer};
+use meshwire_xds::policy::{Action, Policy, Rule};
 use meshwire_xds::{Cluster, Endpoint, LbPolicy, ModelError, Snapshot};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::auth::RequireToken;
+use crate::ca::{ADMIN_SERVICE, CONTROL_PLANE_NAMESPACE, Ca, CaError, DEFAULT_TOKEN_TTL};
 use crate::nodes::{NodeRegistry, NodeStatus};
 use crate::registry::{
     EndpointPatch, Event, LbKind, Registry, RegistryError, ServiceInfo, ServicePatch,
@@ -33,8 +35,11 @@ const MAX_METADATA_VALUE: usize = 4096;
 const MAX_IDENTITY: usize = 2048;
 
 /// The fields `UpdateService` can change.
-const UPDATABLE: &str =
-    "lb_policy, active_request_bias, connect_timeout, request_timeout, authority";
+const UPDATABLE: &str = "lb_policy, active_request_bias, connect_timeout, request_timeout, authority, permissive, policy";
+
+/// Bounds on a policy, so one call cannot bloat every snapshot.
+const MAX_RULES: usize = 256;
+const MAX_RULE_ENTRIES: usize = 256;
 
 pub type AdminService = InterceptedService<MeshAdminServer<AdminApi>, RequireToken>;
 
@@ -45,6 +50,7 @@ pub struct AdminApi {
     nodes: Arc<NodeRegistry>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     shutdown: CancellationToken,
+    ca: Arc<Ca>,
 }
 
 impl AdminApi {
@@ -55,18 +61,42 @@ impl AdminApi {
         nodes: Arc<NodeRegistry>,
         snapshots: watch::Receiver<Arc<Snapshot>>,
         shutdown: CancellationToken,
+        ca: Arc<Ca>,
     ) -> Self {
         Self {
             registry,
             nodes,
             snapshots,
             shutdown,
+            ca,
         }
     }
 
-    /// The gRPC service, behind the bearer-token check.
+    /// The gRPC service, behind the bearer-token check (or, over TLS, a
+    /// client certificate with the CA's admin identity).
     pub fn into_service(self, token: &str) -> AdminService {
-        MeshAdminServer::with_interceptor(self, RequireToken::new(token))
+        let auth = match self.ca.spiffe_id(CONTROL_PLANE_NAMESPACE, ADMIN_SERVICE) {
+            Ok(id) => RequireToken::new(token).with_admin_identity(id.as_str()),
+            Err(_) => RequireToken::new(token),
+        };
+        MeshAdminServer::with_interceptor(self, auth)
+    }
+
+    fn ca_status(&self) -> pb::CaStatus {
+        ca_status(&self.ca)
+    }
+
+    /// Runs a CA operation (file writes with fsync, key generation) off the
+    /// async workers.
+    async fn ca_op<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Ca) -> Result<T, CaError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let ca = self.ca.clone();
+        tokio::task::spawn_blocking(move || f(&ca))
+            .await
+            .map_err(|e| Status::internal(format!("CA task failed: {e}")))?
+            .map_err(Status::from)
     }
 }
 
@@ -151,6 +181,62 @@ fn duration(
     .transpose()
 }
 
+fn action(field: &str, value: i32, default: Option<Action>) -> Result<Action, ModelError> {
+    match pb::Action::try_from(value) {
+        Ok(pb::Action::Allow) => Ok(Action::Allow),
+        Ok(pb::Action::Deny) => Ok(Action::Deny),
+        Ok(pb::Action::Unspecified) => default
+            .ok_or_else(|| ModelError::new(field, "is required: ACTION_ALLOW or ACTION_DENY")),
+        Err(_) => Err(ModelError::new(
+            field,
+            format!("unknown value {value}; use ACTION_ALLOW or ACTION_DENY"),
+        )),
+    }
+}
+
+/// A policy from a request; field paths relative to the policy
+/// (`rules[0].cidrs[1]`).
+fn policy(p: &pb::Policy) -> Result<Policy, ModelError> {
+    let default_action = action("default_action", p.default_action, Some(Action::Allow))?;
+    if p.rules.len() > MAX_RULES {
+        return Err(ModelError::new(
+            "rules",
+            format!("at most {MAX_RULES} rules, got {}", p.rules.len()),
+        ));
+    }
+    let mut rules = Vec::with_capacity(p.rules.len());
+    for (i, r) in p.rules.iter().enumerate() {
+        let at = |f: &str| format!("rules[{i}].{f}");
+        for (name, list) in [
+            ("sources", &r.sources),
+            ("methods", &r.methods),
+            ("cidrs", &r.cidrs),
+        ] {
+            if list.len() > MAX_RULE_ENTRIES {
+                return Err(ModelError::new(
+                    at(name),
+                    format!("at most {MAX_RULE_ENTRIES} entries, got {}", list.len()),
+                ));
+            }
+            for (j, v) in list.iter().enumerate() {
+                text(&at(&format!("{name}[{j}]")), v, MAX_IDENTITY)?;
+            }
+        }
+        rules.push(Rule {
+            action: Some(action(&at("action"), r.action, None)?),
+            sources: r.sources.clone(),
+            methods: r.methods.clone(),
+            cidrs: r.cidrs.clone(),
+        });
+    }
+    let p = Policy {
+        default_action,
+        rules,
+    };
+    p.validate()?;
+    Ok(p)
+}
+
 fn authority(a: Option<&String>) -> Result<Option<String>, ModelError> {
     match a {
         Some(a) if a.is_empty() => Err(ModelError::new(
@@ -170,6 +256,14 @@ fn new_service(s: &pb::Service) -> Result<Cluster, ModelError> {
         connect_timeout: duration("connect_timeout", s.connect_timeout.as_ref())?,
         request_timeout: Some(duration("request_timeout", s.request_timeout.as_ref())?),
         authority: Some(authority(s.authority.as_ref())?),
+        permissive: Some(s.permissive),
+        policy: Some(
+            s.policy
+                .as_ref()
+                .map(policy)
+                .transpose()
+                .map_err(|e| e.within("policy"))?,
+        ),
     };
     patch.apply(&mut c)?;
     c.validate().map_err(api_field)?;
@@ -211,6 +305,16 @@ fn service_patch(s: &pb::Service, paths: &[String]) -> Result<ServicePatch, Mode
             }
             "authority" => {
                 patch.authority = Some(authority(s.authority.as_ref()).map_err(in_service)?);
+            }
+            "permissive" => patch.permissive = Some(s.permissive),
+            "policy" => {
+                patch.policy = Some(
+                    s.policy
+                        .as_ref()
+                        .map(policy)
+                        .transpose()
+                        .map_err(|e| e.within("service.policy"))?,
+                );
             }
             "name" => {
                 return Err(ModelError::new(
@@ -317,6 +421,32 @@ fn service_pb(info: &ServiceInfo) -> pb::Service {
         request_timeout: c.request_timeout.and_then(dur),
         authority: c.authority.clone(),
         endpoint_count: u32::try_from(info.endpoints).unwrap_or(u32::MAX),
+        permissive: c.permissive,
+        policy: c.policy.as_ref().map(policy_pb),
+    }
+}
+
+fn action_pb(a: Action) -> i32 {
+    match a {
+        Action::Allow => pb::Action::Allow,
+        Action::Deny => pb::Action::Deny,
+    }
+    .into()
+}
+
+pub(crate) fn policy_pb(p: &Policy) -> pb::Policy {
+    pb::Policy {
+        default_action: action_pb(p.default_action),
+        rules: p
+            .rules
+            .iter()
+            .map(|r| pb::Rule {
+                action: r.action.map_or(0, action_pb),
+                sources: r.sources.clone(),
+                methods: r.methods.clone(),
+                cidrs: r.cidrs.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -397,6 +527,48 @@ fn node_pb(n: &NodeStatus) -> pb::Node {
         }),
         pushes: n.pushes,
     }
+}
+
+/// The CA as the API shows it.
+pub fn ca_status(ca: &Ca) -> pb::CaStatus {
+    let b = ca.bundle();
+    // The bundle's order: the signing root first.
+    let mut roots = ca.roots();
+    roots.sort_by_key(|(info, signing, _)| {
+        (
+            !*signing,
+            b.fingerprints.iter().position(|f| *f == info.fingerprint),
+        )
+    });
+    pb::CaStatus {
+        trust_domain: ca.trust_domain().to_owned(),
+        roots: roots
+            .into_iter()
+            .map(|(info, signing, generated)| pb::Root {
+                fingerprint: info.fingerprint,
+                subject: info.subject,
+                not_after: Some(info.not_after.into()),
+                signing,
+                generated,
+            })
+            .collect(),
+        trust_bundle_pem: b.bundle.to_pem(),
+        cert_lifetime: prost_types::Duration::try_from(ca.cert_lifetime()).ok(),
+    }
+}
+
+/// A root fingerprint (or prefix) from a request.
+fn fingerprint_arg(fp: &str) -> Result<(), Status> {
+    if fp.is_empty() {
+        return Err(required("fingerprint"));
+    }
+    if fp.len() > 64 || !fp.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(invalid(ModelError::new(
+            "fingerprint",
+            format!("{fp:?} is not a hex SHA-256 fingerprint (or a prefix of one)"),
+        )));
+    }
+    Ok(())
 }
 
 // === impl MeshAdmin ===
@@ -602,6 +774,50 @@ impl MeshAdmin for AdminApi {
         )))
     }
 
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::JoinToken>, Status> {
+        self.create_join_token_impl(req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_ca(
+        &self,
+        _req: Request<pb::GetCaRequest>,
+    ) -> Result<Response<pb::CaStatus>, Status> {
+        Ok(Response::new(self.ca_status()))
+    }
+
+    async fn add_root(
+        &self,
+        _req: Request<pb::AddRootRequest>,
+    ) -> Result<Response<pb::CaStatus>, Status> {
+        self.ca_op(|ca| ca.add_root()).await?;
+        Ok(Response::new(self.ca_status()))
+    }
+
+    async fn activate_root(
+        &self,
+        req: Request<pb::ActivateRootRequest>,
+    ) -> Result<Response<pb::CaStatus>, Status> {
+        let fp = req.into_inner().fingerprint;
+        fingerprint_arg(&fp)?;
+        self.ca_op(move |ca| ca.activate(&fp)).await?;
+        Ok(Response::new(self.ca_status()))
+    }
+
+    async fn remove_root(
+        &self,
+        req: Request<pb::RemoveRootRequest>,
+    ) -> Result<Response<pb::CaStatus>, Status> {
+        let fp = req.into_inner().fingerprint;
+        fingerprint_arg(&fp)?;
+        self.ca_op(move |ca| ca.remove_root(&fp)).await?;
+        Ok(Response::new(self.ca_status()))
+    }
+
     async fn status(
         &self,
         _req: Request<pb::StatusRequest>,
@@ -615,6 +831,40 @@ impl MeshAdmin for AdminApi {
 }
 
 impl AdminApi {
+    async fn create_join_token_impl(
+        &self,
+        req: pb::CreateJoinTokenRequest,
+    ) -> Result<pb::JoinToken, Status> {
+        service_name("service", &req.service)?;
+        let namespace = if req.namespace.is_empty() {
+            "default".to_owned()
+        } else {
+            req.namespace
+        };
+        if check_service_name("namespace", &namespace).is_err() || namespace.contains('.') {
+            return Err(invalid(ModelError::new(
+                "namespace",
+                format!("{namespace:?}: lowercase letters, digits and '-' only"),
+            )));
+        }
+        let ttl = duration("ttl", req.ttl.as_ref())
+            .map_err(invalid)?
+            .unwrap_or(DEFAULT_TOKEN_TTL);
+        // A token for a service that does not exist is most likely a typo.
+        self.registry
+            .service(&req.service)
+            .map_err(|e| status(e, ""))?;
+        let service = req.service;
+        let (token, id, expires) = self
+            .ca_op(move |ca| ca.create_token(&namespace, &service, ttl))
+            .await?;
+        Ok(pb::JoinToken {
+            token,
+            spiffe_id: id.to_string(),
+            expires_at: Some(expires.into()),
+        })
+    }
+
     async fn update_endpoint(
         &self,
         service: &str,
@@ -778,5 +1028,103 @@ mod tests {
         );
         let s = status(RegistryError::Store(StoreError::Closed), "");
         assert_eq!(s.code(), Code::Unavailable);
+    }
+
+    fn rule(action: pb::Action) -> pb::Rule {
+        pb::Rule {
+            action: action.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn policies_map_both_ways_and_name_the_bad_field() {
+        let mut s = svc("greeter");
+        s.permissive = true;
+        let mut r = rule(pb::Action::Allow);
+        r.sources = vec!["spiffe://meshwire.local/ns/default/sa/*".into()];
+        r.methods = vec!["pkg.Echo/*".into()];
+        r.cidrs = vec!["10.0.0.0/8".into(), "127.0.0.1".into()];
+        s.policy = Some(pb::Policy {
+            default_action: pb::Action::Deny.into(),
+            rules: vec![r.clone(), rule(pb::Action::Deny)],
+        });
+        let c = new_service(&s).unwrap();
+        assert!(c.permissive);
+        let p = c.policy.clone().unwrap();
+        assert_eq!(p.default_action, Action::Deny);
+        assert_eq!(p.rules[0].cidrs, r.cidrs);
+        assert_eq!(p.rules[1].action, Some(Action::Deny));
+        // And back: what the API shows is what was sent.
+        let info = ServiceInfo {
+            settings: c,
+            endpoints: 0,
+        };
+        let back = service_pb(&info);
+        assert!(back.permissive);
+        assert_eq!(back.policy, s.policy);
+
+        // Unspecified default means allow; an unspecified rule action is an error.
+        let mut s = svc("greeter");
+        s.policy = Some(pb::Policy::default());
+        assert_eq!(
+            new_service(&s).unwrap().policy.unwrap().default_action,
+            Action::Allow
+        );
+        let bad = |f: &dyn Fn(&mut pb::Rule)| {
+            let mut r = rule(pb::Action::Allow);
+            f(&mut r);
+            let mut s = svc("greeter");
+            s.policy = Some(pb::Policy {
+                default_action: 0,
+                rules: vec![rule(pb::Action::Deny), r],
+            });
+            let e = new_service(&s).unwrap_err().within("service");
+            (e.field, e.reason)
+        };
+        let (field, reason) = bad(&|r| r.cidrs = vec!["10.0.0.0/8".into(), "10.0.0.0/33".into()]);
+        assert_eq!(field, "service.policy.rules[1].cidrs[1]");
+        assert!(reason.contains("10.0.0.0/33"), "{reason}");
+        assert_eq!(bad(&|r| r.action = 0).0, "service.policy.rules[1].action");
+        assert_eq!(bad(&|r| r.action = 9).0, "service.policy.rules[1].action");
+        assert_eq!(
+            bad(&|r| r.sources = vec!["web".into()]).0,
+            "service.policy.rules[1].sources[0]"
+        );
+        assert_eq!(
+            bad(&|r| r.methods = vec!["Echo".into()]).0,
+            "service.policy.rules[1].methods[0]"
+        );
+        let mut s = svc("greeter");
+        s.policy = Some(pb::Policy {
+            default_action: 7,
+            rules: vec![],
+        });
+        assert_eq!(new_service(&s).unwrap_err().field, "policy.default_action");
+    }
+
+    #[test]
+    fn permissive_and_policy_are_updatable() {
+        let mut s = svc("greeter");
+        let p = service_patch(&s, &["permissive".into(), "policy".into()]).unwrap();
+        assert_eq!(p.permissive, Some(false));
+        assert_eq!(
+            p.policy,
+            Some(None),
+            "an unset policy in the mask clears it"
+        );
+        s.permissive = true;
+        s.policy = Some(pb::Policy {
+            default_action: 0,
+            rules: vec![pb::Rule {
+                action: pb::Action::Allow.into(),
+                cidrs: vec!["nope".into()],
+                ..Default::default()
+            }],
+        });
+        let e = service_patch(&s, &["policy".into()]).unwrap_err();
+        assert_eq!(e.field, "service.policy.rules[0].cidrs[0]");
+        let p = service_patch(&s, &["permissive".into()]).unwrap();
+        assert_eq!((p.permissive, p.policy), (Some(true), None));
     }
 }

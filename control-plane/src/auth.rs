@@ -2,8 +2,10 @@
 //! `<data-dir>/admin.token` (0600, reused after), or given by the operator
 //! (`MESHWIRE_ADMIN_TOKEN`), and checked on every admin call.
 //!
-//! Only the admin service is behind this check: sidecars reach the xDS
-//! service on the same port without it (they authenticate with mTLS later).
+//! Over the TLS port, a client certificate with the admin identity
+//! (`spiffe://<td>/ns/meshwire-system/sa/admin`, from the mesh CA) stands in
+//! for the token. Only the admin service is behind this check: sidecars reach
+//! the xDS and Identity services without it.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
@@ -12,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
+
+use crate::tls::TlsConnectInfo;
 
 /// The token file's name inside the data directory.
 pub const TOKEN_FILE: &str = "admin.token";
@@ -98,10 +102,12 @@ fn generate() -> std::io::Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The admin API's request check (a tonic interceptor).
+/// The admin API's request check (a tonic interceptor): the bearer token,
+/// or (over TLS) a client certificate with the admin identity.
 #[derive(Clone)]
 pub struct RequireToken {
     expected: std::sync::Arc<str>,
+    admin_id: Option<std::sync::Arc<str>>,
 }
 
 impl std::fmt::Debug for RequireToken {
@@ -114,14 +120,28 @@ impl RequireToken {
     pub fn new(token: &str) -> Self {
         Self {
             expected: token.into(),
+            admin_id: None,
         }
     }
 
-    fn check(&self, md: &MetadataMap) -> Result<(), Status> {
+    /// Also admits TLS clients whose certificate carries `admin_id`.
+    pub fn with_admin_identity(mut self, admin_id: &str) -> Self {
+        self.admin_id = Some(admin_id.into());
+        self
+    }
+
+    fn check(&self, md: &MetadataMap, tls: Option<&TlsConnectInfo>) -> Result<(), Status> {
         let Some(value) = md.get("authorization") else {
-            return Err(Status::unauthenticated(
-                "missing admin token: send `authorization: Bearer <token>` (meshctl: --token, MESHWIRE_ADMIN_TOKEN or --data-dir)",
-            ));
+            let peer = tls.and_then(|t| t.peer_id.as_ref());
+            return match (peer, &self.admin_id) {
+                (Some(p), Some(admin)) if p.as_str() == &**admin => Ok(()),
+                (Some(p), Some(admin)) => Err(Status::permission_denied(format!(
+                    "client certificate {p} is not the admin identity {admin}; send the admin token or use an admin certificate"
+                ))),
+                _ => Err(Status::unauthenticated(
+                    "missing admin token: send `authorization: Bearer <token>` (meshctl: --token, MESHWIRE_ADMIN_TOKEN or --data-dir) or, over TLS, an admin client certificate",
+                )),
+            };
         };
         let given = value
             .to_str()
@@ -137,7 +157,8 @@ impl RequireToken {
 
 impl tonic::service::Interceptor for RequireToken {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        self.check(req.metadata()).inspect_err(|s| {
+        self.check(req.metadata(), req.extensions().get::<TlsConnectInfo>())
+            .inspect_err(|s| {
             tracing::debug!(remote = ?req.remote_addr(), reason = s.message(), "admin call refused");
         })?;
         Ok(req)
@@ -201,5 +222,35 @@ mod tests {
         }
         assert!(check_token("t", "has space in it 0123").is_err());
         assert!(check_token("t", token).is_ok());
+    }
+
+    #[test]
+    fn an_admin_certificate_over_tls_replaces_the_token() {
+        let admin = "spiffe://meshwire.local/ns/meshwire-system/sa/admin";
+        let mut check = RequireToken::new("0123456789abcdef0123").with_admin_identity(admin);
+        let call = |check: &mut RequireToken, peer: Option<&str>| {
+            let mut req = Request::new(());
+            req.extensions_mut().insert(TlsConnectInfo {
+                remote_addr: "127.0.0.1:1".parse().unwrap(),
+                peer_id: peer.map(|p| meshwire_xds::identity::SpiffeId::parse(p).unwrap()),
+            });
+            check.call(req).map(|_| ()).map_err(|s| s.code())
+        };
+        assert_eq!(call(&mut check, Some(admin)), Ok(()));
+        assert_eq!(
+            call(
+                &mut check,
+                Some("spiffe://meshwire.local/ns/default/sa/web")
+            ),
+            Err(tonic::Code::PermissionDenied)
+        );
+        assert_eq!(call(&mut check, None), Err(tonic::Code::Unauthenticated));
+        // Without TLS, the identity does not matter.
+        let mut plain = Request::new(());
+        plain.metadata_mut().insert("x", "y".parse().unwrap());
+        assert_eq!(
+            check.call(plain).map(|_| ()).map_err(|s| s.code()),
+            Err(tonic::Code::Unauthenticated)
+        );
     }
 }

@@ -5,34 +5,60 @@
 //! Exit codes: 0 stopped cleanly, 1 could not start (or the server failed),
 //! 2 bad flags.
 
-#![allow(clippy::print_stderr)]
+#![allow(clippy::print_stderr, clippy::print_stdout)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::{ControlPlane, ControlPlaneConfig, ControlPlaneHandle, auth};
+use crate::{ControlPlane, ControlPlaneConfig, ControlPlaneHandle, auth, ca};
 
 /// `meshwire-control-plane` flags.
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "meshwire-control-plane",
     version,
-    about = "Meshwire control plane: the admin API (meshctl) and xDS for sidecars, on one port",
-    after_help = "The admin token is read from MESHWIRE_ADMIN_TOKEN if set, else from (or generated into) <data-dir>/admin.token."
+    about = "Meshwire control plane: the admin API (meshctl), xDS for sidecars, and the mesh's certificate authority",
+    after_help = "The admin token is read from MESHWIRE_ADMIN_TOKEN if set, else from (or generated into) <data-dir>/admin.token.\n\
+The CA's roots live in <data-dir>/ca (generated on first start); <data-dir>/ca/bundle.pem is the trust bundle to give sidecars and meshctl."
 )]
 pub struct Args {
-    /// The one port for the admin API and xDS.
+    /// The plaintext port: the admin API (token) and xDS.
     #[arg(long, env = "MESHWIRE_CP_LISTEN", default_value = "0.0.0.0:15010")]
     pub listen: SocketAddr,
+    /// The TLS port: certificate issuance (Identity), xDS and the admin API; `off` for none.
+    #[arg(long, env = "MESHWIRE_CP_TLS_LISTEN", default_value = "0.0.0.0:15012", value_parser = parse_tls_listen)]
+    pub tls_listen: TlsListen,
+    /// A DNS name or IP in the TLS port's certificate (repeatable) [default: this host's name, localhost, 127.0.0.1].
+    #[arg(
+        long = "tls-name",
+        env = "MESHWIRE_CP_TLS_NAMES",
+        value_delimiter = ','
+    )]
+    pub tls_names: Vec<String>,
+    /// The SPIFFE trust domain of every identity the CA issues.
+    #[arg(long, env = "MESHWIRE_TRUST_DOMAIN", default_value = ca::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Lifetime of workload certificates (at least 1m); sidecars renew at about 2/3 of it.
+    #[arg(long, env = "MESHWIRE_CERT_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    pub cert_lifetime: Duration,
+    /// Sign with this CA certificate (PEM; a root, or an intermediate with --ca-bundle) instead of a generated root.
+    #[arg(long, env = "MESHWIRE_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The private key of --ca-cert (PEM).
+    #[arg(long, env = "MESHWIRE_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// The roots to trust (PEM) [default: --ca-cert, which must then be self-signed].
+    #[arg(long, env = "MESHWIRE_CA_BUNDLE", requires = "ca_cert")]
+    pub ca_bundle: Option<PathBuf>,
     /// Where the configuration database and the admin token live (created if missing).
     #[arg(long, env = "MESHWIRE_DATA_DIR", default_value = "./meshwire-data")]
     pub data_dir: PathBuf,
-    /// Once listening, write `{"listen": "ip:port", "pid": N}` here (for port 0).
+    /// Once listening, write `{"listen": "ip:port", "tls": "ip:port" | null, "pid": N}` here (for port 0).
     #[arg(long, env = "MESHWIRE_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
     /// Log filter (`info`, `meshwire_control_plane=debug`, ...), to stderr.
@@ -41,10 +67,137 @@ pub struct Args {
     /// Longest wait for open calls and streams on SIGTERM/SIGINT.
     #[arg(long, env = "MESHWIRE_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    #[command(subcommand)]
+    pub command: Option<Sub>,
+}
+
+/// One-off commands instead of serving.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Sub {
+    /// Write an admin client certificate (admin.crt, admin.key, bundle.pem) signed by the CA in
+    /// --data-dir, for `meshctl --server https://HOST:15012 --ca-bundle bundle.pem --cert admin.crt
+    /// --key admin.key`; then exit. Safe while the control plane runs.
+    AdminCert {
+        /// The directory to write the files into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// How long the certificate is valid (1m..365d).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        lifetime: Duration,
+    },
+}
+
+/// Writes an admin certificate from the CA in the data directory.
+fn admin_cert(
+    cfg: &ca::CaConfig,
+    data_dir: &Path,
+    out: &Path,
+    lifetime: Duration,
+) -> Result<(), String> {
+    if !(ca::MIN_CERT_LIFETIME..=Duration::from_secs(365 * 24 * 3600)).contains(&lifetime) {
+        return Err(format!(
+            "--lifetime {}: must be between 1m and 365d",
+            humantime::format_duration(lifetime)
+        ));
+    }
+    let ca = ca::Ca::open(data_dir, cfg)
+        .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
+    let (chain, key) = ca.admin_credentials(lifetime).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(out).map_err(|e| format!("--out {}: {e}", out.display()))?;
+    let write = |name: &str, data: &str, private: bool| -> Result<PathBuf, String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = out.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(if private { 0o600 } else { 0o644 })
+            .open(&path)
+            .and_then(|mut f| f.write_all(data.as_bytes()).map(|()| f))
+            .map_err(|e| format!("--out {}: {e}", path.display()))?;
+        f.flush()
+            .map_err(|e| format!("--out {}: {e}", path.display()))?;
+        Ok(path)
+    };
+    let crt = write("admin.crt", &chain, false)?;
+    let key_path = write("admin.key", &key, true)?;
+    let bundle = write("bundle.pem", &ca.bundle().bundle.to_pem(), false)?;
+    println!(
+        "wrote {}, {} and {}",
+        crt.display(),
+        key_path.display(),
+        bundle.display()
+    );
+    Ok(())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 500ms, 5s, 1m)"))
+}
+
+/// `--tls-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsListen(pub Option<SocketAddr>);
+
+fn parse_tls_listen(s: &str) -> Result<TlsListen, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(TlsListen(None));
+    }
+    s.parse()
+        .map(|a| TlsListen(Some(a)))
+        .map_err(|_| format!("{s:?} is not ip:port (or `off`)"))
+}
+
+fn ca_config(args: &Args) -> ca::CaConfig {
+    ca::CaConfig {
+        trust_domain: args.trust_domain.clone(),
+        cert_lifetime: args.cert_lifetime,
+        user_ca: match (&args.ca_cert, &args.ca_key) {
+            (Some(cert), Some(key)) => Some(ca::UserCa {
+                cert: cert.clone(),
+                key: key.clone(),
+                bundle: args.ca_bundle.clone(),
+            }),
+            _ => None,
+        },
+    }
+}
+
+/// Checks what clap cannot; the error names the flag.
+fn check(args: &Args) -> Result<(), String> {
+    if args.cert_lifetime < ca::MIN_CERT_LIFETIME {
+        return Err(format!(
+            "--cert-lifetime {}: must be at least {}",
+            humantime::format_duration(args.cert_lifetime),
+            humantime::format_duration(ca::MIN_CERT_LIFETIME)
+        ));
+    }
+    if meshwire_xds::identity::SpiffeId::for_service(&args.trust_domain, "default", "x").is_err() {
+        return Err(format!(
+            "--trust-domain {:?}: lowercase letters, digits, '-', '.' and '_' only",
+            args.trust_domain
+        ));
+    }
+    for n in &args.tls_names {
+        if n.parse::<std::net::IpAddr>().is_err()
+            && (rustls::pki_types::DnsName::try_from(n.as_str()).is_err() || n.ends_with('.'))
+        {
+            return Err(format!("--tls-name {n:?}: not a DNS name or IP address"));
+        }
+    }
+    for (flag, path) in [
+        ("--ca-cert", &args.ca_cert),
+        ("--ca-key", &args.ca_key),
+        ("--ca-bundle", &args.ca_bundle),
+    ] {
+        if let Some(p) = path
+            && !p.is_file()
+        {
+            return Err(format!("{flag} {}: no such file", p.display()));
+        }
+    }
+    Ok(())
 }
 
 pub fn main() -> ExitCode {
@@ -66,6 +219,10 @@ pub fn main() -> ExitCode {
         eprintln!("meshwire-control-plane: {e}");
         return ExitCode::from(2);
     }
+    if let Err(e) = check(&args) {
+        eprintln!("meshwire-control-plane: {e}");
+        return ExitCode::from(2);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -73,9 +230,24 @@ pub fn main() -> ExitCode {
         .init();
 
     let mut cfg = ControlPlaneConfig::new(&args.data_dir);
+    if let Some(Sub::AdminCert { out, lifetime }) = &args.command {
+        cfg.ca = ca_config(&args);
+        return match admin_cert(&cfg.ca, &args.data_dir, out, *lifetime) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("meshwire-control-plane admin-cert: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     cfg.listen = args.listen;
     cfg.admin_token = admin_token;
     cfg.shutdown_timeout = args.shutdown_timeout;
+    cfg.tls_listen = args.tls_listen.0;
+    if !args.tls_names.is_empty() {
+        cfg.tls_names = args.tls_names.clone();
+    }
+    cfg.ca = ca_config(&args);
 
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -147,6 +319,7 @@ async fn wait_for_signal() {
 fn write_addr_file(path: &Path, cp: &ControlPlaneHandle) -> std::io::Result<()> {
     let v = serde_json::json!({
         "listen": cp.local_addr.to_string(),
+        "tls": cp.tls_addr.map(|a| a.to_string()),
         "pid": std::process::id(),
     });
     let tmp = path.with_extension("tmp");

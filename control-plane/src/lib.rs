@@ -18,12 +18,15 @@
 
 pub mod api;
 pub mod auth;
+pub mod ca;
 pub mod cli;
+pub mod identity_api;
 pub mod meshctl;
 pub mod nodes;
 pub mod publish;
 pub mod registry;
 pub mod store;
+pub mod tls;
 pub mod xds_server;
 
 use std::net::SocketAddr;
@@ -39,6 +42,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::AdminApi;
 use crate::auth::TokenError;
+use crate::ca::{Ca, CaConfig, CaError};
+use crate::identity_api::IdentityApi;
 use crate::nodes::NodeRegistry;
 use crate::registry::Registry;
 use crate::store::{RedbStore, Store, StoreError};
@@ -59,11 +64,21 @@ pub struct ControlPlaneConfig {
     pub publish_window: Duration,
     /// Longest wait for open calls and streams on shutdown.
     pub shutdown_timeout: Duration,
+    /// The TLS port (Identity, ADS, admin API); `None` serves no TLS, and so
+    /// issues no certificates.
+    pub tls_listen: Option<SocketAddr>,
+    /// DNS names / IPs in the serving certificate (beside its SPIFFE ID).
+    pub tls_names: Vec<String>,
+    /// The mesh CA: trust domain, certificate lifetime, user-supplied CA.
+    pub ca: CaConfig,
 }
 
 impl ControlPlaneConfig {
     pub const DEFAULT_LISTEN: SocketAddr =
         SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 15010);
+
+    pub const DEFAULT_TLS_LISTEN: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 15012);
 
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
@@ -72,13 +87,18 @@ impl ControlPlaneConfig {
             admin_token: None,
             publish_window: publish::DEFAULT_WINDOW,
             shutdown_timeout: Duration::from_secs(5),
+            tls_listen: Some(Self::DEFAULT_TLS_LISTEN),
+            tls_names: tls::default_names(),
+            ca: CaConfig::default(),
         }
     }
 
-    /// Loopback on an ephemeral port, for tests.
+    /// Loopback on ephemeral ports (plaintext and TLS), for tests.
     pub fn local(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            tls_names: vec!["localhost".into(), "127.0.0.1".into()],
             ..Self::new(data_dir)
         }
     }
@@ -95,6 +115,8 @@ pub enum StartError {
     Token(#[from] TokenError),
     #[error("{0}")]
     Store(#[from] StoreError),
+    #[error("certificate authority: {0}")]
+    Ca(#[from] CaError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -114,8 +136,12 @@ pub struct ControlPlane;
 /// [`ControlPlaneHandle::shutdown`] and [`ControlPlaneHandle::wait`].
 #[derive(Debug)]
 pub struct ControlPlaneHandle {
-    /// Where the admin API and xDS are served.
+    /// Where the admin API and xDS are served (plaintext).
     pub local_addr: SocketAddr,
+    /// Where Identity, xDS and the admin API are served over TLS.
+    pub tls_addr: Option<SocketAddr>,
+    /// The mesh CA.
+    pub ca: Arc<Ca>,
     /// The bearer token the admin API wants.
     pub admin_token: String,
     /// Every xDS client and what it ACKed.
@@ -127,6 +153,7 @@ pub struct ControlPlaneHandle {
     shutdown_timeout: Duration,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     publisher: Option<JoinHandle<()>>,
+    rotator: Option<JoinHandle<()>>,
 }
 
 impl ControlPlane {
@@ -164,20 +191,63 @@ impl ControlPlane {
                 return Err(e.into());
             }
         };
-        let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
-            Ok(l) => l,
-            Err(source) => {
+        // After the store: its lock keeps a second control plane off this
+        // data directory, and so off the CA's files.
+        let ca_and_tls = async {
+            let ca = {
+                let (dir, ca_cfg) = (dir.clone(), cfg.ca.clone());
+                tokio::task::spawn_blocking(move || Ca::open(&dir, &ca_cfg))
+                    .await
+                    .map_err(|e| CaError::Rcgen(format!("opening the CA: {e}")))??
+            };
+            // Checked before anything is bound: a bad --tls-name fails the start.
+            let tls_config = match cfg.tls_listen {
+                Some(_) => {
+                    let (ca, names) = (ca.clone(), cfg.tls_names.clone());
+                    Some(
+                        tokio::task::spawn_blocking(move || tls::initial_config(&ca, &names))
+                            .await
+                            .map_err(|e| CaError::Rcgen(format!("serving certificate: {e}")))??,
+                    )
+                }
+                None => None,
+            };
+            Ok::<_, CaError>((ca, tls_config))
+        };
+        let (ca, tls_config) = match ca_and_tls.await {
+            Ok(x) => x,
+            Err(e) => {
                 registry.close();
-                return Err(StartError::Bind {
-                    addr: cfg.listen,
-                    source,
-                });
+                return Err(e.into());
             }
         };
-        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
+        let bind = |addr: SocketAddr| async move {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?;
+            let local = l
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr, source })?;
+            Ok::<_, StartError>((l, local))
+        };
+        let (listener, local_addr) = match bind(cfg.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                registry.close();
+                return Err(e);
+            }
+        };
+        let tls_listener = match cfg.tls_listen {
+            Some(addr) => match bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    registry.close();
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        let tls_addr = tls_listener.as_ref().map(|(_, a)| *a);
 
         let shutdown = CancellationToken::new();
         let (snap_tx, snapshots) = watch::channel(Arc::new(registry.snapshot()));
@@ -196,26 +266,66 @@ impl ControlPlane {
             nodes.clone(),
             snapshots.clone(),
             shutdown.clone(),
+            ca.clone(),
         )
         .into_service(&admin_token);
+        // One ADS server for both ports: its stream ids stay unique.
         let ads = xds_server::ads_service(snapshots.clone(), nodes.clone());
+        let identity = IdentityApi::new(ca.clone(), shutdown.clone()).into_service();
         let stop = shutdown.clone();
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(admin)
-                .add_service(ads)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                    stop.cancelled().await;
-                }),
-        );
+        let plain = tonic::transport::Server::builder()
+            .add_service(admin.clone())
+            .add_service(ads.clone())
+            .add_service(identity.clone())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                stop.cancelled().await;
+            });
+        let mut rotator = None;
+        let secure = match (tls_listener, tls_config) {
+            (Some((listener, _)), Some((config, renew_at))) => {
+                rotator = Some(tokio::spawn(tls::rotate(
+                    ca.clone(),
+                    cfg.tls_names.clone(),
+                    config.clone(),
+                    renew_at,
+                    shutdown.clone(),
+                )));
+                let stop = shutdown.clone();
+                Some(
+                    tonic::transport::Server::builder()
+                        .add_service(admin)
+                        .add_service(ads)
+                        .add_service(identity)
+                        .serve_with_incoming_shutdown(
+                            tls::incoming(listener, config, shutdown.clone()),
+                            async move {
+                                stop.cancelled().await;
+                            },
+                        ),
+                )
+            }
+            _ => None,
+        };
+        let server = tokio::spawn(async move {
+            let secure = async move {
+                match secure {
+                    Some(s) => s.await,
+                    None => Ok(()),
+                }
+            };
+            tokio::try_join!(plain, secure).map(|_| ())
+        });
         tracing::info!(
             listen = %local_addr,
+            tls_listen = ?tls_addr,
             data_dir = %dir.display(),
             version = registry.version(),
             "control plane ready"
         );
         Ok(ControlPlaneHandle {
             local_addr,
+            tls_addr,
+            ca,
             admin_token,
             nodes,
             data_dir: dir,
@@ -225,6 +335,7 @@ impl ControlPlane {
             shutdown_timeout: cfg.shutdown_timeout,
             server: Some(server),
             publisher: Some(publisher),
+            rotator,
         })
     }
 }
@@ -286,6 +397,9 @@ impl ControlPlaneHandle {
         self.shutdown.cancel();
         if let Some(p) = self.publisher.take() {
             let _ = p.await;
+        }
+        if let Some(r) = self.rotator.take() {
+            let _ = r.await;
         }
         self.registry.close();
         tracing::info!(version = self.registry.version(), "control plane stopped");
@@ -383,6 +497,93 @@ mod tests {
         assert_eq!(cp.admin_token, token);
         assert_eq!(cp.version(), 2);
         assert_eq!(*cp.snapshots().borrow().clone(), *snap);
+        cp.stop().await.unwrap();
+    }
+
+    /// Over the real TLS port: a CSR that asks for service B (SAN URI, DNS
+    /// name) with a token for A gets A, and only A.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_token_for_a_never_yields_b_whatever_the_csr_asks() {
+        use meshwire_proto::identity::v1 as ipb;
+        use meshwire_proto::identity::v1::identity_client::IdentityClient;
+        use meshwire_xds::identity::{SpiffeId, cert_info, certs_from_pem};
+
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::start(ControlPlaneConfig::local(dir.path()))
+            .await
+            .unwrap();
+        let mut admin = MeshAdminClient::connect(format!("http://{}", cp.local_addr))
+            .await
+            .unwrap();
+        for name in ["svc-a", "svc-b"] {
+            let create = pb::CreateServiceRequest {
+                service: Some(pb::Service {
+                    name: name.into(),
+                    ..Default::default()
+                }),
+            };
+            admin
+                .create_service(authed(&cp.admin_token, create))
+                .await
+                .unwrap();
+        }
+        let token = admin
+            .create_join_token(authed(
+                &cp.admin_token,
+                pb::CreateJoinTokenRequest {
+                    service: "svc-a".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["svc-b".to_owned()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://meshwire.local/ns/default/sa/svc-b"
+                .try_into()
+                .unwrap(),
+        ));
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "svc-b");
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+
+        let expect = SpiffeId::for_service(
+            cp.ca.trust_domain(),
+            ca::CONTROL_PLANE_NAMESPACE,
+            ca::CONTROL_PLANE_SERVICE,
+        )
+        .unwrap();
+        let connector = tls::connector(&cp.ca.bundle().bundle, None, Some(&expect)).unwrap();
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("https://{}", cp.tls_addr.unwrap()))
+                .unwrap()
+                .connect_with_connector(connector)
+                .await
+                .unwrap();
+        let cert = IdentityClient::new(channel)
+            .issue(ipb::IssueRequest {
+                join_token: token.token,
+                csr_pem: csr,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let leaf = &certs_from_pem(&cert.cert_chain_pem).unwrap()[0];
+        let info = cert_info(leaf).unwrap();
+        assert_eq!(
+            info.spiffe_id.as_deref(),
+            Some("spiffe://meshwire.local/ns/default/sa/svc-a")
+        );
+        assert_eq!(cert.spiffe_id, token.spiffe_id);
+        // Nothing of B made it into the certificate.
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf).unwrap();
+        let text = format!("{:?}", parsed.subject_alternative_name());
+        assert!(!text.contains("svc-b"), "{text}");
+        assert!(!parsed.subject().to_string().contains("svc-b"));
         cp.stop().await.unwrap();
     }
 }

@@ -2,13 +2,24 @@
 //!
 //! ```text
 //! meshctl [--server http://127.0.0.1:15010] [--token T | --data-dir DIR] [--output table|json] <command>
+//! meshctl --server https://HOST:15012 --ca-bundle bundle.pem [--cert admin.crt --key admin.key] <command>
 //!   service create|update NAME [--lb least-request|round-robin] [--bias B]
 //!                              [--connect-timeout 1s] [--request-timeout 5s] [--authority A]
+//!                              [--permissive | --no-permissive]
 //!   service delete|get NAME · service list
+//!   service policy set NAME --file policy.yaml|json · service policy clear NAME
+//!   token create --service NAME [--namespace NS] [--ttl 1h]
+//!   ca show · ca bundle · ca add-root · ca activate FP · ca remove-root FP
 //!   endpoint add SERVICE ADDR [--weight N] [--zone Z] [--identity ID] [--meta k=v]... [--draining]
 //!   endpoint remove|list|weight|drain ...
 //!   status · watch
 //! ```
+//!
+//! Over `https://`, the control plane's certificate is verified against the
+//! trust bundle (`--ca-bundle`, default `<data-dir>/ca/bundle.pem`) and must
+//! carry its identity (`spiffe://<trust-domain>/ns/meshwire-system/sa/control-plane`);
+//! a client certificate with the admin identity (`--cert`, `--key`) replaces
+//! the token.
 //!
 //! Output is an aligned table by default and JSON with `--output json` (one
 //! object per line for `watch`). Errors are one line on stderr. Exit codes:
@@ -26,6 +37,7 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshwire_proto::admin::v1 as pb;
 use meshwire_proto::admin::v1::mesh_admin_client::MeshAdminClient;
+use meshwire_xds::identity;
 use serde_json::{Value, json};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -71,6 +83,35 @@ pub struct Cli {
         help_heading = "Global options"
     )]
     data_dir: Option<PathBuf>,
+    /// The trust bundle (PEM) that verifies an https:// --server [default: <data-dir>/ca/bundle.pem].
+    #[arg(
+        long,
+        env = "MESHCTL_CA_BUNDLE",
+        global = true,
+        help_heading = "Global options"
+    )]
+    ca_bundle: Option<PathBuf>,
+    /// A client certificate chain (PEM) for an https:// --server; with the admin identity it replaces the token.
+    #[arg(
+        long,
+        env = "MESHCTL_CERT",
+        requires = "key",
+        global = true,
+        help_heading = "Global options"
+    )]
+    cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(
+        long,
+        env = "MESHCTL_KEY",
+        requires = "cert",
+        global = true,
+        help_heading = "Global options"
+    )]
+    key: Option<PathBuf>,
+    /// The mesh's trust domain: an https:// --server must be its control plane.
+    #[arg(long, env = "MESHWIRE_TRUST_DOMAIN", default_value = crate::ca::DEFAULT_TRUST_DOMAIN, global = true, help_heading = "Global options")]
+    trust_domain: String,
     /// How results are printed.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true, help_heading = "Global options")]
     output: Output,
@@ -95,6 +136,12 @@ enum Command {
     /// Add, remove, re-weight, drain and list a service's endpoints.
     #[command(subcommand)]
     Endpoint(EndpointCmd),
+    /// Join tokens: how a sidecar gets its first certificate.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// The mesh's certificate authority: roots, trust bundle, root rotation.
+    #[command(subcommand)]
+    Ca(CaCmd),
     /// The sidecars connected over xDS and what they ACKed.
     Status,
     /// Print every change as it is committed (until Ctrl-C).
@@ -120,6 +167,9 @@ enum ServiceCmd {
         /// Remove the :authority rewrite.
         #[arg(long, conflicts_with = "authority")]
         no_authority: bool,
+        /// Accept only mutual TLS on the service's inbound ports again.
+        #[arg(long, conflicts_with = "permissive")]
+        no_permissive: bool,
     },
     /// Delete a service and all its endpoints.
     Delete { name: String },
@@ -127,6 +177,61 @@ enum ServiceCmd {
     List,
     /// Show one service and its endpoints.
     Get { name: String },
+    /// Who may call a service (authorization policy).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Replace a service's policy with the one in a YAML or JSON file.
+    ///
+    /// `default_action: allow|deny` and `rules`, each with `action: allow|deny`
+    /// and any of `sources` (SPIFFE IDs, `prefix*`), `methods`
+    /// (`pkg.Service/Method`, `pkg.Service/*`) and `cidrs` (`10.0.0.0/8`).
+    Set {
+        name: String,
+        /// The policy (YAML or JSON; `-` reads stdin).
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+    },
+    /// Remove a service's policy: every mesh identity may call it.
+    Clear { name: String },
+    /// Print a service's policy.
+    Get { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// A single-use join token for one sidecar of SERVICE (prints the token).
+    Create {
+        /// The service (must exist) whose identity the token grants.
+        #[arg(long)]
+        service: String,
+        /// The identity's namespace.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// How long the token can be used (at most 30 days).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCmd {
+    /// The roots of the trust bundle and which one signs.
+    Show,
+    /// Print the trust bundle (PEM): give it to sidecars (`--ca-bundle`) and meshctl.
+    Bundle,
+    /// Root rotation, step 1: add a new root (trusted, not signing yet).
+    AddRoot,
+    /// Step 2: make a root the signing one (sidecars renew early).
+    Activate {
+        /// Its fingerprint, or an unambiguous prefix (at least 4 hex digits).
+        fingerprint: String,
+    },
+    /// Step 3: remove an old root from the trust bundle.
+    RemoveRoot { fingerprint: String },
 }
 
 #[derive(Debug, Args)]
@@ -146,6 +251,9 @@ struct ServiceOpts {
     /// `:authority` sent upstream instead of the caller's.
     #[arg(long)]
     authority: Option<String>,
+    /// Also accept plaintext (non-mTLS) calls on the service's inbound ports.
+    #[arg(long)]
+    permissive: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -334,7 +442,14 @@ fn token(cli: &Cli) -> Result<Option<String>, Failure> {
 }
 
 async fn connect(cli: &Cli) -> Result<Client, Failure> {
-    let bearer = match token(cli)? {
+    let tls = cli.server.starts_with("https://");
+    // An admin certificate replaces the token, unless one is given explicitly.
+    let token = if tls && cli.cert.is_some() && cli.token.as_ref().is_none_or(|t| t.is_empty()) {
+        None
+    } else {
+        token(cli)?
+    };
+    let bearer = match token {
         Some(t) => Some(
             format!("Bearer {t}")
                 .parse()
@@ -342,14 +457,99 @@ async fn connect(cli: &Cli) -> Result<Client, Failure> {
         ),
         None => None,
     };
-    let endpoint = tonic::transport::Endpoint::from_shared(cli.server.clone())
+    let server = if tls {
+        with_default_port(&cli.server)?
+    } else {
+        cli.server.clone()
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(server)
         .map_err(|e| Failure::Usage(format!("--server {:?}: {}", cli.server, chain(&e))))?
         .connect_timeout(cli.timeout);
-    let channel = endpoint.connect().await.map_err(|e| Failure::Connect {
+    let connected = if tls {
+        endpoint.connect_with_connector(tls_connector(cli)?).await
+    } else {
+        if cli.cert.is_some() {
+            return Err(Failure::Usage(format!(
+                "--cert needs an https:// --server (the control plane's TLS port, default 15012), not {:?}",
+                cli.server
+            )));
+        }
+        endpoint.connect().await
+    };
+    let channel = connected.map_err(|e| Failure::Connect {
         server: cli.server.clone(),
         reason: chain(&e),
     })?;
     Ok(MeshAdminClient::with_interceptor(channel, Bearer(bearer)))
+}
+
+/// `https://host` means the TLS port, 15012.
+fn with_default_port(server: &str) -> Result<String, Failure> {
+    let uri: http::Uri = server
+        .parse()
+        .map_err(|e| Failure::Usage(format!("--server {server:?}: {e}")))?;
+    if uri.port().is_some() {
+        return Ok(server.to_owned());
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| Failure::Usage(format!("--server {server:?}: no host")))?;
+    Ok(format!("https://{host}:15012"))
+}
+
+/// TLS to the control plane: its certificate verified against the trust
+/// bundle and carrying the control plane's identity; ours if given.
+fn tls_connector(cli: &Cli) -> Result<identity::TlsConnector, Failure> {
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map_err(|e| Failure::Usage(format!("{flag} {}: {e}", path.display())))
+    };
+    let (bundle_path, flag) = match &cli.ca_bundle {
+        Some(p) => (p.clone(), "--ca-bundle"),
+        None => {
+            let dir = cli
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("./meshwire-data"));
+            let p = dir.join("ca").join("bundle.pem");
+            if !p.is_file() {
+                return Err(Failure::Usage(format!(
+                    "an https:// --server needs --ca-bundle FILE (the trust bundle: `meshctl ca bundle` over http, or <data-dir>/ca/bundle.pem); {} does not exist",
+                    p.display()
+                )));
+            }
+            (p, "--ca-bundle")
+        }
+    };
+    let bundle = identity::TrustBundle::from_pem(&read(flag, &bundle_path)?)
+        .map_err(|e| Failure::Usage(format!("{flag} {}: {e}", bundle_path.display())))?;
+    let creds = match (&cli.cert, &cli.key) {
+        (Some(cert), Some(key)) => {
+            let chain = identity::certs_from_pem(&read("--cert", cert)?)
+                .map_err(|e| Failure::Usage(format!("--cert {}: {e}", cert.display())))?;
+            if chain.is_empty() {
+                return Err(Failure::Usage(format!(
+                    "--cert {}: no certificate in it",
+                    cert.display()
+                )));
+            }
+            let key_der = identity::key_from_pem(&read("--key", key)?)
+                .map_err(|e| Failure::Usage(format!("--key {}: {e}", key.display())))?;
+            Some(identity::Credentials {
+                chain,
+                key: key_der,
+            })
+        }
+        _ => None,
+    };
+    let expect = identity::SpiffeId::for_service(
+        &cli.trust_domain,
+        crate::ca::CONTROL_PLANE_NAMESPACE,
+        crate::ca::CONTROL_PLANE_SERVICE,
+    )
+    .map_err(|e| Failure::Usage(format!("--trust-domain {:?}: {e}", cli.trust_domain)))?;
+    crate::tls::connector(&bundle, creds.as_ref(), Some(&expect))
+        .map_err(|e| Failure::Usage(format!("--cert/--key: {e}")))
 }
 
 /// A unary request bounded by `--timeout`.
@@ -369,6 +569,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
         Command::Service(cmd) => service(&cli, &mut client, &out, cmd).await,
         Command::Endpoint(cmd) => endpoint(&cli, &mut client, &out, cmd).await,
+        Command::Token(cmd) => token_cmd(&cli, &mut client, &out, cmd).await,
+        Command::Ca(cmd) => ca_cmd(&cli, &mut client, &out, cmd).await,
         Command::Status => {
             let s = client
                 .status(req(&cli, pb::StatusRequest {}))
@@ -423,6 +625,10 @@ fn service_msg(name: &str, opts: &ServiceOpts) -> (pb::Service, Vec<String>) {
         s.authority = Some(a.clone());
         paths.push("authority".to_owned());
     }
+    if opts.permissive {
+        s.permissive = true;
+        paths.push("permissive".to_owned());
+    }
     (s, paths)
 }
 
@@ -450,8 +656,12 @@ async fn service(
             opts,
             no_request_timeout,
             no_authority,
+            no_permissive,
         } => {
             let (s, mut paths) = service_msg(name, opts);
+            if *no_permissive {
+                paths.push("permissive".to_owned());
+            }
             if *no_request_timeout {
                 paths.push("request_timeout".to_owned());
             }
@@ -460,7 +670,7 @@ async fn service(
             }
             if paths.is_empty() {
                 return Err(Failure::Usage(
-                    "service update: nothing to change (give --lb, --bias, --connect-timeout, --request-timeout, --authority, --no-request-timeout or --no-authority)".into(),
+                    "service update: nothing to change (give --lb, --bias, --connect-timeout, --request-timeout, --authority, --permissive, --no-request-timeout, --no-authority or --no-permissive)".into(),
                 ));
             }
             let r = client
@@ -507,6 +717,221 @@ async fn service(
                 .await?
                 .into_inner();
             out.service(&r);
+        }
+        ServiceCmd::Policy(cmd) => policy_cmd(cli, client, out, cmd).await?,
+    }
+    Ok(())
+}
+
+/// Reads a policy file (YAML or JSON; `-` is stdin) into the API's shape.
+fn read_policy(path: &std::path::Path) -> Result<pb::Policy, Failure> {
+    let text = if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| Failure::Usage(format!("--file -: {e}")))?;
+        s
+    } else {
+        std::fs::read_to_string(path)
+            .map_err(|e| Failure::Usage(format!("--file {}: {e}", path.display())))?
+    };
+    // JSON is YAML, so one parser reads both (with line and column on errors).
+    let p: meshwire_xds::policy::Policy = serde_yaml_ng::from_str(&text)
+        .map_err(|e| Failure::Usage(format!("--file {}: {e}", path.display())))?;
+    Ok(crate::api::policy_pb(&p))
+}
+
+async fn policy_cmd(
+    cli: &Cli,
+    client: &mut Client,
+    out: &Printer,
+    cmd: &PolicyCmd,
+) -> Result<(), Failure> {
+    let (name, policy) = match cmd {
+        PolicyCmd::Set { name, file } => (name, Some(read_policy(file)?)),
+        PolicyCmd::Clear { name } => (name, None),
+        PolicyCmd::Get { name } => {
+            let r = client
+                .get_service(req(cli, pb::GetServiceRequest { name: name.clone() }))
+                .await?
+                .into_inner();
+            let p = r.service.and_then(|s| s.policy);
+            if out.json {
+                out.print_json(
+                    &json!({"version": r.version, "policy": p.as_ref().map(policy_json)}),
+                );
+            } else {
+                out.print(&policy_text(p.as_ref()));
+            }
+            return Ok(());
+        }
+    };
+    let cleared = policy.is_none();
+    let s = pb::Service {
+        name: name.clone(),
+        policy,
+        ..Default::default()
+    };
+    let r = client
+        .update_service(req(
+            cli,
+            pb::UpdateServiceRequest {
+                service: Some(s),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["policy".to_owned()],
+                }),
+            },
+        ))
+        .await?
+        .into_inner();
+    let what = if cleared {
+        format!("cleared the policy of {name}")
+    } else {
+        format!("set the policy of {name}")
+    };
+    out.done(
+        json!({"version": r.version, "service": r.service.as_ref().map(service_json)}),
+        &what,
+        r.version,
+    );
+    Ok(())
+}
+
+async fn token_cmd(
+    cli: &Cli,
+    client: &mut Client,
+    out: &Printer,
+    cmd: &TokenCmd,
+) -> Result<(), Failure> {
+    let TokenCmd::Create {
+        service,
+        namespace,
+        ttl,
+    } = cmd;
+    let r = client
+        .create_join_token(req(
+            cli,
+            pb::CreateJoinTokenRequest {
+                service: service.clone(),
+                namespace: namespace.clone(),
+                ttl: prost_types::Duration::try_from(*ttl).ok(),
+            },
+        ))
+        .await?
+        .into_inner();
+    if out.json {
+        out.print_json(&json!({
+            "token": r.token,
+            "spiffe_id": r.spiffe_id,
+            "expires_at": rfc3339(timestamp(r.expires_at.as_ref())),
+        }));
+    } else {
+        // The token alone on stdout, so `$(meshctl token create ...)` works.
+        out.print(&format!("{}\n", r.token));
+    }
+    Ok(())
+}
+
+async fn ca_cmd(cli: &Cli, client: &mut Client, out: &Printer, cmd: &CaCmd) -> Result<(), Failure> {
+    match cmd {
+        CaCmd::Show => {
+            let r = client
+                .get_ca(req(cli, pb::GetCaRequest {}))
+                .await?
+                .into_inner();
+            out.ca(&r);
+        }
+        CaCmd::Bundle => {
+            let r = client
+                .get_ca(req(cli, pb::GetCaRequest {}))
+                .await?
+                .into_inner();
+            if out.json {
+                out.print_json(&json!({
+                    "trust_domain": r.trust_domain,
+                    "fingerprints": r.roots.iter().map(|x| &x.fingerprint).collect::<Vec<_>>(),
+                    "trust_bundle_pem": r.trust_bundle_pem,
+                }));
+            } else {
+                out.print(&r.trust_bundle_pem);
+            }
+        }
+        CaCmd::AddRoot => {
+            let before = client
+                .get_ca(req(cli, pb::GetCaRequest {}))
+                .await?
+                .into_inner();
+            let r = client
+                .add_root(req(cli, pb::AddRootRequest {}))
+                .await?
+                .into_inner();
+            let added = r
+                .roots
+                .iter()
+                .find(|x| !before.roots.iter().any(|b| b.fingerprint == x.fingerprint))
+                .map(|x| x.fingerprint.clone())
+                .unwrap_or_default();
+            if out.json {
+                let mut v = ca_json(&r);
+                v["added"] = json!(added);
+                out.print_json(&v);
+            } else {
+                out.print(&format!(
+                    "added root {added} (trusted, not signing yet: once every sidecar has the new bundle, `meshctl ca activate {}`)\n",
+                    short_fp(&added)
+                ));
+            }
+        }
+        CaCmd::Activate { fingerprint } => {
+            let r = client
+                .activate_root(req(
+                    cli,
+                    pb::ActivateRootRequest {
+                        fingerprint: fingerprint.clone(),
+                    },
+                ))
+                .await?
+                .into_inner();
+            let fp = r
+                .roots
+                .iter()
+                .find(|x| x.signing)
+                .map(|x| x.fingerprint.clone())
+                .unwrap_or_default();
+            if out.json {
+                out.print_json(&ca_json(&r));
+            } else {
+                out.print(&format!(
+                    "root {fp} now signs new certificates (sidecars renew early; remove the old root once they have)\n"
+                ));
+            }
+        }
+        CaCmd::RemoveRoot { fingerprint } => {
+            let before = client
+                .get_ca(req(cli, pb::GetCaRequest {}))
+                .await?
+                .into_inner();
+            let r = client
+                .remove_root(req(
+                    cli,
+                    pb::RemoveRootRequest {
+                        fingerprint: fingerprint.clone(),
+                    },
+                ))
+                .await?
+                .into_inner();
+            let removed = before
+                .roots
+                .iter()
+                .find(|b| !r.roots.iter().any(|x| x.fingerprint == b.fingerprint))
+                .map(|x| x.fingerprint.clone())
+                .unwrap_or_default();
+            if out.json {
+                let mut v = ca_json(&r);
+                v["removed"] = json!(removed);
+                out.print_json(&v);
+            } else {
+                out.print(&format!("removed root {removed} from the trust bundle\n"));
+            }
         }
     }
     Ok(())
@@ -653,6 +1078,117 @@ fn service_json(s: &pb::Service) -> Value {
         "request_timeout": dur(s.request_timeout.as_ref()),
         "authority": s.authority,
         "endpoints": s.endpoint_count,
+        "permissive": s.permissive,
+        "policy": s.policy.as_ref().map(policy_json),
+    })
+}
+
+fn action_name(v: i32) -> &'static str {
+    match pb::Action::try_from(v) {
+        Ok(pb::Action::Allow) => "allow",
+        Ok(pb::Action::Deny) => "deny",
+        Ok(pb::Action::Unspecified) | Err(_) => "unspecified",
+    }
+}
+
+fn policy_json(p: &pb::Policy) -> Value {
+    json!({
+        "default_action": match pb::Action::try_from(p.default_action) {
+            Ok(pb::Action::Deny) => "deny",
+            _ => "allow",
+        },
+        "rules": p.rules.iter().map(|r| json!({
+            "action": action_name(r.action),
+            "sources": r.sources,
+            "methods": r.methods,
+            "cidrs": r.cidrs,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `default-deny, 2 rules`, or `-` for none.
+fn policy_summary(p: Option<&pb::Policy>) -> String {
+    match p {
+        None => "-".to_owned(),
+        Some(p) => format!(
+            "default-{},{}rule{}",
+            if p.default_action == i32::from(pb::Action::Deny) {
+                "deny"
+            } else {
+                "allow"
+            },
+            p.rules.len(),
+            if p.rules.len() == 1 { "" } else { "s" }
+        ),
+    }
+}
+
+/// A policy in a few lines (`service policy get`).
+fn policy_text(p: Option<&pb::Policy>) -> String {
+    let Some(p) = p else {
+        return "no policy: every mesh identity may call\n".into();
+    };
+    let default = match pb::Action::try_from(p.default_action) {
+        Ok(pb::Action::Deny) => "deny",
+        _ => "allow",
+    };
+    let mut out = format!("default: {default}\n");
+    out.push_str(&policy_rules(p));
+    out
+}
+
+/// The rules as a table (nothing without rules).
+fn policy_rules(p: &pb::Policy) -> String {
+    let mut out = String::new();
+    if !p.rules.is_empty() {
+        let any = |v: &[String]| {
+            if v.is_empty() {
+                "*".to_owned()
+            } else {
+                v.join(",")
+            }
+        };
+        let rows: Vec<Vec<String>> = p
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                vec![
+                    i.to_string(),
+                    action_name(r.action).to_owned(),
+                    any(&r.sources),
+                    any(&r.methods),
+                    any(&r.cidrs),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["RULE", "ACTION", "SOURCES", "METHODS", "CIDRS"],
+            &rows,
+        ));
+    }
+    out
+}
+
+fn short_fp(fp: &str) -> &str {
+    &fp[..fp.len().min(16)]
+}
+
+fn rfc3339(t: Option<SystemTime>) -> Option<String> {
+    t.map(|t| humantime::format_rfc3339_seconds(t).to_string())
+}
+
+fn ca_json(c: &pb::CaStatus) -> Value {
+    json!({
+        "trust_domain": c.trust_domain,
+        "cert_lifetime": dur(c.cert_lifetime.as_ref()),
+        "roots": c.roots.iter().map(|r| json!({
+            "fingerprint": r.fingerprint,
+            "subject": r.subject,
+            "not_after": rfc3339(timestamp(r.not_after.as_ref())),
+            "signing": r.signing,
+            "generated": r.generated,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -785,6 +1321,8 @@ impl Printer {
                     or_dash(dur(s.request_timeout.as_ref())),
                     or_dash(s.authority.as_ref()),
                     s.endpoint_count.to_string(),
+                    if s.permissive { "yes" } else { "no" }.to_owned(),
+                    policy_summary(s.policy.as_ref()),
                 ]
             })
             .collect();
@@ -797,6 +1335,8 @@ impl Printer {
                 "REQUEST",
                 "AUTHORITY",
                 "ENDPOINTS",
+                "PERMISSIVE",
+                "POLICY",
             ],
             &rows,
         ));
@@ -832,11 +1372,20 @@ impl Printer {
             ("connect timeout:", or_dash(dur(s.connect_timeout.as_ref()))),
             ("request timeout:", or_dash(dur(s.request_timeout.as_ref()))),
             ("authority:", or_dash(s.authority.as_ref())),
+            (
+                "permissive:",
+                if s.permissive { "yes" } else { "no" }.to_owned(),
+            ),
+            ("policy:", policy_summary(s.policy.as_ref())),
             ("version:", r.version.to_string()),
         ];
         let mut out = String::new();
         for (k, v) in fields {
             out.push_str(&format!("{k:<17}{v}\n"));
+        }
+        if let Some(p) = s.policy.as_ref().filter(|p| !p.rules.is_empty()) {
+            out.push('\n');
+            out.push_str(&policy_rules(p));
         }
         out.push('\n');
         if r.endpoints.is_empty() {
@@ -844,6 +1393,36 @@ impl Printer {
         } else {
             out.push_str(&endpoint_table(&r.endpoints));
         }
+        self.print(&out);
+    }
+
+    fn ca(&self, c: &pb::CaStatus) {
+        if self.json {
+            self.print_json(&ca_json(c));
+            return;
+        }
+        let mut out = format!(
+            "trust domain {}, workload certificates live {}\n\n",
+            c.trust_domain,
+            or_dash(dur(c.cert_lifetime.as_ref()))
+        );
+        let rows: Vec<Vec<String>> = c
+            .roots
+            .iter()
+            .map(|r| {
+                vec![
+                    r.fingerprint.clone(),
+                    r.subject.clone(),
+                    or_dash(rfc3339(timestamp(r.not_after.as_ref()))),
+                    if r.signing { "yes" } else { "no" }.to_owned(),
+                    if r.generated { "generated" } else { "user" }.to_owned(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["FINGERPRINT", "SUBJECT", "NOT AFTER", "SIGNING", "SOURCE"],
+            &rows,
+        ));
         self.print(&out);
     }
 

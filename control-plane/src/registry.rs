@@ -76,6 +76,9 @@ pub struct ServicePatch {
     pub connect_timeout: Option<Duration>,
     pub request_timeout: Option<Option<Duration>>,
     pub authority: Option<Option<String>>,
+    pub permissive: Option<bool>,
+    /// `Some(None)` removes the policy (every mesh identity may call).
+    pub policy: Option<Option<meshwire_xds::policy::Policy>>,
 }
 
 impl ServicePatch {
@@ -116,6 +119,12 @@ impl ServicePatch {
         }
         if let Some(a) = &self.authority {
             c.authority = a.clone();
+        }
+        if let Some(p) = self.permissive {
+            c.permissive = p;
+        }
+        if let Some(p) = &self.policy {
+            c.policy = p.clone();
         }
         Ok(())
     }

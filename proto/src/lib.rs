@@ -3,6 +3,7 @@
 //!
 //! - [`example::v1`]: the example `Echo` service used by tests, benches and the demo.
 //! - [`admin::v1`]: the control plane's admin API (`MeshAdmin`), spoken by `meshctl`.
+//! - [`identity::v1`]: certificate issuance and the trust bundle (`Identity`), spoken by sidecars.
 //! - [`grpc_testing`]: the message and service shapes of gRPC's interop test
 //!   suite, so third-party stacks (grpcio) can be run through the mesh.
 
@@ -22,6 +23,12 @@ pub mod example {
 pub mod admin {
     pub mod v1 {
         tonic::include_proto!("meshwire.admin.v1");
+    }
+}
+
+pub mod identity {
+    pub mod v1 {
+        tonic::include_proto!("meshwire.identity.v1");
     }
 }
 

@@ -14,6 +14,8 @@
 //!   (e.g. `debug`, `meshwire_sidecar=debug,info`).
 //! - `POST /drain`: starts a graceful drain, as SIGTERM does (listeners
 //!   stop, in-flight calls finish, the process exits).
+//! - `GET /certs`: JSON, the mesh identity: SPIFFE ID, serial, validity,
+//!   renewals, and the trust bundle's root fingerprints.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -57,6 +59,8 @@ pub struct AdminState {
     log: Option<Arc<LogControl>>,
     /// Cancelled by `POST /drain`.
     drain: tokio_util::sync::CancellationToken,
+    /// The mesh identity, shown by `/certs`.
+    identity: Option<Arc<crate::identity::MeshTls>>,
 }
 
 impl AdminState {
@@ -73,7 +77,14 @@ impl AdminState {
             metrics: None,
             log: None,
             drain: tokio_util::sync::CancellationToken::new(),
+            identity: None,
         }
+    }
+
+    /// Serves `/certs` from `tls`.
+    pub fn with_identity(mut self, tls: Option<Arc<crate::identity::MeshTls>>) -> Self {
+        self.identity = tls;
+        self
     }
 
     /// Serves `/metrics` from the live state and `telemetry`'s counters, and
@@ -131,6 +142,10 @@ impl AdminState {
             },
             "/clusters" => json(&self.clusters()),
             "/config_dump" => json(&self.config_dump()),
+            "/certs" => match &self.identity {
+                Some(tls) => json(&tls.describe()),
+                None => json(&serde_json::json!({ "ready": false, "mtls": false })),
+            },
             "/metrics" => match &self.metrics {
                 Some(reg) => {
                     let mut r = respond::text(StatusCode::OK, prom::render(reg));
@@ -151,12 +166,12 @@ impl AdminState {
             },
             "/" => respond::text(
                 StatusCode::OK,
-                "meshwire sidecar admin: /live /ready /clusters /config_dump /metrics /logging (POST ?level=) /drain (POST)\n",
+                "meshwire sidecar admin: /live /ready /clusters /config_dump /certs /metrics /logging (POST ?level=) /drain (POST)\n",
             ),
             other => respond::text(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "no admin page {other:?}; try /live /ready /clusters /config_dump /metrics /logging /drain\n"
+                    "no admin page {other:?}; try /live /ready /clusters /config_dump /certs /metrics /logging /drain\n"
                 ),
             ),
         }

@@ -84,6 +84,29 @@ pub struct Args {
     /// Log filter (`info`, `meshwire_sidecar=debug`, ...).
     #[arg(long, env = "MESHWIRE_LOG", default_value = "info")]
     pub log: String,
+
+    /// Single-use token from `meshctl token create`: the first certificate
+    /// comes from the control plane's CA (`--control-plane https://...`).
+    #[arg(long, env = "MESHWIRE_JOIN_TOKEN", hide_env_values = true, conflicts_with_all = ["join_token_file", "cert"])]
+    pub join_token: Option<String>,
+    /// The join token, read from a file.
+    #[arg(long, env = "MESHWIRE_JOIN_TOKEN_FILE", conflicts_with = "cert")]
+    pub join_token_file: Option<PathBuf>,
+    /// The mesh's trust bundle (PEM roots; `meshctl ca bundle` prints it).
+    #[arg(long, env = "MESHWIRE_TRUST_BUNDLE", conflicts_with = "ca_fingerprint")]
+    pub trust_bundle: Option<PathBuf>,
+    /// Instead of a bundle file: the SHA-256 fingerprint of the CA's root.
+    #[arg(long, env = "MESHWIRE_CA_FINGERPRINT")]
+    pub ca_fingerprint: Option<String>,
+    /// A fixed certificate chain (PEM) instead of one from the control plane.
+    #[arg(long, env = "MESHWIRE_CERT", requires_all = ["key", "trust_bundle"])]
+    pub cert: Option<PathBuf>,
+    /// The private key of `--cert` (PEM).
+    #[arg(long, env = "MESHWIRE_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Longest an outbound call made during start-up waits for the sidecar to be ready.
+    #[arg(long, env = "MESHWIRE_STARTUP_WAIT", default_value = "10s", value_parser = parse_duration)]
+    pub startup_wait: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -105,19 +128,19 @@ impl Args {
         cfg.max_endpoints = self.max_endpoints as usize;
         cfg.service_listeners = file.listeners();
         cfg.clusters = file.clusters();
-        if let Some(server) = self.control_plane {
+        if let Some(server) = self.control_plane.clone() {
             let uri: http::Uri = server
                 .parse()
                 .map_err(|e| ConfigError::Flag(format!("--control-plane {server:?}: {e}")))?;
             if uri.scheme().is_none() || uri.authority().is_none() {
                 return Err(ConfigError::Flag(format!(
-                    "--control-plane {server:?}: write it as http://HOST:PORT"
+                    "--control-plane {server:?}: write it as https://HOST:15012 (or http://HOST:15010 without mTLS)"
                 )));
             }
-            let service = self.service.unwrap_or_default();
+            let service = self.service.clone().unwrap_or_default();
             meshwire_xds::model::validate_service_name(&service)
                 .map_err(|e| ConfigError::Flag(format!("--service: {}", e.reason)))?;
-            let node_id = self.node_id.unwrap_or_else(|| {
+            let node_id = self.node_id.clone().unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                     .map(|h| h.trim().to_owned())
                     .unwrap_or_else(|_| "host".into());
@@ -129,7 +152,84 @@ impl Args {
                 node_id,
             });
         }
+        cfg.startup_wait = self.startup_wait;
+        cfg.service = self.service.clone();
+        cfg.identity = self.identity(cfg.control_plane.as_ref())?;
         Ok(cfg)
+    }
+
+    fn identity(
+        &self,
+        cp: Option<&crate::ControlPlaneConfig>,
+    ) -> Result<Option<crate::IdentitySource>, ConfigError> {
+        use meshwire_xds::identity::{self, Credentials, TrustBundle};
+        let flag = |f: &str, e: &dyn std::fmt::Display| ConfigError::Flag(format!("{f}: {e}"));
+        let read = |f: &str, p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| flag(f, &format!("{}: {e}", p.display())))
+        };
+        let bundle = self
+            .trust_bundle
+            .as_deref()
+            .map(|p| {
+                TrustBundle::from_pem(&read("--trust-bundle", p)?)
+                    .map_err(|e| flag("--trust-bundle", &e))
+            })
+            .transpose()?;
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            let chain =
+                identity::certs_from_pem(&read("--cert", cert)?).map_err(|e| flag("--cert", &e))?;
+            if chain.is_empty() {
+                return Err(flag("--cert", &"no certificate in the file"));
+            }
+            let key =
+                identity::key_from_pem(&read("--key", key)?).map_err(|e| flag("--key", &e))?;
+            let bundle = bundle.ok_or_else(|| flag("--cert", &"needs --trust-bundle"))?;
+            let tls = crate::identity::MeshTls::fixed(Credentials { chain, key }, bundle)
+                .map_err(|e| flag("--cert", &e))?;
+            return Ok(Some(crate::IdentitySource::Fixed(tls)));
+        }
+        let token = match (&self.join_token, &self.join_token_file) {
+            (Some(t), _) => Some(t.trim().to_owned()),
+            (None, Some(p)) => Some(read("--join-token-file", p)?.trim().to_owned()),
+            (None, None) => None,
+        };
+        let https = cp.is_some_and(|c| c.server.starts_with("https://"));
+        let Some(token) = token else {
+            if https {
+                return Err(ConfigError::Flag(
+                    "--control-plane https://...: give --join-token (or --join-token-file) for the first certificate".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        if token.is_empty() {
+            return Err(flag("--join-token", &"is empty"));
+        }
+        let Some(cp) = cp.filter(|_| https) else {
+            return Err(ConfigError::Flag(
+                "--join-token: needs --control-plane https://HOST:15012 (certificates are only issued over TLS)".into(),
+            ));
+        };
+        let bootstrap = match (bundle, &self.ca_fingerprint) {
+            (Some(b), _) => crate::identity::Bootstrap::Bundle(b),
+            (None, Some(fp)) => {
+                identity::pinned_client_config(fp).map_err(|e| flag("--ca-fingerprint", &e))?;
+                crate::identity::Bootstrap::Fingerprint(fp.clone())
+            }
+            (None, None) => {
+                return Err(ConfigError::Flag(
+                    "--join-token: give --trust-bundle FILE or --ca-fingerprint HEX to verify the control plane".into(),
+                ));
+            }
+        };
+        Ok(Some(crate::IdentitySource::ControlPlane(
+            crate::identity::IdentityClientConfig {
+                server: cp.server.clone(),
+                join_token: token,
+                bootstrap,
+                connect_timeout: Duration::from_secs(2),
+            },
+        )))
     }
 }
 

@@ -5,7 +5,7 @@
 //! ```text
 //! peer sidecar ─▶ inbound listener ─▶ deadline ─▶ lease a stream to the app ─▶ send ─▶ response back
 //! ```
-//! Authorization (the identity issue) goes between the listener and the lease.
+//! Authorization (`authz`) runs before the lease: a denied call never reaches the app.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,11 +16,13 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::authz::Authz;
 use crate::body::{RequestBody, ResponseBody};
 use crate::endpoint::Endpoint;
 use crate::grpc;
 use crate::proxy::{self, CallShape, SendError};
 use crate::respond::ProxyError;
+use crate::server::ConnInfo;
 use crate::telemetry::{CallTrace, Direction, Telemetry};
 
 /// Tries per call: a connection to the app that closed before the request was
@@ -33,13 +35,32 @@ pub struct Inbound {
     pub app: Arc<Endpoint>,
     /// Error counts and server spans.
     pub telemetry: Arc<Telemetry>,
+    /// The local service's policy.
+    pub authz: Arc<Authz>,
 }
 
 impl Inbound {
-    async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
         let grpc = grpc::is_grpc(req.headers());
         let version = req.version();
-        match self.forward(req, grpc).await {
+        let result = if self.authz.allows(
+            conn.identity.as_deref(),
+            req.uri().path(),
+            conn.peer.ip(),
+        ) {
+            self.forward(req, grpc).await
+        } else {
+            let caller = conn
+                .identity
+                .as_deref()
+                .unwrap_or("a caller without identity");
+            tracing::debug!(%caller, peer = %conn.peer, path = req.uri().path(), "call denied by policy");
+            Err(ProxyError::PermissionDenied {
+                caller: caller.to_owned(),
+                path: req.uri().path().to_owned(),
+            })
+        };
+        match result {
             Ok(r) => r,
             Err(e) => {
                 self.telemetry.metrics.error(Direction::Inbound, e.kind());
@@ -115,11 +136,15 @@ impl Inbound {
 #[derive(Debug, Clone)]
 pub struct InboundService {
     inner: Arc<Inbound>,
+    conn: Arc<ConnInfo>,
 }
 
 impl InboundService {
-    pub fn new(inner: Arc<Inbound>) -> Self {
-        Self { inner }
+    pub fn new(inner: Arc<Inbound>, conn: &ConnInfo) -> Self {
+        Self {
+            inner,
+            conn: Arc::new(conn.clone()),
+        }
     }
 }
 
@@ -130,6 +155,7 @@ impl hyper::service::Service<Request<Incoming>> for InboundService {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let inner = self.inner.clone();
-        Box::pin(async move { Ok(inner.handle(req).await) })
+        let conn = self.conn.clone();
+        Box::pin(async move { Ok(inner.handle(req, &conn).await) })
     }
 }

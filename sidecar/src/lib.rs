@@ -15,22 +15,30 @@
 //! and metadata pass unchanged, and every error the sidecar makes itself is a
 //! trailers-only gRPC response made in [`respond`].
 //!
+//! With an identity ([`identity`]) the sidecar-to-sidecar hop is mutual TLS
+//! 1.3: the outbound side checks the peer's SPIFFE ID against the one pushed
+//! for the endpoint, the inbound side requires a client certificate from the
+//! mesh CA and checks the local service's policy ([`authz`]) before the app
+//! sees the call.
+//!
 //! # One config update
-//! A new list of [`meshwire_xds::Cluster`]s goes to [`Sidecar::apply`] (from the
-//! static file today, from xDS later): it is validated whole, then the route
-//! table is swapped atomically; endpoints that stay keep their connections
-//! and in-flight calls.
+//! A new list of [`meshwire_xds::Cluster`]s goes to [`Sidecar::apply`] (from a
+//! static file, or from the control plane over xDS): it is validated whole,
+//! then the route table is swapped atomically; endpoints that stay keep their
+//! connections and in-flight calls.
 //!
 //! Start one in-process with [`Sidecar::start`] (tests bind `127.0.0.1:0` and
 //! read the ports back), or run the `meshwire-sidecar` binary.
 
 pub mod admin;
+pub mod authz;
 pub mod body;
 pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod endpoint;
 pub mod grpc;
+pub mod identity;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
@@ -50,13 +58,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{AdminService, AdminState, Phase};
+use crate::authz::Authz;
 use crate::connect::Connector;
 use crate::endpoint::Endpoint;
+use crate::identity::{IdentityClientConfig, MeshTls};
 use crate::inbound::{Inbound, InboundService};
 use crate::outbound::route::Routes;
-use crate::outbound::{Outbound, OutboundService};
+use crate::outbound::{Outbound, OutboundService, StartGate};
 use crate::pool::H2Settings;
-use crate::server::{Protocols, ServerSettings};
+use crate::server::{Protocols, ServerSettings, Transport};
 use crate::telemetry::{LogControl, Telemetry, TraceConfig, TraceError};
 
 /// Everything a sidecar needs to start.
@@ -83,6 +93,25 @@ pub struct SidecarConfig {
     pub trace: Option<TraceConfig>,
     /// The process's log filter, for the admin `/logging` page.
     pub log_control: Option<Arc<LogControl>>,
+    /// Where the mesh identity comes from; `None`: the mesh hop is plaintext
+    /// HTTP/2 (development only).
+    pub identity: Option<IdentitySource>,
+    /// The service this sidecar belongs to: its cluster's policy and
+    /// permissive flag govern the inbound side (with a control plane, its
+    /// `service` is used when this is `None`).
+    pub service: Option<String>,
+    /// Longest an outbound call made during start-up waits for the sidecar
+    /// to be ready (certificate and first config) before it fails.
+    pub startup_wait: Duration,
+}
+
+/// Where the sidecar's certificate comes from.
+#[derive(Debug, Clone)]
+pub enum IdentitySource {
+    /// The control plane's CA, with a join token; renewed before expiry.
+    ControlPlane(IdentityClientConfig),
+    /// A fixed certificate, key and trust bundle (files; no rotation).
+    Fixed(Arc<MeshTls>),
 }
 
 /// Where the sidecar gets its config over xDS.
@@ -112,6 +141,9 @@ impl SidecarConfig {
             max_endpoints: outbound::route::DEFAULT_MAX_ENDPOINTS,
             trace: None,
             log_control: None,
+            identity: None,
+            service: None,
+            startup_wait: Duration::from_secs(10),
         }
     }
 
@@ -150,6 +182,8 @@ pub struct Sidecar {
     pub service_addrs: Vec<(String, SocketAddr)>,
     routes: Arc<Routes>,
     admin: Arc<AdminState>,
+    tls: Option<Arc<MeshTls>>,
+    gate: Arc<StartGate>,
     xds: Option<tokio::task::JoinHandle<()>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -171,9 +205,23 @@ impl Sidecar {
     /// Validates the config, binds every listener and starts serving.
     pub async fn start(cfg: SidecarConfig) -> Result<Self, StartError> {
         let client = Arc::new(cfg.client.clone());
-        let routes = Arc::new(
-            Routes::new(Connector::default(), client.clone()).with_max_endpoints(cfg.max_endpoints),
-        );
+        let tls = match &cfg.identity {
+            None => None,
+            Some(IdentitySource::ControlPlane(_)) => Some(MeshTls::new()),
+            Some(IdentitySource::Fixed(t)) => Some(t.clone()),
+        };
+        let authz = Authz::new();
+        let mesh_connector = tls.clone().map(Connector::mesh).unwrap_or_default();
+        let mut routes =
+            Routes::new(mesh_connector, client.clone()).with_max_endpoints(cfg.max_endpoints);
+        if let Some(svc) = cfg
+            .service
+            .clone()
+            .or_else(|| cfg.control_plane.as_ref().map(|cp| cp.service.clone()))
+        {
+            routes = routes.with_local_service(svc, authz.clone());
+        }
+        let routes = Arc::new(routes);
         if cfg.control_plane.is_some() && !cfg.clusters.is_empty() {
             return Err(StartError::StaticAndControlPlane);
         }
@@ -203,7 +251,8 @@ impl Sidecar {
                     .as_ref()
                     .map(|cp| (cp.server.clone(), xds_status.clone())),
             )
-            .with_telemetry(&telemetry, cfg.log_control.clone()),
+            .with_telemetry(&telemetry, cfg.log_control.clone())
+            .with_identity(tls.clone()),
         );
 
         // Bind everything before serving anything, so a bad address fails start-up whole.
@@ -221,17 +270,51 @@ impl Sidecar {
 
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let outbound = Arc::new(Outbound::new(routes.clone()).with_telemetry(telemetry.clone()));
+        // Ready: a certificate (with an identity) and the first config (with a control plane).
+        let ready_at_once =
+            cfg.control_plane.is_none() && tls.as_ref().is_none_or(|t| t.is_ready());
+        let (ready_tx, ready_rx) = tokio::sync::watch::channel(ready_at_once);
+        let gate = Arc::new(StartGate::new(ready_rx, cfg.startup_wait));
+        let outbound = Arc::new(
+            Outbound::new(routes.clone())
+                .with_telemetry(telemetry.clone())
+                .with_gate(gate.clone()),
+        );
+        if let (Some(IdentitySource::ControlPlane(icfg)), Some(tls)) = (&cfg.identity, &tls) {
+            tokio::spawn(identity::client::run(
+                icfg.clone(),
+                tls.clone(),
+                shutdown.clone(),
+            ));
+        }
         let xds = cfg.control_plane.as_ref().map(|cp| {
+            let tls = tls.clone();
             let client = xds_client::ClientConfig {
                 server: cp.server.clone(),
                 node_id: cp.node_id.clone(),
                 service: cp.service.clone(),
                 user_agent: "meshwire-sidecar".into(),
                 connect_timeout: Duration::from_secs(2),
+                // The control plane is the one workload in meshwire-system/control-plane.
+                tls: tls
+                    .as_ref()
+                    .filter(|_| cp.server.starts_with("https://"))
+                    .map(|t| {
+                        t.control_plane_connector(Some(
+                            "/ns/meshwire-system/sa/control-plane".into(),
+                        ))
+                    }),
             };
             let sink: Arc<dyn ConfigSink> = routes.clone();
-            tokio::spawn(xds_client::run(client, sink, xds_status_tx))
+            tokio::spawn(async move {
+                // xDS over mTLS needs our certificate first.
+                if client.tls.is_some()
+                    && let Some(t) = &tls
+                {
+                    t.ready().await;
+                }
+                xds_client::run(client, sink, xds_status_tx).await
+            })
         });
         let sidecar = Sidecar {
             outbound_addr: local(&outbound_l),
@@ -243,6 +326,8 @@ impl Sidecar {
                 .collect(),
             routes,
             admin: admin.clone(),
+            tls: tls.clone(),
+            gate,
             xds,
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
@@ -273,7 +358,8 @@ impl Sidecar {
             outbound_l,
             Protocols::Http1AndHttp2,
             &cfg.server,
-            move |_peer| OutboundService::new(ob.clone(), None),
+            Transport::Plain,
+            move |_: &server::ConnInfo| OutboundService::new(ob.clone(), None),
             shutdown.clone(),
             &tracker,
         );
@@ -285,7 +371,8 @@ impl Sidecar {
                 l,
                 Protocols::Http1AndHttp2,
                 &cfg.server,
-                move |_peer| OutboundService::new(ob.clone(), Some(name.clone())),
+                Transport::Plain,
+                move |_: &server::ConnInfo| OutboundService::new(ob.clone(), Some(name.clone())),
                 shutdown.clone(),
                 &tracker,
             );
@@ -294,13 +381,22 @@ impl Sidecar {
             let inbound = Arc::new(Inbound {
                 app,
                 telemetry: telemetry.clone(),
+                authz: authz.clone(),
             });
+            let transport = match &tls {
+                Some(tls) => Transport::Mesh {
+                    tls: tls.clone(),
+                    authz: authz.clone(),
+                },
+                None => Transport::Plain,
+            };
             server::spawn(
                 "inbound",
                 l,
                 Protocols::Http2,
                 &cfg.server,
-                move |_peer| InboundService::new(inbound.clone()),
+                transport,
+                move |c: &server::ConnInfo| InboundService::new(inbound.clone(), c),
                 shutdown.clone(),
                 &tracker,
             );
@@ -314,7 +410,8 @@ impl Sidecar {
             admin_l,
             Protocols::Http1,
             &cfg.server,
-            move |_peer| AdminService::new(st.clone()),
+            Transport::Plain,
+            move |_: &server::ConnInfo| AdminService::new(st.clone()),
             admin_stop.clone(),
             &TaskTracker::new(),
         );
@@ -324,20 +421,29 @@ impl Sidecar {
             admin_stop.cancel();
         });
         tracker.close();
-        match cfg.control_plane {
-            // Ready once the first complete config from the control plane is applied.
-            Some(_) => {
-                let admin = admin.clone();
-                let mut status = xds_status;
-                tokio::spawn(async move {
-                    if status.wait_for(|s| s.warm).await.is_ok() && admin.phase() == Phase::Starting
-                    {
-                        admin.set_phase(Phase::Ready);
-                        tracing::info!("first config from the control plane applied; ready");
-                    }
-                });
-            }
-            None => admin.set_phase(Phase::Ready),
+        // Ready once the certificate is in and the first complete config from
+        // the control plane is applied.
+        if ready_at_once {
+            admin.set_phase(Phase::Ready);
+        } else {
+            let admin = admin.clone();
+            let mut status = cfg.control_plane.as_ref().map(|_| xds_status);
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                if let Some(t) = &tls {
+                    t.ready().await;
+                }
+                if let Some(st) = status.as_mut()
+                    && st.wait_for(|s| s.warm).await.is_err()
+                {
+                    return;
+                }
+                if admin.phase() == Phase::Starting {
+                    admin.set_phase(Phase::Ready);
+                    ready_tx.send_replace(true);
+                    tracing::info!("ready");
+                }
+            });
         }
         tracing::info!(
             outbound = %sidecar.outbound_addr,
@@ -361,6 +467,16 @@ impl Sidecar {
 
     pub fn routes(&self) -> &Arc<Routes> {
         &self.routes
+    }
+
+    /// Outbound calls waiting for the sidecar to finish starting.
+    pub fn waiting_at_start(&self) -> usize {
+        self.gate.waiting()
+    }
+
+    /// Its mesh identity, if it has one.
+    pub fn identity(&self) -> Option<&Arc<MeshTls>> {
+        self.tls.as_ref()
     }
 
     /// Its metrics counters and tracer.

@@ -35,6 +35,10 @@ pub enum ProxyError {
     DeadlineExceeded(Duration),
     #[error("meshwire: bad request: {0}")]
     BadRequest(&'static str),
+    #[error("meshwire: {caller} may not call {path}")]
+    PermissionDenied { caller: String, path: String },
+    #[error("meshwire: the sidecar is still starting (no certificate or config yet)")]
+    NotReady,
 }
 
 impl ProxyError {
@@ -53,7 +57,9 @@ impl ProxyError {
             | ProxyError::NoEndpoints(_)
             | ProxyError::Unreachable { .. }
             | ProxyError::AppUnreachable(_)
-            | ProxyError::Upstream(_) => Code::Unavailable,
+            | ProxyError::Upstream(_)
+            | ProxyError::NotReady => Code::Unavailable,
+            ProxyError::PermissionDenied { .. } => Code::PermissionDenied,
             ProxyError::NoAuthority | ProxyError::BadRequest(_) => Code::InvalidArgument,
             ProxyError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ProxyError::UpstreamReset(r) => match *r {
@@ -78,6 +84,8 @@ impl ProxyError {
             ProxyError::Upstream(_) => "upstream-failed",
             ProxyError::DeadlineExceeded(_) => "deadline-exceeded",
             ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::PermissionDenied { .. } => "permission-denied",
+            ProxyError::NotReady => "not-ready",
         }
     }
 

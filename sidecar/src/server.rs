@@ -1,22 +1,98 @@
 //! Accept loops for the sidecar's listeners, with graceful shutdown: on
 //! shutdown a listener stops accepting, every connection gets a GOAWAY (or
 //! loses keep-alive, for HTTP/1.1) and in-flight calls are left to finish.
+//!
+//! A mesh listener ([`Transport::Mesh`]) accepts nothing before the sidecar
+//! has a certificate, then wants TLS 1.3 with a client certificate chained to
+//! the trust bundle; plaintext only while the local service is permissive.
+//! The handshake runs in the connection's task, never in the accept loop.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::authz::Authz;
 use crate::body::ResponseBody;
 use crate::connect::MeshIo;
+use crate::identity::MeshTls;
+
+/// Longest a peer may take to finish the TLS handshake (or, in permissive
+/// mode, to send its first byte).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A TLS record of type handshake: how a ClientHello starts.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Who is on the other end of an accepted connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The peer's SPIFFE ID, from its client certificate (mesh TLS only).
+    pub identity: Option<Arc<str>>,
+}
+
+/// How a listener's connections are secured.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    Plain,
+    /// Mutual TLS with the sidecar's identity; plaintext accepted too while
+    /// the local service is permissive.
+    Mesh {
+        tls: Arc<MeshTls>,
+        authz: Arc<Authz>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("no certificate yet")]
+    NoIdentity,
+    #[error("handshake timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("closed before sending anything")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Transport {
+    async fn accept(&self, tcp: TcpStream) -> Result<(MeshIo, Option<Arc<str>>), AcceptError> {
+        let Transport::Mesh { tls, authz } = self else {
+            return Ok((MeshIo::Plain(tcp), None));
+        };
+        let timed = |f| tokio::time::timeout(HANDSHAKE_TIMEOUT, f);
+        if authz.permissive() {
+            let mut first = [0u8; 1];
+            let n = timed(tcp.peek(&mut first))
+                .await
+                .map_err(|_| AcceptError::Timeout(HANDSHAKE_TIMEOUT))??;
+            if n == 0 {
+                return Err(AcceptError::Closed);
+            }
+            if first[0] != TLS_HANDSHAKE_RECORD {
+                return Ok((MeshIo::Plain(tcp), None));
+            }
+        }
+        let state = tls.current().ok_or(AcceptError::NoIdentity)?;
+        let stream = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsAcceptor::from(state.server.clone()).accept(tcp),
+        )
+        .await
+        .map_err(|_| AcceptError::Timeout(HANDSHAKE_TIMEOUT))??;
+        let identity =
+            meshwire_xds::identity::peer_id(stream.get_ref().1.peer_certificates()).map(Arc::from);
+        Ok((MeshIo::Server(Box::new(stream)), identity))
+    }
+}
 
 /// HTTP/2 server settings of the data-plane listeners.
 #[derive(Debug, Clone)]
@@ -54,7 +130,7 @@ pub enum Protocols {
     Http1,
 }
 
-pub(crate) trait MakeService: Send + 'static {
+pub(crate) trait MakeService: Send + Sync + 'static {
     type Service: hyper::service::Service<
             Request<Incoming>,
             Response = Response<ResponseBody>,
@@ -62,12 +138,12 @@ pub(crate) trait MakeService: Send + 'static {
             Future: Send + 'static,
         > + Send
         + 'static;
-    fn make(&self, peer: SocketAddr) -> Self::Service;
+    fn make(&self, conn: &ConnInfo) -> Self::Service;
 }
 
 impl<F, S> MakeService for F
 where
-    F: Fn(SocketAddr) -> S + Send + 'static,
+    F: Fn(&ConnInfo) -> S + Send + Sync + 'static,
     S: hyper::service::Service<
             Request<Incoming>,
             Response = Response<ResponseBody>,
@@ -77,8 +153,8 @@ where
         + 'static,
 {
     type Service = S;
-    fn make(&self, peer: SocketAddr) -> S {
-        self(peer)
+    fn make(&self, conn: &ConnInfo) -> S {
+        self(conn)
     }
 }
 
@@ -106,20 +182,29 @@ fn builder(protocols: Protocols, s: &ServerSettings) -> auto::Builder<TokioExecu
 }
 
 /// Serves `listener` until `shutdown` fires, then drains its connections.
-/// The returned task ends when the last connection has closed.
+/// `tracker` tracks every connection: waiting on it waits for the drain.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn(
     name: &'static str,
     listener: TcpListener,
     protocols: Protocols,
     settings: &ServerSettings,
+    transport: Transport,
     make: impl MakeService,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) {
-    let builder = builder(protocols, settings);
+    let builder = Arc::new(builder(protocols, settings));
+    let make = Arc::new(make);
     let conns = tracker.clone();
     tracker.spawn(async move {
-        let graceful = GracefulShutdown::new();
+        // No certificate, no service: connections wait in the backlog.
+        if let Transport::Mesh { tls, .. } = &transport {
+            tokio::select! {
+                () = tls.ready() => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
         let mut accept_errors = 0u32;
         loop {
             let (tcp, peer) = tokio::select! {
@@ -138,20 +223,37 @@ pub(crate) fn spawn(
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let io = TokioIo::new(MeshIo::Plain(tcp));
-            let conn = builder
-                .serve_connection_with_upgrades(io, make.make(peer))
-                .into_owned();
-            let conn = graceful.watch(conn);
+            let (builder, make, transport, shutdown) = (
+                builder.clone(),
+                make.clone(),
+                transport.clone(),
+                shutdown.clone(),
+            );
             conns.spawn(async move {
-                if let Err(e) = conn.await {
+                let (io, identity) = match transport.accept(tcp).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::debug!(listener = name, %peer, error = %e, "connection refused");
+                        return;
+                    }
+                };
+                let svc = make.make(&ConnInfo { peer, identity });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+                tokio::pin!(conn);
+                let r = tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = shutdown.cancelled() => {
+                        // GOAWAY (or no more keep-alive); in-flight calls finish.
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = r {
                     tracing::debug!(listener = name, %peer, error = %e, "connection ended with error");
                 }
             });
         }
         drop(listener);
-        tracing::debug!(listener = name, connections = graceful.count(), "draining");
-        graceful.shutdown().await;
-        tracing::debug!(listener = name, "drained");
+        tracing::debug!(listener = name, "stopped accepting; draining");
     });
 }

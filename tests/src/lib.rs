@@ -892,16 +892,23 @@ impl ControlPlaneProcess {
         let log = run.path().join("control-plane.log");
         let mut cmd = Command::new(bin);
         let listen = listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
-        cmd.args(["--listen", &listen, "--log", "info"])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .env_remove("MESHWIRE_ADMIN_TOKEN")
-            .envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
+        cmd.args([
+            "--listen",
+            &listen,
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--log",
+            "info",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .env_remove("MESHWIRE_ADMIN_TOKEN")
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
         let mut child = cmd.spawn().expect("spawn control plane");
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         for _ in 0..1000 {
@@ -1097,4 +1104,22 @@ pub async fn refusing_h2_app() -> (SocketAddr, std::sync::Arc<std::sync::atomic:
         }
     });
     (addr, seen)
+}
+
+impl ControlPlaneProcess {
+    /// The TLS port (Identity, ADS, admin API), from its addr file.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        let path = self._run.path().join("addr.json");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        v["tls"].as_str()?.parse().ok()
+    }
+
+    /// `https://127.0.0.1:PORT` of the TLS port.
+    pub fn tls_url(&self) -> String {
+        format!(
+            "https://{}",
+            self.tls_addr().expect("the control plane serves TLS")
+        )
+    }
 }

@@ -45,6 +45,9 @@ pub struct ClientConfig {
     pub service: String,
     pub user_agent: String,
     pub connect_timeout: Duration,
+    /// Connect over mutual TLS with these credentials (`server` may then say
+    /// `https://`); `None`: plaintext HTTP/2.
+    pub tls: Option<crate::identity::TlsConnector>,
 }
 
 /// A refused update.
@@ -154,16 +157,28 @@ async fn stream_once(
     status: &watch::Sender<ClientStatus>,
     state: &mut State,
 ) -> Result<(), String> {
-    let channel = tonic::transport::Endpoint::from_shared(cfg.server.clone())
+    // Our connector does the TLS: tonic sees a plain `http` origin.
+    let origin = match cfg.server.strip_prefix("https://") {
+        Some(rest) if cfg.tls.is_some() => format!("http://{rest}"),
+        _ => cfg.server.clone(),
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(origin)
         .map_err(|e| format!("bad control-plane address {:?}: {e}", cfg.server))?
         .connect_timeout(cfg.connect_timeout)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
-        .tcp_nodelay(true)
-        .connect()
+        .tcp_nodelay(true);
+    let channel = match &cfg.tls {
+        Some(tls) => tokio::time::timeout(
+            cfg.connect_timeout,
+            endpoint.connect_with_connector(tls.clone()),
+        )
         .await
-        .map_err(|e| format!("connect {}: {e}", cfg.server))?;
+        .map_err(|_| format!("connect {}: timed out", cfg.server))?,
+        None => endpoint.connect().await,
+    }
+    .map_err(|e| format!("connect {}: {e}", cfg.server))?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);

@@ -289,6 +289,46 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+/// Client side of the first contact with the control plane when the sidecar
+/// knows only the fingerprint of a root (`--ca-fingerprint`): the server's
+/// chain must include that root and verify against it. Also TLS 1.3, ALPN h2.
+pub fn pinned_client_config(fingerprint: &str) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
+    let pin = fingerprint.trim().to_ascii_lowercase().replace(':', "");
+    if pin.len() != 64 || !pin.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(IdentityError::Tls(format!(
+            "{fingerprint:?} is not a SHA-256 fingerprint (64 hex digits)"
+        )));
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| IdentityError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+            pin,
+            provider: provider(),
+        }))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A fresh key pair and a PKCS#10 request for it (PEM). The mesh CA takes
+/// only the public key from it: the identity comes from the join token or
+/// the client certificate, so the request names nothing.
+pub fn new_key_and_csr() -> Result<(PrivateKeyDer<'static>, String), IdentityError> {
+    let err = |e: rcgen::Error| IdentityError::Certificate(e.to_string());
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .map_err(err)?
+        .serialize_request(&key)
+        .map_err(err)?
+        .pem()
+        .map_err(err)?;
+    let der = PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| IdentityError::Certificate(e.to_string()))?;
+    Ok((der, csr))
+}
+
 /// The SNI the mesh sends; certificates are not checked against it.
 pub fn mesh_server_name() -> ServerName<'static> {
     ServerName::try_from("meshwire.mesh").expect("a valid DNS name")
@@ -354,6 +394,73 @@ impl ServerCertVerifier for BundleVerifier {
     }
 }
 
+/// Verifies a server's chain against the one root whose fingerprint was
+/// pinned; that root must be among the certificates the server sent.
+#[derive(Debug)]
+struct PinnedVerifier {
+    pin: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let root = intermediates
+            .iter()
+            .find(|c| fingerprint(c) == self.pin)
+            .ok_or_else(|| {
+                rustls::Error::General(format!(
+                    "the server's chain does not include the pinned root {}",
+                    self.pin
+                ))
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(root.clone().into_owned())?;
+        BundleVerifier {
+            roots: Arc::new(roots),
+            provider: self.provider.clone(),
+        }
+        .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 /// Checks that a TLS peer is who the control plane said it would be.
 pub fn check_peer(certs: Option<&[CertificateDer<'_>]>, want: &str) -> Result<(), IdentityError> {
     match peer_id(certs) {
@@ -369,7 +476,8 @@ pub fn check_peer(certs: Option<&[CertificateDer<'_>]>, want: &str) -> Result<()
 
 /// Connects tonic channels over TLS with the mesh's client configuration
 /// (read at every connect, so rotated certificates are used), and checks
-/// the server's SPIFFE ID when one is expected.
+/// the server's SPIFFE ID when one is expected: `expect` is a whole SPIFFE ID,
+/// or just its path (any trust domain).
 #[derive(Clone)]
 pub struct TlsConnector {
     pub config: Arc<arc_swap::ArcSwap<rustls::ClientConfig>>,
@@ -411,60 +519,101 @@ impl tower_service::Service<http::Uri> for TlsConnector {
                 .connect(mesh_server_name(), tcp)
                 .await?;
             if let Some(want) = &expect {
-                check_peer(tls.get_ref().1.peer_certificates(), want)?;
+                if want.starts_with("spiffe://") {
+                    check_peer(tls.get_ref().1.peer_certificates(), want)?;
+                } else {
+                    // A path (`/ns/meshwire-system/sa/control-plane`): before
+                    // its first certificate a sidecar does not know the trust
+                    // domain, only which workload the control plane is.
+                    let got = peer_id(tls.get_ref().1.peer_certificates());
+                    if !got.as_deref().is_some_and(|g| {
+                        g.strip_prefix("spiffe://")
+                            .and_then(|r| r.find('/').map(|i| &r[i..]))
+                            == Some(want.as_str())
+                    }) {
+                        return Err(IdentityError::WrongPeer {
+                            got,
+                            want: want.clone(),
+                        }
+                        .into());
+                    }
+                }
             }
             Ok(hyper_util::rt::TokioIo::new(tls))
         })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A throwaway CA for tests (this crate's and the end-to-end tests): real
+/// certificates made at run time, never written to the repository.
+pub mod testing {
     use rcgen::{
         BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
         KeyUsagePurpose, SanType,
     };
+    use rustls::pki_types::PrivateKeyDer;
+
+    use super::{Credentials, TrustBundle};
 
     /// A root CA and a way to issue leaf certificates from it.
-    struct TestCa {
+    pub struct TestCa {
         cert: rcgen::Certificate,
         issuer: Issuer<'static, KeyPair>,
     }
 
+    impl std::fmt::Debug for TestCa {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("TestCa").finish_non_exhaustive()
+        }
+    }
+
     impl TestCa {
-        fn new(name: &str) -> Self {
-            let key = KeyPair::generate().unwrap();
-            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        /// Panics on failure: for tests only.
+        pub fn new(name: &str) -> Self {
+            let key = KeyPair::generate().expect("key");
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
             p.distinguished_name.push(rcgen::DnType::CommonName, name);
             p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            let cert = p.self_signed(&key).unwrap();
+            let cert = p.self_signed(&key).expect("self-signed");
             Self {
                 cert,
                 issuer: Issuer::new(p, key),
             }
         }
 
-        fn bundle(&self) -> TrustBundle {
-            TrustBundle::new(vec![self.cert.der().clone()]).unwrap()
+        pub fn bundle(&self) -> TrustBundle {
+            TrustBundle::new(vec![self.root().clone()]).expect("bundle")
         }
 
-        fn leaf(&self, id: &str) -> Credentials {
-            let key = KeyPair::generate().unwrap();
-            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-            p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        /// The root certificate.
+        pub fn root(&self) -> &rustls::pki_types::CertificateDer<'static> {
+            self.cert.der()
+        }
+
+        /// A leaf certificate carrying the SPIFFE ID `id`.
+        pub fn leaf(&self, id: &str) -> Credentials {
+            let key = KeyPair::generate().expect("key");
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+            p.subject_alt_names = vec![SanType::URI(id.try_into().expect("URI SAN"))];
             p.extended_key_usages = vec![
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
             ];
-            let cert = p.signed_by(&key, &self.issuer).unwrap();
+            let cert = p.signed_by(&key, &self.issuer).expect("signed");
             Credentials {
                 chain: vec![cert.der().clone()],
-                key: PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+                key: PrivateKeyDer::try_from(key.serialize_der()).expect("key DER"),
             }
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use testing::TestCa;
 
     /// One handshake over an in-memory pipe; the server's view of the client.
     async fn handshake(
@@ -540,7 +689,7 @@ mod tests {
     async fn a_bundle_of_two_roots_trusts_both() {
         let old = TestCa::new("old");
         let new = TestCa::new("new");
-        let both = TrustBundle::new(vec![old.cert.der().clone(), new.cert.der().clone()]).unwrap();
+        let both = TrustBundle::new(vec![old.root().clone(), new.root().clone()]).unwrap();
         assert_eq!(both.fingerprints().len(), 2);
         let srv = server_config(&new.leaf(B), &both, true).unwrap();
         let (s, c) = handshake(srv, client_config(Some(&old.leaf(A)), &both).unwrap()).await;
@@ -576,6 +725,6 @@ mod tests {
         assert!(check_peer(None, A).is_err());
         let info = cert_info(&leaf.chain[0]).unwrap();
         assert_eq!(info.spiffe_id.as_deref(), Some(A));
-        assert!(!info.is_ca && cert_info(ca.cert.der()).unwrap().is_ca);
+        assert!(!info.is_ca && cert_info(ca.root()).unwrap().is_ca);
     }
 }

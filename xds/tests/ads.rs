@@ -139,6 +139,7 @@ fn start_client(
         service: "caller".into(),
         user_agent: "meshwire-sidecar".into(),
         connect_timeout: Duration::from_secs(1),
+        tls: None,
     };
     (rx, tokio::spawn(client::run(cfg, sink, tx)))
 }

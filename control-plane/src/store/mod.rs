@@ -113,6 +113,10 @@ pub struct ServiceRecord {
     pub request_timeout: Option<Duration>,
     #[serde(default)]
     pub authority: Option<String>,
+    #[serde(default)]
+    pub permissive: bool,
+    #[serde(default)]
+    pub policy: Option<meshwire_xds::policy::Policy>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -152,6 +156,8 @@ impl From<&Cluster> for ServiceRecord {
             connect_timeout: c.connect_timeout,
             request_timeout: c.request_timeout,
             authority: c.authority.clone(),
+            permissive: c.permissive,
+            policy: c.policy.clone(),
         }
     }
 }
@@ -171,6 +177,8 @@ impl ServiceRecord {
         c.connect_timeout = self.connect_timeout;
         c.request_timeout = self.request_timeout;
         c.authority = self.authority;
+        c.permissive = self.permissive;
+        c.policy = self.policy;
         c
     }
 }

@@ -215,6 +215,7 @@ async fn main() -> anyhow::Result<()> {
                 service: "bench".into(),
                 user_agent: "meshwire-xds-bench".into(),
                 connect_timeout: Duration::from_secs(5),
+                tls: None,
             };
             clients.push((tokio::spawn(client::run(cfg, Arc::new(Accept), tx)), rx));
         }

@@ -15,10 +15,13 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use http::uri::Scheme;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::{RequestBody, ResponseBody};
@@ -38,16 +41,75 @@ pub struct Outbound {
     pub routes: Arc<Routes>,
     scheme: Scheme,
     telemetry: Arc<Telemetry>,
+    gate: Option<Arc<StartGate>>,
+}
+
+/// Holds calls that arrive while the sidecar is starting (no certificate or
+/// first config yet) instead of failing them: the app and its sidecar start
+/// together, and the app's first calls must not lose that race.
+#[derive(Debug)]
+pub struct StartGate {
+    open: AtomicBool,
+    ready: watch::Receiver<bool>,
+    /// Longest a call waits (its own deadline may be shorter).
+    max_wait: Duration,
+    /// Calls waiting now.
+    waiting: AtomicUsize,
+}
+
+impl StartGate {
+    pub fn new(ready: watch::Receiver<bool>, max_wait: Duration) -> Self {
+        let open = *ready.borrow();
+        Self {
+            open: AtomicBool::new(open),
+            ready,
+            max_wait,
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// Calls waiting for the sidecar to be ready.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    async fn pass(&self, deadline: Option<Duration>) -> Result<(), ProxyError> {
+        if self.open.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let wait = deadline.map_or(self.max_wait, |d| d.min(self.max_wait));
+        let mut rx = self.ready.clone();
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let r = tokio::time::timeout(wait, rx.wait_for(|r| *r)).await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        match r {
+            Ok(Ok(_)) => {
+                self.open.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            _ => Err(ProxyError::NotReady),
+        }
+    }
 }
 
 impl Outbound {
     pub fn new(routes: Arc<Routes>) -> Self {
         Self {
+            scheme: if routes.is_tls() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            },
             routes,
-            // The hop is h2c today; `https` once it is mTLS.
-            scheme: Scheme::HTTP,
             telemetry: Arc::default(),
+            gate: None,
         }
+    }
+
+    /// Calls wait at `gate` until the sidecar is ready.
+    pub fn with_gate(mut self, gate: Arc<StartGate>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// Counts errors and traces calls with `telemetry`.
@@ -76,6 +138,9 @@ impl Outbound {
         fixed: Option<&str>,
         grpc: bool,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        if let Some(gate) = &self.gate {
+            gate.pass(proxy::call_timeout(req.headers(), None)).await?;
+        }
         let cluster = {
             let table = self.routes.load();
             let name = match fixed {

@@ -17,6 +17,7 @@ use http::uri::Authority;
 use meshwire_xds::{Cluster, LbPolicy, ModelError};
 
 use super::balance::{EndpointSet, Entry};
+use crate::authz::{Authz, LocalPolicy};
 use crate::connect::Connector;
 use crate::endpoint::Endpoint;
 use crate::pool::H2Settings;
@@ -73,6 +74,8 @@ pub struct Routes {
     /// Most endpoints one service may have here: bounds this sidecar's memory
     /// whatever a control plane sends.
     max_endpoints: usize,
+    /// The service this sidecar belongs to, and where its inbound policy goes.
+    local: Option<(String, Arc<Authz>)>,
 }
 
 /// Default for [`Routes::with_max_endpoints`].
@@ -85,7 +88,19 @@ impl Routes {
             connector,
             settings,
             max_endpoints: DEFAULT_MAX_ENDPOINTS,
+            local: None,
         }
+    }
+
+    /// Each applied config hands `service`'s policy and permissive flag to `authz`.
+    pub fn with_local_service(mut self, service: String, authz: Arc<Authz>) -> Self {
+        self.local = Some((service, authz));
+        self
+    }
+
+    /// The mesh hop is mutual TLS.
+    pub fn is_tls(&self) -> bool {
+        self.connector.is_tls()
     }
 
     pub fn with_max_endpoints(mut self, max: usize) -> Self {
@@ -160,6 +175,13 @@ impl Routes {
             next.clusters.insert(state.name.clone(), state);
         }
         self.table.store(Arc::new(next));
+        if let Some((name, authz)) = &self.local {
+            let local = clusters.iter().find(|c| &c.name == name);
+            authz.store(LocalPolicy {
+                permissive: local.is_some_and(|c| c.permissive),
+                policy: local.and_then(|c| c.policy.clone()),
+            });
+        }
         Ok(())
     }
 
@@ -169,13 +191,14 @@ impl Routes {
             .iter()
             .map(|spec| {
                 let endpoint = match keep.get(&spec.address) {
-                    Some(ep) => {
+                    // A new expected identity needs connections verified against it.
+                    Some(ep) if ep.identity == spec.identity => {
                         ep.pool.set_connect_timeout(c.connect_timeout);
                         ep.clone()
                     }
-                    None => Endpoint::new(
+                    _ => Endpoint::new(
                         spec,
-                        self.connector.clone(),
+                        self.connector.expecting(spec.identity.as_deref()),
                         c.connect_timeout,
                         self.settings.clone(),
                     ),

@@ -1,0 +1,260 @@
+//! The control plane's TLS port (default 15012): Identity, ADS and the admin
+//! API over TLS 1.3 (ALPN `h2`).
+//!
+//! The serving certificate comes from the mesh CA ([`Ca::serving_credentials`]):
+//! re-issued at about two-thirds of its lifetime and whenever the trust
+//! bundle changes (a new signing root, a root added or removed), and swapped
+//! into an [`ArcSwap`] that every accepted connection reads, so nothing
+//! restarts. A client certificate is optional; when one is presented it must
+//! chain to the current trust bundle, and its SPIFFE ID reaches the handlers
+//! as [`TlsConnectInfo`] in the request extensions (Identity.Renew, admin
+//! access with the admin identity).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use meshwire_xds::identity::{self, SpiffeId};
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+use crate::ca::{Ca, CaError};
+
+/// A handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; more connections wait in the backlog.
+const MAX_HANDSHAKES: usize = 256;
+/// Connections handshaken but not yet picked up by the server.
+const ACCEPTED_BACKLOG: usize = 64;
+/// After a failed re-issue, try again this soon.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// What handlers know about a TLS connection (a request extension).
+#[derive(Debug, Clone)]
+pub struct TlsConnectInfo {
+    pub remote_addr: SocketAddr,
+    /// The SPIFFE ID of the client certificate, if one was presented (it
+    /// chained to the trust bundle, or the handshake would have failed).
+    pub peer_id: Option<SpiffeId>,
+}
+
+/// An accepted, handshaken connection.
+#[derive(Debug)]
+pub struct TlsIo {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    info: TlsConnectInfo,
+}
+
+impl Connected for TlsIo {
+    type ConnectInfo = TlsConnectInfo;
+
+    fn connect_info(&self) -> TlsConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// The default `--tls-name`s: this host's name, `localhost`, `127.0.0.1`.
+pub fn default_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for path in ["/proc/sys/kernel/hostname", "/etc/hostname"] {
+        if let Ok(h) = std::fs::read_to_string(path) {
+            let h = h.trim().to_ascii_lowercase();
+            if !h.is_empty() && h != "localhost" {
+                names.push(h);
+            }
+            break;
+        }
+    }
+    names.push("localhost".into());
+    names.push("127.0.0.1".into());
+    names
+}
+
+/// Builds the server configuration from fresh credentials and the current
+/// bundle; returns it with the moment it should be replaced.
+fn build(ca: &Ca, names: &[String]) -> Result<(Arc<ServerConfig>, SystemTime), CaError> {
+    let bundle = ca.bundle();
+    let creds = ca.serving_credentials(names)?;
+    let info = identity::cert_info(&creds.chain[0])?;
+    let cfg = identity::server_config(&creds, &bundle.bundle, false)?;
+    let life = info
+        .not_after
+        .duration_since(info.not_before)
+        .unwrap_or_default();
+    let renew_at = info.not_before + life * 2 / 3;
+    tracing::info!(serial = %info.serial, not_after = ?info.not_after, signing = %bundle.signing_fingerprint, "control-plane serving certificate issued");
+    Ok((cfg, renew_at))
+}
+
+/// The first serving configuration, checked now (so a bad `--tls-name`
+/// fails the start), and the time it should be replaced.
+pub fn initial_config(
+    ca: &Ca,
+    names: &[String],
+) -> Result<(Arc<ArcSwap<ServerConfig>>, SystemTime), CaError> {
+    let (cfg, renew_at) = build(ca, names)?;
+    Ok((Arc::new(ArcSwap::new(cfg)), renew_at))
+}
+
+/// Keeps `config` current: re-issued at `renew_at` (about 2/3 of the
+/// lifetime) and on every trust-bundle change, until `shutdown`.
+pub async fn rotate(
+    ca: Arc<Ca>,
+    names: Vec<String>,
+    config: Arc<ArcSwap<ServerConfig>>,
+    mut renew_at: SystemTime,
+    shutdown: CancellationToken,
+) {
+    let mut bundle = ca.watch_bundle();
+    bundle.mark_unchanged();
+    loop {
+        let wait = renew_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+            r = bundle.changed() => if r.is_err() { return },
+        }
+        bundle.mark_unchanged();
+        let (ca2, names2) = (ca.clone(), names.clone());
+        match tokio::task::spawn_blocking(move || build(&ca2, &names2)).await {
+            Ok(Ok((cfg, at))) => {
+                config.store(cfg);
+                renew_at = at;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot renew the control plane's serving certificate; retrying");
+                renew_at = SystemTime::now() + RETRY;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "serving certificate task failed; retrying");
+                renew_at = SystemTime::now() + RETRY;
+            }
+        }
+    }
+}
+
+/// Accepts TCP connections on `listener`, handshakes them with the current
+/// `config`, and yields them to tonic; ends on `shutdown`.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ArcSwap<ServerConfig>>,
+    shutdown: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsIo>> {
+    let (tx, rx) = mpsc::channel(ACCEPTED_BACKLOG);
+    tokio::spawn(async move {
+        let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let (tcp, remote_addr) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off a little.
+                        tracing::warn!(error = %e, "TLS port: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(remote = %remote_addr, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(remote = %remote_addr, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let peer_id = identity::peer_id(stream.get_ref().1.peer_certificates())
+                    .and_then(|id| SpiffeId::parse(&id).ok());
+                let io = TlsIo {
+                    stream,
+                    info: TlsConnectInfo {
+                        remote_addr,
+                        peer_id,
+                    },
+                };
+                let _ = tx.send(Ok(io)).await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A client connector for the TLS port (meshctl, tests): the server's chain
+/// verified against `bundle` and, if given, its SPIFFE ID checked against
+/// `expect` (the control plane's own, from [`crate::ca::CONTROL_PLANE_SERVICE`]);
+/// `creds` are presented as the client certificate. Use it with
+/// `tonic::transport::Endpoint::connect_with_connector` on an `https://` URI.
+pub fn connector(
+    bundle: &identity::TrustBundle,
+    creds: Option<&identity::Credentials>,
+    expect: Option<&SpiffeId>,
+) -> Result<identity::TlsConnector, identity::IdentityError> {
+    Ok(identity::TlsConnector {
+        config: Arc::new(ArcSwap::new(identity::client_config(creds, bundle)?)),
+        expect: expect.map(ToString::to_string),
+    })
+}

@@ -1,0 +1,60 @@
+//! Authorization of inbound calls: the local service's policy (pushed with
+//! its cluster by the control plane) decides, per call, from the caller's
+//! SPIFFE ID, its IP and the gRPC method. A denied call gets
+//! `PERMISSION_DENIED` and never reaches the app.
+//!
+//! The policy is swapped atomically with each config update; a call reads it
+//! once, lock-free.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use meshwire_xds::policy::{Action, Call, Policy};
+
+/// What the local service's cluster says about its inbound side.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalPolicy {
+    /// Plaintext callers (no identity) accepted beside mutual TLS.
+    pub permissive: bool,
+    /// `None`: every caller that passed the TLS handshake is allowed.
+    pub policy: Option<Policy>,
+}
+
+#[derive(Debug, Default)]
+pub struct Authz {
+    current: ArcSwap<LocalPolicy>,
+}
+
+impl Authz {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    pub fn store(&self, p: LocalPolicy) {
+        if **self.current.load() != p {
+            tracing::info!(
+                permissive = p.permissive,
+                has_policy = p.policy.is_some(),
+                "inbound policy updated"
+            );
+            self.current.store(Arc::new(p));
+        }
+    }
+
+    pub fn current(&self) -> Arc<LocalPolicy> {
+        self.current.load_full()
+    }
+
+    pub fn permissive(&self) -> bool {
+        self.current.load().permissive
+    }
+
+    /// `true` if the call may go through.
+    pub fn allows(&self, source: Option<&str>, path: &str, ip: IpAddr) -> bool {
+        match &self.current.load().policy {
+            None => true,
+            Some(p) => p.evaluate(Call { source, path, ip }) == Action::Allow,
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! Getting and keeping a certificate from the control plane's CA
+//! (`meshwire.identity.v1.Identity`, on its TLS port).
+//!
+//! The first certificate comes with a single-use join token, over TLS whose
+//! server is verified by a trust bundle file or a pinned root fingerprint
+//! (the sidecar has no certificate yet). Renewals and the trust-bundle watch
+//! run over mutual TLS with the certificate being renewed. Failures are
+//! retried with jittered backoff; the current certificate keeps serving.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use meshwire_proto::identity::v1 as pb;
+use meshwire_proto::identity::v1::identity_client::IdentityClient;
+use meshwire_xds::identity::{self, Credentials, IdentityError, TlsConnector, TrustBundle};
+use rustls::pki_types::PrivateKeyDer;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use super::{Installed, MeshTls};
+
+/// The path of the control plane's own SPIFFE ID: a sidecar talks to no
+/// other workload when it asks for certificates.
+const CONTROL_PLANE_PATH: &str = "/ns/meshwire-system/sa/control-plane";
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How the sidecar knows the control plane before it has a certificate.
+#[derive(Debug, Clone)]
+pub enum Bootstrap {
+    /// The mesh's trust bundle (`--trust-bundle FILE`).
+    Bundle(TrustBundle),
+    /// The SHA-256 fingerprint of the signing root (`--ca-fingerprint`).
+    Fingerprint(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityClientConfig {
+    /// The control plane's TLS address, `https://HOST:15012`.
+    pub server: String,
+    /// From `meshctl token create --service NAME`.
+    pub join_token: String,
+    pub bootstrap: Bootstrap,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityClientError {
+    #[error("control-plane address {0:?}: {1}")]
+    Address(String, String),
+    #[error("control plane: {code:?}: {message}")]
+    Rpc { code: tonic::Code, message: String },
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
+}
+
+impl From<tonic::Status> for IdentityClientError {
+    fn from(s: tonic::Status) -> Self {
+        IdentityClientError::Rpc {
+            code: s.code(),
+            message: s.message().to_owned(),
+        }
+    }
+}
+
+impl IdentityClientError {
+    /// Retrying cannot help: the token or the request is refused as such.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            IdentityClientError::Address(..)
+                | IdentityClientError::Rpc {
+                    code: tonic::Code::Unauthenticated
+                        | tonic::Code::InvalidArgument
+                        | tonic::Code::PermissionDenied,
+                    ..
+                }
+        )
+    }
+}
+
+fn channel(
+    cfg: &IdentityClientConfig,
+    connector: TlsConnector,
+) -> Result<Channel, IdentityClientError> {
+    let bad = |why: &str| IdentityClientError::Address(cfg.server.clone(), why.to_owned());
+    let rest = cfg
+        .server
+        .strip_prefix("https://")
+        .ok_or_else(|| bad("must start with https:// (certificates are only issued over TLS)"))?;
+    // Our connector does the TLS: tonic sees a plain origin.
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{rest}"))
+        .map_err(|e| bad(&e.to_string()))?
+        .connect_timeout(cfg.connect_timeout)
+        .timeout(RPC_TIMEOUT)
+        .tcp_nodelay(true);
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+fn install(
+    tls: &MeshTls,
+    key: PrivateKeyDer<'static>,
+    cert: pb::Certificate,
+) -> Result<Arc<Installed>, IdentityError> {
+    let chain = identity::certs_from_pem(&cert.cert_chain_pem)?;
+    let b = cert
+        .trust_bundle
+        .ok_or_else(|| IdentityError::Certificate("the answer carries no trust bundle".into()))?;
+    let bundle = TrustBundle::from_pem(&b.roots_pem)?;
+    tls.install(
+        Credentials { chain, key },
+        bundle,
+        b.signing_fingerprint,
+        b.version,
+    )
+}
+
+/// The first certificate, for the join token.
+pub async fn issue(cfg: &IdentityClientConfig, tls: &MeshTls) -> Result<(), IdentityClientError> {
+    let config = match &cfg.bootstrap {
+        Bootstrap::Bundle(b) => identity::client_config(None, b)?,
+        Bootstrap::Fingerprint(fp) => identity::pinned_client_config(fp)?,
+    };
+    let connector = TlsConnector {
+        config: Arc::new(ArcSwap::new(config)),
+        expect: Some(CONTROL_PLANE_PATH.to_owned()),
+    };
+    let mut client = IdentityClient::new(channel(cfg, connector)?);
+    let (key, csr_pem) = identity::new_key_and_csr()?;
+    let cert = client
+        .issue(pb::IssueRequest {
+            join_token: cfg.join_token.clone(),
+            csr_pem,
+        })
+        .await?
+        .into_inner();
+    install(tls, key, cert)?;
+    Ok(())
+}
+
+/// Gets the first certificate (retrying while it makes sense), then keeps it
+/// renewed and the trust bundle current until `shutdown`.
+pub async fn run(cfg: IdentityClientConfig, tls: Arc<MeshTls>, shutdown: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        let r = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = issue(&cfg, &tls) => r,
+        };
+        match r {
+            Ok(()) => break,
+            Err(e) => {
+                failures += 1;
+                // A refused token stays refused; keep saying so, slowly.
+                let wait = if e.is_permanent() {
+                    BACKOFF_MAX
+                } else {
+                    backoff(failures)
+                };
+                tracing::error!(error = %e, retry_in = ?wait, "cannot get a certificate from the control plane");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+    let Some(cur) = tls.current() else { return };
+    let expect = cur
+        .cert
+        .spiffe_id
+        .as_deref()
+        .and_then(|id| identity::SpiffeId::parse(id).ok())
+        .map(|id| format!("spiffe://{}{CONTROL_PLANE_PATH}", id.trust_domain()));
+    let ch = match channel(&cfg, tls.control_plane_connector(expect)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "identity channel");
+            return;
+        }
+    };
+    let renew_now = Arc::new(Notify::new());
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = renew_loop(ch.clone(), tls.clone(), renew_now.clone()) => {}
+        () = watch_bundle(ch, tls, renew_now) => {}
+    }
+}
+
+/// When to renew: about two-thirds of the way from receiving the certificate
+/// to its expiry, jittered ±5 % so a fleet does not renew in step.
+fn renew_at(cur: &Installed) -> tokio::time::Instant {
+    let life = cur
+        .cert
+        .not_after
+        .duration_since(cur.installed_at)
+        .unwrap_or_default();
+    let jitter = 0.95 + fastrand::f64() * 0.10;
+    let after = life.mul_f64(2.0 / 3.0 * jitter);
+    let elapsed = SystemTime::now()
+        .duration_since(cur.installed_at)
+        .unwrap_or_default();
+    tokio::time::Instant::now() + after.saturating_sub(elapsed)
+}
+
+async fn renew_loop(ch: Channel, tls: Arc<MeshTls>, renew_now: Arc<Notify>) {
+    let mut client = IdentityClient::new(ch);
+    loop {
+        let Some(cur) = tls.current() else { return };
+        tokio::select! {
+            () = tokio::time::sleep_until(renew_at(&cur)) => {}
+            () = renew_now.notified() => {
+                tracing::info!("the signing root changed; renewing early");
+            }
+        }
+        let mut failures = 0u32;
+        loop {
+            match renew(&mut client, &tls).await {
+                Ok(()) => {
+                    tls.renewals
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    failures += 1;
+                    tls.renew_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let wait = backoff(failures);
+                    tracing::warn!(error = %e, retry_in = ?wait, "certificate renewal failed; the current one keeps serving");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}
+
+async fn renew(
+    client: &mut IdentityClient<Channel>,
+    tls: &MeshTls,
+) -> Result<(), IdentityClientError> {
+    let (key, csr_pem) = identity::new_key_and_csr()?;
+    let cert = client
+        .renew(pb::RenewRequest { csr_pem })
+        .await?
+        .into_inner();
+    install(tls, key, cert)?;
+    Ok(())
+}
+
+async fn watch_bundle(ch: Channel, tls: Arc<MeshTls>, renew_now: Arc<Notify>) {
+    let mut client = IdentityClient::new(ch);
+    let mut failures = 0u32;
+    loop {
+        match client
+            .watch_trust_bundle(pb::WatchTrustBundleRequest {})
+            .await
+        {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(b)) => {
+                            failures = 0;
+                            apply_bundle(&tls, &b, &renew_now);
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "trust bundle watch ended");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "trust bundle watch failed"),
+        }
+        failures += 1;
+        tokio::time::sleep(backoff(failures)).await;
+    }
+}
+
+fn apply_bundle(tls: &MeshTls, b: &pb::TrustBundle, renew_now: &Notify) {
+    let bundle = match TrustBundle::from_pem(&b.roots_pem) {
+        Ok(bundle) => bundle,
+        Err(e) => {
+            tracing::warn!(error = %e, version = b.version, "ignoring an invalid trust bundle");
+            return;
+        }
+    };
+    if let Err(e) = tls.set_bundle(bundle, b.version) {
+        tracing::warn!(error = %e, version = b.version, "cannot use the new trust bundle");
+        return;
+    }
+    tracing::info!(
+        version = b.version,
+        roots = b.fingerprints.len(),
+        "trust bundle updated"
+    );
+    if let Some(cur) = tls.current()
+        && !b.signing_fingerprint.is_empty()
+        && cur.signed_by != b.signing_fingerprint
+    {
+        renew_now.notify_one();
+    }
+}
+
+/// Jittered exponential backoff: 0.5 s, 1 s, 2 s, ... up to 30 s, ±50 %.
+fn backoff(failures: u32) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1 << failures.saturating_sub(1).min(8));
+    exp.min(BACKOFF_MAX).mul_f64(0.5 + fastrand::f64())
+}
