@@ -11,9 +11,24 @@
 //!   ─▶ xds_server: every ADS stream pushes what its node has not ACKed
 //! ```
 //!
-//! One port serves both the admin API (bearer token) and xDS (no token; mTLS
-//! later). Start it in-process with [`ControlPlane::start`] (tests bind
-//! `127.0.0.1:0` and read the port back), or run `meshwire-control-plane`;
+//! # Ports
+//! - plaintext (`--listen`, 15010): the admin API (bearer token) and xDS; the
+//!   Identity service only answers FAILED_PRECONDITION there.
+//! - TLS 1.3 (`--tls-listen`, 15012, [`tls`]): Identity (certificate issuance,
+//!   renewal, the trust bundle), xDS and the admin API (token, or a client
+//!   certificate with the admin identity).
+//!
+//! # Identity
+//! [`ca::Ca`] is the mesh's certificate authority (roots in
+//! `<data-dir>/ca`, or the user's CA): `meshctl token create` makes a
+//! single-use join token bound to one SPIFFE ID; a sidecar trades it and a
+//! CSR for a certificate ([`identity_api`], over TLS only), then renews over
+//! mutual TLS with the identity of its certificate. Roots rotate through the
+//! admin API (add, activate, remove) while the TLS port's own certificate
+//! follows.
+//!
+//! Start it in-process with [`ControlPlane::start`] (tests bind
+//! `127.0.0.1:0` and read the ports back), or run `meshwire-control-plane`;
 //! `meshctl` is its command-line client.
 
 pub mod api;
@@ -250,11 +265,13 @@ impl ControlPlane {
         let tls_addr = tls_listener.as_ref().map(|(_, a)| *a);
 
         let shutdown = CancellationToken::new();
-        let (snap_tx, snapshots) = watch::channel(Arc::new(registry.snapshot()));
+        let td = ca.trust_domain().to_owned();
+        let (snap_tx, snapshots) =
+            watch::channel(Arc::new(with_default_identities(registry.snapshot(), &td)));
         let reg = registry.clone();
         let publisher = tokio::spawn(publish::run(
             registry.versions(),
-            move || reg.snapshot(),
+            move || with_default_identities(reg.snapshot(), &td),
             snap_tx,
             cfg.publish_window,
             shutdown.clone(),
@@ -413,6 +430,18 @@ impl ControlPlaneHandle {
     }
 }
 
+/// Endpoints registered without an identity are pushed with their service's
+/// default one, `spiffe://<trust-domain>/ns/default/sa/<service>` (what a join
+/// token for the service gives), so callers always check who answers.
+fn with_default_identities(mut snap: Snapshot, trust_domain: &str) -> Snapshot {
+    for (name, c) in snap.clusters.iter_mut() {
+        for ep in c.endpoints.iter_mut().filter(|e| e.identity.is_none()) {
+            ep.identity = Some(format!("spiffe://{trust_domain}/ns/default/sa/{name}"));
+        }
+    }
+    snap
+}
+
 /// `<data_dir>/admin.token`.
 pub fn token_file(data_dir: &Path) -> PathBuf {
     data_dir.join(auth::TOKEN_FILE)
@@ -488,6 +517,11 @@ mod tests {
             .unwrap()
             .clone();
         assert_eq!(snap.clusters["greeter"].endpoints[0].weight, 4);
+        // Registered without an identity: pushed with the service's default.
+        assert_eq!(
+            snap.clusters["greeter"].endpoints[0].identity.as_deref(),
+            Some("spiffe://meshwire.local/ns/default/sa/greeter")
+        );
         cp.stop().await.unwrap();
 
         // Same directory: same token, same state, the first snapshot has it.

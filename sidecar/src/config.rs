@@ -259,6 +259,11 @@ pub struct ServiceFile {
     pub listen: Option<SocketAddr>,
     #[serde(default)]
     pub endpoints: Vec<EndpointFile>,
+    /// For the sidecar's own service (`--service`): accept plaintext callers too.
+    #[serde(default)]
+    pub permissive: bool,
+    /// For the sidecar's own service: who may call it.
+    pub policy: Option<meshwire_xds::policy::Policy>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -280,6 +285,8 @@ pub struct EndpointFile {
     pub draining: bool,
     #[serde(default)]
     pub metadata: std::collections::BTreeMap<String, String>,
+    /// The SPIFFE ID the endpoint must present on the mTLS hop.
+    pub identity: Option<String>,
 }
 
 fn one() -> u32 {
@@ -362,6 +369,8 @@ impl StaticConfig {
                 }
                 c.request_timeout = s.request_timeout;
                 c.authority = s.authority.clone();
+                c.permissive = s.permissive;
+                c.policy = s.policy.clone();
                 c.endpoints = s
                     .endpoints
                     .iter()
@@ -370,7 +379,7 @@ impl StaticConfig {
                         weight: e.weight,
                         zone: e.zone.clone(),
                         draining: e.draining,
-                        identity: None,
+                        identity: e.identity.clone(),
                         metadata: e.metadata.clone(),
                     })
                     .collect();

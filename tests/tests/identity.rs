@@ -78,10 +78,10 @@ async fn mesh(cert_lifetime: Duration) -> Cluster {
             endpoint: Some(pb::Endpoint {
                 address: s.inbound_addr.unwrap().to_string(),
                 weight: Some(1),
-                identity: Some(format!(
-                    "spiffe://{}/ns/default/sa/echo",
-                    cp.ca.trust_domain()
-                )),
+                // Explicit for one; the other gets the service's default
+                // identity from the control plane.
+                identity: (i == 0)
+                    .then(|| format!("spiffe://{}/ns/default/sa/echo", cp.ca.trust_domain())),
                 ..Default::default()
             }),
         })
@@ -90,6 +90,18 @@ async fn mesh(cert_lifetime: Duration) -> Cluster {
         apps.push(app);
         servers.push(s);
     }
+    eventually(
+        "the client knows both endpoints",
+        Duration::from_secs(20),
+        || async {
+            client
+                .routes()
+                .load()
+                .get("echo")
+                .is_some_and(|c| c.endpoints.load().entries().len() == 2)
+        },
+    )
+    .await;
     Cluster {
         cp,
         _dir: dir,
@@ -225,4 +237,150 @@ async fn a_root_rotation_under_load_fails_no_call() {
         &failed[..failed.len().min(5)]
     );
     assert_eq!(ok.len(), m.apps.len(), "every backend served: {ok:?}");
+}
+
+const SIDECAR: &str = env!("CARGO_BIN_EXE_mw-sidecar");
+
+/// Runs the sidecar binary expecting a usage error; returns its stderr.
+fn usage_error(args: &[&str]) -> String {
+    let out = std::process::Command::new(SIDECAR)
+        .args(["--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(args)
+        .output()
+        .expect("run sidecar");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_binary_joins_with_a_token_and_a_pinned_root() {
+    let (cp, _dir) = control_plane(Duration::from_secs(3600)).await;
+    let mut a = admin(cp.local_addr, Some(&format!("Bearer {}", cp.admin_token))).await;
+    api::create_service(&mut a, "echo").await;
+    let app = echo("echo-0").await;
+    let (token, id, _) = cp
+        .ca
+        .create_token("default", "echo", Duration::from_secs(60))
+        .unwrap();
+    let server = format!("https://{}", cp.tls_addr.unwrap());
+    let fp = cp.ca.bundle().signing_fingerprint.clone();
+    let app_addr = app.addr.to_string();
+    let args = |token: &str| {
+        vec![
+            "--app".to_owned(),
+            app_addr.clone(),
+            "--control-plane".into(),
+            server.clone(),
+            "--service".into(),
+            "echo".into(),
+            "--ca-fingerprint".into(),
+            fp.clone(),
+            "--join-token".into(),
+            token.to_owned(),
+        ]
+    };
+    let a1 = args(&token);
+    let a1: Vec<&str> = a1.iter().map(String::as_str).collect();
+    let sc = SidecarProcess::spawn(SIDECAR, &a1, &[]).await;
+    eventually(
+        "certificate and config",
+        Duration::from_secs(20),
+        || async {
+            http1_get(sc.addrs.admin, "a", "/ready")
+                .await
+                .is_ok_and(|r| r.0 == 200)
+        },
+    )
+    .await;
+    let c = admin_json(sc.addrs.admin, "/certs").await;
+    assert_eq!(c["spiffe_id"], id.as_str());
+    assert_eq!(c["signed_by"], fp.as_str());
+
+    // The same token again: refused, and the sidecar says why.
+    let again = SidecarProcess::spawn(SIDECAR, &a1, &[]).await;
+    eventually(
+        "the reused token is refused",
+        Duration::from_secs(20),
+        || async { again.log().contains("join token is not valid") },
+    )
+    .await;
+    let (status, _, body) = http1_get(again.addrs.admin, "a", "/ready").await.unwrap();
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        admin_json(again.addrs.admin, "/certs").await["ready"],
+        false
+    );
+
+    // A wrong pin: the control plane is not trusted, nothing is sent.
+    let (t2, _, _) = cp
+        .ca
+        .create_token("default", "echo", Duration::from_secs(60))
+        .unwrap();
+    let mut a2 = args(&t2);
+    let wrong = "ab".repeat(32);
+    a2[7] = wrong.clone();
+    let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
+    let pinned = SidecarProcess::spawn(SIDECAR, &a2, &[]).await;
+    eventually(
+        "the unpinned server is refused",
+        Duration::from_secs(20),
+        || async { pinned.log().contains("pinned root") },
+    )
+    .await;
+    assert_eq!(
+        admin_json(pinned.addrs.admin, "/certs").await["ready"],
+        false
+    );
+
+    // Flags that cannot work are refused up front.
+    let err = usage_error(&[
+        "--join-token",
+        "x",
+        "--control-plane",
+        "http://127.0.0.1:1",
+        "--service",
+        "a",
+    ]);
+    assert!(
+        err.contains("--join-token") && err.contains("https://"),
+        "{err}"
+    );
+    let err = usage_error(&["--control-plane", "https://127.0.0.1:1", "--service", "a"]);
+    assert!(err.contains("--join-token"), "{err}");
+    let err = usage_error(&[
+        "--join-token",
+        "x",
+        "--control-plane",
+        "https://127.0.0.1:1",
+        "--service",
+        "a",
+        "--ca-fingerprint",
+        "nothex",
+    ]);
+    assert!(
+        err.contains("--ca-fingerprint") && err.contains("64 hex digits"),
+        "{err}"
+    );
+    let err = usage_error(&[
+        "--join-token",
+        "x",
+        "--control-plane",
+        "https://127.0.0.1:1",
+        "--service",
+        "a",
+    ]);
+    assert!(
+        err.contains("--trust-bundle") && err.contains("--ca-fingerprint"),
+        "{err}"
+    );
+    let err = usage_error(&[
+        "--cert",
+        "/nonexistent.crt",
+        "--key",
+        "/nonexistent.key",
+        "--trust-bundle",
+        "/nonexistent.pem",
+    ]);
+    assert!(err.contains("/nonexistent"), "{err}");
 }

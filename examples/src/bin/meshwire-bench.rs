@@ -1,6 +1,8 @@
 //! The data-plane benchmark: the same closed-loop unary load (a) directly to
 //! one echo backend, (b) through one sidecar, (c) through a client sidecar and
-//! a server sidecar (the mesh path), at several concurrencies. Prints rps,
+//! a server sidecar (the mesh path) in plaintext HTTP/2 and (d) the same pair
+//! over mutual TLS (certificates from a CA made at start), at several
+//! concurrencies. Prints rps,
 //! p50/p99/p99.9 latency, and the sidecars' peak RSS and CPU-seconds per 10k
 //! calls (from /proc).
 //!
@@ -57,12 +59,20 @@ struct Args {
     /// Extra flags for every sidecar.
     #[arg(long, allow_hyphen_values = true)]
     sidecar_args: Option<String>,
+    /// Only write a throwaway CA's bundle and two workload certificates
+    /// (`echo`, `client`: bundle.pem, NAME.crt, NAME.key) into DIR and exit
+    /// (for the bench-peers launchers).
+    #[arg(long, value_name = "DIR")]
+    write_pki: Option<PathBuf>,
 }
 
 const PINNED_ENV: &str = "MESHWIRE_BENCH_PINNED";
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(dir) = &args.write_pki {
+        return write_pki(dir);
+    }
     // Set in the re-executed child: the CPU left for the sidecars (the child
     // itself only sees its own CPUs).
     if let Ok(cpu) = std::env::var(PINNED_ENV) {
@@ -218,6 +228,32 @@ fn spawn_sidecar(
     bail!("sidecar did not start");
 }
 
+fn spiffe(service: &str) -> String {
+    format!("spiffe://bench.local/ns/default/sa/{service}")
+}
+
+/// A throwaway CA and two workload certificates, written to a temp dir.
+fn write_pki(dir: &Path) -> anyhow::Result<()> {
+    use meshwire_xds::identity::{testing::TestCa, to_pem};
+    std::fs::create_dir_all(dir)?;
+    let ca = TestCa::new("meshwire-bench");
+    std::fs::write(dir.join("bundle.pem"), ca.bundle().to_pem())?;
+    for who in ["echo", "client"] {
+        let creds = ca.leaf(&spiffe(who));
+        let chain: String = creds
+            .chain
+            .iter()
+            .map(|c| to_pem("CERTIFICATE", c))
+            .collect();
+        std::fs::write(dir.join(format!("{who}.crt")), chain)?;
+        std::fs::write(
+            dir.join(format!("{who}.key")),
+            to_pem("PRIVATE KEY", creds.key.secret_der()),
+        )?;
+    }
+    Ok(())
+}
+
 fn fastrand_suffix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -290,6 +326,43 @@ async fn run(args: Args, proxy_cpu: Option<String>) -> anyhow::Result<()> {
             server.addr("inbound")?
         )),
     )?;
+    // (d) the same pair over mutual TLS, each with its own certificate.
+    let pki = std::env::temp_dir().join(format!(
+        "meshwire-bench-pki-{}-{}",
+        std::process::id(),
+        fastrand_suffix()
+    ));
+    write_pki(&pki)?;
+    let tls_args = |who: &str| -> Vec<String> {
+        vec![
+            "--cert".into(),
+            pki.join(format!("{who}.crt")).display().to_string(),
+            "--key".into(),
+            pki.join(format!("{who}.key")).display().to_string(),
+            "--trust-bundle".into(),
+            pki.join("bundle.pem").display().to_string(),
+        ]
+    };
+    let mut server_args = vec![
+        "--app".into(),
+        backend.addr.to_string(),
+        "--inbound".into(),
+        "127.0.0.1:0".into(),
+    ];
+    server_args.extend(tls_args("echo"));
+    let tls_server = spawn_sidecar(&bin, cpu, args.workers, &extra, &server_args, None)?;
+    let tls_client = spawn_sidecar(
+        &bin,
+        cpu,
+        args.workers,
+        &extra,
+        &tls_args("client"),
+        Some(&format!(
+            "services:\n  - name: echo\n    endpoints:\n      - address: {}\n        identity: {}\n",
+            tls_server.addr("inbound")?,
+            spiffe("echo")
+        )),
+    )?;
     let _ = Sidecar::service_addr;
     let setups = vec![
         Setup {
@@ -309,6 +382,12 @@ async fn run(args: Args, proxy_cpu: Option<String>) -> anyhow::Result<()> {
             target: client.addr("outbound")?,
             authority: "echo",
             sidecars: vec![client, server],
+        },
+        Setup {
+            name: "mtls pair",
+            target: tls_client.addr("outbound")?,
+            authority: "echo",
+            sidecars: vec![tls_client, tls_server],
         },
     ];
 

@@ -122,7 +122,14 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let addr_file = dir.join("addr.json");
     let child = Command::new(&bin)
-        .args(["--listen", "127.0.0.1:0", "--log", "warn"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--log",
+            "warn",
+        ])
         .arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--addr-file")
