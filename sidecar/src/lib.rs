@@ -22,10 +22,12 @@
 //! sees the call.
 //!
 //! # One config update
-//! A new list of [`meshwire_xds::Cluster`]s goes to [`Sidecar::apply`] (from a
-//! static file, or from the control plane over xDS): it is validated whole,
-//! then the route table is swapped atomically; endpoints that stay keep their
-//! connections and in-flight calls.
+//! A new list of [`meshwire_xds::Cluster`]s comes either from a static file
+//! (`--static-config`) or from the control plane over xDS (`--control-plane`,
+//! through [`meshwire_xds::client`], which ACKs an update once applied and
+//! NACKs one that was rejected); in-process callers can use [`Sidecar::apply`].
+//! It is validated whole, then the route table is swapped atomically;
+//! endpoints that stay keep their connections and in-flight calls.
 //!
 //! Start one in-process with [`Sidecar::start`] (tests bind `127.0.0.1:0` and
 //! read the ports back), or run the `meshwire-sidecar` binary.

@@ -2,7 +2,6 @@
 //! it, against real tonic backends.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -89,43 +88,73 @@ async fn slow_endpoint_gets_fewer_calls_unequal_weights() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_waiting_for_a_connection_count_as_outstanding() {
-    // An endpoint whose connects hang: a listener with a full accept queue
-    // that never accepts (further SYNs are dropped).
-    let hang = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    hang.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    hang.listen(0).unwrap();
-    let hang_addr = hang.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..4 {
-        // Non-blocking connects fill the accept queue (and SYN backlog).
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        s.set_nonblocking(true).unwrap();
-        let _ = s.connect(&hang_addr.into());
-        fillers.push(s);
-    }
+    const CALLERS: usize = 16;
+    // With 2 endpoints P2C compares both on every pick: the hanging endpoint
+    // wins only while its waiting calls are fewer than (or tie with) the
+    // good endpoint's in-flight calls, and those are at most the other
+    // callers: so it can hold at most about half of the callers (a little
+    // more when picks race). Were waiting calls not counted, it would look
+    // idle and win every pick until all callers hang on it.
+    const BOUND: u64 = CALLERS as u64 / 2 + 2;
+    // An endpoint whose connects hang: it accepts TCP but never speaks
+    // HTTP/2, so the sidecar's handshake waits out the connect timeout.
+    let hang = tokio::net::TcpListener::bind(localhost()).await.unwrap();
+    let hang_addr = hang.local_addr().unwrap();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            held.push(s);
+        }
+    });
     let good = echo("good").await;
+    let good_calls = good.stats.clone();
     let mut c = cluster("echo", &[(hang_addr, 1), (good.addr, 1)]);
-    c.connect_timeout = Duration::from_secs(2);
+    // Longer than the test: every call that picks it waits for the whole test.
+    c.connect_timeout = Duration::from_secs(120);
     let sc = client_sidecar(vec![c]).await;
     let client = echo_client(sc.outbound_addr, "echo").await;
 
-    let counts = run(&client, 400, 4).await;
-    assert_eq!(
-        counts.values().sum::<usize>(),
-        400,
-        "every call succeeded (failed over)"
-    );
-    let hung = endpoint_stats(sc.admin_addr, "echo", hang_addr).await;
-    // While its connect hangs, the calls waiting on it make it look busy, so
-    // P2C sends the rest to the good endpoint. If waiting calls did not
-    // count, it would get about half of them.
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                loop {
+                    c.echo(EchoRequest::default()).await.expect("call succeeds");
+                }
+            })
+        })
+        .collect();
+    let admin = sc.admin_addr;
+    let hung_requests = || async move {
+        endpoint_stats(admin, "echo", hang_addr).await["requests"]
+            .as_u64()
+            .unwrap()
+    };
+    // Either the good endpoint keeps serving (the callers stuck on the hanging
+    // endpoint are bounded) or too many callers got stuck to ever get there
+    // (then this times out: all callers hang on the endpoint that never connects).
+    eventually(
+        "1000 calls served by the good endpoint (or the hanging one picked over its bound)",
+        Duration::from_secs(30),
+        || async {
+            good_calls.calls.load(Ordering::Relaxed) >= 1000 || hung_requests().await > BOUND
+        },
+    )
+    .await;
+    let hung = endpoint_stats(admin, "echo", hang_addr).await;
     let requests = hung["requests"].as_u64().unwrap();
     assert!(
-        requests <= 8,
-        "the hanging endpoint was picked {requests} times: {hung}"
+        requests <= BOUND,
+        "the hanging endpoint was picked {requests} times by {CALLERS} callers (bound {BOUND}): {hung}"
     );
-    assert_eq!(counts["good"], 400);
+    // All of them are still waiting for the connection (none timed out or
+    // failed over), and it was picked at all.
+    assert_eq!(hung["outstanding"].as_u64(), Some(requests), "{hung}");
+    assert!(requests >= 1, "{hung}");
+    assert_eq!(hung["connections"], 0, "{hung}");
+    for c in callers {
+        c.abort();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,13 +2,15 @@
 //! both directions, flow control, the errors it makes itself, HTTP/1.1
 //! callers, hop-by-hop headers, `:authority` rewriting and per-service ports.
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use meshwire_examples::echo::EchoOptions;
 use meshwire_sidecar::{Sidecar, SidecarConfig};
 use meshwire_tests::*;
+use tokio::sync::Semaphore;
 use tonic::Code;
 
 // === deadlines ===
@@ -276,6 +278,83 @@ async fn slow_reader_slows_the_writer() {
         next += 1;
     }
     assert_eq!(next, COUNT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_app_reading_a_client_stream_slows_the_sender() {
+    const COUNT: u64 = 1000;
+    const SIZE: usize = 64 << 10; // 1000 x 64 KiB = 62.5 MiB if nothing pushed back
+    // Windows along the path (client -> sidecar -> sidecar -> app) hold a few
+    // MiB; this is far below what an unbounded buffer would take in.
+    const BOUND: u64 = 200;
+    // The app reads one client-stream message per permit.
+    let gate = Arc::new(Semaphore::new(1));
+    let mesh = Mesh::with_options(&[EchoOptions {
+        read_gate: Some(gate.clone()),
+        ..Default::default()
+    }])
+    .await;
+    let stats = mesh.backends[0].stats.clone();
+    let mut client = mesh.client().await;
+    // Messages the client's stream handed to tonic to send.
+    let pulled = Arc::new(AtomicU64::new(0));
+    let counter = pulled.clone();
+    let messages = futures_util::stream::iter(0..COUNT).map(move |i| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        EchoRequest {
+            payload: vec![i as u8; SIZE],
+            ..Default::default()
+        }
+    });
+    let call = tokio::spawn(async move { client.client_stream(messages).await });
+    eventually(
+        "the app took its first message",
+        Duration::from_secs(10),
+        || async { stats.calls.load(Ordering::Relaxed) == 1 && gate.available_permits() == 0 },
+    )
+    .await;
+    // The app reads no more: the sender must stall once the windows are full.
+    let stalled_at = settled(Duration::from_secs(20), Duration::from_millis(500), || {
+        pulled.load(Ordering::Relaxed)
+    })
+    .await;
+    assert!(
+        stalled_at < BOUND,
+        "the client sent {stalled_at} messages (~{} MiB) to an app that read 1",
+        (stalled_at * SIZE as u64) >> 20
+    );
+    // The app reads slowly, a few messages at a time, past where the sender
+    // stalled: the sender follows it, never more than the windows ahead.
+    let mut read = 1;
+    while read <= stalled_at {
+        gate.add_permits(8);
+        read += 8;
+        eventually(
+            "the app read its next messages",
+            Duration::from_secs(10),
+            || async { gate.available_permits() == 0 },
+        )
+        .await;
+        let sent = pulled.load(Ordering::Relaxed);
+        assert!(
+            sent - read < BOUND,
+            "the client sent {sent} messages to an app that read {read}"
+        );
+    }
+    assert!(
+        pulled.load(Ordering::Relaxed) > stalled_at,
+        "the sender resumed as the app read"
+    );
+    // Reading at full speed, everything arrives.
+    gate.add_permits(Semaphore::MAX_PERMITS - gate.available_permits());
+    let reply = call
+        .await
+        .unwrap()
+        .expect("client stream completes")
+        .into_inner();
+    assert_eq!(u64::from(reply.seq), COUNT);
+    assert_eq!(reply.received_bytes, COUNT * SIZE as u64);
+    assert_eq!(stats.cancelled.load(Ordering::Relaxed), 0);
 }
 
 // === errors the sidecar makes ===

@@ -248,17 +248,14 @@ async fn grpcio_client(target: SocketAddr, authority: &str, cases: &[&str]) {
 /// [`SERVICE`]: callers send to `client.outbound_addr`.
 struct Pair {
     client: Sidecar,
-    _server: Sidecar,
+    server: Sidecar,
 }
 
 async fn sidecars(app: SocketAddr) -> Pair {
     let server = server_sidecar(app).await;
     let inbound = server.inbound_addr.expect("server sidecar has inbound");
     let client = client_sidecar(vec![cluster(SERVICE, &[(inbound, 1)])]).await;
-    Pair {
-        client,
-        _server: server,
-    }
+    Pair { client, server }
 }
 
 async fn tonic_server() -> InteropHandle {
@@ -296,18 +293,20 @@ async fn baseline_grpcio_client_direct_to_tonic_server() {
 async fn tonic_client_through_sidecars_to_grpcio_server() {
     let app = PyServer::start().await;
     let mesh = sidecars(app.addr).await;
-    let ch = channel(mesh.client.outbound_addr, SERVICE).await;
-    tonic_cases(ch).await;
+    tonic_cases(mesh.client.outbound_addr, Some(&mesh)).await;
 }
 
 /// Baseline: the Rust cases against grpcio without the mesh in between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn baseline_tonic_client_direct_to_grpcio_server() {
     let app = PyServer::start().await;
-    tonic_cases(channel(app.addr, SERVICE).await).await;
+    tonic_cases(app.addr, None).await;
 }
 
-async fn tonic_cases(ch: Channel) {
+/// The Rust client cases against `target` (a client sidecar's outbound port
+/// when `mesh` is the pair in between, else the grpcio server itself).
+async fn tonic_cases(target: SocketAddr, mesh: Option<&Pair>) {
+    let ch = channel(target, SERVICE).await;
     let mut client = TestServiceClient::new(ch.clone())
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
@@ -317,6 +316,19 @@ async fn tonic_cases(ch: Channel) {
     bounded("client_streaming", client_streaming(c)).await;
     bounded("server_streaming", server_streaming(c)).await;
     bounded("ping_pong", ping_pong(c)).await;
+    bounded(
+        "timeout_on_sleeping_server",
+        timeout_on_sleeping_server(target, mesh),
+    )
+    .await;
+    bounded("cancel_after_begin", cancel_after_begin(target, mesh)).await;
+    bounded(
+        "cancel_after_first_response",
+        cancel_after_first_response(target, mesh),
+    )
+    .await;
+    // The cancelled calls left the connection usable.
+    bounded("empty_unary", empty_unary(c)).await;
     bounded("custom_metadata", custom_metadata(c)).await;
     bounded("status_code_and_message", status_code_and_message(c)).await;
     bounded("special_status_message", special_status_message(c)).await;
@@ -460,6 +472,151 @@ async fn ping_pong(client: &mut Client) {
     }
     drop(tx);
     assert!(replies.next().await.is_none(), "ping_pong: extra replies");
+}
+
+/// Calls in flight for the interop service in the client sidecar (to the
+/// server sidecar) and in the server sidecar (to the app).
+async fn outstanding(mesh: &Pair) -> (u64, u64) {
+    let inbound = mesh.server.inbound_addr.expect("inbound");
+    let client = endpoint_stats(mesh.client.admin_addr, SERVICE, inbound).await;
+    let app = admin_json(mesh.server.admin_addr, "/clusters").await["app"].clone();
+    let n = |v: &serde_json::Value| {
+        v["outstanding"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no outstanding count: {v}"))
+    };
+    (n(&client), n(&app))
+}
+
+/// Through the mesh: waits until both sidecars have `want` calls in flight.
+async fn wait_outstanding(case: &str, mesh: Option<&Pair>, want: u64) {
+    if let Some(mesh) = mesh {
+        eventually(
+            &format!("{case}: {want} call(s) in flight in both sidecars"),
+            Duration::from_secs(10),
+            || async { outstanding(mesh).await == (want, want) },
+        )
+        .await;
+    }
+}
+
+async fn timeout_on_sleeping_server(target: SocketAddr, mesh: Option<&Pair>) {
+    let mut h2 = h2_client(target).await;
+    let mut req = grpc_request(SERVICE, "/grpc.testing.TestService/FullDuplexCall");
+    req.headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("1m"));
+    let (resp, mut body) = h2.send_request(req, false).expect("open stream");
+    // The request stream stays open and asks for no replies: only the 1 ms
+    // deadline can end the call. (The deadline may already have ended the
+    // stream, so a failed send is no failure.)
+    let _ = body.send_data(
+        grpc_frame(&StreamingOutputCallRequest {
+            payload: zeros(27_182),
+            ..Default::default()
+        }),
+        false,
+    );
+    let resp = resp.await.expect("timeout_on_sleeping_server: response");
+    let status = match resp.headers().get("grpc-status") {
+        // Trailers-only.
+        Some(s) => s.clone(),
+        None => {
+            let mut replies = resp.into_body();
+            while let Some(chunk) = replies.data().await {
+                let chunk = chunk.expect("response data");
+                assert!(
+                    chunk.is_empty(),
+                    "timeout_on_sleeping_server: a response arrived"
+                );
+            }
+            let trailers = replies
+                .trailers()
+                .await
+                .expect("trailers")
+                .expect("grpc trailers");
+            trailers["grpc-status"].clone()
+        }
+    };
+    assert_eq!(
+        status, "4",
+        "timeout_on_sleeping_server: grpc-status {status:?}, expected DEADLINE_EXCEEDED"
+    );
+    // The expired call was cancelled upstream too, not left running.
+    wait_outstanding("timeout_on_sleeping_server", mesh, 0).await;
+}
+
+/// A raw HTTP/2 stream for the deadline and cancel cases: tonic's client
+/// enforces a deadline itself (reporting CANCELLED, "Timeout expired", before
+/// the peer's DEADLINE_EXCEEDED can arrive), and once a response has begun it
+/// cannot reset a call without half-closing it first; the interop cases
+/// cancel without half-closing.
+fn raw_call(
+    h2: &mut h2::client::SendRequest<bytes::Bytes>,
+    method: &str,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let path = format!("/grpc.testing.TestService/{method}");
+    h2.send_request(grpc_request(SERVICE, &path), false)
+        .expect("open stream")
+}
+
+async fn cancel_after_begin(target: SocketAddr, mesh: Option<&Pair>) {
+    let mut h2 = h2_client(target).await;
+    let (resp, mut body) = raw_call(&mut h2, "StreamingInputCall");
+    // Through the mesh: begun means it reached the app past both sidecars.
+    wait_outstanding("cancel_after_begin", mesh, 1).await;
+    body.send_reset(h2::Reason::CANCEL);
+    let err = resp.await.expect_err("cancel_after_begin: cancelled call");
+    assert_eq!(
+        err.reason(),
+        Some(h2::Reason::CANCEL),
+        "cancel_after_begin: {err:?}"
+    );
+    // The cancel crossed both sidecars: neither holds the call any more.
+    wait_outstanding("cancel_after_begin", mesh, 0).await;
+}
+
+async fn cancel_after_first_response(target: SocketAddr, mesh: Option<&Pair>) {
+    let mut h2 = h2_client(target).await;
+    let (resp, mut body) = raw_call(&mut h2, "FullDuplexCall");
+    body.send_data(grpc_frame(&output_request(&[31_415], 27_182)), false)
+        .expect("send request");
+    let resp = resp.await.expect("cancel_after_first_response: response");
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    let mut replies = resp.into_body();
+    let mut buf = Vec::new();
+    let reply = loop {
+        if buf.len() >= 5 {
+            let len = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
+            if buf.len() >= 5 + len {
+                break <StreamingOutputCallResponse as prost::Message>::decode(&buf[5..5 + len])
+                    .expect("first response");
+            }
+        }
+        let chunk = replies
+            .data()
+            .await
+            .expect("cancel_after_first_response: a first response")
+            .expect("response data");
+        let _ = replies.flow_control().release_capacity(chunk.len());
+        buf.extend_from_slice(&chunk);
+    };
+    assert_zeros(
+        "cancel_after_first_response",
+        reply.payload.as_ref(),
+        31_415,
+    );
+    // Not half-closed: the call stays open until cancelled.
+    wait_outstanding("cancel_after_first_response", mesh, 1).await;
+    body.send_reset(h2::Reason::CANCEL);
+    match replies.data().await {
+        Some(Err(err)) => assert_eq!(
+            err.reason(),
+            Some(h2::Reason::CANCEL),
+            "cancel_after_first_response: {err:?}"
+        ),
+        other => panic!("cancel_after_first_response: {other:?} after cancel, expected CANCEL"),
+    }
+    wait_outstanding("cancel_after_first_response", mesh, 0).await;
 }
 
 /// A `-bin` metadata value, decoded (`None` if absent or not valid base64).

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use meshwire_tests::*;
+use prost::Message;
 use tonic::Code;
 
 const SIDECAR: &str = env!("CARGO_BIN_EXE_mw-sidecar");
@@ -159,7 +160,65 @@ async fn sigterm_drains_in_flight_calls_then_exits() {
         || async { stats.calls.load(Ordering::Relaxed) == 2 },
     )
     .await;
+    // A raw HTTP/2 connection to the inbound port (as another sidecar's) with a
+    // client-streaming call open on it: the call lasts until we end our stream.
+    let raw = h2_client(inbound).await;
+    let (open_resp, mut open_body) = raw
+        .clone()
+        .send_request(
+            grpc_request("echo", "/meshwire.example.v1.Echo/ClientStream"),
+            false,
+        )
+        .expect("stream opened");
+    let msg = || {
+        grpc_frame(&EchoRequest {
+            payload: vec![7; 100],
+            ..Default::default()
+        })
+    };
+    open_body.send_data(msg(), false).unwrap();
+    eventually(
+        "the open stream reached the app",
+        Duration::from_secs(5),
+        || async { stats.calls.load(Ordering::Relaxed) == 3 },
+    )
+    .await;
     server.signal("TERM");
+    // The open connection is told to go away: it refuses new streams...
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let since = tokio::time::Instant::now();
+    while raw.clone().ready().await.is_ok() {
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "no GOAWAY on the open connection 5s after SIGTERM"
+        );
+        tick.tick().await;
+    }
+    let refused = raw
+        .clone()
+        .send_request(grpc_request("echo", "/meshwire.example.v1.Echo/Echo"), true)
+        .expect_err("a new stream after GOAWAY");
+    assert!(refused.is_go_away(), "{refused:?}");
+    assert_eq!(refused.reason(), Some(h2::Reason::NO_ERROR), "{refused:?}");
+    // ...while the stream it already had still completes, after the GOAWAY.
+    open_body.send_data(msg(), true).unwrap();
+    let resp = open_resp.await.expect("response on the open stream");
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    let mut resp_body = resp.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = resp_body.data().await {
+        let chunk = chunk.expect("response data");
+        let _ = resp_body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = resp_body
+        .trailers()
+        .await
+        .expect("trailers")
+        .expect("grpc trailers");
+    assert_eq!(trailers["grpc-status"], "0", "{trailers:?}");
+    let reply = EchoReply::decode(data.get(5..).expect("one message")).expect("EchoReply");
+    assert_eq!((reply.seq, reply.received_bytes), (2, 200), "{reply:?}");
     // Draining: not ready, no new connections, the call in flight continues.
     eventually("/ready turns 503", Duration::from_secs(5), || async {
         http1_get(admin, "a", "/ready")
