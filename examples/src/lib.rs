@@ -7,8 +7,9 @@
 //!   official interop client test cases (e.g. grpcio's) through the mesh.
 //! - [`load`]: a load client for the echo service (the demo's, `meshwire-load`).
 //! - [`probe`]: HTTP/TCP checks (`meshwire-probe`, the containers' health checks).
-//! - [`demo`]: the body of `meshwire-demo`.
+//! - [`demo`]: the body of `meshwire-demo`; [`cmd`]: of the other binaries.
 
+pub mod cmd;
 pub mod demo;
 pub mod echo;
 pub mod interop;
