@@ -68,7 +68,12 @@ pub fn main() -> ExitCode {
             eprintln!("meshwire-sidecar: --addr-file {}: {e}", path.display());
             return ExitCode::FAILURE;
         }
-        wait_for_signal().await;
+        // `POST /drain` on the admin port drains like SIGTERM, and the process
+        // then exits like after SIGTERM (a container's sidecar stops with it).
+        tokio::select! {
+            () = wait_for_signal() => {}
+            () = sidecar.stopping() => tracing::info!("drain requested on the admin port"),
+        }
         sidecar.shutdown();
         if sidecar.wait().await {
             ExitCode::SUCCESS

@@ -247,6 +247,50 @@ async fn sigterm_drains_in_flight_calls_then_exits() {
     assert_eq!(err.code(), Code::Unavailable);
 }
 
+/// `POST /drain` (what an app's stop hook sends, `probe::drain_sidecar`):
+/// the same graceful drain as SIGTERM, then the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_drain_drains_in_flight_calls_then_exits() {
+    let backend = echo("drain-hook-backend").await;
+    let stats = backend.stats.clone();
+    let mut server = SidecarProcess::spawn(
+        SIDECAR,
+        &["--app", &backend.addr.to_string(), "--drain-timeout", "30s"],
+        &[],
+    )
+    .await;
+    let inbound = server.addrs.inbound.unwrap();
+    let admin = server.addrs.admin;
+    let client = client_sidecar(vec![cluster("echo", &[(inbound, 1)])]).await;
+    let mut c = echo_client(client.outbound_addr, "echo").await;
+    let call = tokio::spawn(async move {
+        c.echo(EchoRequest {
+            delay_ms: 1000,
+            ..Default::default()
+        })
+        .await
+    });
+    eventually(
+        "the slow call reached the app",
+        Duration::from_secs(5),
+        || async { stats.calls.load(Ordering::Relaxed) == 1 },
+    )
+    .await;
+    // Returns once the sidecar has finished draining (its admin port closes).
+    meshwire_examples::probe::drain_sidecar(&admin.to_string(), Duration::from_secs(20))
+        .await
+        .expect("drained");
+    let reply = call
+        .await
+        .unwrap()
+        .expect("the in-flight call completes during the drain");
+    assert_eq!(reply.into_inner().server, "drain-hook-backend");
+    assert_eq!(stats.cancelled.load(Ordering::Relaxed), 0);
+    let code = server.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "clean drain exits 0:\n{}", server.log());
+    assert!(server.log().contains("drain requested"), "{}", server.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_bounds_shutdown() {
     let backend = echo("stuck-backend").await;

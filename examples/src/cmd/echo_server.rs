@@ -1,0 +1,84 @@
+//! `echo-server`: the example Echo service as a process (the app of the
+//! compose stack's containers).
+//!
+//! With `--sidecar-admin`, a SIGTERM first drains the sidecar beside it
+//! (`POST /drain`, then waits until it has finished), while this server
+//! still answers the calls in flight: stopping the app container then fails
+//! no call, the way a preStop hook works in a Kubernetes pod.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::echo::{self, EchoOptions};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(name = "echo-server", about = "The example Echo gRPC service (h2c)")]
+struct Args {
+    /// Address to serve gRPC (h2c) on.
+    #[arg(long, env = "ECHO_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Name reported in every reply (tells instances apart).
+    #[arg(long, env = "ECHO_NAME", default_value = "echo")]
+    name: String,
+    /// Added to every unary call (makes an instance slow).
+    #[arg(long, env = "ECHO_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    delay: Duration,
+    /// The admin address of this app's sidecar, drained first on SIGTERM.
+    #[arg(long, env = "ECHO_SIDECAR_ADMIN")]
+    sidecar_admin: Option<String>,
+    /// Longest wait for the sidecar's drain.
+    #[arg(long, env = "ECHO_SIDECAR_DRAIN_WAIT", default_value = "15s", value_parser = humantime::parse_duration)]
+    sidecar_drain_wait: Duration,
+}
+
+pub fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .and_then(|rt| rt.block_on(serve(args)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("echo-server: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: Args) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let server = echo::serve_with(
+        listener,
+        &args.name,
+        EchoOptions {
+            delay: args.delay,
+            ..Default::default()
+        },
+    );
+    tracing::info!(addr = %server.addr, name = %args.name, delay = ?args.delay, "echo server listening");
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+    if let Some(admin) = &args.sidecar_admin {
+        tracing::info!(%admin, "draining the sidecar first");
+        match crate::probe::drain_sidecar(admin, args.sidecar_drain_wait).await {
+            Ok(()) => tracing::info!("sidecar drained"),
+            Err(e) => tracing::warn!(error = %e, "sidecar drain"),
+        }
+    }
+    server.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}

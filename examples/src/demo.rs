@@ -1,0 +1,840 @@
+//! The Meshwire demo (`meshwire-demo`): a live mesh on one machine, no other
+//! software needed. This module is the binary's body, in the library so the
+//! end-to-end tests can run it as a process (`tests/src/bin/mw-demo.rs`).
+//!
+//! Everything runs in this one process, so Ctrl-C (or SIGTERM) stops all of
+//! it and leaves nothing behind:
+//!
+//! ```text
+//! control plane (admin API + xDS, 127.0.0.1:15010, data in a temp dir)
+//!   │ xDS                                   ▲ meshctl (another terminal)
+//!   ▼
+//! load client ─▶ client sidecar ─┬─▶ sidecar ─▶ echo-0 (slow)
+//!                (service echo)  ├─▶ sidecar ─▶ echo-1
+//!                                └─▶ sidecar ─▶ echo-2
+//! ```
+//!
+//! The echo instances are registered as endpoints of service `echo` through
+//! the admin API, exactly as `meshctl endpoint add` does; every sidecar takes
+//! its config from the control plane over xDS. Every second a table shows,
+//! per endpoint, what the client sidecar's balancer runs (weight, draining)
+//! and what the load client measured (calls/s, share, p50/p99, errors), and
+//! how long the last `meshctl` change took to reach the client sidecar.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use meshwire_control_plane::{ControlPlane, ControlPlaneConfig, ControlPlaneHandle};
+use meshwire_proto::admin::v1 as pb;
+use meshwire_proto::admin::v1::mesh_admin_client::MeshAdminClient;
+use meshwire_sidecar::{Sidecar, SidecarConfig};
+use meshwire_xds::Snapshot;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::echo::{self, EchoHandle, EchoOptions};
+use crate::load::{Load, LoadConfig, Report};
+
+/// The service the demo's echo instances form.
+pub const SERVICE: &str = "echo";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshwire-demo",
+    about = "A live Meshwire mesh on this machine: control plane, echo instances with sidecars, a load client"
+)]
+pub struct Args {
+    /// Stop after this long and print a summary (default: run until Ctrl-C).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Instances of the echo service.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=16))]
+    pub instances: u16,
+    /// Service time of a normal instance, in ms.
+    #[arg(long, default_value_t = 2)]
+    pub delay_ms: u64,
+    /// Service time of the slow instance (echo-0), in ms.
+    #[arg(long, default_value_t = 20)]
+    pub slow_delay_ms: u64,
+    /// Calls in flight from the load client.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub concurrency: u16,
+    /// The control plane's address (port taken: any free port).
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    pub listen: SocketAddr,
+    /// The control plane's data directory (default: a temporary one, removed at exit).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The client sidecar's outbound address (port taken: any free port).
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    pub outbound: SocketAddr,
+    /// The client sidecar's admin address (port taken: any free port).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// `text`: a table refreshed every second; `json`: one JSON object per
+    /// line (start-up, every second, summary), for scripts and tests.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("control plane: {0}")]
+    ControlPlane(#[from] meshwire_control_plane::StartError),
+    #[error("sidecar: {0}")]
+    Sidecar(#[from] meshwire_sidecar::StartError),
+    #[error("admin API: {0}")]
+    Admin(#[from] tonic::Status),
+    #[error("connecting to the control plane: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Address(#[from] crate::load::AddressError),
+    #[error("data directory: {0}")]
+    DataDir(std::io::Error),
+    #[error("echo server: {0}")]
+    Echo(std::io::Error),
+    #[error("signals: {0}")]
+    Signals(std::io::Error),
+    #[error(
+        "the client sidecar did not get the {SERVICE} endpoints from the control plane within {0:?}"
+    )]
+    NotConfigured(Duration),
+}
+
+/// Runs the demo; the exit code for the process.
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshwire-demo: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshwire-demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// === the mesh ===
+
+type Admin = MeshAdminClient<InterceptedService<Channel, Bearer>>;
+
+#[derive(Clone)]
+struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// One echo instance and its sidecar.
+struct Instance {
+    name: String,
+    delay: Duration,
+    /// Its sidecar's inbound listener: the endpoint address in the mesh.
+    address: SocketAddr,
+    app: EchoHandle,
+    sidecar: Sidecar,
+}
+
+struct Mesh {
+    cp: ControlPlaneHandle,
+    instances: Vec<Instance>,
+    client: Sidecar,
+    /// Held so a temporary data directory lives as long as the demo.
+    _temp: Option<tempfile::TempDir>,
+}
+
+fn xds(cp: &ControlPlaneHandle, service: &str, node: &str) -> meshwire_sidecar::ControlPlaneConfig {
+    meshwire_sidecar::ControlPlaneConfig {
+        server: format!("http://{}", cp.local_addr),
+        service: service.to_owned(),
+        node_id: node.to_owned(),
+    }
+}
+
+async fn start_control_plane(
+    args: &Args,
+) -> Result<(ControlPlaneHandle, Option<tempfile::TempDir>), DemoError> {
+    let (dir, temp) = match &args.data_dir {
+        Some(d) => (d.clone(), None),
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("meshwire-demo-")
+                .tempdir()
+                .map_err(DemoError::DataDir)?;
+            (t.path().to_owned(), Some(t))
+        }
+    };
+    let mut cfg = ControlPlaneConfig::new(&dir);
+    cfg.listen = args.listen;
+    let cp = match ControlPlane::start(cfg.clone()).await {
+        Err(meshwire_control_plane::StartError::Bind { .. }) => {
+            cfg.listen.set_port(0);
+            ControlPlane::start(cfg).await?
+        }
+        r => r?,
+    };
+    Ok((cp, temp))
+}
+
+/// Binds `addr`, or any free port on its IP if that one is taken.
+async fn start_sidecar(mut cfg: SidecarConfig) -> Result<Sidecar, DemoError> {
+    match Sidecar::start(cfg.clone()).await {
+        Err(meshwire_sidecar::StartError::Bind { .. }) => {
+            cfg.outbound.set_port(0);
+            cfg.admin.set_port(0);
+            Ok(Sidecar::start(cfg).await?)
+        }
+        r => Ok(r?),
+    }
+}
+
+async fn start_mesh(args: &Args) -> Result<Mesh, DemoError> {
+    let (cp, temp) = start_control_plane(args).await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.local_addr))?
+        .connect()
+        .await?;
+    let token = format!("Bearer {}", cp.admin_token)
+        .parse()
+        .map_err(|_| tonic::Status::internal("the admin token is not printable ASCII"))?;
+    let mut admin: Admin = MeshAdminClient::with_interceptor(channel, Bearer(token));
+
+    // A data directory from an earlier run may hold endpoints of processes long gone.
+    match admin
+        .delete_service(pb::DeleteServiceRequest {
+            name: SERVICE.into(),
+        })
+        .await
+    {
+        Err(s) if s.code() != tonic::Code::NotFound => return Err(s.into()),
+        _ => {}
+    }
+    admin
+        .create_service(pb::CreateServiceRequest {
+            service: Some(pb::Service {
+                name: SERVICE.into(),
+                ..Default::default()
+            }),
+        })
+        .await?;
+
+    let mut instances = Vec::new();
+    for i in 0..args.instances {
+        let name = format!("echo-{i}");
+        let delay = Duration::from_millis(if i == 0 {
+            args.slow_delay_ms
+        } else {
+            args.delay_ms
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(DemoError::Echo)?;
+        let app = echo::serve_with(
+            l,
+            &name,
+            EchoOptions {
+                delay,
+                ..Default::default()
+            },
+        );
+        let mut cfg = SidecarConfig::local();
+        cfg.app = Some(app.addr);
+        cfg.inbound = Some(([127, 0, 0, 1], 0).into());
+        cfg.control_plane = Some(xds(&cp, SERVICE, &name));
+        let sidecar = Sidecar::start(cfg).await?;
+        let address = sidecar.inbound_addr.expect("inbound bound with an app");
+        admin
+            .add_endpoint(pb::AddEndpointRequest {
+                service: SERVICE.into(),
+                endpoint: Some(pb::Endpoint {
+                    address: address.to_string(),
+                    weight: Some(1),
+                    metadata: [("instance".to_owned(), name.clone())].into(),
+                    ..Default::default()
+                }),
+            })
+            .await?;
+        instances.push(Instance {
+            name,
+            delay,
+            address,
+            app,
+            sidecar,
+        });
+    }
+
+    let mut cfg = SidecarConfig::new(args.outbound, args.admin);
+    cfg.control_plane = Some(xds(&cp, "demo-client", "demo-client"));
+    let client = start_sidecar(cfg).await?;
+
+    // Calls start once the client sidecar runs every endpoint.
+    let limit = Duration::from_secs(10);
+    let deadline = Instant::now() + limit;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while endpoint_view(&client).len() < instances.len() {
+        if Instant::now() > deadline {
+            return Err(DemoError::NotConfigured(limit));
+        }
+        tick.tick().await;
+    }
+    Ok(Mesh {
+        cp,
+        instances,
+        client,
+        _temp: temp,
+    })
+}
+
+impl Mesh {
+    async fn stop(self) {
+        self.client.shutdown();
+        for i in &self.instances {
+            i.sidecar.shutdown();
+        }
+        self.client.wait().await;
+        for i in &self.instances {
+            i.sidecar.wait().await;
+        }
+        for i in self.instances {
+            i.app.stop().await;
+        }
+        if let Err(e) = self.cp.stop().await {
+            tracing::warn!(error = %e, "control plane stopped with an error");
+        }
+    }
+
+    fn name_of(&self, addr: SocketAddr) -> String {
+        self.instances
+            .iter()
+            .find(|i| i.address == addr)
+            .map_or_else(|| addr.to_string(), |i| i.name.clone())
+    }
+}
+
+/// What the client sidecar's balancer runs for one endpoint.
+#[derive(Debug, Clone, PartialEq)]
+struct EndpointView {
+    weight: u32,
+    draining: bool,
+    /// Calls the client sidecar counted as failed on this endpoint, ever.
+    failures: u64,
+}
+
+fn endpoint_view(client: &Sidecar) -> BTreeMap<SocketAddr, EndpointView> {
+    let table = client.routes().load();
+    let Some(cluster) = table.get(SERVICE) else {
+        return BTreeMap::new();
+    };
+    let set = cluster.endpoints.load();
+    set.entries()
+        .iter()
+        .map(|e| {
+            (
+                e.endpoint.addr,
+                EndpointView {
+                    weight: e.weight,
+                    draining: e.draining,
+                    failures: e
+                        .endpoint
+                        .stats
+                        .failure
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                },
+            )
+        })
+        .collect()
+}
+
+// === config changes: how fast they reach the client sidecar ===
+
+#[derive(Debug, Clone)]
+struct Change {
+    version: u64,
+    what: String,
+    /// From the commit's publish to the client sidecar running it.
+    applied_in: Option<Duration>,
+}
+
+/// Weight and draining of the demo service's endpoints in a snapshot.
+fn wanted(s: &Snapshot) -> BTreeMap<SocketAddr, (u32, bool)> {
+    s.clusters
+        .get(SERVICE)
+        .map(|c| {
+            c.endpoints
+                .iter()
+                .map(|e| (e.address, (e.weight, e.draining)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn describe(
+    names: &BTreeMap<SocketAddr, String>,
+    before: &BTreeMap<SocketAddr, (u32, bool)>,
+    after: &BTreeMap<SocketAddr, (u32, bool)>,
+) -> String {
+    let name = |a: &SocketAddr| names.get(a).cloned().unwrap_or_else(|| a.to_string());
+    let mut parts = Vec::new();
+    for (a, (w, d)) in after {
+        match before.get(a) {
+            None => parts.push(format!("{} added", name(a))),
+            Some((w0, d0)) => {
+                if w0 != w {
+                    parts.push(format!("{} weight {w0} → {w}", name(a)));
+                }
+                if d0 != d {
+                    parts.push(format!(
+                        "{} {}",
+                        name(a),
+                        if *d { "draining" } else { "active again" }
+                    ));
+                }
+            }
+        }
+    }
+    for a in before.keys().filter(|a| !after.contains_key(a)) {
+        parts.push(format!("{} removed", name(a)));
+    }
+    if parts.is_empty() {
+        "other services".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Follows the control plane's snapshots; for each one that changes the
+/// demo service, measures when the client sidecar runs it.
+fn watch_changes(mesh: &Mesh, last: Arc<Mutex<Option<Change>>>) -> tokio::task::JoinHandle<()> {
+    let mut snapshots = mesh.cp.snapshots();
+    let names: BTreeMap<SocketAddr, String> = mesh
+        .instances
+        .iter()
+        .map(|i| (i.address, i.name.clone()))
+        .collect();
+    let routes = mesh.client.routes().clone();
+    tokio::spawn(async move {
+        let mut before = wanted(&snapshots.borrow_and_update());
+        while snapshots.changed().await.is_ok() {
+            let published = Instant::now();
+            let snap = snapshots.borrow_and_update().clone();
+            let after = wanted(&snap);
+            if after == before {
+                continue;
+            }
+            let what = describe(&names, &before, &after);
+            before = after.clone();
+            // Poll the route table (an atomic load) until it matches; bounded.
+            let mut applied_in = None;
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            while published.elapsed() < Duration::from_secs(5) {
+                tick.tick().await;
+                let table = routes.load();
+                let now: BTreeMap<SocketAddr, (u32, bool)> = table
+                    .get(SERVICE)
+                    .map(|c| {
+                        c.endpoints
+                            .load()
+                            .entries()
+                            .iter()
+                            .map(|e| (e.endpoint.addr, (e.weight, e.draining)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if now == after {
+                    applied_in = Some(published.elapsed());
+                    break;
+                }
+            }
+            *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(Change {
+                version: snap.version,
+                what,
+                applied_in,
+            });
+        }
+    })
+}
+
+// === output ===
+
+/// One row of the table.
+#[derive(Debug)]
+struct Row {
+    name: String,
+    address: SocketAddr,
+    delay: Duration,
+    view: Option<EndpointView>,
+    /// Failures the client sidecar counted in this period.
+    errors: u64,
+}
+
+fn rows(
+    mesh: &Mesh,
+    views: &BTreeMap<SocketAddr, EndpointView>,
+    since: &BTreeMap<SocketAddr, u64>,
+) -> Vec<Row> {
+    let mut rows: Vec<Row> = mesh
+        .instances
+        .iter()
+        .map(|i| {
+            let view = views.get(&i.address).cloned();
+            let errors = view.as_ref().map_or(0, |v| {
+                v.failures - since.get(&i.address).copied().unwrap_or(0)
+            });
+            Row {
+                name: i.name.clone(),
+                address: i.address,
+                delay: i.delay,
+                view,
+                errors,
+            }
+        })
+        .collect();
+    // Endpoints someone added with meshctl.
+    for (a, v) in views {
+        if !mesh.instances.iter().any(|i| i.address == *a) {
+            rows.push(Row {
+                name: mesh.name_of(*a),
+                address: *a,
+                delay: Duration::ZERO,
+                view: Some(v.clone()),
+                errors: v.failures - since.get(a).copied().unwrap_or(0),
+            });
+        }
+    }
+    rows
+}
+
+fn state(v: Option<&EndpointView>) -> &'static str {
+    match v {
+        None => "removed",
+        Some(v) if v.draining => "draining",
+        Some(_) => "active",
+    }
+}
+
+fn text_table(rows: &[Row], report: &Report, per_second: bool) -> String {
+    let secs = report.elapsed.as_secs_f64().max(1e-9);
+    let mut out = format!(
+        "{:<8} {:<21} {:>6} {:<8} {:>8} {:>9} {:>6} {:>8} {:>8} {:>6}\n",
+        "endpoint",
+        "address",
+        "weight",
+        "state",
+        "delay",
+        if per_second { "calls/s" } else { "calls" },
+        "share",
+        "p50 ms",
+        "p99 ms",
+        "errors"
+    );
+    for r in rows {
+        let s = report.server(&r.name);
+        let calls = s.map_or(0, |s| s.calls);
+        let shown = if per_second {
+            format!("{:.0}", calls as f64 / secs)
+        } else {
+            calls.to_string()
+        };
+        out.push_str(&format!(
+            "{:<8} {:<21} {:>6} {:<8} {:>8} {:>9} {:>5.1}% {:>8.2} {:>8.2} {:>6}\n",
+            r.name,
+            r.address.to_string(),
+            r.view.as_ref().map_or("-".into(), |v| v.weight.to_string()),
+            state(r.view.as_ref()),
+            format!("{}ms", r.delay.as_millis()),
+            shown,
+            100.0 * report.share(&r.name),
+            s.map_or(0.0, |s| s.p50_ms),
+            s.map_or(0.0, |s| s.p99_ms),
+            r.errors,
+        ));
+    }
+    let failed = report.error_count();
+    if failed > 0 {
+        out.push_str(&format!(
+            "load client: {failed} calls failed {:?}\n",
+            report.errors
+        ));
+    }
+    out
+}
+
+fn json_rows(rows: &[Row], report: &Report) -> serde_json::Value {
+    let secs = report.elapsed.as_secs_f64().max(1e-9);
+    rows.iter()
+        .map(|r| {
+            let s = report.server(&r.name);
+            let calls = s.map_or(0, |s| s.calls);
+            serde_json::json!({
+                "name": r.name,
+                "address": r.address.to_string(),
+                "weight": r.view.as_ref().map(|v| v.weight),
+                "state": state(r.view.as_ref()),
+                "delay_ms": r.delay.as_millis() as u64,
+                "calls": calls,
+                "rate": calls as f64 / secs,
+                "share": report.share(&r.name),
+                "p50_ms": s.map_or(0.0, |s| s.p50_ms),
+                "p99_ms": s.map_or(0.0, |s| s.p99_ms),
+                "errors": r.errors,
+            })
+        })
+        .collect()
+}
+
+fn change_json(c: Option<&Change>) -> serde_json::Value {
+    c.map_or(serde_json::Value::Null, |c| {
+        serde_json::json!({
+            "version": c.version,
+            "what": c.what,
+            "applied_ms": c.applied_in.map(|d| d.as_secs_f64() * 1000.0),
+        })
+    })
+}
+
+fn change_text(c: Option<&Change>) -> String {
+    match c {
+        None => "last change: none yet (try the meshctl commands above)".into(),
+        Some(c) => match c.applied_in {
+            Some(d) => format!(
+                "last change: v{} {} — running in the client sidecar {:.1} ms after the commit",
+                c.version,
+                c.what,
+                d.as_secs_f64() * 1000.0
+            ),
+            None => format!(
+                "last change: v{} {} — not seen in the client sidecar within 5 s",
+                c.version, c.what
+            ),
+        },
+    }
+}
+
+/// How to run `meshctl` from here: the binary beside this one, else cargo.
+fn meshctl_command() -> String {
+    let exe = std::env::current_exe().ok();
+    let dir = exe.as_deref().and_then(Path::parent);
+    if let Some(m) = dir.map(|d| d.join("meshctl")).filter(|m| m.exists()) {
+        return m.display().to_string();
+    }
+    let release = dir
+        .and_then(Path::file_name)
+        .is_some_and(|n| n == "release");
+    if release {
+        "cargo run -q --release --bin meshctl --".into()
+    } else {
+        "cargo run -q --bin meshctl --".into()
+    }
+}
+
+fn intro(mesh: &Mesh, args: &Args) -> String {
+    let ctl = format!(
+        "{} --server http://{} --data-dir {}",
+        meshctl_command(),
+        mesh.cp.local_addr,
+        shell_quote(&mesh.cp.data_dir.display().to_string())
+    );
+    let slow = &mesh.instances[0];
+    let fast = &mesh.instances[mesh.instances.len() - 1];
+    let mut s = format!(
+        "Meshwire demo: control plane on {cp}; {n} instances of service `{SERVICE}` each behind its own sidecar \
+         ({slow} is slow: {sd} ms vs {fd} ms);\n\
+         a load client with {c} calls in flight through the client sidecar (outbound {out}, admin http://{adm}).\n\
+         Every sidecar takes its config from the control plane over xDS.\n\n\
+         Try in another terminal (the table shows the effect within a second):\n",
+        cp = mesh.cp.local_addr,
+        n = mesh.instances.len(),
+        slow = slow.name,
+        sd = args.slow_delay_ms,
+        fd = args.delay_ms,
+        c = args.concurrency,
+        out = mesh.client.outbound_addr,
+        adm = mesh.client.admin_addr,
+    );
+    let lines = [
+        (
+            format!("endpoint weight {SERVICE} {} 5", fast.address),
+            format!("{} gets about 5x the calls", fast.name),
+        ),
+        (
+            format!("endpoint drain {SERVICE} {}", fast.address),
+            format!("{} gets no new calls (--undo to bring it back)", fast.name),
+        ),
+        (
+            format!("endpoint list {SERVICE}"),
+            "the endpoints as the control plane has them".into(),
+        ),
+        (
+            "status".into(),
+            "connected sidecars and the version each ACKed".into(),
+        ),
+    ];
+    for (cmd, why) in lines {
+        s.push_str(&format!("  {ctl} {cmd}\n      # {why}\n"));
+    }
+    s.push_str(&format!(
+        "  curl -s http://{}/clusters     # what the client sidecar's balancer sees\n",
+        mesh.client.admin_addr
+    ));
+    s
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-:".contains(&b))
+    {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+// === the run ===
+
+async fn run(args: Args) -> Result<(), DemoError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Installed first: a Ctrl-C during start-up still stops everything cleanly.
+    let mut int = signal(SignalKind::interrupt()).map_err(DemoError::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(DemoError::Signals)?;
+
+    let mesh = start_mesh(&args).await?;
+    let last_change = Arc::new(Mutex::new(None::<Change>));
+    let watcher = watch_changes(&mesh, last_change.clone());
+    let channel = crate::load::channel(&mesh.client.outbound_addr.to_string(), SERVICE)?;
+    let load = Load::start(
+        channel,
+        &LoadConfig {
+            concurrency: usize::from(args.concurrency),
+            ..Default::default()
+        },
+    );
+
+    let intro = intro(&mesh, &args);
+    let tty = args.format == Format::Text && std::io::stdout().is_terminal();
+    match args.format {
+        Format::Text => println!("{intro}"),
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({
+                "control_plane": format!("http://{}", mesh.cp.local_addr),
+                "data_dir": mesh.cp.data_dir,
+                "client_admin": mesh.client.admin_addr.to_string(),
+                "service": SERVICE,
+                "endpoints": mesh.instances.iter().map(|i| serde_json::json!({
+                    "name": i.name,
+                    "address": i.address.to_string(),
+                    "delay_ms": i.delay.as_millis() as u64,
+                })).collect::<Vec<_>>(),
+            })
+        ),
+    }
+
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut failures_before: BTreeMap<SocketAddr, u64> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+        }
+        let report = load.take_window();
+        let views = endpoint_view(&mesh.client);
+        let rows = rows(&mesh, &views, &failures_before);
+        failures_before.extend(views.iter().map(|(a, v)| (*a, v.failures)));
+        let change = last_change
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let t = started.elapsed().as_secs_f64();
+        match args.format {
+            Format::Text => {
+                let mut out = String::new();
+                if tty {
+                    out.push_str("\x1b[2J\x1b[H");
+                    out.push_str(&intro);
+                    out.push('\n');
+                }
+                out.push_str(&format!(
+                    "t={t:.0}s  config v{}  (Ctrl-C stops everything)\n",
+                    mesh.cp.version()
+                ));
+                out.push_str(&text_table(&rows, &report, true));
+                out.push_str(&change_text(change.as_ref()));
+                println!("{out}\n");
+            }
+            Format::Json => println!(
+                "{}",
+                serde_json::json!({
+                    "t": t,
+                    "version": mesh.cp.version(),
+                    "endpoints": json_rows(&rows, &report),
+                    "load_errors": report.error_count(),
+                    "last_change": change_json(change.as_ref()),
+                })
+            ),
+        }
+        if args.duration.is_some_and(|d| started.elapsed() >= d) {
+            break;
+        }
+    }
+
+    let total = load.stop().await;
+    let views = endpoint_view(&mesh.client);
+    let rows = rows(&mesh, &views, &BTreeMap::new());
+    match args.format {
+        Format::Text => println!(
+            "summary over {:.1}s ({} calls, {} failed):\n{}",
+            total.elapsed.as_secs_f64(),
+            total.calls(),
+            total.error_count(),
+            text_table(&rows, &total, false)
+        ),
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({
+                "summary": {
+                    "elapsed_s": total.elapsed.as_secs_f64(),
+                    "calls": total.calls(),
+                    "errors": total.error_count(),
+                    "error_codes": total.errors,
+                    "endpoints": json_rows(&rows, &total),
+                }
+            })
+        ),
+    }
+    watcher.abort();
+    mesh.stop().await;
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! The demo binary (`meshwire-demo`, here as `mw-demo`) run as users run it:
+//! a real process with its in-process control plane, sidecars, echo
+//! instances and load client, driven with the real `meshctl` (`mw-meshctl`).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+const DEMO: &str = env!("CARGO_BIN_EXE_mw-demo");
+const MESHCTL: &str = env!("CARGO_BIN_EXE_mw-meshctl");
+
+/// A demo process and its stdout, one JSON object per line.
+struct Demo {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Demo {
+    fn start(extra: &[&str]) -> Demo {
+        let mut child = Command::new(DEMO)
+            .args([
+                "--format",
+                "json",
+                "--listen",
+                "127.0.0.1:0",
+                "--outbound",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--concurrency",
+                "8",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the demo");
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Demo { child, lines }
+    }
+
+    /// The next line (bounded wait), parsed.
+    fn next(&self) -> Value {
+        let l = self
+            .lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the demo printed nothing for 30 s (or exited)");
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))
+    }
+
+    /// The next per-second report.
+    fn tick(&self) -> Value {
+        let v = self.next();
+        assert!(v.get("t").is_some(), "expected a tick, got {v}");
+        v
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the demo still runs after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn endpoint<'a>(v: &'a Value, name: &str) -> &'a Value {
+    v["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no endpoint {name} in {v}"))
+}
+
+fn calls(ticks: &[Value], name: &str) -> u64 {
+    ticks
+        .iter()
+        .map(|t| endpoint(t, name)["calls"].as_u64().expect("calls"))
+        .sum()
+}
+
+fn share(ticks: &[Value], name: &str) -> f64 {
+    let all: u64 = ["echo-0", "echo-1", "echo-2"]
+        .iter()
+        .map(|n| calls(ticks, n))
+        .sum();
+    calls(ticks, name) as f64 / all.max(1) as f64
+}
+
+#[test]
+fn demo_steers_around_the_slow_instance_and_follows_a_weight_change() {
+    let mut demo = Demo::start(&["--duration", "10s", "--instances", "3"]);
+    let header = demo.next();
+    let server = header["control_plane"].as_str().expect("control_plane");
+    let data_dir = header["data_dir"].as_str().expect("data_dir");
+    let addr = |name: &str| {
+        header["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["address"].as_str())
+            .unwrap_or_else(|| panic!("{name} in {header}"))
+            .to_owned()
+    };
+    let before: Vec<Value> = (0..3).map(|_| demo.tick()).collect();
+
+    // The command the demo prints, as a user would run it.
+    let new_weight = 8;
+    let out = Command::new(MESHCTL)
+        .args(["--server", server, "--data-dir", data_dir])
+        .args(["endpoint", "weight", "echo", &addr("echo-2")])
+        .arg(new_weight.to_string())
+        .output()
+        .expect("run meshctl");
+    assert!(
+        out.status.success(),
+        "meshctl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The tick in which the change lands is part before, part after: skip it.
+    let mut waited = 0;
+    loop {
+        let t = demo.tick();
+        waited += 1;
+        if endpoint(&t, "echo-2")["weight"] == new_weight {
+            let change = &t["last_change"];
+            assert!(
+                change["what"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("echo-2 weight 1 → 8")),
+                "{change}"
+            );
+            assert!(change["applied_ms"].is_number(), "not applied: {change}");
+            break;
+        }
+        assert!(waited < 5, "the weight change did not show: {t}");
+    }
+    let after: Vec<Value> = (0..2).map(|_| demo.tick()).collect();
+
+    let mut summary = demo.next();
+    while summary.get("summary").is_none() {
+        summary = demo.next();
+    }
+    let status = demo.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "demo exited with {status}");
+
+    let s = &summary["summary"];
+    assert_eq!(s["errors"], 0, "failed calls: {s}");
+    let total = |n: &str| endpoint(s, n)["calls"].as_u64().expect("calls");
+    for n in ["echo-0", "echo-1", "echo-2"] {
+        assert!(total(n) > 0, "{n} got no calls: {s}");
+        assert_eq!(endpoint(s, n)["errors"], 0, "{n}: {s}");
+    }
+    // Before the change all weights are 1: least-request sends the slow
+    // instance fewer calls than either fast one.
+    assert!(
+        calls(&before, "echo-0") < calls(&before, "echo-1")
+            && calls(&before, "echo-0") < calls(&before, "echo-2"),
+        "slow echo-0 not avoided: {before:?}"
+    );
+    // After it, echo-2 (weight 8) takes a clearly larger share, and more than
+    // twice the calls of echo-1 (weight 1) at the same speed.
+    let (b, a) = (share(&before, "echo-2"), share(&after, "echo-2"));
+    assert!(
+        a > b * 1.3,
+        "echo-2's share {b:.2} → {a:.2} after weight 1 → {new_weight}"
+    );
+    assert!(
+        calls(&after, "echo-2") > 2 * calls(&after, "echo-1"),
+        "after: {after:?}"
+    );
+}
+
+#[test]
+fn ctrl_c_stops_everything_and_prints_the_summary() {
+    let mut demo = Demo::start(&["--instances", "2"]);
+    let header = demo.next();
+    let server = header["control_plane"]
+        .as_str()
+        .expect("control_plane")
+        .trim_start_matches("http://")
+        .to_owned();
+    let first = demo.tick();
+    assert_eq!(first["load_errors"], 0, "{first}");
+
+    let ok = Command::new("kill")
+        .args(["-INT", &demo.child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -INT");
+    let mut summary = demo.next();
+    while summary.get("summary").is_none() {
+        summary = demo.next();
+    }
+    let status = demo.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "demo exited with {status}");
+    assert_eq!(summary["summary"]["errors"], 0, "{summary}");
+    assert!(summary["summary"]["calls"].as_u64().expect("calls") > 0);
+    // Nothing of it is left listening.
+    assert!(
+        std::net::TcpStream::connect(&server).is_err(),
+        "the control plane still listens on {server}"
+    );
+}
