@@ -41,6 +41,8 @@ pub struct Installed {
     /// The root (or the user's intermediate) that signed our certificate.
     pub signed_by: String,
     pub bundle_version: u64,
+    /// When this certificate arrived (kept across bundle changes): renewal
+    /// is timed from it.
     pub installed_at: SystemTime,
 }
 
@@ -111,6 +113,17 @@ impl MeshTls {
         signed_by: String,
         bundle_version: u64,
     ) -> Result<Arc<Installed>, IdentityError> {
+        self.install_at(creds, bundle, signed_by, bundle_version, SystemTime::now())
+    }
+
+    fn install_at(
+        &self,
+        creds: Credentials,
+        bundle: TrustBundle,
+        signed_by: String,
+        bundle_version: u64,
+        installed_at: SystemTime,
+    ) -> Result<Arc<Installed>, IdentityError> {
         let leaf = creds
             .chain
             .first()
@@ -132,7 +145,7 @@ impl MeshTls {
             cert,
             signed_by,
             bundle_version,
-            installed_at: SystemTime::now(),
+            installed_at,
         });
         self.control_plane.store(client);
         self.current.store(Some(installed.clone()));
@@ -157,7 +170,13 @@ impl MeshTls {
         if cur.bundle == bundle {
             return Ok(());
         }
-        self.install(cur.creds.clone(), bundle, cur.signed_by.clone(), version)?;
+        self.install_at(
+            cur.creds.clone(),
+            bundle,
+            cur.signed_by.clone(),
+            version,
+            cur.installed_at,
+        )?;
         Ok(())
     }
 
