@@ -5,6 +5,8 @@
 
 #![allow(clippy::print_stderr, missing_docs)]
 
+pub mod prom;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

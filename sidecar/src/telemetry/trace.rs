@@ -96,6 +96,10 @@ pub enum TraceError {
 pub struct Tracer {
     dispatch: tracing::Dispatch,
     provider: SdkTracerProvider,
+    /// Tells the export task to send what is queued and stop.
+    stop: tokio_util::sync::CancellationToken,
+    export: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    export_timeout: Duration,
     /// Sample a root call when a random u64 is below this (`u64::MAX`: always).
     threshold: u64,
     metrics: Arc<SidecarMetrics>,
@@ -132,7 +136,14 @@ impl Tracer {
             })?;
         exporter.set_resource(&resource);
         let (tx, rx) = mpsc::channel(cfg.queue_size.max(1));
-        tokio::spawn(export_loop(rx, exporter, metrics.clone(), cfg.clone()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let export = tokio::spawn(export_loop(
+            rx,
+            exporter,
+            metrics.clone(),
+            cfg.clone(),
+            stop.clone(),
+        ));
         let provider = SdkTracerProvider::builder()
             .with_resource(resource)
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
@@ -158,6 +169,9 @@ impl Tracer {
         Ok(Self {
             dispatch,
             provider,
+            stop,
+            export: std::sync::Mutex::new(Some(export)),
+            export_timeout: cfg.export_timeout,
             threshold,
             metrics,
         })
@@ -266,9 +280,19 @@ impl Tracer {
         })
     }
 
-    /// Exports what is queued and stops the exporter.
-    pub fn shutdown(&self) {
+    /// Exports what is queued (one last batch, bounded by the export
+    /// timeout) and stops the exporter; spans of later calls are dropped.
+    pub async fn shutdown(&self) {
         let _ = self.provider.shutdown();
+        self.stop.cancel();
+        let task = self.export.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut task) = task
+            && tokio::time::timeout(self.export_timeout * 2, &mut task)
+                .await
+                .is_err()
+        {
+            task.abort();
+        }
     }
 }
 
@@ -517,25 +541,43 @@ impl SpanProcessor for QueueProcessor {
 /// Batches queued spans (up to `batch_size`, or what came within
 /// `batch_interval`) and exports them one request at a time, each bounded by
 /// `export_timeout`. Failed batches are dropped and counted, not retried.
+/// Once `stop` fires, what is queued goes out without waiting and the task ends.
 async fn export_loop(
     mut rx: mpsc::Receiver<SpanData>,
     exporter: opentelemetry_otlp::SpanExporter,
     metrics: Arc<SidecarMetrics>,
     cfg: TraceConfig,
+    stop: tokio_util::sync::CancellationToken,
 ) {
     let size = cfg.batch_size.max(1);
     let mut failing = false;
     loop {
         let mut batch = Vec::with_capacity(size);
-        if rx.recv_many(&mut batch, size).await == 0 {
-            return;
-        }
-        let until = tokio::time::Instant::now() + cfg.batch_interval;
-        while batch.len() < size {
-            let want = size - batch.len();
-            match tokio::time::timeout_at(until, rx.recv_many(&mut batch, want)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+        let stopping = tokio::select! {
+            n = rx.recv_many(&mut batch, size) => {
+                if n == 0 {
+                    return;
+                }
+                false
+            }
+            () = stop.cancelled() => true,
+        };
+        if stopping || stop.is_cancelled() {
+            while batch.len() < size && rx.try_recv().map(|s| batch.push(s)).is_ok() {}
+            if batch.is_empty() {
+                return;
+            }
+        } else {
+            let until = tokio::time::Instant::now() + cfg.batch_interval;
+            while batch.len() < size {
+                let want = size - batch.len();
+                tokio::select! {
+                    r = tokio::time::timeout_at(until, rx.recv_many(&mut batch, want)) => match r {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    },
+                    () = stop.cancelled() => break,
+                }
             }
         }
         let n = batch.len() as u64;
