@@ -29,10 +29,13 @@ pub struct Args {
     /// The one port for the admin API and xDS.
     #[arg(long, env = "MESHWIRE_CP_LISTEN", default_value = "0.0.0.0:15010")]
     pub listen: SocketAddr,
+    /// Admin HTTP port: `/live`, `/ready` and Prometheus `/metrics` (no token).
+    #[arg(long, env = "MESHWIRE_CP_ADMIN", default_value = "127.0.0.1:15011")]
+    pub admin: SocketAddr,
     /// Where the configuration database and the admin token live (created if missing).
     #[arg(long, env = "MESHWIRE_DATA_DIR", default_value = "./meshwire-data")]
     pub data_dir: PathBuf,
-    /// Once listening, write `{"listen": "ip:port", "pid": N}` here (for port 0).
+    /// Once listening, write `{"listen": "ip:port", "admin": "ip:port", "pid": N}` here (for port 0).
     #[arg(long, env = "MESHWIRE_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
     /// Log filter (`info`, `meshwire_control_plane=debug`, ...), to stderr.
@@ -74,6 +77,7 @@ pub fn main() -> ExitCode {
 
     let mut cfg = ControlPlaneConfig::new(&args.data_dir);
     cfg.listen = args.listen;
+    cfg.admin = Some(args.admin);
     cfg.admin_token = admin_token;
     cfg.shutdown_timeout = args.shutdown_timeout;
 
@@ -147,6 +151,7 @@ async fn wait_for_signal() {
 fn write_addr_file(path: &Path, cp: &ControlPlaneHandle) -> std::io::Result<()> {
     let v = serde_json::json!({
         "listen": cp.local_addr.to_string(),
+        "admin": cp.admin_addr.map(|a| a.to_string()),
         "pid": std::process::id(),
     });
     let tmp = path.with_extension("tmp");

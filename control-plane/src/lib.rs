@@ -12,10 +12,12 @@
 //! ```
 //!
 //! One port serves both the admin API (bearer token) and xDS (no token; mTLS
-//! later). Start it in-process with [`ControlPlane::start`] (tests bind
+//! later); a second, plain HTTP, port serves `/live`, `/ready` and Prometheus
+//! `/metrics` ([`admin`], [`telemetry`]). Start it in-process with [`ControlPlane::start`] (tests bind
 //! `127.0.0.1:0` and read the port back), or run `meshwire-control-plane`;
 //! `meshctl` is its command-line client.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod cli;
@@ -24,6 +26,7 @@ pub mod nodes;
 pub mod publish;
 pub mod registry;
 pub mod store;
+pub mod telemetry;
 pub mod xds_server;
 
 use std::net::SocketAddr;
@@ -42,6 +45,7 @@ use crate::auth::TokenError;
 use crate::nodes::NodeRegistry;
 use crate::registry::Registry;
 use crate::store::{RedbStore, Store, StoreError};
+use crate::telemetry::{CountApiCalls, CpMetrics, XdsObserver};
 
 /// The database file's name inside the data directory.
 pub const DB_FILE: &str = "meshwire.redb";
@@ -51,6 +55,8 @@ pub const DB_FILE: &str = "meshwire.redb";
 pub struct ControlPlaneConfig {
     /// The one port for the admin API and xDS.
     pub listen: SocketAddr,
+    /// The admin HTTP port (`/live`, `/ready`, `/metrics`); `None`: not served.
+    pub admin: Option<SocketAddr>,
     /// Holds the database and the admin token; created if missing.
     pub data_dir: PathBuf,
     /// The admin token; `None` reads (or creates) `<data_dir>/admin.token`.
@@ -64,10 +70,13 @@ pub struct ControlPlaneConfig {
 impl ControlPlaneConfig {
     pub const DEFAULT_LISTEN: SocketAddr =
         SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 15010);
+    pub const DEFAULT_ADMIN: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15011);
 
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             listen: Self::DEFAULT_LISTEN,
+            admin: Some(Self::DEFAULT_ADMIN),
             data_dir: data_dir.into(),
             admin_token: None,
             publish_window: publish::DEFAULT_WINDOW,
@@ -79,6 +88,7 @@ impl ControlPlaneConfig {
     pub fn local(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..Self::new(data_dir)
         }
     }
@@ -116,6 +126,9 @@ pub struct ControlPlane;
 pub struct ControlPlaneHandle {
     /// Where the admin API and xDS are served.
     pub local_addr: SocketAddr,
+    /// Where `/live`, `/ready` and `/metrics` are served.
+    pub admin_addr: Option<SocketAddr>,
+    pub metrics: Arc<CpMetrics>,
     /// The bearer token the admin API wants.
     pub admin_token: String,
     /// Every xDS client and what it ACKed.
@@ -127,6 +140,9 @@ pub struct ControlPlaneHandle {
     shutdown_timeout: Duration,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     publisher: Option<JoinHandle<()>>,
+    /// Stops the admin HTTP port, last of all.
+    admin_stop: CancellationToken,
+    admin: Option<JoinHandle<()>>,
 }
 
 impl ControlPlane {
@@ -178,27 +194,53 @@ impl ControlPlane {
             addr: cfg.listen,
             source,
         })?;
+        let admin_listener = match cfg.admin {
+            None => None,
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(source) => {
+                    registry.close();
+                    return Err(StartError::Bind { addr, source });
+                }
+            },
+        };
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
         let shutdown = CancellationToken::new();
-        let (snap_tx, snapshots) = watch::channel(Arc::new(registry.snapshot()));
+        let nodes = Arc::new(NodeRegistry::default());
+        let metrics = Arc::new(CpMetrics::new(nodes.clone()));
+        let first = registry.snapshot();
+        metrics.snapshot_published(first.version);
+        let (snap_tx, snapshots) = watch::channel(Arc::new(first));
         let reg = registry.clone();
+        let m = metrics.clone();
         let publisher = tokio::spawn(publish::run(
             registry.versions(),
-            move || reg.snapshot(),
+            move || {
+                let s = reg.snapshot();
+                m.snapshot_published(s.version);
+                s
+            },
             snap_tx,
             cfg.publish_window,
             shutdown.clone(),
         ));
 
-        let nodes = Arc::new(NodeRegistry::default());
-        let admin = AdminApi::new(
-            registry.clone(),
-            nodes.clone(),
-            snapshots.clone(),
-            shutdown.clone(),
-        )
-        .into_service(&admin_token);
-        let ads = xds_server::ads_service(snapshots.clone(), nodes.clone());
+        let admin = CountApiCalls::new(
+            AdminApi::new(
+                registry.clone(),
+                nodes.clone(),
+                snapshots.clone(),
+                shutdown.clone(),
+            )
+            .into_service(&admin_token),
+            metrics.clone(),
+        );
+        let observer = Arc::new(XdsObserver {
+            nodes: nodes.clone(),
+            metrics: metrics.clone(),
+        });
+        let ads = xds_server::ads_service(snapshots.clone(), observer);
         let stop = shutdown.clone();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
@@ -208,14 +250,26 @@ impl ControlPlane {
                     stop.cancelled().await;
                 }),
         );
+        let admin_stop = CancellationToken::new();
+        let admin_task = admin_listener.map(|l| {
+            let state = admin::AdminState {
+                metrics: metrics.clone(),
+                registry: registry.clone(),
+                stopping: shutdown.clone(),
+            };
+            tokio::spawn(admin::serve(l, state, admin_stop.clone()))
+        });
         tracing::info!(
             listen = %local_addr,
+            admin = ?admin_addr,
             data_dir = %dir.display(),
             version = registry.version(),
             "control plane ready"
         );
         Ok(ControlPlaneHandle {
             local_addr,
+            admin_addr,
+            metrics,
             admin_token,
             nodes,
             data_dir: dir,
@@ -225,6 +279,8 @@ impl ControlPlane {
             shutdown_timeout: cfg.shutdown_timeout,
             server: Some(server),
             publisher: Some(publisher),
+            admin_stop,
+            admin: admin_task,
         })
     }
 }
@@ -288,6 +344,10 @@ impl ControlPlaneHandle {
             let _ = p.await;
         }
         self.registry.close();
+        self.admin_stop.cancel();
+        if let Some(a) = self.admin.take() {
+            let _ = a.await;
+        }
         tracing::info!(version = self.registry.version(), "control plane stopped");
         result
     }

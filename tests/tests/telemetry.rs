@@ -773,3 +773,244 @@ async fn sidecar_process_logs_json_changes_its_filter_and_flushes_spans_on_drain
         "debug lines once the filter allows them: {log}"
     );
 }
+
+// === the control plane's admin port ===
+
+mod control_plane {
+    use meshwire_control_plane::{ControlPlane, ControlPlaneConfig};
+    use meshwire_proto::admin::v1 as pb;
+
+    use super::*;
+
+    const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+    /// Deltas of a control plane's metrics between two scrapes.
+    fn delta(m0: &Metrics, m1: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+        m1.sum(name, labels) - m0.sum(name, labels)
+    }
+
+    fn api(method: &'static str, code: &'static str) -> [(&'static str, &'static str); 2] {
+        [("method", method), ("code", code)]
+    }
+
+    /// A raw call to a path the API does not have, without a token.
+    async fn call_path(addr: SocketAddr, path: &str) -> Option<String> {
+        let mut h2 = h2_client(addr).await;
+        let (resp, mut body) = h2.send_request(grpc_request("cp", path), false).unwrap();
+        body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+            .unwrap();
+        let resp = resp.await.unwrap();
+        resp.headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_owned())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metrics_move_by_exactly_the_calls_and_pushes_made() {
+        init_tracing();
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::start(ControlPlaneConfig::local(dir.path()))
+            .await
+            .unwrap();
+        let http = cp.admin_addr.expect("admin port");
+        for page in ["/live", "/ready"] {
+            assert_eq!(admin_request(http, "GET", page).await.0, StatusCode::OK);
+        }
+        assert_eq!(
+            admin_request(http, "GET", "/nope").await.0,
+            StatusCode::NOT_FOUND
+        );
+        let m0 = scrape(http).await;
+        assert_eq!(m0.one("meshwire_cp_connected_sidecars", &[]), 0.0);
+
+        // Admin API calls, by method and result.
+        let mut a = admin(cp.local_addr, Some(&format!("Bearer {}", cp.admin_token))).await;
+        let (e1, e2, e3) = (dead_addr().await, dead_addr().await, dead_addr().await);
+        api::create_service(&mut a, "echo").await;
+        let dup = a
+            .create_service(pb::CreateServiceRequest {
+                service: Some(pb::Service {
+                    name: "echo".into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(dup.code(), tonic::Code::AlreadyExists);
+        api::add_endpoint(&mut a, "echo", e1, 1).await;
+        api::add_endpoint(&mut a, "echo", e2, 1).await;
+        let missing = a
+            .get_service(pb::GetServiceRequest {
+                name: "nosuch".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::NotFound);
+        let mut anon = admin(cp.local_addr, None).await;
+        let denied = anon
+            .list_services(pb::ListServicesRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::Unauthenticated);
+        // Made-up methods all land on one label value.
+        for evil in ["Evil1", "Evil2", "CreateServiceX"] {
+            let path = format!("/meshwire.admin.v1.MeshAdmin/{evil}");
+            assert_eq!(call_path(cp.local_addr, &path).await.as_deref(), Some("16"));
+        }
+        let m1 = scrape(http).await;
+        let d = |l: &[(&str, &str)]| delta(&m0, &m1, "meshwire_cp_api_requests_total", l);
+        assert_eq!(d(&api("CreateService", "OK")), 1.0);
+        assert_eq!(d(&api("CreateService", "ALREADY_EXISTS")), 1.0);
+        assert_eq!(d(&api("AddEndpoint", "OK")), 2.0);
+        assert_eq!(d(&api("GetService", "NOT_FOUND")), 1.0);
+        assert_eq!(d(&api("ListServices", "UNAUTHENTICATED")), 1.0);
+        assert_eq!(d(&api("unknown", "UNAUTHENTICATED")), 3.0);
+        assert_eq!(d(&[]), 9.0, "nothing else counted:\n{}", m1.text);
+        assert!(!m1.text.contains("Evil"), "{}", m1.text);
+        assert_eq!(
+            delta(
+                &m0,
+                &m1,
+                "meshwire_cp_api_request_duration_seconds_count",
+                &[("method", "CreateService")]
+            ),
+            2.0
+        );
+        assert_eq!(
+            m1.one("meshwire_cp_config_version", &[]),
+            cp.version() as f64
+        );
+
+        // A sidecar that takes at most 2 endpoints per service.
+        let mut cfg = SidecarConfig::local();
+        cfg.control_plane = Some(meshwire_sidecar::ControlPlaneConfig {
+            server: format!("http://{}", cp.local_addr),
+            service: "caller".into(),
+            node_id: "caller-1".into(),
+        });
+        cfg.max_endpoints = 2;
+        let sidecar = Sidecar::start(cfg).await.unwrap();
+        let acked = |n: f64| {
+            move || async move {
+                scrape(http)
+                    .await
+                    .sum("meshwire_cp_xds_acks_total", &[("type", "endpoint")])
+                    == n
+            }
+        };
+        eventually("the sidecar ACKs its endpoints", LIMIT, acked(1.0)).await;
+        let m2 = scrape(http).await;
+        assert_eq!(m2.one("meshwire_cp_connected_sidecars", &[]), 1.0);
+        assert_eq!(delta(&m1, &m2, "meshwire_cp_xds_streams_total", &[]), 1.0);
+        for ty in ["cluster", "endpoint"] {
+            let t = [("type", ty)];
+            assert_eq!(
+                delta(&m1, &m2, "meshwire_cp_xds_pushes_total", &t),
+                1.0,
+                "{ty}"
+            );
+            assert_eq!(
+                delta(&m1, &m2, "meshwire_cp_xds_push_latency_seconds_count", &t),
+                1.0
+            );
+        }
+
+        // One change: one snapshot, one endpoint push, its ACK, one latency sample.
+        let v = api::set_weight(&mut a, "echo", e1, 5).await;
+        eventually("the new weight ACKed", LIMIT, acked(2.0)).await;
+        let m3 = scrape(http).await;
+        let d = |name: &str, ty: &'static str| delta(&m2, &m3, name, &[("type", ty)]);
+        assert_eq!(d("meshwire_cp_xds_pushes_total", "endpoint"), 1.0);
+        assert_eq!(d("meshwire_cp_xds_pushes_total", "cluster"), 0.0);
+        assert_eq!(
+            d("meshwire_cp_xds_push_latency_seconds_count", "endpoint"),
+            1.0
+        );
+        assert_eq!(d("meshwire_cp_xds_nacks_total", "endpoint"), 0.0);
+        assert_eq!(
+            delta(&m2, &m3, "meshwire_cp_snapshots_published_total", &[]),
+            1.0
+        );
+        assert_eq!(m3.one("meshwire_cp_config_version", &[]), v as f64);
+        let node = cp
+            .nodes
+            .list()
+            .into_iter()
+            .find(|n| n.node_id == "caller-1")
+            .unwrap();
+        assert_eq!(node.acked.get(EDS), Some(&v.to_string()));
+
+        // A third endpoint is more than the sidecar takes: NACK.
+        api::add_endpoint(&mut a, "echo", e3, 1).await;
+        eventually("the NACK counted", LIMIT, || async move {
+            scrape(http)
+                .await
+                .sum("meshwire_cp_xds_nacks_total", &[("type", "endpoint")])
+                == 1.0
+        })
+        .await;
+        let m4 = scrape(http).await;
+        assert_eq!(
+            delta(
+                &m3,
+                &m4,
+                "meshwire_cp_xds_pushes_total",
+                &[("type", "endpoint")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            delta(
+                &m3,
+                &m4,
+                "meshwire_cp_xds_acks_total",
+                &[("type", "endpoint")]
+            ),
+            0.0
+        );
+
+        sidecar.shutdown();
+        eventually("the sidecar counted gone", LIMIT, || async move {
+            scrape(http)
+                .await
+                .one("meshwire_cp_connected_sidecars", &[])
+                == 0.0
+        })
+        .await;
+        cp.stop().await.unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(http).await.is_err(),
+            "the admin port closes with the control plane"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_binary_serves_its_admin_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp =
+            ControlPlaneProcess::spawn(env!("CARGO_BIN_EXE_mw-control-plane"), dir.path()).await;
+        assert_ne!(cp.admin, cp.addr);
+        for page in ["/live", "/ready"] {
+            assert_eq!(admin_request(cp.admin, "GET", page).await.0, StatusCode::OK);
+        }
+        let mut a = cp.client().await;
+        api::create_service(&mut a, "greeter").await;
+        let m = scrape(cp.admin).await;
+        assert_eq!(
+            m.one(
+                "meshwire_cp_api_requests_total",
+                &api("CreateService", "OK")
+            ),
+            1.0
+        );
+        for family in [
+            "meshwire_cp_connected_sidecars",
+            "meshwire_cp_xds_pushes",
+            "meshwire_cp_xds_push_latency_seconds",
+            "meshwire_cp_xds_nacks",
+            "meshwire_cp_api_requests",
+        ] {
+            assert!(m.has_family(family), "{family}:\n{}", m.text);
+        }
+    }
+}
