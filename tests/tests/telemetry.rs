@@ -968,6 +968,20 @@ mod control_plane {
             ),
             0.0
         );
+        // The sidecar's side of it: the version it ACKed, and the NACK.
+        let sa = sidecar.admin_addr;
+        eventually("the sidecar counts its NACK", LIMIT, || async move {
+            scrape(sa).await.one("meshwire_xds_nacks_total", &[]) == 1.0
+        })
+        .await;
+        let sm = scrape(sa).await;
+        assert_eq!(sm.one("meshwire_xds_connected", &[]), 1.0);
+        assert_eq!(
+            sm.one("meshwire_xds_acked_version", &[("type", "endpoint")]),
+            v as f64
+        );
+        assert_eq!(sm.one("meshwire_xds_nacks_total", &[]), 1.0);
+        assert_eq!(sm.one("meshwire_xds_streams_total", &[]), 1.0);
 
         sidecar.shutdown();
         eventually("the sidecar counted gone", LIMIT, || async move {
