@@ -697,6 +697,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_tracer_switches_on_no_other_callsite() {
+        let _t = Tracer::start(
+            &TraceConfig::new("http://127.0.0.1:1", "test"),
+            Arc::default(),
+        )
+        .unwrap();
+        // Every dispatcher's level hint raises the process-wide maximum: had
+        // the tracer no filter, each `debug!`/`trace!` of every crate would
+        // be evaluated per call.
+        assert!(
+            tracing::level_filters::LevelFilter::current() <= tracing::Level::INFO,
+            "{}",
+            tracing::level_filters::LevelFilter::current()
+        );
+    }
+
+    #[tokio::test]
     async fn ratio_zero_never_starts_but_honours_a_sampled_parent() {
         let mut cfg = TraceConfig::new("http://127.0.0.1:1", "test");
         cfg.sample_ratio = 0.0;
