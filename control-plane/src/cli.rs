@@ -55,10 +55,13 @@ pub struct Args {
     /// The roots to trust (PEM) [default: --ca-cert, which must then be self-signed].
     #[arg(long, env = "MESHWIRE_CA_BUNDLE", requires = "ca_cert")]
     pub ca_bundle: Option<PathBuf>,
+    /// Admin HTTP port: `/live`, `/ready` and Prometheus `/metrics` (no token).
+    #[arg(long, env = "MESHWIRE_CP_ADMIN", default_value = "127.0.0.1:15011")]
+    pub admin: SocketAddr,
     /// Where the configuration database and the admin token live (created if missing).
     #[arg(long, env = "MESHWIRE_DATA_DIR", default_value = "./meshwire-data")]
     pub data_dir: PathBuf,
-    /// Once listening, write `{"listen": "ip:port", "tls": "ip:port" | null, "pid": N}` here (for port 0).
+    /// Once listening, write `{"listen": "ip:port", "tls": "ip:port" | null, "admin": "ip:port", "pid": N}` here (for port 0).
     #[arg(long, env = "MESHWIRE_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
     /// Log filter (`info`, `meshwire_control_plane=debug`, ...), to stderr.
@@ -241,6 +244,7 @@ pub fn main() -> ExitCode {
         };
     }
     cfg.listen = args.listen;
+    cfg.admin = Some(args.admin);
     cfg.admin_token = admin_token;
     cfg.shutdown_timeout = args.shutdown_timeout;
     cfg.tls_listen = args.tls_listen.0;
@@ -320,6 +324,7 @@ fn write_addr_file(path: &Path, cp: &ControlPlaneHandle) -> std::io::Result<()> 
     let v = serde_json::json!({
         "listen": cp.local_addr.to_string(),
         "tls": cp.tls_addr.map(|a| a.to_string()),
+        "admin": cp.admin_addr.map(|a| a.to_string()),
         "pid": std::process::id(),
     });
     let tmp = path.with_extension("tmp");

@@ -17,6 +17,8 @@
 //! - TLS 1.3 (`--tls-listen`, 15012, [`tls`]): Identity (certificate issuance,
 //!   renewal, the trust bundle), xDS and the admin API (token, or a client
 //!   certificate with the admin identity).
+//! - admin HTTP (`--admin`, 15011, [`admin`], [`telemetry`]): `/live`,
+//!   `/ready` and Prometheus `/metrics` (no token).
 //!
 //! # Identity
 //! [`ca::Ca`] is the mesh's certificate authority (roots in
@@ -31,6 +33,7 @@
 //! `127.0.0.1:0` and read the ports back), or run `meshwire-control-plane`;
 //! `meshctl` is its command-line client.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod ca;
@@ -41,6 +44,7 @@ pub mod nodes;
 pub mod publish;
 pub mod registry;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod xds_server;
 
@@ -62,6 +66,7 @@ use crate::identity_api::IdentityApi;
 use crate::nodes::NodeRegistry;
 use crate::registry::Registry;
 use crate::store::{RedbStore, Store, StoreError};
+use crate::telemetry::{CountApiCalls, CpMetrics, XdsObserver};
 
 /// The database file's name inside the data directory.
 pub const DB_FILE: &str = "meshwire.redb";
@@ -71,6 +76,8 @@ pub const DB_FILE: &str = "meshwire.redb";
 pub struct ControlPlaneConfig {
     /// The one port for the admin API and xDS.
     pub listen: SocketAddr,
+    /// The admin HTTP port (`/live`, `/ready`, `/metrics`); `None`: not served.
+    pub admin: Option<SocketAddr>,
     /// Holds the database and the admin token; created if missing.
     pub data_dir: PathBuf,
     /// The admin token; `None` reads (or creates) `<data_dir>/admin.token`.
@@ -91,6 +98,8 @@ pub struct ControlPlaneConfig {
 impl ControlPlaneConfig {
     pub const DEFAULT_LISTEN: SocketAddr =
         SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 15010);
+    pub const DEFAULT_ADMIN: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15011);
 
     pub const DEFAULT_TLS_LISTEN: SocketAddr =
         SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 15012);
@@ -98,6 +107,7 @@ impl ControlPlaneConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             listen: Self::DEFAULT_LISTEN,
+            admin: Some(Self::DEFAULT_ADMIN),
             data_dir: data_dir.into(),
             admin_token: None,
             publish_window: publish::DEFAULT_WINDOW,
@@ -114,6 +124,7 @@ impl ControlPlaneConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             tls_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             tls_names: vec!["localhost".into(), "127.0.0.1".into()],
+            admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..Self::new(data_dir)
         }
     }
@@ -157,6 +168,9 @@ pub struct ControlPlaneHandle {
     pub tls_addr: Option<SocketAddr>,
     /// The mesh CA.
     pub ca: Arc<Ca>,
+    /// Where `/live`, `/ready` and `/metrics` are served.
+    pub admin_addr: Option<SocketAddr>,
+    pub metrics: Arc<CpMetrics>,
     /// The bearer token the admin API wants.
     pub admin_token: String,
     /// Every xDS client and what it ACKed.
@@ -169,6 +183,9 @@ pub struct ControlPlaneHandle {
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     publisher: Option<JoinHandle<()>>,
     rotator: Option<JoinHandle<()>>,
+    /// Stops the admin HTTP port, last of all.
+    admin_stop: CancellationToken,
+    admin: Option<JoinHandle<()>>,
 }
 
 impl ControlPlane {
@@ -263,31 +280,56 @@ impl ControlPlane {
             None => None,
         };
         let tls_addr = tls_listener.as_ref().map(|(_, a)| *a);
+        let admin_listener = match cfg.admin {
+            None => None,
+            Some(addr) => match bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    registry.close();
+                    return Err(e);
+                }
+            },
+        };
+        let admin_addr = admin_listener.as_ref().map(|(_, a)| *a);
 
         let shutdown = CancellationToken::new();
         let td = ca.trust_domain().to_owned();
-        let (snap_tx, snapshots) =
-            watch::channel(Arc::new(with_default_identities(registry.snapshot(), &td)));
+        let nodes = Arc::new(NodeRegistry::default());
+        let metrics = Arc::new(CpMetrics::new(nodes.clone()));
+        let first = with_default_identities(registry.snapshot(), &td);
+        metrics.snapshot_published(first.version);
+        let (snap_tx, snapshots) = watch::channel(Arc::new(first));
         let reg = registry.clone();
+        let m = metrics.clone();
         let publisher = tokio::spawn(publish::run(
             registry.versions(),
-            move || with_default_identities(reg.snapshot(), &td),
+            move || {
+                let s = with_default_identities(reg.snapshot(), &td);
+                m.snapshot_published(s.version);
+                s
+            },
             snap_tx,
             cfg.publish_window,
             shutdown.clone(),
         ));
 
-        let nodes = Arc::new(NodeRegistry::default());
-        let admin = AdminApi::new(
-            registry.clone(),
-            nodes.clone(),
-            snapshots.clone(),
-            shutdown.clone(),
-            ca.clone(),
-        )
-        .into_service(&admin_token);
+        let admin = CountApiCalls::new(
+            AdminApi::new(
+                registry.clone(),
+                nodes.clone(),
+                snapshots.clone(),
+                shutdown.clone(),
+                ca.clone(),
+            )
+            .into_service(&admin_token),
+            metrics.clone(),
+        );
+        let observer = Arc::new(XdsObserver {
+            nodes: nodes.clone(),
+            metrics: metrics.clone(),
+        });
         // One ADS server for both ports: its stream ids stay unique.
-        let ads = xds_server::ads_service(snapshots.clone(), nodes.clone());
+        let ads = xds_server::ads_service(snapshots.clone(), observer);
         let identity = IdentityApi::new(ca.clone(), shutdown.clone()).into_service();
         let stop = shutdown.clone();
         let plain = tonic::transport::Server::builder()
@@ -332,9 +374,19 @@ impl ControlPlane {
             };
             tokio::try_join!(plain, secure).map(|_| ())
         });
+        let admin_stop = CancellationToken::new();
+        let admin_task = admin_listener.map(|(l, _)| {
+            let state = admin::AdminState {
+                metrics: metrics.clone(),
+                registry: registry.clone(),
+                stopping: shutdown.clone(),
+            };
+            tokio::spawn(admin::serve(l, state, admin_stop.clone()))
+        });
         tracing::info!(
             listen = %local_addr,
             tls_listen = ?tls_addr,
+            admin = ?admin_addr,
             data_dir = %dir.display(),
             version = registry.version(),
             "control plane ready"
@@ -343,6 +395,8 @@ impl ControlPlane {
             local_addr,
             tls_addr,
             ca,
+            admin_addr,
+            metrics,
             admin_token,
             nodes,
             data_dir: dir,
@@ -353,6 +407,8 @@ impl ControlPlane {
             server: Some(server),
             publisher: Some(publisher),
             rotator,
+            admin_stop,
+            admin: admin_task,
         })
     }
 }
@@ -419,6 +475,10 @@ impl ControlPlaneHandle {
             let _ = r.await;
         }
         self.registry.close();
+        self.admin_stop.cancel();
+        if let Some(a) = self.admin.take() {
+            let _ = a.await;
+        }
         tracing::info!(version = self.registry.version(), "control plane stopped");
         result
     }

@@ -28,10 +28,12 @@ impl StreamObserver for NodeRegistry {
     }
 }
 
-/// The ADS gRPC service to add to the control plane's tonic server.
+/// The ADS gRPC service to add to the control plane's tonic server;
+/// `observer` is told of every stream (the [`NodeRegistry`], or
+/// `telemetry::XdsObserver` to count them too).
 pub fn ads_service(
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    nodes: Arc<NodeRegistry>,
+    observer: Arc<dyn StreamObserver>,
 ) -> AggregatedDiscoveryServiceServer<AdsServer> {
-    AdsServer::new(snapshots, nodes).into_service()
+    AdsServer::new(snapshots, observer).into_service()
 }

@@ -8,10 +8,13 @@
 //! - [`load`]: a load client for the echo service (the demo's, `meshwire-load`).
 //! - [`probe`]: HTTP/TCP checks (`meshwire-probe`, the containers' health checks).
 //! - [`demo`]: the body of `meshwire-demo`; [`cmd`]: of the other binaries.
+//! - [`otlp`]: an OTLP/gRPC trace collector (spans kept for tests, or only
+//!   counted as the benchmark's sink).
 
 pub mod cmd;
 pub mod demo;
 pub mod echo;
 pub mod interop;
 pub mod load;
+pub mod otlp;
 pub mod probe;

@@ -127,8 +127,9 @@ impl AdminState {
                 }
                 return respond::text(StatusCode::OK, "draining\n");
             }
+            (_, "/drain") => return respond::text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
             (&Method::GET | &Method::HEAD, _) => {}
-            (_, "/logging" | "/drain") => {
+            (_, "/logging") => {
                 return respond::text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
             }
             _ => return respond::text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),

@@ -6,36 +6,32 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
-use crate::Sidecar;
 use crate::config::Args;
+use crate::{Sidecar, telemetry};
 
 /// Exit codes: 0 drained cleanly, 1 could not start, 2 bad flags or config,
 /// 3 the drain timeout cut in-flight calls short.
 pub fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = match EnvFilter::try_new(&args.log) {
-        Ok(f) => f,
+    // The filter stays replaceable at run time (`POST /logging?level=`).
+    let log = match telemetry::init_logging(&args.log, args.log_format) {
+        Ok(l) => l,
         Err(e) => {
-            eprintln!("meshwire-sidecar: --log {:?}: {e}", args.log);
+            eprintln!("meshwire-sidecar: --log: {e}");
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let workers = usize::from(args.workers);
     let addr_file = args.addr_file.clone();
-    let cfg = match args.into_config() {
+    let mut cfg = match args.into_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("meshwire-sidecar: {e}");
             return ExitCode::from(2);
         }
     };
+    cfg.log_control = Some(log);
     // One worker: a current-thread runtime avoids work-stealing overhead.
     let rt = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()

@@ -14,6 +14,7 @@ use meshwire_xds::{Cluster, Endpoint, LbPolicy, model::DEFAULT_ACTIVE_REQUEST_BI
 use serde::Deserialize;
 
 use crate::SidecarConfig;
+use crate::telemetry::{LogFormat, TraceConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -42,7 +43,7 @@ pub struct Args {
     /// Where other sidecars connect.
     #[arg(long, env = "MESHWIRE_INBOUND", default_value = "0.0.0.0:15006")]
     pub inbound: SocketAddr,
-    /// Admin HTTP server (/live, /ready, /clusters).
+    /// Admin HTTP server (/live, /ready, /metrics, /clusters, /config_dump, /logging, /drain).
     #[arg(long, env = "MESHWIRE_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
     /// The local app's h2c address; without it the sidecar serves no inbound traffic.
@@ -81,7 +82,7 @@ pub struct Args {
     /// Once listening, write the bound addresses here as JSON (for port 0).
     #[arg(long, env = "MESHWIRE_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
-    /// Log filter (`info`, `meshwire_sidecar=debug`, ...).
+    /// Log filter (`info`, `meshwire_sidecar=debug`, ...); `POST /logging?level=` changes it.
     #[arg(long, env = "MESHWIRE_LOG", default_value = "info")]
     pub log: String,
 
@@ -107,6 +108,32 @@ pub struct Args {
     /// Longest an outbound call made during start-up waits for the sidecar to be ready.
     #[arg(long, env = "MESHWIRE_STARTUP_WAIT", default_value = "10s", value_parser = parse_duration)]
     pub startup_wait: Duration,
+    /// Log lines as human-readable text or one JSON object per line.
+    #[arg(long, env = "MESHWIRE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// OTLP/gRPC collector for call spans, e.g. `http://jaeger:4317`; tracing is off without it.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of calls without a sampled caller that start a trace (0 to 1);
+    /// a caller's `traceparent`/B3 sampled flag is always honoured.
+    #[arg(long, env = "MESHWIRE_TRACE_SAMPLE_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
+    pub trace_sample_ratio: f64,
+    /// `service.name` of this sidecar's spans (default: `--service`, else `meshwire-sidecar`).
+    #[arg(long, env = "OTEL_SERVICE_NAME")]
+    pub trace_service_name: Option<String>,
+    /// Finished spans waiting for export; past it new spans are dropped (and counted).
+    #[arg(long, env = "MESHWIRE_TRACE_QUEUE_SIZE", default_value_t = 2048,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub trace_queue_size: u32,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a number between 0 and 1 (e.g. 0.01 for 1 %)"
+        )),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -128,6 +155,27 @@ impl Args {
         cfg.max_endpoints = self.max_endpoints as usize;
         cfg.service_listeners = file.listeners();
         cfg.clusters = file.clusters();
+        // An empty variable (as container specs leave them) means unset.
+        if let Some(endpoint) = self.otlp_endpoint.clone().filter(|e| !e.is_empty()) {
+            let uri: http::Uri = endpoint
+                .parse()
+                .map_err(|e| ConfigError::Flag(format!("--otlp-endpoint {endpoint:?}: {e}")))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+                return Err(ConfigError::Flag(format!(
+                    "--otlp-endpoint {endpoint:?}: write it as http://HOST:PORT (OTLP/gRPC, e.g. port 4317)"
+                )));
+            }
+            let name = self
+                .trace_service_name
+                .clone()
+                .filter(|n| !n.is_empty())
+                .or_else(|| self.service.clone())
+                .unwrap_or_else(|| "meshwire-sidecar".to_owned());
+            let mut trace = TraceConfig::new(endpoint, name);
+            trace.sample_ratio = self.trace_sample_ratio;
+            trace.queue_size = self.trace_queue_size as usize;
+            cfg.trace = Some(trace);
+        }
         if let Some(server) = self.control_plane.clone() {
             let uri: http::Uri = server
                 .parse()
@@ -465,5 +513,61 @@ services:
 
         let (f, _) = err("services:\n  - name: a\n    lb_policy: random\n");
         assert_eq!(f, "services[0].lb_policy");
+    }
+
+    fn args(extra: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(["meshwire-sidecar"].iter().chain(extra))
+    }
+
+    #[test]
+    fn tracing_and_log_flags() {
+        let a = args(&[
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+            "--trace-sample-ratio",
+            "0.01",
+            "--control-plane",
+            "http://127.0.0.1:15010",
+            "--service",
+            "billing",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(a.log_format, LogFormat::Json);
+        let t = a.into_config().unwrap().trace.expect("tracing on");
+        assert_eq!(t.otlp_endpoint, "http://127.0.0.1:4317");
+        assert_eq!(t.service_name, "billing", "defaults to --service");
+        assert_eq!(t.sample_ratio, 0.01);
+
+        let a = args(&[
+            "--otlp-endpoint",
+            "http://c:4317",
+            "--trace-service-name",
+            "edge",
+        ])
+        .unwrap();
+        let t = a.into_config().unwrap().trace.unwrap();
+        assert_eq!((t.service_name.as_str(), t.sample_ratio), ("edge", 1.0));
+
+        let e = args(&["--trace-sample-ratio", "1.5"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("between 0 and 1"), "{e}");
+        assert!(args(&["--log-format", "xml"]).is_err());
+        let e = args(&["--otlp-endpoint", "collector:4317"])
+            .unwrap()
+            .into_config()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--otlp-endpoint") && e.contains("http://HOST:PORT"),
+            "{e}"
+        );
+        let off = args(&["--otlp-endpoint", ""])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert!(off.trace.is_none(), "an empty endpoint leaves tracing off");
     }
 }

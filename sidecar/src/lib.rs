@@ -504,9 +504,10 @@ impl Sidecar {
         }
     }
 
-    /// Waits for the drain to finish; `false` if the drain timeout cut it short.
+    /// Waits for the drain to finish, then sends the spans still queued;
+    /// `false` if the drain timeout cut the drain short.
     pub async fn wait(&self) -> bool {
-        match tokio::time::timeout(self.drain_timeout, self.tracker.wait()).await {
+        let drained = match tokio::time::timeout(self.drain_timeout, self.tracker.wait()).await {
             Ok(()) => {
                 tracing::info!("drained");
                 true
@@ -515,6 +516,10 @@ impl Sidecar {
                 tracing::warn!(drain_timeout = ?self.drain_timeout, "drain timed out; closing remaining connections");
                 false
             }
+        };
+        if let Some(t) = &self.telemetry.tracer {
+            t.shutdown().await;
         }
+        drained
     }
 }

@@ -5,6 +5,8 @@
 
 #![allow(clippy::print_stderr, missing_docs)]
 
+pub mod prom;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -868,6 +870,8 @@ pub async fn admin(addr: SocketAddr, header: Option<&str>) -> Admin {
 pub struct ControlPlaneProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Its admin HTTP port (`/live`, `/ready`, `/metrics`).
+    pub admin: SocketAddr,
     pub token: String,
     _run: tempfile::TempDir,
     log: PathBuf,
@@ -897,6 +901,8 @@ impl ControlPlaneProcess {
             &listen,
             "--tls-listen",
             "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
             "--log",
             "info",
         ])
@@ -913,7 +919,7 @@ impl ControlPlaneProcess {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         for _ in 0..1000 {
             tick.tick().await;
-            if let Some(addr) = read_cp_addr(&addr_file) {
+            if let Some((addr, admin)) = read_cp_addr(&addr_file) {
                 let token = match envs.iter().find(|(k, _)| *k == "MESHWIRE_ADMIN_TOKEN") {
                     Some((_, t)) => (*t).to_owned(),
                     None => std::fs::read_to_string(data_dir.join("admin.token"))
@@ -924,6 +930,7 @@ impl ControlPlaneProcess {
                 return Self {
                     child,
                     addr,
+                    admin,
                     token,
                     _run: run,
                     log,
@@ -989,10 +996,11 @@ impl Drop for ControlPlaneProcess {
     }
 }
 
-fn read_cp_addr(path: &Path) -> Option<SocketAddr> {
+fn read_cp_addr(path: &Path) -> Option<(SocketAddr, SocketAddr)> {
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
     assert!(v["pid"].as_u64().is_some(), "addr file has the pid: {v}");
-    v["listen"].as_str()?.parse().ok()
+    let admin = v["admin"].as_str().expect("addr file has the admin port");
+    Some((v["listen"].as_str()?.parse().ok()?, admin.parse().ok()?))
 }
 
 /// Short admin API calls for tests; each returns the committed version.

@@ -10,6 +10,11 @@
 //! target/release/meshwire-bench`. By default the sidecars are pinned to the
 //! last CPU and the load generator and backend to the others (like
 //! `../shared/bench-peers`).
+//!
+//! `--tracing` measures the cost of call tracing instead: three sidecar pairs
+//! under the same load in the same run, without tracing, tracing 1 % of calls
+//! and tracing 100 %, exporting over OTLP/gRPC to an in-process collector
+//! that accepts and counts spans (`meshwire_examples::otlp`).
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -64,6 +69,9 @@ struct Args {
     /// (for the bench-peers launchers).
     #[arg(long, value_name = "DIR")]
     write_pki: Option<PathBuf>,
+    /// Compare sidecar pairs without tracing, tracing 1 % and 100 % of calls.
+    #[arg(long)]
+    tracing: bool,
 }
 
 const PINNED_ENV: &str = "MESHWIRE_BENCH_PINNED";
@@ -265,6 +273,84 @@ struct Setup {
     target: SocketAddr,
     authority: &'static str,
     sidecars: Vec<Sidecar>,
+    /// The span sink of a traced setup.
+    sink: Option<meshwire_examples::otlp::Collector>,
+}
+
+/// client sidecar -> server sidecar -> `backend`, each sidecar with `trace` flags.
+fn spawn_pair(
+    bin: &Path,
+    cpu: Option<&str>,
+    args: &Args,
+    extra: &[String],
+    backend: SocketAddr,
+    trace: &[String],
+) -> anyhow::Result<Vec<Sidecar>> {
+    let flags = |more: &[String]| -> Vec<String> { more.iter().chain(trace).cloned().collect() };
+    let server = spawn_sidecar(
+        bin,
+        cpu,
+        args.workers,
+        extra,
+        &flags(&[
+            "--app".into(),
+            backend.to_string(),
+            "--inbound".into(),
+            "127.0.0.1:0".into(),
+        ]),
+        None,
+    )?;
+    let client = spawn_sidecar(
+        bin,
+        cpu,
+        args.workers,
+        extra,
+        &flags(&[]),
+        Some(&format!(
+            "services:\n  - name: echo\n    endpoints:\n      - address: {}\n",
+            server.addr("inbound")?
+        )),
+    )?;
+    Ok(vec![client, server])
+}
+
+/// The three setups of `--tracing`.
+async fn tracing_setups(
+    bin: &Path,
+    cpu: Option<&str>,
+    args: &Args,
+    extra: &[String],
+    backend: SocketAddr,
+) -> anyhow::Result<Vec<Setup>> {
+    let mut setups = Vec::new();
+    for (name, ratio) in [
+        ("pair, no trace", None),
+        ("pair, trace 1%", Some("0.01")),
+        ("pair, trace 100%", Some("1")),
+    ] {
+        let sink = match ratio {
+            Some(_) => Some(meshwire_examples::otlp::Collector::start(false).await?),
+            None => None,
+        };
+        let trace: Vec<String> = match (&sink, ratio) {
+            (Some(s), Some(r)) => vec![
+                "--otlp-endpoint".into(),
+                s.endpoint(),
+                "--trace-sample-ratio".into(),
+                r.into(),
+            ],
+            _ => vec![],
+        };
+        let sidecars = spawn_pair(bin, cpu, args, extra, backend, &trace)?;
+        setups.push(Setup {
+            name,
+            target: sidecars[0].addr("outbound")?,
+            authority: "echo",
+            sidecars,
+            sink,
+        });
+    }
+    Ok(setups)
 }
 
 async fn run(args: Args, proxy_cpu: Option<String>) -> anyhow::Result<()> {
@@ -289,107 +375,92 @@ async fn run(args: Args, proxy_cpu: Option<String>) -> anyhow::Result<()> {
     let cpu = proxy_cpu.as_deref();
     let backend = meshwire_examples::echo::bind(([127, 0, 0, 1], 0).into(), "backend").await?;
 
-    // (b) one sidecar: the load generator calls its outbound listener.
-    let one = spawn_sidecar(
-        &bin,
-        cpu,
-        args.workers,
-        &extra,
-        &[],
-        Some(&format!(
-            "services:\n  - name: echo\n    endpoints:\n      - address: {}\n",
-            backend.addr
-        )),
-    )?;
-    // (c) the mesh path: client sidecar -> server sidecar -> backend.
-    let server = spawn_sidecar(
-        &bin,
-        cpu,
-        args.workers,
-        &extra,
-        &[
+    let setups = if args.tracing {
+        tracing_setups(&bin, cpu, &args, &extra, backend.addr).await?
+    } else {
+        // (b) one sidecar: the load generator calls its outbound listener.
+        let one = spawn_sidecar(
+            &bin,
+            cpu,
+            args.workers,
+            &extra,
+            &[],
+            Some(&format!(
+                "services:\n  - name: echo\n    endpoints:\n      - address: {}\n",
+                backend.addr
+            )),
+        )?;
+        // (c) the mesh path: client sidecar -> server sidecar -> backend.
+        let pair = spawn_pair(&bin, cpu, &args, &extra, backend.addr, &[])?;
+        // (d) the same pair over mutual TLS, each with its own certificate.
+        let pki = std::env::temp_dir().join(format!(
+            "meshwire-bench-pki-{}-{}",
+            std::process::id(),
+            fastrand_suffix()
+        ));
+        write_pki(&pki)?;
+        let tls_args = |who: &str| -> Vec<String> {
+            vec![
+                "--cert".into(),
+                pki.join(format!("{who}.crt")).display().to_string(),
+                "--key".into(),
+                pki.join(format!("{who}.key")).display().to_string(),
+                "--trust-bundle".into(),
+                pki.join("bundle.pem").display().to_string(),
+            ]
+        };
+        let mut server_args = vec![
             "--app".into(),
             backend.addr.to_string(),
             "--inbound".into(),
             "127.0.0.1:0".into(),
-        ],
-        None,
-    )?;
-    let client = spawn_sidecar(
-        &bin,
-        cpu,
-        args.workers,
-        &extra,
-        &[],
-        Some(&format!(
-            "services:\n  - name: echo\n    endpoints:\n      - address: {}\n",
-            server.addr("inbound")?
-        )),
-    )?;
-    // (d) the same pair over mutual TLS, each with its own certificate.
-    let pki = std::env::temp_dir().join(format!(
-        "meshwire-bench-pki-{}-{}",
-        std::process::id(),
-        fastrand_suffix()
-    ));
-    write_pki(&pki)?;
-    let tls_args = |who: &str| -> Vec<String> {
+        ];
+        server_args.extend(tls_args("echo"));
+        let tls_server = spawn_sidecar(&bin, cpu, args.workers, &extra, &server_args, None)?;
+        let tls_client = spawn_sidecar(
+            &bin,
+            cpu,
+            args.workers,
+            &extra,
+            &tls_args("client"),
+            Some(&format!(
+                "services:\n  - name: echo\n    endpoints:\n      - address: {}\n        identity: {}\n",
+                tls_server.addr("inbound")?,
+                spiffe("echo")
+            )),
+        )?;
+        let _ = Sidecar::service_addr;
         vec![
-            "--cert".into(),
-            pki.join(format!("{who}.crt")).display().to_string(),
-            "--key".into(),
-            pki.join(format!("{who}.key")).display().to_string(),
-            "--trust-bundle".into(),
-            pki.join("bundle.pem").display().to_string(),
+            Setup {
+                name: "direct",
+                target: backend.addr,
+                authority: "echo",
+                sidecars: vec![],
+                sink: None,
+            },
+            Setup {
+                name: "one sidecar",
+                target: one.addr("outbound")?,
+                authority: "echo",
+                sidecars: vec![one],
+                sink: None,
+            },
+            Setup {
+                name: "sidecar pair",
+                target: pair[0].addr("outbound")?,
+                authority: "echo",
+                sidecars: pair,
+                sink: None,
+            },
+            Setup {
+                name: "mtls pair",
+                target: tls_client.addr("outbound")?,
+                authority: "echo",
+                sidecars: vec![tls_client, tls_server],
+                sink: None,
+            },
         ]
     };
-    let mut server_args = vec![
-        "--app".into(),
-        backend.addr.to_string(),
-        "--inbound".into(),
-        "127.0.0.1:0".into(),
-    ];
-    server_args.extend(tls_args("echo"));
-    let tls_server = spawn_sidecar(&bin, cpu, args.workers, &extra, &server_args, None)?;
-    let tls_client = spawn_sidecar(
-        &bin,
-        cpu,
-        args.workers,
-        &extra,
-        &tls_args("client"),
-        Some(&format!(
-            "services:\n  - name: echo\n    endpoints:\n      - address: {}\n        identity: {}\n",
-            tls_server.addr("inbound")?,
-            spiffe("echo")
-        )),
-    )?;
-    let _ = Sidecar::service_addr;
-    let setups = vec![
-        Setup {
-            name: "direct",
-            target: backend.addr,
-            authority: "echo",
-            sidecars: vec![],
-        },
-        Setup {
-            name: "one sidecar",
-            target: one.addr("outbound")?,
-            authority: "echo",
-            sidecars: vec![one],
-        },
-        Setup {
-            name: "sidecar pair",
-            target: client.addr("outbound")?,
-            authority: "echo",
-            sidecars: vec![client, server],
-        },
-        Setup {
-            name: "mtls pair",
-            target: tls_client.addr("outbound")?,
-            authority: "echo",
-            sidecars: vec![tls_client, tls_server],
-        },
-    ];
 
     println!(
         "# meshwire-bench: payload {} B, {} channels, {:?} per run (+{:?} warmup), sidecar workers {}, pinned: {}",
@@ -403,15 +474,34 @@ async fn run(args: Args, proxy_cpu: Option<String>) -> anyhow::Result<()> {
     for round in 1..=args.rounds {
         println!("\nround {round}");
         println!(
-            "{:<13} {:>5} {:>9} {:>8} {:>8} {:>9} {:>10} {:>8} {:>6}",
-            "setup", "conc", "rps", "p50 µs", "p99 µs", "p99.9 µs", "cpu-s/10k", "RSS MB", "errors"
+            "{:<16} {:>5} {:>9} {:>8} {:>8} {:>9} {:>10} {:>8} {:>6} {:>11}",
+            "setup",
+            "conc",
+            "rps",
+            "p50 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "cpu-s/10k",
+            "RSS MB",
+            "errors",
+            "spans/call"
         );
         for &conc in &args.concurrency {
             for s in &setups {
                 let channels = connect(s.target, s.authority, args.channels).await?;
                 let cpu0: f64 = s.sidecars.iter().map(Sidecar::cpu_seconds).sum();
+                let spans0 = s.sink.as_ref().map_or(0, |k| k.received());
                 let r = load(&channels, conc, args.payload, args.warmup, args.duration).await;
                 let cpu1: f64 = s.sidecars.iter().map(Sidecar::cpu_seconds).sum();
+                // Spans of this run that reached the collector (the last
+                // batch may still be in flight: a lower bound).
+                let spans = match &s.sink {
+                    Some(k) => format!(
+                        "{:.3}",
+                        (k.received() - spans0) as f64 / r.calls_total.max(1) as f64
+                    ),
+                    None => "-".into(),
+                };
                 let calls = r.calls_total.max(1) as f64;
                 let (cpu, rss) = if s.sidecars.is_empty() {
                     ("-".to_string(), "-".to_string())
@@ -425,7 +515,7 @@ async fn run(args: Args, proxy_cpu: Option<String>) -> anyhow::Result<()> {
                     )
                 };
                 println!(
-                    "{:<13} {:>5} {:>9.0} {:>8} {:>8} {:>9} {:>10} {:>8} {:>6}",
+                    "{:<16} {:>5} {:>9.0} {:>8} {:>8} {:>9} {:>10} {:>8} {:>6} {:>11}",
                     s.name,
                     conc,
                     r.rps,
@@ -434,7 +524,8 @@ async fn run(args: Args, proxy_cpu: Option<String>) -> anyhow::Result<()> {
                     r.hist.value_at_quantile(0.999),
                     cpu,
                     rss,
-                    r.errors
+                    r.errors,
+                    spans
                 );
             }
         }

@@ -34,6 +34,7 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
 use tokio::sync::mpsc;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 
 use super::metrics::{Direction, GRPC_CODES, SidecarMetrics};
@@ -96,6 +97,10 @@ pub enum TraceError {
 pub struct Tracer {
     dispatch: tracing::Dispatch,
     provider: SdkTracerProvider,
+    /// Tells the export task to send what is queued and stop.
+    stop: tokio_util::sync::CancellationToken,
+    export: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    export_timeout: Duration,
     /// Sample a root call when a random u64 is below this (`u64::MAX`: always).
     threshold: u64,
     metrics: Arc<SidecarMetrics>,
@@ -132,7 +137,14 @@ impl Tracer {
             })?;
         exporter.set_resource(&resource);
         let (tx, rx) = mpsc::channel(cfg.queue_size.max(1));
-        tokio::spawn(export_loop(rx, exporter, metrics.clone(), cfg.clone()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let export = tokio::spawn(export_loop(
+            rx,
+            exporter,
+            metrics.clone(),
+            cfg.clone(),
+            stop.clone(),
+        ));
         let provider = SdkTracerProvider::builder()
             .with_resource(resource)
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
@@ -149,7 +161,16 @@ impl Tracer {
             .with_target(false)
             .with_tracked_inactivity(false)
             .with_context_activation(false);
-        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer));
+        // Only call spans, at INFO: every dispatcher's interest and level
+        // hint count for every callsite in the process, so an unfiltered
+        // layer here would switch on each `trace!`/`debug!` of hyper, h2 and
+        // tonic, and the process would pay for them on every frame (the
+        // benchmark showed it: CPU per call doubled at 1 % sampling).
+        let only_calls =
+            tracing_subscriber::filter::Targets::new().with_target(TARGET, tracing::Level::INFO);
+        let dispatch = tracing::Dispatch::new(
+            tracing_subscriber::registry().with(layer.with_filter(only_calls)),
+        );
         let threshold = if cfg.sample_ratio >= 1.0 {
             u64::MAX
         } else {
@@ -158,6 +179,9 @@ impl Tracer {
         Ok(Self {
             dispatch,
             provider,
+            stop,
+            export: std::sync::Mutex::new(Some(export)),
+            export_timeout: cfg.export_timeout,
             threshold,
             metrics,
         })
@@ -266,9 +290,19 @@ impl Tracer {
         })
     }
 
-    /// Exports what is queued and stops the exporter.
-    pub fn shutdown(&self) {
+    /// Exports what is queued (one last batch, bounded by the export
+    /// timeout) and stops the exporter; spans of later calls are dropped.
+    pub async fn shutdown(&self) {
         let _ = self.provider.shutdown();
+        self.stop.cancel();
+        let task = self.export.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut task) = task
+            && tokio::time::timeout(self.export_timeout * 2, &mut task)
+                .await
+                .is_err()
+        {
+            task.abort();
+        }
     }
 }
 
@@ -517,25 +551,43 @@ impl SpanProcessor for QueueProcessor {
 /// Batches queued spans (up to `batch_size`, or what came within
 /// `batch_interval`) and exports them one request at a time, each bounded by
 /// `export_timeout`. Failed batches are dropped and counted, not retried.
+/// Once `stop` fires, what is queued goes out without waiting and the task ends.
 async fn export_loop(
     mut rx: mpsc::Receiver<SpanData>,
     exporter: opentelemetry_otlp::SpanExporter,
     metrics: Arc<SidecarMetrics>,
     cfg: TraceConfig,
+    stop: tokio_util::sync::CancellationToken,
 ) {
     let size = cfg.batch_size.max(1);
     let mut failing = false;
     loop {
         let mut batch = Vec::with_capacity(size);
-        if rx.recv_many(&mut batch, size).await == 0 {
-            return;
-        }
-        let until = tokio::time::Instant::now() + cfg.batch_interval;
-        while batch.len() < size {
-            let want = size - batch.len();
-            match tokio::time::timeout_at(until, rx.recv_many(&mut batch, want)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+        let stopping = tokio::select! {
+            n = rx.recv_many(&mut batch, size) => {
+                if n == 0 {
+                    return;
+                }
+                false
+            }
+            () = stop.cancelled() => true,
+        };
+        if stopping || stop.is_cancelled() {
+            while batch.len() < size && rx.try_recv().map(|s| batch.push(s)).is_ok() {}
+            if batch.is_empty() {
+                return;
+            }
+        } else {
+            let until = tokio::time::Instant::now() + cfg.batch_interval;
+            while batch.len() < size {
+                let want = size - batch.len();
+                tokio::select! {
+                    r = tokio::time::timeout_at(until, rx.recv_many(&mut batch, want)) => match r {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    },
+                    () = stop.cancelled() => break,
+                }
             }
         }
         let n = batch.len() as u64;
@@ -642,6 +694,23 @@ mod tests {
         );
         assert_eq!(split_rpc_path("/"), None);
         assert_eq!(split_rpc_path("/a/b/c"), None);
+    }
+
+    #[tokio::test]
+    async fn the_tracer_switches_on_no_other_callsite() {
+        let _t = Tracer::start(
+            &TraceConfig::new("http://127.0.0.1:1", "test"),
+            Arc::default(),
+        )
+        .unwrap();
+        // Every dispatcher's level hint raises the process-wide maximum: had
+        // the tracer no filter, each `debug!`/`trace!` of every crate would
+        // be evaluated per call.
+        assert!(
+            tracing::level_filters::LevelFilter::current() <= tracing::Level::INFO,
+            "{}",
+            tracing::level_filters::LevelFilter::current()
+        );
     }
 
     #[tokio::test]
