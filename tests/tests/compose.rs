@@ -422,4 +422,38 @@ fn compose_stack_end_to_end() {
         "exited 0"
     );
     eprintln!("stopping echo-1 under load: {failed} failed calls; summary {summary}");
+
+    // 4. `up -d` brings it back (README): the init step runs again and hands
+    //    its sidecar a fresh join token (the first one is used up), so it
+    //    gets a new certificate and serves calls again.
+    let serial = stack.certs("echo-0-sidecar")["serial"].clone();
+    let mut up = vec!["up", "-d", "--no-build"];
+    up.extend(services.iter().map(String::as_str));
+    stack.run(&up);
+    for s in ["echo-1", "echo-1-sidecar"] {
+        eventually(
+            &format!("{s} healthy again"),
+            Duration::from_secs(120),
+            || stack.inspect(s, "{{.State.Health.Status}}") == "healthy",
+        );
+    }
+    let c = stack.certs("echo-1-sidecar");
+    assert_eq!(
+        c["spiffe_id"],
+        format!("spiffe://{td}/ns/default/sa/echo"),
+        "{c}"
+    );
+    assert_eq!(
+        stack.certs("echo-0-sidecar")["serial"],
+        serial,
+        "a running sidecar was disturbed"
+    );
+    eventually(
+        "echo-1 answers calls again",
+        Duration::from_secs(30),
+        || {
+            let b = stack.burst(1);
+            b["errors"] == 0 && calls(&b, "echo-1") > 0
+        },
+    );
 }
