@@ -6,17 +6,22 @@
 //! it and leaves nothing behind:
 //!
 //! ```text
-//! control plane (admin API + xDS, 127.0.0.1:15010, data in a temp dir)
-//!   │ xDS                                   ▲ meshctl (another terminal)
+//! control plane (admin API + xDS on 127.0.0.1:15010; CA, identity and
+//!   │ xDS over mTLS on 127.0.0.1:15012; data in a temp dir)
+//!   │ certificate + xDS (mTLS)              ▲ meshctl (another terminal)
 //!   ▼
-//! load client ─▶ client sidecar ─┬─▶ sidecar ─▶ echo-0 (slow)
-//!                (service echo)  ├─▶ sidecar ─▶ echo-1
-//!                                └─▶ sidecar ─▶ echo-2
+//! load client ─▶ client sidecar ─┬─mTLS─▶ sidecar ─▶ echo-0 (slow)
+//!                (service echo)  ├─mTLS─▶ sidecar ─▶ echo-1
+//!                                └─mTLS─▶ sidecar ─▶ echo-2
 //! ```
 //!
 //! The echo instances are registered as endpoints of service `echo` through
-//! the admin API, exactly as `meshctl endpoint add` does; every sidecar takes
-//! its config from the control plane over xDS. Every second a table shows,
+//! the admin API, exactly as `meshctl endpoint add` does. Every sidecar joins
+//! the mesh as users' sidecars do: a single-use join token from the control
+//! plane's CA and its trust bundle get it a certificate for
+//! `spiffe://<trust domain>/ns/default/sa/<service>`, then it takes its config
+//! over xDS on the TLS port, and every sidecar-to-sidecar hop is mutual TLS
+//! (the client sidecar checks each endpoint's SPIFFE ID). Every second a table shows,
 //! per endpoint, what the client sidecar's balancer runs (weight, draining)
 //! and what the load client measured (calls/s, share, p50/p99, errors), and
 //! how long the last `meshctl` change took to reach the client sidecar.
@@ -35,7 +40,8 @@ use clap::Parser;
 use meshwire_control_plane::{ControlPlane, ControlPlaneConfig, ControlPlaneHandle};
 use meshwire_proto::admin::v1 as pb;
 use meshwire_proto::admin::v1::mesh_admin_client::MeshAdminClient;
-use meshwire_sidecar::{Sidecar, SidecarConfig};
+use meshwire_sidecar::identity::{Bootstrap, IdentityClientConfig};
+use meshwire_sidecar::{IdentitySource, Sidecar, SidecarConfig};
 use meshwire_xds::Snapshot;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -70,6 +76,10 @@ pub struct Args {
     /// The control plane's address (port taken: any free port).
     #[arg(long, default_value = "127.0.0.1:15010")]
     pub listen: SocketAddr,
+    /// The control plane's TLS port: certificates and the sidecars' xDS
+    /// (port taken: any free port).
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    pub tls_listen: SocketAddr,
     /// The control plane's data directory (default: a temporary one, removed at exit).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -113,6 +123,13 @@ pub enum DemoError {
         "the client sidecar did not get the {SERVICE} endpoints from the control plane within {0:?}"
     )]
     NotConfigured(Duration),
+    #[error("join token for {service}: {source}")]
+    Token {
+        service: String,
+        source: meshwire_control_plane::ca::CaError,
+    },
+    #[error("the sidecar of {0} got no certificate from the control plane within {1:?}")]
+    NoIdentity(String, Duration),
 }
 
 /// Runs the demo; the exit code for the process.
@@ -174,12 +191,52 @@ struct Mesh {
     _temp: Option<tempfile::TempDir>,
 }
 
-fn xds(cp: &ControlPlaneHandle, service: &str, node: &str) -> meshwire_sidecar::ControlPlaneConfig {
-    meshwire_sidecar::ControlPlaneConfig {
-        server: format!("http://{}", cp.local_addr),
+/// The service the client sidecar belongs to (its identity's `sa/...`).
+const CLIENT_SERVICE: &str = "demo-client";
+
+/// How long a join token stays usable: the sidecar uses it at once.
+const TOKEN_TTL: Duration = Duration::from_secs(300);
+
+/// Joins `cfg` to the mesh as a sidecar of `service`, the way a user's
+/// sidecar joins (`--control-plane https://... --join-token ... --trust-bundle ...`):
+/// a single-use token from the CA, the trust bundle, xDS on the TLS port.
+fn join(
+    cfg: &mut SidecarConfig,
+    cp: &ControlPlaneHandle,
+    service: &str,
+    node: &str,
+) -> Result<(), DemoError> {
+    let tls_addr = cp
+        .tls_addr
+        .expect("the demo's control plane always serves TLS");
+    let server = format!("https://{tls_addr}");
+    let (join_token, _, _) =
+        cp.ca
+            .create_token("default", service, TOKEN_TTL)
+            .map_err(|source| DemoError::Token {
+                service: service.to_owned(),
+                source,
+            })?;
+    cfg.control_plane = Some(meshwire_sidecar::ControlPlaneConfig {
+        server: server.clone(),
         service: service.to_owned(),
         node_id: node.to_owned(),
-    }
+    });
+    cfg.identity = Some(IdentitySource::ControlPlane(IdentityClientConfig {
+        server,
+        join_token,
+        bootstrap: Bootstrap::Bundle(cp.ca.bundle().bundle.clone()),
+        connect_timeout: Duration::from_secs(2),
+    }));
+    Ok(())
+}
+
+/// The SPIFFE ID in the sidecar's certificate, once it has one.
+fn spiffe_id(sidecar: &Sidecar) -> Option<String> {
+    sidecar
+        .identity()
+        .and_then(|t| t.current())
+        .and_then(|c| c.cert.spiffe_id.clone())
 }
 
 async fn start_control_plane(
@@ -197,14 +254,32 @@ async fn start_control_plane(
     };
     let mut cfg = ControlPlaneConfig::new(&dir);
     cfg.listen = args.listen;
-    let cp = match ControlPlane::start(cfg.clone()).await {
-        Err(meshwire_control_plane::StartError::Bind { .. }) => {
+    cfg.tls_listen = Some(args.tls_listen);
+    // The sidecars check the control plane's SPIFFE ID; these names are for
+    // an https `meshctl --server` (which checks it too).
+    cfg.tls_names = vec!["localhost".into(), args.tls_listen.ip().to_string()];
+    // A port that is taken becomes any free port (each listener once).
+    loop {
+        let e = match ControlPlane::start(cfg.clone()).await {
+            Ok(cp) => return Ok((cp, temp)),
+            Err(e) => e,
+        };
+        let meshwire_control_plane::StartError::Bind { addr, .. } = &e else {
+            return Err(e.into());
+        };
+        let addr = *addr;
+        if addr == cfg.listen && addr.port() != 0 {
             cfg.listen.set_port(0);
-            ControlPlane::start(cfg).await?
+        } else if let Some(tls) = cfg
+            .tls_listen
+            .as_mut()
+            .filter(|t| **t == addr && addr.port() != 0)
+        {
+            tls.set_port(0);
+        } else {
+            return Err(e.into());
         }
-        r => r?,
-    };
-    Ok((cp, temp))
+    }
 }
 
 /// Binds `addr`, or any free port on its IP if that one is taken.
@@ -270,7 +345,7 @@ async fn start_mesh(args: &Args) -> Result<Mesh, DemoError> {
         let mut cfg = SidecarConfig::local();
         cfg.app = Some(app.addr);
         cfg.inbound = Some(([127, 0, 0, 1], 0).into());
-        cfg.control_plane = Some(xds(&cp, SERVICE, &name));
+        join(&mut cfg, &cp, SERVICE, &name)?;
         let sidecar = Sidecar::start(cfg).await?;
         let address = sidecar.inbound_addr.expect("inbound bound with an app");
         admin
@@ -294,13 +369,26 @@ async fn start_mesh(args: &Args) -> Result<Mesh, DemoError> {
     }
 
     let mut cfg = SidecarConfig::new(args.outbound, args.admin);
-    cfg.control_plane = Some(xds(&cp, "demo-client", "demo-client"));
+    join(&mut cfg, &cp, CLIENT_SERVICE, CLIENT_SERVICE)?;
     let client = start_sidecar(cfg).await?;
 
-    // Calls start once the client sidecar runs every endpoint.
+    // Calls start once every sidecar has its certificate and the client
+    // sidecar runs every endpoint (its xDS stream needs its certificate).
     let limit = Duration::from_secs(10);
     let deadline = Instant::now() + limit;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let sidecars = || {
+        instances
+            .iter()
+            .map(|i| (i.name.as_str(), &i.sidecar))
+            .chain([(CLIENT_SERVICE, &client)])
+    };
+    while let Some((name, _)) = sidecars().find(|(_, s)| spiffe_id(s).is_none()) {
+        if Instant::now() > deadline {
+            return Err(DemoError::NoIdentity(name.to_owned(), limit));
+        }
+        tick.tick().await;
+    }
     while endpoint_view(&client).len() < instances.len() {
         if Instant::now() > deadline {
             return Err(DemoError::NotConfigured(limit));
@@ -333,6 +421,14 @@ impl Mesh {
         }
     }
 
+    /// Every sidecar with its name, the client's last.
+    fn sidecars(&self) -> impl Iterator<Item = (&str, &Sidecar)> {
+        self.instances
+            .iter()
+            .map(|i| (i.name.as_str(), &i.sidecar))
+            .chain([(CLIENT_SERVICE, &self.client)])
+    }
+
     fn name_of(&self, addr: SocketAddr) -> String {
         self.instances
             .iter()
@@ -348,6 +444,8 @@ struct EndpointView {
     draining: bool,
     /// Calls the client sidecar counted as failed on this endpoint, ever.
     failures: u64,
+    /// The SPIFFE ID the client sidecar requires this endpoint to present.
+    identity: Option<String>,
 }
 
 fn endpoint_view(client: &Sidecar) -> BTreeMap<SocketAddr, EndpointView> {
@@ -369,6 +467,7 @@ fn endpoint_view(client: &Sidecar) -> BTreeMap<SocketAddr, EndpointView> {
                         .stats
                         .failure
                         .load(std::sync::atomic::Ordering::Relaxed),
+                    identity: e.endpoint.identity.clone(),
                 },
             )
         })
@@ -534,6 +633,15 @@ fn rows(
     rows
 }
 
+/// The SPIFFE IDs the client sidecar requires of the endpoints, deduplicated.
+fn peer_identities(views: &BTreeMap<SocketAddr, EndpointView>) -> String {
+    let ids: std::collections::BTreeSet<&str> = views
+        .values()
+        .map(|v| v.identity.as_deref().unwrap_or("(any mesh identity)"))
+        .collect();
+    ids.into_iter().collect::<Vec<_>>().join(", ")
+}
+
 fn state(v: Option<&EndpointView>) -> &'static str {
     match v {
         None => "removed",
@@ -607,6 +715,7 @@ fn json_rows(rows: &[Row], report: &Report) -> serde_json::Value {
                 "p50_ms": s.map_or(0.0, |s| s.p50_ms),
                 "p99_ms": s.map_or(0.0, |s| s.p99_ms),
                 "errors": r.errors,
+                "identity": r.view.as_ref().and_then(|v| v.identity.clone()),
             })
         })
         .collect()
@@ -667,12 +776,19 @@ fn intro(mesh: &Mesh, args: &Args) -> String {
     let slow = &mesh.instances[0];
     let fast = &mesh.instances[mesh.instances.len() - 1];
     let mut s = format!(
-        "Meshwire demo: control plane on {cp}; {n} instances of service `{SERVICE}` each behind its own sidecar \
+        "Meshwire demo: control plane on {cp} (TLS {tls}); {n} instances of service `{SERVICE}` each behind its own sidecar \
          ({slow} is slow: {sd} ms vs {fd} ms);\n\
          a load client with {c} calls in flight through the client sidecar (outbound {out}, admin http://{adm}).\n\
-         Every sidecar takes its config from the control plane over xDS.\n\n\
-         Try in another terminal (the table shows the effect within a second):\n",
+         Every sidecar joined with a join token: its certificate comes from the control plane's CA \
+         (trust domain {td}), its config over xDS on the TLS port,\n\
+         and every sidecar-to-sidecar hop is mutual TLS 1.3 (the client sidecar checks each endpoint's SPIFFE ID).\n\
+         The identities (each sidecar's /certs shows its certificate):\n",
         cp = mesh.cp.local_addr,
+        tls = mesh
+            .cp
+            .tls_addr
+            .map_or_else(|| "off".into(), |a| a.to_string()),
+        td = mesh.cp.ca.trust_domain(),
         n = mesh.instances.len(),
         slow = slow.name,
         sd = args.slow_delay_ms,
@@ -681,6 +797,14 @@ fn intro(mesh: &Mesh, args: &Args) -> String {
         out = mesh.client.outbound_addr,
         adm = mesh.client.admin_addr,
     );
+    for (name, sidecar) in mesh.sidecars() {
+        s.push_str(&format!(
+            "  {name:<12} {:<46} http://{}/certs\n",
+            spiffe_id(sidecar).unwrap_or_else(|| "(no certificate)".into()),
+            sidecar.admin_addr,
+        ));
+    }
+    s.push_str("\nTry in another terminal (the table shows the effect within a second):\n");
     let lines = [
         (
             format!("endpoint weight {SERVICE} {} 5", fast.address),
@@ -697,6 +821,10 @@ fn intro(mesh: &Mesh, args: &Args) -> String {
         (
             "status".into(),
             "connected sidecars and the version each ACKed".into(),
+        ),
+        (
+            "ca show".into(),
+            "the mesh CA: trust domain and root fingerprints".into(),
         ),
     ];
     for (cmd, why) in lines {
@@ -749,11 +877,17 @@ async fn run(args: Args) -> Result<(), DemoError> {
                 "control_plane": format!("http://{}", mesh.cp.local_addr),
                 "data_dir": mesh.cp.data_dir,
                 "client_admin": mesh.client.admin_addr.to_string(),
+                "client_outbound": mesh.client.outbound_addr.to_string(),
                 "service": SERVICE,
+                "control_plane_tls": mesh.cp.tls_addr.map(|a| format!("https://{a}")),
+                "trust_domain": mesh.cp.ca.trust_domain(),
+                "client_identity": spiffe_id(&mesh.client),
                 "endpoints": mesh.instances.iter().map(|i| serde_json::json!({
                     "name": i.name,
                     "address": i.address.to_string(),
                     "delay_ms": i.delay.as_millis() as u64,
+                    "admin": i.sidecar.admin_addr.to_string(),
+                    "identity": spiffe_id(&i.sidecar),
                 })).collect::<Vec<_>>(),
             })
         ),
@@ -787,8 +921,9 @@ async fn run(args: Args) -> Result<(), DemoError> {
                     out.push('\n');
                 }
                 out.push_str(&format!(
-                    "t={t:.0}s  config v{}  (Ctrl-C stops everything)\n",
-                    mesh.cp.version()
+                    "t={t:.0}s  config v{}  every hop mTLS: {CLIENT_SERVICE} → {}  (Ctrl-C stops everything)\n",
+                    mesh.cp.version(),
+                    peer_identities(&views),
                 ));
                 out.push_str(&text_table(&rows, &report, true));
                 out.push_str(&change_text(change.as_ref()));

@@ -140,8 +140,13 @@ pub async fn http(
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-/// Runs one check, bounded by `limit`.
-pub async fn check(target: &Target, limit: Duration, max_age: Duration) -> Result<(), ProbeError> {
+/// Runs one check, bounded by `limit`; an HTTP check's response body
+/// (empty for the others).
+pub async fn check(
+    target: &Target,
+    limit: Duration,
+    max_age: Duration,
+) -> Result<String, ProbeError> {
     let name = || match target {
         Target::Http { host, path } => format!("http://{host}{path}"),
         Target::Tcp { host } => format!("tcp://{host}"),
@@ -150,9 +155,9 @@ pub async fn check(target: &Target, limit: Duration, max_age: Duration) -> Resul
     let work = async {
         match target {
             Target::Http { host, path } => {
-                let (status, _) = http(Method::GET, host, path).await?;
+                let (status, body) = http(Method::GET, host, path).await?;
                 if status.is_success() {
-                    Ok(())
+                    Ok(body)
                 } else {
                     Err(ProbeError::Status {
                         target: name(),
@@ -160,8 +165,8 @@ pub async fn check(target: &Target, limit: Duration, max_age: Duration) -> Resul
                     })
                 }
             }
-            Target::Tcp { host } => connect(host).await.map(drop),
-            Target::File { path } => file_fresh(path, max_age),
+            Target::Tcp { host } => connect(host).await.map(|_| String::new()),
+            Target::File { path } => file_fresh(path, max_age).map(|()| String::new()),
         }
     };
     tokio::time::timeout(limit, work)
@@ -234,7 +239,7 @@ pub async fn wait_ready(admin: &str, limit: Duration) -> Result<(), ProbeError> 
     loop {
         tick.tick().await;
         match check(&target, Duration::from_secs(1), Duration::ZERO).await {
-            Ok(()) => return Ok(()),
+            Ok(_) => return Ok(()),
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
             Err(_) => {}
         }

@@ -2,7 +2,10 @@
 //! registry: the image is built offline (`scripts/docker-offline.sh`, from
 //! the binaries this test run built, on a base made with `docker import`),
 //! the stack starts without Jaeger (nothing can be pulled; the sidecars'
-//! exporters start without a collector), calls flow through the sidecar
+//! exporters start without a collector), every sidecar joins the mesh with
+//! the join token and trust bundle the init step wrote (its `/certs` shows
+//! its service's SPIFFE ID, and a plaintext call to a sidecar's inbound is
+//! refused: the hop is mutual TLS), calls flow through the sidecar
 //! containers, a `meshctl` weight change moves the split, and stopping a
 //! backend container under load fails no call beyond those in flight.
 //! Everything the test creates is removed at the end, also on failure.
@@ -133,6 +136,20 @@ impl Stack {
         v["summary"].clone()
     }
 
+    /// A sidecar's `/certs`, from inside its container (its admin port
+    /// listens on the loopback of the network namespace it shares).
+    fn certs(&self, sidecar: &str) -> Value {
+        let out = self.run(&[
+            "exec",
+            "-T",
+            sidecar,
+            "meshwire-probe",
+            "--print",
+            "http://127.0.0.1:15000/certs",
+        ]);
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{sidecar} /certs: {e}: {out}"))
+    }
+
     fn container(&self, service: &str) -> String {
         self.run(&["ps", "-q", service]).trim().to_owned()
     }
@@ -249,6 +266,65 @@ fn compose_stack_end_to_end() {
         }
     }
 
+    // 0. The hop is mutual TLS: every sidecar holds a certificate from the
+    //    control plane's CA (as `meshctl ca show` reports it) for its
+    //    service, and an echo sidecar's inbound refuses a plaintext call.
+    let ca = stack.meshctl(&["ca", "show"]);
+    let td = ca["trust_domain"].as_str().expect("trust_domain");
+    let roots: Vec<&str> = ca["roots"]
+        .as_array()
+        .expect("roots")
+        .iter()
+        .map(|r| r["fingerprint"].as_str().expect("fingerprint"))
+        .collect();
+    assert!(!roots.is_empty(), "{ca}");
+    for (sidecar, service) in [
+        ("echo-0-sidecar", "echo"),
+        ("echo-1-sidecar", "echo"),
+        ("echo-2-sidecar", "echo"),
+        ("loadgen-sidecar", "loadgen"),
+    ] {
+        let c = stack.certs(sidecar);
+        assert_eq!(c["ready"], true, "{sidecar}: {c}");
+        assert_eq!(
+            c["spiffe_id"],
+            format!("spiffe://{td}/ns/default/sa/{service}"),
+            "{sidecar}: {c}"
+        );
+        let fps = c["trust_bundle"]["fingerprints"]
+            .as_array()
+            .expect("fingerprints");
+        assert!(
+            roots.iter().all(|r| fps.iter().any(|f| f == r)),
+            "{sidecar} does not trust the CA's roots {roots:?}: {c}"
+        );
+    }
+    let plain = stack.run(&[
+        "exec",
+        "-T",
+        "loadgen",
+        "meshwire-load",
+        "--sidecar",
+        "echo-0:15006",
+        "--duration",
+        "1s",
+        "--concurrency",
+        "1",
+        "--format",
+        "json",
+    ]);
+    let plain: Value = serde_json::from_str(plain.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {plain}"));
+    let plain = &plain["summary"];
+    assert_eq!(
+        plain["calls"], 0,
+        "echo-0's inbound answered plaintext: {plain}"
+    );
+    assert!(
+        plain["errors"].as_u64().expect("errors") > 0,
+        "no plaintext call was made: {plain}"
+    );
+
     // 1. Calls flow through the sidecar containers; least-request sends
     //    the slow echo-0 fewer calls than either fast instance.
     let before = stack.burst(3);
@@ -346,4 +422,38 @@ fn compose_stack_end_to_end() {
         "exited 0"
     );
     eprintln!("stopping echo-1 under load: {failed} failed calls; summary {summary}");
+
+    // 4. `up -d` brings it back (README): the init step runs again and hands
+    //    its sidecar a fresh join token (the first one is used up), so it
+    //    gets a new certificate and serves calls again.
+    let serial = stack.certs("echo-0-sidecar")["serial"].clone();
+    let mut up = vec!["up", "-d", "--no-build"];
+    up.extend(services.iter().map(String::as_str));
+    stack.run(&up);
+    for s in ["echo-1", "echo-1-sidecar"] {
+        eventually(
+            &format!("{s} healthy again"),
+            Duration::from_secs(120),
+            || stack.inspect(s, "{{.State.Health.Status}}") == "healthy",
+        );
+    }
+    let c = stack.certs("echo-1-sidecar");
+    assert_eq!(
+        c["spiffe_id"],
+        format!("spiffe://{td}/ns/default/sa/echo"),
+        "{c}"
+    );
+    assert_eq!(
+        stack.certs("echo-0-sidecar")["serial"],
+        serial,
+        "a running sidecar was disturbed"
+    );
+    eventually(
+        "echo-1 answers calls again",
+        Duration::from_secs(30),
+        || {
+            let b = stack.burst(1);
+            b["errors"] == 0 && calls(&b, "echo-1") > 0
+        },
+    );
 }

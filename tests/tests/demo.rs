@@ -1,12 +1,14 @@
 //! The demo binary (`meshwire-demo`, here as `mw-demo`) run as users run it:
 //! a real process with its in-process control plane, sidecars, echo
 //! instances and load client, driven with the real `meshctl` (`mw-meshctl`).
+//! Its sidecars talk mutual TLS with certificates from the control plane's CA.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use meshwire_tests::{EchoRequest, admin_json};
 use serde_json::Value;
 
 const DEMO: &str = env!("CARGO_BIN_EXE_mw-demo");
@@ -25,6 +27,8 @@ impl Demo {
                 "--format",
                 "json",
                 "--listen",
+                "127.0.0.1:0",
+                "--tls-listen",
                 "127.0.0.1:0",
                 "--outbound",
                 "127.0.0.1:0",
@@ -89,6 +93,64 @@ impl Drop for Demo {
     }
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// A sidecar's `/certs` (its admin port).
+fn certs(admin: &str) -> Value {
+    let admin = admin.parse().expect("admin address");
+    runtime().block_on(admin_json(admin, "/certs"))
+}
+
+/// One echo call as an app makes it: plaintext HTTP/2 (h2c) to `addr`.
+fn h2c_echo(addr: &str) -> Result<String, tonic::Status> {
+    runtime().block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .origin("http://echo".parse().expect("origin"))
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let mut client = meshwire_proto::example::v1::echo_client::EchoClient::new(channel);
+        let r = client
+            .echo(EchoRequest {
+                payload: b"hello".to_vec(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(r.into_inner().server)
+    })
+}
+
+/// The root fingerprints `meshctl ca show` reports.
+fn ca_roots(server: &str, data_dir: &str) -> (String, Vec<String>) {
+    let out = Command::new(MESHCTL)
+        .args(["--server", server, "--data-dir", data_dir, "-o", "json"])
+        .args(["ca", "show"])
+        .output()
+        .expect("run meshctl");
+    assert!(
+        out.status.success(),
+        "meshctl ca show: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("meshctl JSON");
+    let roots = v["roots"]
+        .as_array()
+        .expect("roots")
+        .iter()
+        .map(|r| r["fingerprint"].as_str().expect("fingerprint").to_owned())
+        .collect();
+    (
+        v["trust_domain"].as_str().expect("trust_domain").to_owned(),
+        roots,
+    )
+}
+
 fn endpoint<'a>(v: &'a Value, name: &str) -> &'a Value {
     v["endpoints"]
         .as_array()
@@ -129,7 +191,69 @@ fn demo_steers_around_the_slow_instance_and_follows_a_weight_change() {
             .unwrap_or_else(|| panic!("{name} in {header}"))
             .to_owned()
     };
+    // Every sidecar holds a certificate from the control plane's CA (as
+    // `meshctl` reports the CA), with its service's SPIFFE ID.
+    let (td, roots) = ca_roots(server, data_dir);
+    assert!(!roots.is_empty(), "the CA has no root");
+    assert_eq!(header["trust_domain"], td, "{header}");
+    assert!(
+        header["control_plane_tls"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("https://")),
+        "{header}"
+    );
+    let echo_id = format!("spiffe://{td}/ns/default/sa/echo");
+    let mut sidecars: Vec<(String, &str, String)> = header["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().expect("name").to_owned(),
+                e["admin"].as_str().expect("admin"),
+                echo_id.clone(),
+            )
+        })
+        .collect();
+    sidecars.push((
+        "client".into(),
+        header["client_admin"].as_str().expect("client_admin"),
+        format!("spiffe://{td}/ns/default/sa/demo-client"),
+    ));
+    for (name, admin, want) in &sidecars {
+        let c = certs(admin);
+        assert_eq!(c["ready"], true, "{name}: {c}");
+        assert_eq!(c["spiffe_id"], *want, "{name}: {c}");
+        let fps = c["trust_bundle"]["fingerprints"]
+            .as_array()
+            .expect("fingerprints");
+        assert!(
+            roots.iter().all(|r| fps.iter().any(|f| f == r)),
+            "{name} does not trust the CA's roots {roots:?}: {c}"
+        );
+    }
+    assert_eq!(header["client_identity"], sidecars.last().unwrap().2);
+    for e in header["endpoints"].as_array().expect("endpoints") {
+        assert_eq!(e["identity"], echo_id, "{e}");
+    }
+
+    // The hop is mutual TLS: the same plaintext call an app makes works
+    // through the client sidecar, but an echo sidecar's inbound refuses it.
+    let outbound = header["client_outbound"].as_str().expect("client_outbound");
+    let served = h2c_echo(outbound).expect("a call through the client sidecar");
+    assert!(served.starts_with("echo-"), "answered by {served:?}");
+    for n in ["echo-0", "echo-1", "echo-2"] {
+        let r = h2c_echo(&addr(n));
+        assert!(r.is_err(), "{n}'s inbound answered a plaintext call: {r:?}");
+    }
+
     let before: Vec<Value> = (0..3).map(|_| demo.tick()).collect();
+    // The client sidecar requires every endpoint to present echo's identity.
+    for t in &before {
+        for n in ["echo-0", "echo-1", "echo-2"] {
+            assert_eq!(endpoint(t, n)["identity"], echo_id, "{n}: {t}");
+        }
+    }
 
     // The command the demo prints, as a user would run it.
     let new_weight = 8;
@@ -208,6 +332,11 @@ fn ctrl_c_stops_everything_and_prints_the_summary() {
         .expect("control_plane")
         .trim_start_matches("http://")
         .to_owned();
+    let tls = header["control_plane_tls"]
+        .as_str()
+        .expect("control_plane_tls")
+        .trim_start_matches("https://")
+        .to_owned();
     let first = demo.tick();
     assert_eq!(first["load_errors"], 0, "{first}");
 
@@ -226,8 +355,10 @@ fn ctrl_c_stops_everything_and_prints_the_summary() {
     assert_eq!(summary["summary"]["errors"], 0, "{summary}");
     assert!(summary["summary"]["calls"].as_u64().expect("calls") > 0);
     // Nothing of it is left listening.
-    assert!(
-        std::net::TcpStream::connect(&server).is_err(),
-        "the control plane still listens on {server}"
-    );
+    for addr in [&server, &tls] {
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "the control plane still listens on {addr}"
+        );
+    }
 }

@@ -2,7 +2,8 @@
 //! no curl or wget). Exit 0 if the target is healthy, 1 if not, 2 bad usage.
 //!
 //! `meshwire-probe http://127.0.0.1:15000/ready`, `meshwire-probe tcp://127.0.0.1:15010`,
-//! `meshwire-probe --max-age 5s file:///tmp/meshwire-load.json`.
+//! `meshwire-probe --max-age 5s file:///tmp/meshwire-load.json`,
+//! `meshwire-probe --print http://127.0.0.1:15000/certs` (a sidecar's identity).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -24,6 +25,9 @@ struct Args {
     /// For `file://`: the file must have been written within this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     max_age: Duration,
+    /// For `http://`: print the response body (e.g. a sidecar's `/certs`).
+    #[arg(long)]
+    print: bool,
 }
 
 pub fn main() -> ExitCode {
@@ -39,7 +43,15 @@ pub fn main() -> ExitCode {
         }
     };
     match rt.block_on(probe::check(&args.target, args.timeout, args.max_age)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(body) => {
+            if args.print && !body.is_empty() {
+                print!("{body}");
+                if !body.ends_with('\n') {
+                    println!();
+                }
+            }
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("meshwire-probe: {e}");
             ExitCode::FAILURE
