@@ -276,6 +276,12 @@ async fn start_control_plane(
             .filter(|t| **t == addr && addr.port() != 0)
         {
             tls.set_port(0);
+        } else if let Some(admin) = cfg
+            .admin
+            .as_mut()
+            .filter(|a| **a == addr && addr.port() != 0)
+        {
+            admin.set_port(0);
         } else {
             return Err(e.into());
         }
@@ -834,6 +840,15 @@ fn intro(mesh: &Mesh, args: &Args) -> String {
         "  curl -s http://{}/clusters     # what the client sidecar's balancer sees\n",
         mesh.client.admin_addr
     ));
+    s.push_str(&format!(
+        "  curl -s http://{}/metrics      # the client sidecar's Prometheus metrics\n",
+        mesh.client.admin_addr
+    ));
+    if let Some(a) = mesh.cp.admin_addr {
+        s.push_str(&format!(
+            "  curl -s http://{a}/metrics      # the control plane's (pushes, ACKs, API calls)\n"
+        ));
+    }
     s
 }
 

@@ -276,7 +276,7 @@ pub fn client_config(
         .map_err(tls)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(BundleVerifier {
-            roots: bundle.store()?,
+            anchors: Anchors::Bundle(bundle.store()?),
             provider: provider(),
         }));
     let mut cfg = match creds {
@@ -303,8 +303,8 @@ pub fn pinned_client_config(fingerprint: &str) -> Result<Arc<rustls::ClientConfi
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| IdentityError::Tls(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-            pin,
+        .with_custom_certificate_verifier(Arc::new(BundleVerifier {
+            anchors: Anchors::Pinned(pin),
             provider: provider(),
         }))
         .with_no_client_auth();
@@ -334,10 +334,21 @@ pub fn mesh_server_name() -> ServerName<'static> {
     ServerName::try_from("meshwire.mesh").expect("a valid DNS name")
 }
 
-/// Verifies a server's chain against the trust bundle, ignoring its name.
+/// What a server's chain must lead to.
+#[derive(Debug)]
+enum Anchors {
+    /// Any root of the trust bundle.
+    Bundle(Arc<RootCertStore>),
+    /// The one root with this SHA-256 fingerprint, which the server must send
+    /// in its chain (a sidecar's first contact, `--ca-fingerprint`).
+    Pinned(String),
+}
+
+/// Verifies a server's chain against its anchors, ignoring its name: the
+/// mesh checks SPIFFE IDs, not host names.
 #[derive(Debug)]
 struct BundleVerifier {
-    roots: Arc<RootCertStore>,
+    anchors: Anchors,
     provider: Arc<CryptoProvider>,
 }
 
@@ -350,10 +361,28 @@ impl ServerCertVerifier for BundleVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let pinned;
+        let roots = match &self.anchors {
+            Anchors::Bundle(roots) => roots,
+            Anchors::Pinned(pin) => {
+                let root = intermediates
+                    .iter()
+                    .find(|c| fingerprint(c) == *pin)
+                    .ok_or_else(|| {
+                        rustls::Error::General(format!(
+                            "the server's chain does not include the pinned root {pin}"
+                        ))
+                    })?;
+                let mut store = RootCertStore::empty();
+                store.add(root.clone().into_owned())?;
+                pinned = Arc::new(store);
+                &pinned
+            }
+        };
         let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.roots,
+            roots,
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
@@ -368,73 +397,6 @@ impl ServerCertVerifier for BundleVerifier {
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         // The mesh speaks TLS 1.3 only.
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// Verifies a server's chain against the one root whose fingerprint was
-/// pinned; that root must be among the certificates the server sent.
-#[derive(Debug)]
-struct PinnedVerifier {
-    pin: String,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let root = intermediates
-            .iter()
-            .find(|c| fingerprint(c) == self.pin)
-            .ok_or_else(|| {
-                rustls::Error::General(format!(
-                    "the server's chain does not include the pinned root {}",
-                    self.pin
-                ))
-            })?;
-        let mut roots = RootCertStore::empty();
-        roots.add(root.clone().into_owned())?;
-        BundleVerifier {
-            roots: Arc::new(roots),
-            provider: self.provider.clone(),
-        }
-        .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Err(rustls::Error::PeerIncompatible(
             rustls::PeerIncompatible::Tls12NotOffered,
         ))
@@ -664,6 +626,41 @@ mod tests {
             Some(B),
             "client sees the server's identity"
         );
+    }
+
+    #[tokio::test]
+    async fn a_pinned_root_must_be_in_the_servers_chain() {
+        let ca = TestCa::new("root");
+        let mut leaf = ca.leaf(B);
+        // Without the root in its chain, the server cannot satisfy a pin.
+        let srv = server_config(&leaf, &ca.bundle(), false).unwrap();
+        let pin = fingerprint(ca.root());
+        let (_, c) = handshake(srv, pinned_client_config(&pin).unwrap()).await;
+        assert!(c.unwrap_err().contains("pinned root"));
+        // With it (as the control plane sends), the pin verifies the chain.
+        leaf.chain.push(ca.root().clone());
+        let srv = server_config(&leaf, &ca.bundle(), false).unwrap();
+        let (_, c) = handshake(
+            srv.clone(),
+            pinned_client_config(&pin.to_uppercase()).unwrap(),
+        )
+        .await;
+        assert_eq!(c.unwrap().as_deref(), Some(B));
+        // Another root's fingerprint: refused.
+        let other = fingerprint(TestCa::new("other").root());
+        let (_, c) = handshake(srv, pinned_client_config(&other).unwrap()).await;
+        assert!(c.is_err());
+        // A forged chain that carries the pinned root but is signed by another CA.
+        let forger = TestCa::new("forger");
+        let mut fake = forger.leaf(B);
+        fake.chain.push(ca.root().clone());
+        let srv = server_config(&fake, &forger.bundle(), false).unwrap();
+        let (_, c) = handshake(srv, pinned_client_config(&pin).unwrap()).await;
+        assert!(
+            c.is_err(),
+            "a chain not signed by the pinned root was accepted"
+        );
+        assert!(pinned_client_config("abc").is_err());
     }
 
     #[tokio::test]
