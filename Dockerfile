@@ -1,6 +1,8 @@
 # Meshwire's container image: the sidecar, the control plane, meshctl and the
 # example apps (echo-server, meshwire-load), plus meshwire-probe for health
-# checks. One image; docker-compose.yml picks the program per container.
+# checks and meshwire-otlp-sink (the trace collector standing in for Jaeger
+# in the compose test). One image; docker-compose.yml picks the program per
+# container.
 #
 #   docker build -t meshwire:latest .          (or: docker compose build)
 #
@@ -17,7 +19,7 @@ COPY . .
 RUN cargo build --release --locked \
         -p meshwire-sidecar -p meshwire-control-plane -p meshwire-examples --bins \
     && mkdir /out \
-    && for b in meshwire-sidecar meshwire-control-plane meshctl echo-server meshwire-load meshwire-probe; do \
+    && for b in meshwire-sidecar meshwire-control-plane meshctl echo-server meshwire-load meshwire-probe meshwire-otlp-sink; do \
            cp "target/release/$b" /out/; \
        done
 

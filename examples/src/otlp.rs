@@ -3,7 +3,9 @@
 //! and the OpenTelemetry Collector take on port 4317.
 //!
 //! The end-to-end tests use it to see the spans sidecars export (no Jaeger
-//! can run here); the benchmark uses it as a sink that only counts.
+//! can run here); the benchmark uses it as a sink that only counts; and
+//! `meshwire-otlp-sink` serves it in a container, standing in for Jaeger in
+//! the compose test (keeping only the latest spans: it runs under load).
 //!
 //! ```no_run
 //! # async fn f() {
@@ -76,6 +78,59 @@ impl Span {
     }
 }
 
+impl Span {
+    /// As JSON: `{trace_id, span_id, parent_span_id, name, service_name,
+    /// kind, attributes: {key: value}, status_code, status_message}`, `kind`
+    /// in lowercase (`client`, `server`, ...).
+    pub fn to_json(&self) -> serde_json::Value {
+        let kind = match self.kind {
+            SpanKind::Unspecified => "unspecified",
+            SpanKind::Internal => "internal",
+            SpanKind::Server => "server",
+            SpanKind::Client => "client",
+            SpanKind::Producer => "producer",
+            SpanKind::Consumer => "consumer",
+        };
+        serde_json::json!({
+            "trace_id": self.trace_id,
+            "span_id": self.span_id,
+            "parent_span_id": self.parent_span_id,
+            "name": self.name,
+            "service_name": self.service,
+            "kind": kind,
+            "attributes": attributes_json(&self.attributes),
+            "status_code": self.status_code,
+            "status_message": self.status_message,
+        })
+    }
+}
+
+fn attributes_json(kvs: &[KeyValue]) -> serde_json::Value {
+    serde_json::Value::Object(
+        kvs.iter()
+            .map(|kv| (kv.key.clone(), value_json(kv.value.as_ref())))
+            .collect(),
+    )
+}
+
+fn value_json(v: Option<&AnyValue>) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => J::from(s.as_str()),
+        Some(any_value::Value::BoolValue(b)) => J::from(*b),
+        Some(any_value::Value::IntValue(i)) => J::from(*i),
+        // NaN and the infinities have no JSON number: null.
+        Some(any_value::Value::DoubleValue(d)) => J::from(*d),
+        Some(any_value::Value::ArrayValue(a)) => {
+            J::Array(a.values.iter().map(|v| value_json(Some(v))).collect())
+        }
+        Some(any_value::Value::KvlistValue(l)) => attributes_json(&l.values),
+        Some(any_value::Value::BytesValue(b)) => J::from(hex(b)),
+        // Unset, or a profiling-only string-table reference.
+        _ => J::Null,
+    }
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -89,8 +144,8 @@ fn string_value(v: Option<&AnyValue>) -> Option<&str> {
 
 #[derive(Debug)]
 struct State {
-    /// Keep the spans (tests) or only count them (benchmark).
-    keep: bool,
+    /// Most spans kept, the oldest dropped first; 0: only count them.
+    keep: usize,
     spans: watch::Sender<Vec<Span>>,
     received: AtomicU64,
     requests: AtomicU64,
@@ -119,7 +174,7 @@ impl TraceService for Service {
                 .to_owned();
             for ss in rs.scope_spans {
                 n += ss.spans.len() as u64;
-                if !self.0.keep {
+                if self.0.keep == 0 {
                     continue;
                 }
                 for s in ss.spans {
@@ -140,7 +195,13 @@ impl TraceService for Service {
         }
         self.0.received.fetch_add(n, Ordering::Relaxed);
         if !got.is_empty() {
-            self.0.spans.send_modify(|v| v.extend(got));
+            let keep = self.0.keep;
+            self.0.spans.send_modify(|v| {
+                v.extend(got);
+                if v.len() > keep {
+                    v.drain(..v.len() - keep);
+                }
+            });
         }
         Ok(Response::new(ExportTraceServiceResponse::default()))
     }
@@ -164,10 +225,16 @@ impl Collector {
 
     /// Serves on `listener`.
     pub fn serve(listener: TcpListener, keep: bool) -> std::io::Result<Collector> {
+        Self::serve_keeping(listener, if keep { usize::MAX } else { 0 })
+    }
+
+    /// Serves on `listener`, keeping the latest `max_spans` spans (0: only
+    /// count them).
+    pub fn serve_keeping(listener: TcpListener, max_spans: usize) -> std::io::Result<Collector> {
         let addr = listener.local_addr()?;
         let (tx, spans) = watch::channel(Vec::new());
         let state = Arc::new(State {
-            keep,
+            keep: max_spans,
             spans: tx,
             received: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -214,6 +281,21 @@ impl Collector {
         self.spans.borrow().clone()
     }
 
+    /// The latest `limit` kept spans that `filter` selects, oldest first
+    /// (only those are cloned).
+    pub fn latest(&self, limit: usize, filter: impl Fn(&Span) -> bool) -> Vec<Span> {
+        let spans = self.spans.borrow();
+        let mut out: Vec<Span> = spans
+            .iter()
+            .rev()
+            .filter(|s| filter(s))
+            .take(limit)
+            .cloned()
+            .collect();
+        out.reverse();
+        out
+    }
+
     /// Waits until the spans kept satisfy `cond` and returns them; panics
     /// after `limit` with what arrived.
     pub async fn wait_for(&self, limit: Duration, cond: impl Fn(&[Span]) -> bool) -> Vec<Span> {
@@ -252,5 +334,76 @@ impl Drop for Collector {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span as OtlpSpan};
+
+    fn export(service: &str, ids: std::ops::Range<u8>) -> ExportTraceServiceRequest {
+        let spans = ids
+            .map(|i| OtlpSpan {
+                trace_id: vec![i; 16],
+                span_id: vec![i; 8],
+                name: format!("s{i}"),
+                kind: SpanKind::Client as i32,
+                attributes: vec![KeyValue {
+                    key: "n".into(),
+                    value: Some(AnyValue {
+                        value: Some(any_value::Value::IntValue(i64::from(i))),
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .collect();
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![KeyValue {
+                        key: "service.name".into(),
+                        value: Some(AnyValue {
+                            value: Some(any_value::Value::StringValue(service.into())),
+                        }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn keeps_the_latest_spans_and_counts_all() {
+        let l = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let c = Collector::serve_keeping(l, 3).unwrap();
+        let mut client = TraceServiceClient::connect(c.endpoint()).await.unwrap();
+        client.export(export("a", 1..3)).await.unwrap();
+        client.export(export("b", 3..6)).await.unwrap();
+        assert_eq!((c.received(), c.requests()), (5, 2));
+        let names: Vec<String> = c.spans().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["s3", "s4", "s5"], "the oldest went first");
+        let last = c.latest(2, |s| s.service == "b");
+        assert_eq!(last.len(), 2);
+        assert_eq!((last[0].name.as_str(), last[1].name.as_str()), ("s4", "s5"));
+        let j = last[1].to_json();
+        assert_eq!(j["trace_id"], "05".repeat(16));
+        assert_eq!(j["span_id"], "05".repeat(8));
+        assert_eq!(j["parent_span_id"], "");
+        assert_eq!(
+            (&j["service_name"], &j["kind"]),
+            (&"b".into(), &"client".into())
+        );
+        assert_eq!(j["attributes"]["n"], 5);
+        c.stop().await;
     }
 }
