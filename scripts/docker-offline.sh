@@ -9,13 +9,14 @@
 #   scripts/docker-offline.sh --bin-dir DIR --tag meshwire:test
 #
 # --bin-dir: a directory holding meshwire-sidecar, meshwire-control-plane,
-# meshctl, echo-server, meshwire-load and meshwire-probe (the end-to-end test
-# passes the debug binaries `cargo test` built, so CI needs no release build).
+# meshctl, echo-server, meshwire-load, meshwire-probe and meshwire-otlp-sink
+# (the end-to-end test passes the debug binaries `cargo test` built: CI needs
+# no release build).
 # Prints the image tag on the last line of stdout.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bins=(meshwire-sidecar meshwire-control-plane meshctl echo-server meshwire-load meshwire-probe)
+bins=(meshwire-sidecar meshwire-control-plane meshctl echo-server meshwire-load meshwire-probe meshwire-otlp-sink)
 bin_dir=""
 tag="meshwire:latest"
 base_tag=""
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
         --bin-dir) bin_dir="$2"; shift 2 ;;
         --tag) tag="$2"; shift 2 ;;
         --base-tag) base_tag="$2"; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "docker-offline: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done

@@ -1,8 +1,10 @@
 //! `docker-compose.yml` end to end, on a Docker engine with no image
 //! registry: the image is built offline (`scripts/docker-offline.sh`, from
 //! the binaries this test run built, on a base made with `docker import`),
-//! the stack starts without Jaeger (nothing can be pulled; the sidecars'
-//! exporters start without a collector), every sidecar joins the mesh with
+//! the stack starts without Jaeger (nothing can be pulled): our OTLP sink
+//! (`meshwire-otlp-sink`, from `tests/compose/otlp-sink.yml`) answers as
+//! `jaeger` instead and shows that a call is one trace across the load
+//! client's sidecar and an echo sidecar, every sidecar joins the mesh with
 //! the join token and trust bundle the init step wrote (its `/certs` shows
 //! its service's SPIFFE ID, and a plaintext call to a sidecar's inbound is
 //! refused: the hop is mutual TLS), calls flow through the sidecar
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 /// The image's programs, as the test package built them.
-const BINS: [(&str, &str); 6] = [
+const BINS: [(&str, &str); 7] = [
     ("meshwire-sidecar", env!("CARGO_BIN_EXE_mw-sidecar")),
     (
         "meshwire-control-plane",
@@ -32,9 +34,14 @@ const BINS: [(&str, &str); 6] = [
     ("echo-server", env!("CARGO_BIN_EXE_mw-echo")),
     ("meshwire-load", env!("CARGO_BIN_EXE_mw-load")),
     ("meshwire-probe", env!("CARGO_BIN_EXE_mw-probe")),
+    ("meshwire-otlp-sink", env!("CARGO_BIN_EXE_mw-otlp-sink")),
 ];
 
-/// The compose services this test does not start (they need a registry).
+/// What the test adds to `docker-compose.yml`: our OTLP sink, in Jaeger's place.
+const OVERRIDE: &str = "tests/compose/otlp-sink.yml";
+
+/// The compose services this test does not start (they need a registry;
+/// the OTLP sink of [`OVERRIDE`] takes the name `jaeger`).
 const NOT_STARTED: [&str; 1] = ["jaeger"];
 
 /// Calls in flight in the load bursts.
@@ -98,6 +105,8 @@ impl Stack {
         c.args(&self.compose[1..])
             .args(["-p", &self.project, "-f"])
             .arg(repo().join("docker-compose.yml"))
+            .arg("-f")
+            .arg(repo().join(OVERRIDE))
             .env("MESHWIRE_IMAGE", &self.image)
             .stdin(Stdio::null());
         c
@@ -150,6 +159,23 @@ impl Stack {
         serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{sidecar} /certs: {e}: {out}"))
     }
 
+    /// The spans our OTLP sink holds (`GET /spans?{query}`, read inside its
+    /// container: it publishes no port).
+    fn spans(&self, query: &str) -> Vec<Value> {
+        let out = self.run(&[
+            "exec",
+            "-T",
+            "otlp-sink",
+            "meshwire-probe",
+            "--timeout",
+            "5s",
+            "--print",
+            &format!("http://127.0.0.1:16686/spans?{query}"),
+        ]);
+        serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("GET /spans?{query}: {e}: {out}"))
+    }
+
     fn container(&self, service: &str) -> String {
         self.run(&["ps", "-q", service]).trim().to_owned()
     }
@@ -186,6 +212,34 @@ impl Drop for Stack {
             .args(["rmi", "-f", &self.image, &self.base])
             .output();
     }
+}
+
+/// The calls in `spans` that are one trace across two services: a root
+/// client span from `client`'s sidecar (the load client sends no trace
+/// context: its sidecar starts the trace) and the server span of the same
+/// call from a `server` sidecar, child of that client span.
+fn cross_service_calls<'a>(
+    spans: &'a [Value],
+    client: &str,
+    server: &str,
+) -> Vec<(&'a Value, &'a Value)> {
+    let of = |service: &str, kind: &str| -> Vec<&'a Value> {
+        spans
+            .iter()
+            .filter(|s| s["service_name"] == service && s["kind"] == kind)
+            .collect()
+    };
+    let servers = of(server, "server");
+    of(client, "client")
+        .into_iter()
+        .filter(|c| c["parent_span_id"] == "")
+        .filter_map(|c| {
+            servers
+                .iter()
+                .find(|s| s["trace_id"] == c["trace_id"] && s["parent_span_id"] == c["span_id"])
+                .map(|s| (c, *s))
+        })
+        .collect()
 }
 
 fn server<'a>(summary: &'a Value, name: &str) -> Option<&'a Value> {
@@ -325,7 +379,81 @@ fn compose_stack_end_to_end() {
         "no plaintext call was made: {plain}"
     );
 
-    // 1. Calls flow through the sidecar containers; least-request sends
+    // 1. Traces cross services. The load client (50 calls/s in the
+    //    background) sends no trace context, so its sidecar starts a trace per
+    //    call (sample ratio 1) with a client span; the echo sidecar that
+    //    serves it adds a server span, child of that client span, in the same
+    //    trace. Both export to `http://jaeger:4317`: our sink. Each echo
+    //    sidecar's spans arrive (every registered echo endpoint is named by a
+    //    client span whose server span is there).
+    let eps = stack.meshctl(&["endpoint", "list", "echo"]);
+    let echo_addrs: Vec<String> = eps["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .map(|e| e["address"].as_str().expect("address").to_owned())
+        .collect();
+    assert_eq!(echo_addrs.len(), 3, "{eps}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (client, server_span) = loop {
+        let spans = stack.spans("limit=2000");
+        let pairs = cross_service_calls(&spans, "loadgen", "echo");
+        let reached: Vec<&str> = pairs
+            .iter()
+            .filter_map(|(c, _)| c["attributes"]["meshwire.endpoint"].as_str())
+            .collect();
+        if !pairs.is_empty() && echo_addrs.iter().all(|a| reached.contains(&a.as_str())) {
+            let (c, s) = pairs[pairs.len() - 1];
+            break (c.clone(), s.clone());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no loadgen → echo trace reaching every echo sidecar {echo_addrs:?} after 60s: \
+             {} cross-service calls (endpoints {reached:?}) in {} spans; latest: {:#}",
+            pairs.len(),
+            spans.len(),
+            Value::Array(spans.iter().rev().take(4).cloned().collect())
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(
+        client["name"], server_span["name"],
+        "{client} {server_span}"
+    );
+    assert_eq!(
+        client["attributes"]["rpc.service"], server_span["attributes"]["rpc.service"],
+        "{client} {server_span}"
+    );
+    assert_eq!(client["attributes"]["rpc.system"], "grpc", "{client}");
+    assert_eq!(client["attributes"]["server.address"], "echo", "{client}");
+    assert_eq!(client["attributes"]["rpc.grpc.status_code"], 0, "{client}");
+    assert_eq!(
+        server_span["attributes"]["rpc.grpc.status_code"], 0,
+        "{server_span}"
+    );
+    // The trace holds exactly those two spans.
+    let trace_id = client["trace_id"].as_str().expect("trace_id");
+    let trace = stack.spans(&format!("trace_id={trace_id}"));
+    let mut ids: Vec<&str> = trace
+        .iter()
+        .map(|s| s["span_id"].as_str().expect("span_id"))
+        .collect();
+    ids.sort_unstable();
+    let mut want = vec![
+        client["span_id"].as_str().expect("span_id"),
+        server_span["span_id"].as_str().expect("span_id"),
+    ];
+    want.sort_unstable();
+    assert_eq!(ids, want, "trace {trace_id}: {trace:?}");
+    eprintln!(
+        "one call, one trace across services: {} {} → {} {}",
+        client["service_name"],
+        client["span_id"],
+        server_span["service_name"],
+        server_span["span_id"]
+    );
+
+    // 2. Calls flow through the sidecar containers; least-request sends
     //    the slow echo-0 fewer calls than either fast instance.
     let before = stack.burst(3);
     assert_eq!(before["errors"], 0, "{before}");
@@ -338,8 +466,7 @@ fn compose_stack_end_to_end() {
         "the slow instance is not avoided: {before}"
     );
 
-    // 2. A weight change with meshctl moves the split.
-    let eps = stack.meshctl(&["endpoint", "list", "echo"]);
+    // 3. A weight change with meshctl moves the split.
     let addr = eps["endpoints"]
         .as_array()
         .expect("endpoints")
@@ -378,7 +505,7 @@ fn compose_stack_end_to_end() {
         "weight 1 → 8 for echo-2 did not move the split: before {before}, after {after}"
     );
 
-    // 3. Stop a backend container under load: its app drains its sidecar
+    // 4. Stop a backend container under load: its app drains its sidecar
     //    first, so no call fails beyond those in flight at that moment.
     let mut load = stack
         .cmd()
@@ -423,7 +550,7 @@ fn compose_stack_end_to_end() {
     );
     eprintln!("stopping echo-1 under load: {failed} failed calls; summary {summary}");
 
-    // 4. `up -d` brings it back (README): the init step runs again and hands
+    // 5. `up -d` brings it back (README): the init step runs again and hands
     //    its sidecar a fresh join token (the first one is used up), so it
     //    gets a new certificate and serves calls again.
     let serial = stack.certs("echo-0-sidecar")["serial"].clone();
