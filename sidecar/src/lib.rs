@@ -8,8 +8,8 @@
 //!     ─▶ route by :authority / Host (or per-service port) ─▶ deadline (grpc-timeout)
 //!     ─▶ weighted least-request pick (outbound::balance)
 //!     ─▶ one multiplexed HTTP/2 connection per endpoint (pool), fail over if nothing was sent
-//!     ──HTTP/2──▶ peer sidecar's inbound listener (0.0.0.0:15006)
-//!     ─▶ one reused h2c connection ─▶ local app
+//!     ──HTTP/2 over mTLS 1.3 (peer SPIFFE ID checked)──▶ peer sidecar's inbound listener (0.0.0.0:15006)
+//!     ─▶ authz (the local service's policy) ─▶ one reused h2c connection ─▶ local app
 //! ```
 //! Bodies stream through unbuffered (HTTP/2 flow control end to end), trailers
 //! and metadata pass unchanged, and every error the sidecar makes itself is a
