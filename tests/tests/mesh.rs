@@ -185,55 +185,6 @@ async fn control_plane_killed_and_restarted_under_load() {
         |d| d["source"]["connected"] == false,
     )
     .await;
-    // The same through meshctl: a row per connected sidecar with its node,
-    // service, ACKed versions and the last NACK; and as JSON.
-    let meshctl = |args: &[&str]| {
-        let out = std::process::Command::new(MESHCTL)
-            .args(["--server", &w.cp.url(), "--token", &w.cp.token])
-            .args(args)
-            .output()
-            .expect("run meshctl");
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let table = meshctl(&["status"]);
-    let row = table
-        .lines()
-        .find(|l| l.contains("caller"))
-        .unwrap_or_else(|| panic!("no row for the client sidecar:\n{table}"));
-    assert!(
-        row.contains("at most 2"),
-        "the NACK error is shown: {table}"
-    );
-    let v: serde_json::Value = serde_json::from_str(&meshctl(&["-o", "json", "status"])).unwrap();
-    let nodes = v["nodes"].as_array().expect("nodes");
-    assert_eq!(nodes.len(), 3, "two server sidecars and the client: {v}");
-    let caller = nodes
-        .iter()
-        .find(|n| n["service"] == "caller")
-        .expect("the client sidecar's node");
-    assert!(
-        caller["last_nack"]["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("at most 2")),
-        "{caller}"
-    );
-    assert!(
-        !caller["node_id"].as_str().unwrap_or("").is_empty(),
-        "{caller}"
-    );
-    assert_eq!(caller["connected"], true, "{caller}");
-    assert!(
-        caller["connected_since_unix"]
-            .as_u64()
-            .is_some_and(|t| t > 0),
-        "{caller}"
-    );
-    assert!(
-        caller["acked"].as_object().is_some_and(|a| !a.is_empty())
-            || caller["acked"].as_array().is_some_and(|a| !a.is_empty()),
-        "what it ACKed is shown: {caller}"
-    );
     let before = calls(&w.backends[0]) + calls(&w.backends[1]);
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     while calls(&w.backends[0]) + calls(&w.backends[1]) < before + 300 {
@@ -341,6 +292,55 @@ async fn update_a_sidecar_cannot_apply_is_nacked_and_shown_in_status() {
         },
     )
     .await;
+    // The same through meshctl: a row per connected sidecar with its node,
+    // service, ACKed versions and the last NACK; and as JSON.
+    let meshctl = |args: &[&str]| {
+        let out = std::process::Command::new(MESHCTL)
+            .args(["--server", &w.cp.url(), "--token", &w.cp.token])
+            .args(args)
+            .output()
+            .expect("run meshctl");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = meshctl(&["status"]);
+    let row = table
+        .lines()
+        .find(|l| l.contains("caller"))
+        .unwrap_or_else(|| panic!("no row for the client sidecar:\n{table}"));
+    assert!(
+        row.contains("at most 2"),
+        "the NACK error is shown: {table}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&meshctl(&["-o", "json", "status"])).unwrap();
+    let nodes = v["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3, "two server sidecars and the client: {v}");
+    let caller = nodes
+        .iter()
+        .find(|n| n["service"] == "caller")
+        .expect("the client sidecar's node");
+    assert!(
+        caller["last_nack"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("at most 2")),
+        "{caller}"
+    );
+    assert!(
+        !caller["node_id"].as_str().unwrap_or("").is_empty(),
+        "{caller}"
+    );
+    assert_eq!(caller["connected"], true, "{caller}");
+    assert!(
+        caller["connected_since_unix"]
+            .as_u64()
+            .is_some_and(|t| t > 0),
+        "{caller}"
+    );
+    assert!(
+        caller["acked"].as_object().is_some_and(|a| !a.is_empty())
+            || caller["acked"].as_array().is_some_and(|a| !a.is_empty()),
+        "what it ACKed is shown: {caller}"
+    );
     let before = calls(&w.backends[0]) + calls(&w.backends[1]);
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     while calls(&w.backends[0]) + calls(&w.backends[1]) < before + 300 {

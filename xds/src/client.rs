@@ -29,11 +29,29 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::model::{Cluster, Endpoint};
 use crate::resources::{self, CLUSTER, ENDPOINT};
 
+/// Why a sink refused a configuration; becomes the NACK's `error_detail`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct ApplyError(pub String);
+
+/// Why one ADS stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("bad control-plane address {address:?}: {reason}")]
+    Address { address: String, reason: String },
+    #[error("connect {address}: {reason}")]
+    Connect { address: String, reason: String },
+    #[error("ADS: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("the stream's request queue closed")]
+    RequestsClosed,
+}
+
 /// Where a validated configuration goes.
 pub trait ConfigSink: Send + Sync + 'static {
     /// Applies a whole new set of clusters. An error rejects it: nothing
     /// changes, the previous set keeps serving, and the update is NACKed.
-    fn apply(&self, clusters: &[Cluster]) -> Result<(), String>;
+    fn apply(&self, clusters: &[Cluster]) -> Result<(), ApplyError>;
 }
 
 #[derive(Debug, Clone)]
@@ -96,7 +114,7 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::warn!(server = %cfg.server, error = %e, "xDS stream failed; keeping the current config");
-                status.send_modify(|s| s.last_error = Some(e));
+                status.send_modify(|s| s.last_error = Some(e.to_string()));
             }
         }
         status.send_modify(|s| s.connected = false);
@@ -156,14 +174,17 @@ async fn stream_once(
     sink: &dyn ConfigSink,
     status: &watch::Sender<ClientStatus>,
     state: &mut State,
-) -> Result<(), String> {
+) -> Result<(), ClientError> {
     // Our connector does the TLS: tonic sees a plain `http` origin.
     let origin = match cfg.server.strip_prefix("https://") {
         Some(rest) if cfg.tls.is_some() => format!("http://{rest}"),
         _ => cfg.server.clone(),
     };
     let endpoint = tonic::transport::Endpoint::from_shared(origin)
-        .map_err(|e| format!("bad control-plane address {:?}: {e}", cfg.server))?
+        .map_err(|e| ClientError::Address {
+            address: cfg.server.clone(),
+            reason: e.to_string(),
+        })?
         .connect_timeout(cfg.connect_timeout)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
@@ -175,10 +196,16 @@ async fn stream_once(
             endpoint.connect_with_connector(tls.clone()),
         )
         .await
-        .map_err(|_| format!("connect {}: timed out", cfg.server))?,
+        .map_err(|_| ClientError::Connect {
+            address: cfg.server.clone(),
+            reason: "timed out".into(),
+        })?,
         None => endpoint.connect().await,
     }
-    .map_err(|e| format!("connect {}: {e}", cfg.server))?;
+    .map_err(|e| ClientError::Connect {
+        address: cfg.server.clone(),
+        reason: e.to_string(),
+    })?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
@@ -197,16 +224,15 @@ async fn stream_once(
         ..Default::default()
     })
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|_| ClientError::RequestsClosed)?;
     if !state.settings.is_empty() {
         tx.send(eds_request(state, String::new()))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| ClientError::RequestsClosed)?;
     }
     let mut responses = client
         .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .map_err(|e| format!("ADS: {e}"))?
+        .await?
         .into_inner();
     status.send_modify(|s| {
         s.connected = true;
@@ -214,7 +240,7 @@ async fn stream_once(
     });
     tracing::info!(server = %cfg.server, node = %cfg.node_id, "xDS stream open");
     while let Some(resp) = responses.next().await {
-        let resp = resp.map_err(|e| format!("ADS stream: {e}"))?;
+        let resp = resp?;
         state.had_response = true;
         let reply = match resp.type_url.as_str() {
             CLUSTER => on_clusters(resp, sink, status, state),
@@ -231,7 +257,7 @@ async fn stream_once(
             }
         };
         for r in reply {
-            tx.send(r).await.map_err(|e| e.to_string())?;
+            tx.send(r).await.map_err(|_| ClientError::RequestsClosed)?;
         }
     }
     Ok(())
@@ -320,7 +346,7 @@ fn on_clusters(
     let mut endpoints = state.endpoints.clone();
     endpoints.retain(|name, _| settings.contains_key(name));
     let config = state.config(&settings, &endpoints);
-    if let Err(e) = sink.apply(&config) {
+    if let Err(ApplyError(e)) = sink.apply(&config) {
         record_nack(status, &resp, &e);
         return vec![nack(&resp, state, &state.cds_version, &e)];
     }
@@ -371,7 +397,7 @@ fn on_endpoints(
         }
     }
     let config = state.config(&state.settings, &endpoints);
-    if let Err(e) = sink.apply(&config) {
+    if let Err(ApplyError(e)) = sink.apply(&config) {
         record_nack(status, &resp, &e);
         return vec![nack(&resp, state, &state.eds_version, &e)];
     }

@@ -57,6 +57,12 @@ pub trait StreamObserver: Send + Sync + 'static {
 const STREAM_BUFFER: usize = 4;
 
 /// Serves the latest [`Snapshot`] to every ADS stream.
+
+/// The client went away: its stream's response channel is closed.
+#[derive(Debug, thiserror::Error)]
+#[error("the ADS stream closed")]
+struct StreamClosed;
+
 #[derive(Clone)]
 pub struct AdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
@@ -323,7 +329,11 @@ impl SotwStream {
         }
     }
 
-    async fn on_request(&mut self, r: DiscoveryRequest, snap: &Arc<Snapshot>) -> Result<(), ()> {
+    async fn on_request(
+        &mut self,
+        r: DiscoveryRequest,
+        snap: &Arc<Snapshot>,
+    ) -> Result<(), StreamClosed> {
         if self.node.is_none() {
             let node = r.node.clone().unwrap_or_default();
             self.server
@@ -373,7 +383,12 @@ impl SotwStream {
     }
 
     /// Sends this type's resources if they changed since the last push (or `force`).
-    async fn push(&mut self, type_url: &str, snap: &Arc<Snapshot>, force: bool) -> Result<(), ()> {
+    async fn push(
+        &mut self,
+        type_url: &str,
+        snap: &Arc<Snapshot>,
+        force: bool,
+    ) -> Result<(), StreamClosed> {
         let enc = self.server.encoded(snap);
         let node = self.node.clone().unwrap_or_default();
         let Some(sub) = self.subs.get_mut(type_url) else {
@@ -413,7 +428,7 @@ impl SotwStream {
         self.server
             .observer
             .pushed(self.id, type_url, &sub.sent_version);
-        self.tx.send(Ok(resp)).await.map_err(|_| ())
+        self.tx.send(Ok(resp)).await.map_err(|_| StreamClosed)
     }
 }
 
@@ -483,7 +498,7 @@ impl DeltaStream {
         &mut self,
         r: DeltaDiscoveryRequest,
         snap: &Arc<Snapshot>,
-    ) -> Result<(), ()> {
+    ) -> Result<(), StreamClosed> {
         if self.node.is_none() {
             let node = r.node.clone().unwrap_or_default();
             self.server
@@ -537,7 +552,7 @@ impl DeltaStream {
     }
 
     /// Sends what this client does not have yet, and what it must remove.
-    async fn push(&mut self, type_url: &str, snap: &Arc<Snapshot>) -> Result<(), ()> {
+    async fn push(&mut self, type_url: &str, snap: &Arc<Snapshot>) -> Result<(), StreamClosed> {
         let enc = self.server.encoded(snap);
         let node = self.node.clone().unwrap_or_default();
         let Some(sub) = self.subs.get_mut(type_url) else {
@@ -589,7 +604,7 @@ impl DeltaStream {
         self.server
             .observer
             .pushed(self.id, type_url, &sub.sent_version);
-        self.tx.send(Ok(resp)).await.map_err(|_| ())
+        self.tx.send(Ok(resp)).await.map_err(|_| StreamClosed)
     }
 }
 

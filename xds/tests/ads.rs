@@ -73,9 +73,11 @@ struct Sink {
 }
 
 impl ConfigSink for Sink {
-    fn apply(&self, clusters: &[Cluster]) -> Result<(), String> {
+    fn apply(&self, clusters: &[Cluster]) -> Result<(), meshwire_xds::client::ApplyError> {
         if clusters.iter().any(|c| c.name == "reject-me") {
-            return Err("cluster reject-me is not allowed here".into());
+            return Err(meshwire_xds::client::ApplyError(
+                "cluster reject-me is not allowed here".into(),
+            ));
         }
         self.applied.lock().unwrap().push(clusters.to_vec());
         Ok(())

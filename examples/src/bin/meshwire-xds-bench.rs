@@ -56,7 +56,7 @@ struct Args {
 struct Accept;
 
 impl ConfigSink for Accept {
-    fn apply(&self, _: &[Cluster]) -> Result<(), String> {
+    fn apply(&self, _: &[Cluster]) -> Result<(), client::ApplyError> {
         Ok(())
     }
 }

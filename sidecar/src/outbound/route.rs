@@ -215,8 +215,8 @@ impl Routes {
 }
 
 impl meshwire_xds::client::ConfigSink for Routes {
-    fn apply(&self, clusters: &[Cluster]) -> Result<(), String> {
-        Routes::apply(self, clusters).map_err(|e| e.to_string())
+    fn apply(&self, clusters: &[Cluster]) -> Result<(), meshwire_xds::client::ApplyError> {
+        Routes::apply(self, clusters).map_err(|e| meshwire_xds::client::ApplyError(e.to_string()))
     }
 }
 
