@@ -56,13 +56,12 @@ pub trait StreamObserver: Send + Sync + 'static {
 /// Responses buffered per stream before the stream task waits for the client.
 const STREAM_BUFFER: usize = 4;
 
-/// Serves the latest [`Snapshot`] to every ADS stream.
-
 /// The client went away: its stream's response channel is closed.
 #[derive(Debug, thiserror::Error)]
 #[error("the ADS stream closed")]
 struct StreamClosed;
 
+/// Serves the latest [`Snapshot`] to every ADS stream.
 #[derive(Clone)]
 pub struct AdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
