@@ -170,7 +170,7 @@ pub struct Endpoint {
     pub zone: Option<String>,
     /// A draining endpoint gets no new calls; calls in flight finish.
     pub draining: bool,
-    /// The identity (SPIFFE ID) the endpoint must present, once mTLS exists.
+    /// The identity (SPIFFE ID) the endpoint must present on the mTLS hop.
     pub identity: Option<String>,
     pub metadata: BTreeMap<String, String>,
 }
