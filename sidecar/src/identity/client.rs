@@ -193,17 +193,28 @@ pub async fn run(cfg: IdentityClientConfig, tls: Arc<MeshTls>, shutdown: Cancell
 /// When to renew: about two-thirds of the way from receiving the certificate
 /// to its expiry, jittered ±5 % so a fleet does not renew in step.
 fn renew_at(cur: &Installed) -> tokio::time::Instant {
-    let life = cur
-        .cert
-        .not_after
-        .duration_since(cur.installed_at)
-        .unwrap_or_default();
     let jitter = 0.95 + fastrand::f64() * 0.10;
+    tokio::time::Instant::now()
+        + renew_delay(
+            cur.installed_at,
+            cur.cert.not_after,
+            SystemTime::now(),
+            jitter,
+        )
+}
+
+/// How long from `now` until renewal: `jitter` × 2/3 of the way from
+/// `installed_at` to `not_after` (at once if that is past).
+fn renew_delay(
+    installed_at: SystemTime,
+    not_after: SystemTime,
+    now: SystemTime,
+    jitter: f64,
+) -> Duration {
+    let life = not_after.duration_since(installed_at).unwrap_or_default();
     let after = life.mul_f64(2.0 / 3.0 * jitter);
-    let elapsed = SystemTime::now()
-        .duration_since(cur.installed_at)
-        .unwrap_or_default();
-    tokio::time::Instant::now() + after.saturating_sub(elapsed)
+    let elapsed = now.duration_since(installed_at).unwrap_or_default();
+    after.saturating_sub(elapsed)
 }
 
 async fn renew_loop(ch: Channel, tls: Arc<MeshTls>, renew_now: Arc<Notify>) {
@@ -310,4 +321,53 @@ fn apply_bundle(tls: &MeshTls, b: &pb::TrustBundle, renew_now: &Notify) {
 fn backoff(failures: u32) -> Duration {
     let exp = BACKOFF_BASE.saturating_mul(1 << failures.saturating_sub(1).min(8));
     exp.min(BACKOFF_MAX).mul_f64(0.5 + fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_comes_at_two_thirds_of_the_lifetime_jittered() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let exp = t0 + Duration::from_secs(60);
+        assert_eq!(renew_delay(t0, exp, t0, 1.0), Duration::from_secs(40));
+        let early = renew_delay(t0, exp, t0, 0.95);
+        let late = renew_delay(t0, exp, t0, 1.05);
+        assert!(early >= Duration::from_secs(37) && late <= Duration::from_secs(43));
+        // Time already spent counts; past the point, renew at once.
+        assert_eq!(
+            renew_delay(t0, exp, t0 + Duration::from_secs(30), 1.0),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            renew_delay(t0, exp, t0 + Duration::from_secs(59), 1.0),
+            Duration::ZERO
+        );
+        // An already expired certificate: at once.
+        assert_eq!(renew_delay(exp, t0, exp, 1.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn backoff_grows_jittered_and_caps() {
+        for failures in 1..20 {
+            let b = backoff(failures);
+            let exp = BACKOFF_BASE
+                .saturating_mul(1 << (failures - 1).min(8))
+                .min(BACKOFF_MAX);
+            assert!(
+                b >= exp.mul_f64(0.5) && b <= exp.mul_f64(1.5),
+                "{failures}: {b:?}"
+            );
+        }
+        assert!(backoff(30) <= BACKOFF_MAX.mul_f64(1.5));
+    }
+
+    #[test]
+    fn permanent_errors_are_not_retried_fast() {
+        let e = IdentityClientError::from(tonic::Status::unauthenticated("used token"));
+        assert!(e.is_permanent());
+        let e = IdentityClientError::from(tonic::Status::unavailable("down"));
+        assert!(!e.is_permanent());
+    }
 }
