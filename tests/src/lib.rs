@@ -214,6 +214,29 @@ where
     }
 }
 
+/// The blocking form of [`eventually`], for tests that drive processes
+/// from a plain thread: polls `cond` every `every` until it returns `Some`,
+/// and panics after `limit` with `what` and the last `Err` it gave.
+pub fn poll_until<T>(
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    mut cond: impl FnMut() -> Result<T, String>,
+) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        let why = match cond() {
+            Ok(v) => return v,
+            Err(why) => why,
+        };
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}: {why}"
+        );
+        std::thread::sleep(every);
+    }
+}
+
 /// Polls `value` until it stops changing for `quiet`, returning it.
 pub async fn settled(limit: Duration, quiet: Duration, mut value: impl FnMut() -> u64) -> u64 {
     let mut tick = tokio::time::interval(Duration::from_millis(10));

@@ -19,8 +19,9 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use meshwire_tests::poll_until;
 use serde_json::Value;
 
 /// The image's programs, as the test package built them.
@@ -260,11 +261,13 @@ fn share(summary: &Value, name: &str) -> f64 {
 
 /// Polls `cond` every 250 ms until it holds; panics after `limit`.
 fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?}: {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    poll_until(what, limit, Duration::from_millis(250), || {
+        if cond() {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
 }
 
 #[test]
@@ -394,28 +397,29 @@ fn compose_stack_end_to_end() {
         .map(|e| e["address"].as_str().expect("address").to_owned())
         .collect();
     assert_eq!(echo_addrs.len(), 3, "{eps}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (client, server_span) = loop {
-        let spans = stack.spans("limit=2000");
-        let pairs = cross_service_calls(&spans, "loadgen", "echo");
-        let reached: Vec<&str> = pairs
-            .iter()
-            .filter_map(|(c, _)| c["attributes"]["meshwire.endpoint"].as_str())
-            .collect();
-        if !pairs.is_empty() && echo_addrs.iter().all(|a| reached.contains(&a.as_str())) {
-            let (c, s) = pairs[pairs.len() - 1];
-            break (c.clone(), s.clone());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no loadgen → echo trace reaching every echo sidecar {echo_addrs:?} after 60s: \
-             {} cross-service calls (endpoints {reached:?}) in {} spans; latest: {:#}",
-            pairs.len(),
-            spans.len(),
-            Value::Array(spans.iter().rev().take(4).cloned().collect())
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let (client, server_span) = poll_until(
+        "a loadgen → echo trace reaching every echo sidecar",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || {
+            let spans = stack.spans("limit=2000");
+            let pairs = cross_service_calls(&spans, "loadgen", "echo");
+            let reached: Vec<&str> = pairs
+                .iter()
+                .filter_map(|(c, _)| c["attributes"]["meshwire.endpoint"].as_str())
+                .collect();
+            if !pairs.is_empty() && echo_addrs.iter().all(|a| reached.contains(&a.as_str())) {
+                let (c, s) = pairs[pairs.len() - 1];
+                return Ok((c.clone(), s.clone()));
+            }
+            Err(format!(
+                "{echo_addrs:?}: {} cross-service calls (endpoints {reached:?}) in {} spans; latest: {:#}",
+                pairs.len(),
+                spans.len(),
+                Value::Array(spans.iter().rev().take(4).cloned().collect())
+            ))
+        },
+    );
     assert_eq!(
         client["name"], server_span["name"],
         "{client} {server_span}"

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use meshwire_tests::{EchoRequest, admin_json};
+use meshwire_tests::{EchoRequest, admin_json, poll_until};
 use serde_json::Value;
 
 const DEMO: &str = env!("CARGO_BIN_EXE_mw-demo");
@@ -72,17 +72,12 @@ impl Demo {
     }
 
     fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let start = std::time::Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                return s;
-            }
-            assert!(
-                start.elapsed() < limit,
-                "the demo still runs after {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll_until("the demo to exit", limit, Duration::from_millis(20), || {
+            self.child
+                .try_wait()
+                .expect("try_wait")
+                .ok_or_else(|| "still running".to_owned())
+        })
     }
 }
 
