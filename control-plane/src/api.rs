@@ -86,17 +86,11 @@ impl AdminApi {
         ca_status(&self.ca)
     }
 
-    /// Runs a CA operation (file writes with fsync, key generation) off the
-    /// async workers.
     async fn ca_op<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Ca) -> Result<T, CaError> + Send + 'static,
     ) -> Result<T, Status> {
-        let ca = self.ca.clone();
-        tokio::task::spawn_blocking(move || f(&ca))
-            .await
-            .map_err(|e| Status::internal(format!("CA task failed: {e}")))?
-            .map_err(Status::from)
+        crate::ca::blocking(&self.ca, f).await
     }
 }
 

@@ -846,6 +846,19 @@ impl Ca {
     }
 }
 
+/// Runs a CA operation (file writes with fsync, key generation, signing)
+/// off the async workers, its error as a gRPC status.
+pub async fn blocking<T: Send + 'static>(
+    ca: &Arc<Ca>,
+    f: impl FnOnce(&Ca) -> Result<T, CaError> + Send + 'static,
+) -> Result<T, tonic::Status> {
+    let ca = ca.clone();
+    tokio::task::spawn_blocking(move || f(&ca))
+        .await
+        .map_err(|e| tonic::Status::internal(format!("CA task failed: {e}")))?
+        .map_err(tonic::Status::from)
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

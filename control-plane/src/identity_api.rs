@@ -43,11 +43,7 @@ impl IdentityApi {
         &self,
         f: impl FnOnce(&Ca) -> Result<T, CaError> + Send + 'static,
     ) -> Result<T, Status> {
-        let ca = self.ca.clone();
-        tokio::task::spawn_blocking(move || f(&ca))
-            .await
-            .map_err(|e| Status::internal(format!("CA task failed: {e}")))?
-            .map_err(Status::from)
+        crate::ca::blocking(&self.ca, f).await
     }
 
     fn certificate(&self, issued: &Issued) -> pb::Certificate {

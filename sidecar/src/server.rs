@@ -64,17 +64,23 @@ pub enum AcceptError {
 }
 
 impl Transport {
+    /// The peek (permissive mode) and the handshake share one time limit.
     async fn accept(&self, tcp: TcpStream) -> Result<(MeshIo, Option<Arc<str>>), AcceptError> {
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.accept_inner(tcp))
+            .await
+            .map_err(|_| AcceptError::Timeout(HANDSHAKE_TIMEOUT))?
+    }
+
+    async fn accept_inner(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<(MeshIo, Option<Arc<str>>), AcceptError> {
         let Transport::Mesh { tls, authz } = self else {
             return Ok((MeshIo::Plain(tcp), None));
         };
-        let timed = |f| tokio::time::timeout(HANDSHAKE_TIMEOUT, f);
         if authz.permissive() {
             let mut first = [0u8; 1];
-            let n = timed(tcp.peek(&mut first))
-                .await
-                .map_err(|_| AcceptError::Timeout(HANDSHAKE_TIMEOUT))??;
-            if n == 0 {
+            if tcp.peek(&mut first).await? == 0 {
                 return Err(AcceptError::Closed);
             }
             if first[0] != TLS_HANDSHAKE_RECORD {
@@ -82,12 +88,9 @@ impl Transport {
             }
         }
         let state = tls.current().ok_or(AcceptError::NoIdentity)?;
-        let stream = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            tokio_rustls::TlsAcceptor::from(state.server.clone()).accept(tcp),
-        )
-        .await
-        .map_err(|_| AcceptError::Timeout(HANDSHAKE_TIMEOUT))??;
+        let stream = tokio_rustls::TlsAcceptor::from(state.server.clone())
+            .accept(tcp)
+            .await?;
         let identity =
             meshwire_xds::identity::peer_id(stream.get_ref().1.peer_certificates()).map(Arc::from);
         Ok((MeshIo::Server(Box::new(stream)), identity))

@@ -33,23 +33,7 @@ struct Args {
 }
 
 pub fn main() -> std::process::ExitCode {
-    let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let result = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .and_then(|rt| rt.block_on(serve(args)));
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("echo-server: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    super::run("echo-server", serve(Args::parse()))
 }
 
 async fn serve(args: Args) -> std::io::Result<()> {

@@ -47,23 +47,7 @@ struct Args {
 }
 
 pub fn main() -> ExitCode {
-    let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let result = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .and_then(|rt| rt.block_on(serve(args)));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("meshwire-otlp-sink: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    super::run("meshwire-otlp-sink", serve(Args::parse()))
 }
 
 async fn serve(args: Args) -> std::io::Result<()> {

@@ -73,11 +73,14 @@ impl StartGate {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    async fn pass(&self, deadline: Option<Duration>) -> Result<(), ProxyError> {
+    /// Waits, if the sidecar is still starting, at most the call's own
+    /// deadline (from `headers`) or `max_wait`.
+    async fn pass(&self, headers: &http::HeaderMap) -> Result<(), ProxyError> {
         if self.open.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let wait = deadline.map_or(self.max_wait, |d| d.min(self.max_wait));
+        let wait =
+            proxy::call_timeout(headers, None).map_or(self.max_wait, |d| d.min(self.max_wait));
         let mut rx = self.ready.clone();
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let r = tokio::time::timeout(wait, rx.wait_for(|r| *r)).await;
@@ -139,7 +142,7 @@ impl Outbound {
         grpc: bool,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         if let Some(gate) = &self.gate {
-            gate.pass(proxy::call_timeout(req.headers(), None)).await?;
+            gate.pass(req.headers()).await?;
         }
         let cluster = {
             let table = self.routes.load();
