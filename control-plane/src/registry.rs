@@ -77,6 +77,7 @@ pub struct ServicePatch {
     pub request_timeout: Option<Option<Duration>>,
     pub authority: Option<Option<String>>,
     pub permissive: Option<bool>,
+    pub protocol: Option<meshwire_xds::Protocol>,
     /// `Some(None)` removes the policy (every mesh identity may call).
     pub policy: Option<Option<meshwire_xds::policy::Policy>>,
 }
@@ -123,6 +124,9 @@ impl ServicePatch {
         if let Some(p) = self.permissive {
             c.permissive = p;
         }
+        if let Some(p) = self.protocol {
+            c.protocol = p;
+        }
         if let Some(p) = &self.policy {
             c.policy = p.clone();
         }
@@ -141,6 +145,7 @@ pub struct EndpointPatch {
 pub fn settings(c: &Cluster) -> Cluster {
     Cluster {
         name: c.name.clone(),
+        protocol: c.protocol,
         lb: c.lb,
         connect_timeout: c.connect_timeout,
         request_timeout: c.request_timeout,

@@ -15,5 +15,5 @@ pub mod resources;
 pub mod server;
 pub mod snapshot;
 
-pub use model::{Cluster, Endpoint, LbPolicy, ModelError};
+pub use model::{Cluster, Endpoint, LbPolicy, ModelError, Protocol};
 pub use snapshot::Snapshot;
