@@ -10,13 +10,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use meshwire_xds::policy::{Action, Call, Policy};
+use meshwire_mesh::policy::{Action, Call, Policy};
 
 /// What the local service's cluster says about its inbound side.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LocalPolicy {
     /// What the local app speaks: how the inbound side reaches it.
-    pub protocol: meshwire_xds::Protocol,
+    pub protocol: meshwire_mesh::Protocol,
     /// Plaintext callers (no identity) accepted beside mutual TLS.
     pub permissive: bool,
     /// `None`: every caller that passed the TLS handshake is allowed.
@@ -53,7 +53,7 @@ impl Authz {
     }
 
     /// The local service's protocol (gRPC until its cluster says otherwise).
-    pub fn protocol(&self) -> meshwire_xds::Protocol {
+    pub fn protocol(&self) -> meshwire_mesh::Protocol {
         self.current.load().protocol
     }
 

@@ -142,7 +142,10 @@ async fn a_service_protocol_goes_from_meshctl_over_xds() {
     let header = list.stdout.lines().next().unwrap();
     assert!(header.contains("PROTOCOL"), "{}", list.stdout);
     let mqtt_row = list.stdout.lines().find(|l| l.starts_with("mqtt")).unwrap();
-    assert!(mqtt_row.split_whitespace().nth(1) == Some("tcp"), "{mqtt_row}");
+    assert!(
+        mqtt_row.split_whitespace().nth(1) == Some("tcp"),
+        "{mqtt_row}"
+    );
 
     // A sidecar gets it over xDS.
     init_tracing();
@@ -165,16 +168,22 @@ async fn a_service_protocol_goes_from_meshctl_over_xds() {
     })
     .await;
     ok(&meshctl(&cp, d, &["service", "update", "mqtt", "--protocol", "http"]).await);
-    let dump = config_dump_until(sc.admin_addr, "mqtt is http", Duration::from_secs(10), |v| {
-        protocol_of(v, "mqtt").as_deref() == Some("http")
-    })
+    let dump = config_dump_until(
+        sc.admin_addr,
+        "mqtt is http",
+        Duration::from_secs(10),
+        |v| protocol_of(v, "mqtt").as_deref() == Some("http"),
+    )
     .await;
     assert_eq!(protocol_of(&dump, "web").as_deref(), Some("http"));
     assert_eq!(protocol_of(&dump, "greeter").as_deref(), Some("grpc"));
     ok(&meshctl(&cp, d, &["service", "update", "mqtt", "--protocol", "tcp"]).await);
-    config_dump_until(sc.admin_addr, "mqtt is tcp again", Duration::from_secs(10), |v| {
-        protocol_of(v, "mqtt").as_deref() == Some("tcp")
-    })
+    config_dump_until(
+        sc.admin_addr,
+        "mqtt is tcp again",
+        Duration::from_secs(10),
+        |v| protocol_of(v, "mqtt").as_deref() == Some("tcp"),
+    )
     .await;
 
     // Envoy consumers: a tcp_proxy listener for the tcp service they name,

@@ -41,10 +41,10 @@ use envoy_types::pb::envoy::config::route::v3::{
     route_match,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
-use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
@@ -55,7 +55,7 @@ use envoy_types::pb::google::protobuf::{
 };
 use prost::Message;
 
-use crate::model::{self, Cluster, Endpoint, LbPolicy, ModelError, Protocol};
+use meshwire_mesh::model::{self, Cluster, Endpoint, LbPolicy, ModelError, Protocol};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -63,7 +63,8 @@ pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listene
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
-const TCP_PROXY: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const TCP_PROXY: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const HTTP_OPTIONS: &str =
     "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 const HTTP_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -742,9 +743,7 @@ pub fn envoy_tcp_listener(cluster: &Cluster, port: u32) -> Listener {
     let name = format!("{ENVOY_TCP_LISTENER_PREFIX}{}", cluster.name);
     let proxy = TcpProxy {
         stat_prefix: name.clone(),
-        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(
-            cluster.name.clone(),
-        )),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.name.clone())),
         tunneling_config: Some(tcp_proxy::TunnelingConfig {
             hostname: cluster.name.clone(),
             ..Default::default()
@@ -805,10 +804,10 @@ mod tests {
         c.endpoints = vec![e1, e2];
         c.permissive = true;
         c.protocol = Protocol::Http;
-        c.policy = Some(crate::policy::Policy {
-            default_action: crate::policy::Action::Deny,
-            rules: vec![crate::policy::Rule {
-                action: Some(crate::policy::Action::Allow),
+        c.policy = Some(meshwire_mesh::policy::Policy {
+            default_action: meshwire_mesh::policy::Action::Deny,
+            rules: vec![meshwire_mesh::policy::Rule {
+                action: Some(meshwire_mesh::policy::Action::Allow),
                 sources: vec!["spiffe://mesh/ns/prod/*".into()],
                 methods: vec!["pkg.Echo/*".into()],
                 cidrs: vec!["10.0.0.0/8".into()],
@@ -906,9 +905,21 @@ mod tests {
             assert_eq!(back.protocol, p);
         }
         let mut x = encode_cluster(&cluster());
-        x.metadata.as_mut().unwrap().filter_metadata.get_mut(META).unwrap().fields.insert("protocol".into(), str_value("udp"));
-        let e = decode_cluster(&to_any(CLUSTER, &x)).unwrap_err().to_string();
-        assert!(e.contains("metadata.protocol") && e.contains("\"udp\""), "{e}");
+        x.metadata
+            .as_mut()
+            .unwrap()
+            .filter_metadata
+            .get_mut(META)
+            .unwrap()
+            .fields
+            .insert("protocol".into(), str_value("udp"));
+        let e = decode_cluster(&to_any(CLUSTER, &x))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("metadata.protocol") && e.contains("\"udp\""),
+            "{e}"
+        );
     }
 
     #[test]

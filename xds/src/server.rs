@@ -156,9 +156,11 @@ impl NodeInfo {
                         Some(value::Kind::NumberValue(n)) if (0.0..=65535.0).contains(n) => {
                             Some((name.clone(), *n as u32))
                         }
-                        Some(value::Kind::StringValue(p)) => {
-                            p.parse().ok().filter(|p| *p <= 65535).map(|p| (name.clone(), p))
-                        }
+                        Some(value::Kind::StringValue(p)) => p
+                            .parse()
+                            .ok()
+                            .filter(|p| *p <= 65535)
+                            .map(|p| (name.clone(), p)),
                         _ => None,
                     })
                     .collect()
@@ -242,7 +244,7 @@ fn resources_for(
                         .snapshot
                         .clusters
                         .get(name)
-                        .filter(|c| c.protocol == crate::model::Protocol::Tcp)
+                        .filter(|c| c.protocol == meshwire_mesh::Protocol::Tcp)
                     {
                         let (a, h) = entry(LISTENER, &resources::envoy_tcp_listener(c, *port));
                         out.push((

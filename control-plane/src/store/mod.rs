@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use meshwire_xds::{Cluster, Endpoint, LbPolicy};
+use meshwire_mesh::{Cluster, Endpoint, LbPolicy};
 use serde::{Deserialize, Serialize};
 
 pub use self::memory::MemoryStore;
@@ -116,15 +116,15 @@ pub struct ServiceRecord {
     #[serde(default)]
     pub permissive: bool,
     #[serde(default)]
-    pub policy: Option<meshwire_xds::policy::Policy>,
+    pub policy: Option<meshwire_mesh::policy::Policy>,
     /// `grpc`, `http` or `tcp`; records written before protocols are gRPC.
     #[serde(default, with = "protocol_name")]
-    pub protocol: meshwire_xds::Protocol,
+    pub protocol: meshwire_mesh::Protocol,
 }
 
 /// The protocol as its name, so stored records stay readable.
 mod protocol_name {
-    use meshwire_xds::Protocol;
+    use meshwire_mesh::Protocol;
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub(super) fn serialize<S: Serializer>(p: &Protocol, s: S) -> Result<S::Ok, S::Error> {
