@@ -305,9 +305,9 @@ pub struct ServiceFile {
     /// Ring hash / Maglev: bounded loads (at least 1.0).
     pub hash_balance_factor: Option<f64>,
     /// Ring hash / Maglev: where hash keys come from, first present wins
-    /// (`- header: x-user`, `- source_ip`, `- cookie: {name: s, ttl: 600}`).
+    /// (`- header: x-user`, `- source_ip: true`, `- cookie: {name: s, ttl: 10m}`).
     #[serde(default)]
-    pub hash_policy: Vec<meshwire_mesh::HashSource>,
+    pub hash_policy: Vec<HashSourceFile>,
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -352,6 +352,40 @@ pub enum LbPolicyFile {
     RoundRobin,
     RingHash,
     Maglev,
+}
+
+/// One hash source: exactly one of the fields.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashSourceFile {
+    pub header: Option<String>,
+    #[serde(default)]
+    pub source_ip: bool,
+    pub cookie: Option<CookieFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CookieFile {
+    pub name: String,
+    /// Max-Age of the cookie the sidecar sets; none: a session cookie.
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+}
+
+impl HashSourceFile {
+    fn source(&self) -> Option<meshwire_mesh::HashSource> {
+        use meshwire_mesh::HashSource;
+        match (&self.header, self.source_ip, &self.cookie) {
+            (Some(h), false, None) => Some(HashSource::Header(h.clone())),
+            (None, true, None) => Some(HashSource::SourceIp),
+            (None, false, Some(c)) => Some(HashSource::Cookie {
+                name: c.name.clone(),
+                ttl: c.ttl,
+            }),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -403,6 +437,14 @@ impl StaticConfig {
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        for (i, s) in self.services.iter().enumerate() {
+            if let Some(j) = s.hash_policy.iter().position(|h| h.source().is_none()) {
+                return Err((
+                    format!("services[{i}].hash_policy[{j}]"),
+                    "give exactly one of header, source_ip: true or cookie".into(),
+                ));
+            }
+        }
         let clusters = self.clusters();
         let mut names = std::collections::HashMap::new();
         for (i, c) in clusters.iter().enumerate() {
@@ -451,7 +493,11 @@ impl StaticConfig {
                         balance_factor: s.hash_balance_factor,
                     }),
                 };
-                c.hash_policy = s.hash_policy.clone();
+                c.hash_policy = s
+                    .hash_policy
+                    .iter()
+                    .filter_map(HashSourceFile::source)
+                    .collect();
                 if let Some(t) = s.connect_timeout {
                     c.connect_timeout = t;
                 }
@@ -542,8 +588,8 @@ services:
     hash_balance_factor: 1.25
     hash_policy:
       - header: x-user
-      - cookie: {name: sticky, ttl: 600}
-      - source_ip
+      - cookie: {name: sticky, ttl: 10m}
+      - source_ip: true
   - name: maps
     lb_policy: maglev
 "#,
@@ -573,6 +619,11 @@ services:
         assert_eq!(f, "services[0].lb.balance_factor");
         let (f, _) = err("services:\n  - name: a\n    hash_policy:\n      - header: X-User\n");
         assert_eq!(f, "services[0].hash_policy[0].header");
+        let (f, r) = err(
+            "services:\n  - name: a\n    hash_policy:\n      - header: a\n      - {header: b, source_ip: true}\n",
+        );
+        assert_eq!(f, "services[0].hash_policy[1]");
+        assert!(r.contains("exactly one"), "{r}");
     }
 
     #[test]
