@@ -4,6 +4,7 @@
 //! services (a real mosquitto broker with `mosquitto_pub`/`mosquitto_sub`, a
 //! server-first service) through client and server sidecars over mTLS.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -13,8 +14,11 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
-use meshwire_sidecar::{ControlPlaneConfig, Sidecar, SidecarConfig};
+use meshwire_mesh::{Cluster, Endpoint, Protocol};
+use meshwire_sidecar::identity::MeshTls;
+use meshwire_sidecar::{ControlPlaneConfig, IdentitySource, Sidecar, SidecarConfig};
 use meshwire_tests::*;
+use meshwire_tls::testing::TestCa;
 use prost::Message;
 
 const CP: &str = env!("CARGO_BIN_EXE_mw-control-plane");
@@ -205,4 +209,457 @@ async fn a_service_protocol_goes_from_meshctl_over_xds() {
         "envoy.filters.network.tcp_proxy"
     );
     sc.shutdown();
+}
+
+// === a mesh pair over mTLS ===
+
+fn spiffe(service: &str) -> String {
+    format!("spiffe://test.local/ns/default/sa/{service}")
+}
+
+fn identity_of(ca: &TestCa, service: &str) -> IdentitySource {
+    IdentitySource::Fixed(MeshTls::fixed(ca.leaf(&spiffe(service)), ca.bundle()).unwrap())
+}
+
+/// A server sidecar of `local` (its own cluster: protocol, policy) in front
+/// of `app`, and a client sidecar of `caller` that reaches it; `listen`
+/// gives the client a per-service port for the service.
+struct Pair {
+    server: Sidecar,
+    client: Sidecar,
+}
+
+impl Pair {
+    async fn start(
+        ca: &TestCa,
+        local: Cluster,
+        app: SocketAddr,
+        caller: &str,
+        listen: bool,
+    ) -> Pair {
+        init_tracing();
+        let mut cfg = SidecarConfig::local();
+        cfg.app = Some(app);
+        cfg.inbound = Some(localhost());
+        cfg.identity = Some(identity_of(ca, &local.name));
+        cfg.service = Some(local.name.clone());
+        cfg.clusters = vec![local.clone()];
+        let server = Sidecar::start(cfg).await.unwrap();
+        let client =
+            Self::client(ca, &local, &[server.inbound_addr.unwrap()], caller, listen).await;
+        Pair { server, client }
+    }
+
+    async fn client(
+        ca: &TestCa,
+        local: &Cluster,
+        inbounds: &[SocketAddr],
+        caller: &str,
+        listen: bool,
+    ) -> Sidecar {
+        let mut cfg = SidecarConfig::local();
+        let mut c = local.clone();
+        c.policy = None;
+        c.endpoints = inbounds
+            .iter()
+            .map(|a| {
+                let mut ep = Endpoint::new(*a);
+                ep.identity = Some(spiffe(&local.name));
+                ep
+            })
+            .collect();
+        cfg.clusters = vec![c];
+        if listen {
+            cfg.service_listeners = vec![(localhost(), local.name.clone())];
+        }
+        cfg.identity = Some(identity_of(ca, caller));
+        Sidecar::start(cfg).await.unwrap()
+    }
+
+    fn port(&self) -> SocketAddr {
+        self.client.service_addrs[0].1
+    }
+}
+
+const SIDECAR: &str = env!("CARGO_BIN_EXE_mw-sidecar");
+
+/// A sidecar process with a fixed certificate for `service` (PEM files in
+/// its own directory), `yaml` as its static config.
+async fn sidecar_process(ca: &TestCa, service: &str, yaml: &str, extra: &[&str]) -> SidecarProcess {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = ca.leaf(&spiffe(service));
+    let pem = |tag: &str, der: &[u8]| pem::encode(&pem::Pem::new(tag, der.to_vec()));
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&cert, pem("CERTIFICATE", &creds.chain[0])).unwrap();
+    std::fs::write(&key, pem("PRIVATE KEY", creds.key.secret_der())).unwrap();
+    std::fs::write(&bundle, pem("CERTIFICATE", ca.root())).unwrap();
+    let config = SidecarProcess::write_config(dir.path(), yaml);
+    let mut args = vec![
+        "--cert".to_owned(),
+        cert.to_str().unwrap().to_owned(),
+        "--key".to_owned(),
+        key.to_str().unwrap().to_owned(),
+        "--trust-bundle".to_owned(),
+        bundle.to_str().unwrap().to_owned(),
+        "--static-config".to_owned(),
+        config.to_str().unwrap().to_owned(),
+        "--service".to_owned(),
+        service.to_owned(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let p = SidecarProcess::spawn(SIDECAR, &args, &[]).await;
+    std::mem::forget(dir);
+    p
+}
+
+/// A process's peak resident set (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        / 1024
+}
+
+impl Pair {
+    #[allow(dead_code)]
+    fn unused(&self) {}
+}
+
+fn service(name: &str, protocol: Protocol) -> Cluster {
+    Cluster {
+        protocol,
+        ..Cluster::new(name)
+    }
+}
+
+// === HTTP/1.1 apps ===
+
+/// The REST app (Python's http.server) on a free port.
+struct RestApp {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl RestApp {
+    fn start() -> RestApp {
+        use std::io::BufRead;
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/interop/rest_app.py");
+        let mut child = Command::new(venv_python())
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the REST app");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line.trim().parse().expect("the app prints its port");
+        RestApp {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+}
+
+impl Drop for RestApp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs curl (a real HTTP/1.1 client) and returns (exit code, stdout, stderr).
+async fn curl(args: Vec<String>) -> (i32, Vec<u8>, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "300"])
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run curl");
+        (
+            out.status.code().unwrap_or(-1),
+            out.stdout,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| (*x).to_owned()).collect()
+}
+
+fn json_of(b: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(b).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(b)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_app_over_http1_through_the_mtls_pair() {
+    let ca = TestCa::new("test.local");
+    let app = RestApp::start();
+    let pair = Pair::start(&ca, service("web", Protocol::Http), app.addr, "shop", false).await;
+    let out = format!("http://{}", pair.client.outbound_addr);
+
+    // A GET: Host is the service, the caller's address is forwarded, app headers kept.
+    let (code, body, err) = curl(s(&[
+        "-i",
+        "-H",
+        "Host: web",
+        "-H",
+        "X-Custom: a b",
+        &format!("{out}/hello?q=1"),
+    ]))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let text = String::from_utf8_lossy(&body).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("x-app-header: kept"),
+        "{text}"
+    );
+    let v = json_of(text.split("\r\n\r\n").nth(1).unwrap().as_bytes());
+    assert_eq!(v["path"], "/hello?q=1");
+    assert_eq!(v["version"], "HTTP/1.1", "the app got HTTP/1.1");
+    assert_eq!(v["host"], "web");
+    assert_eq!(v["x_custom"], "a b");
+    assert_eq!(v["x_forwarded_for"], "127.0.0.1");
+    assert_eq!(v["forwarded"], "for=127.0.0.1;proto=https");
+
+    // Keep-alive on both sides: two requests on one curl connection, and the
+    // app sees them on one pooled connection too.
+    let (code, body, err) = curl(s(&[
+        "-v",
+        "-H",
+        "Host: web",
+        &format!("{out}/hello"),
+        "-H",
+        "Host: web",
+        &format!("{out}/hello"),
+    ]))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("Re-using existing connection") || err.contains("Reusing existing"),
+        "{err}"
+    );
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let conns: Vec<u64> = text
+        .split("}{")
+        .map(|p| {
+            let p = p.trim_start_matches('{').trim_end_matches('}');
+            json_of(format!("{{{p}}}").as_bytes())["conn"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(conns.len(), 2, "{text}");
+    assert_eq!(
+        conns[0], conns[1],
+        "the sidecar reused its app connection: {text}"
+    );
+
+    // A chunked response arrives whole; HEAD, 204 and 304 have no body.
+    let (_, body, _) = curl(s(&["-H", "Host: web", &format!("{out}/chunked")])).await;
+    assert_eq!(body, b"one,two,three");
+    let (code, body, err) = curl(s(&["-I", "-H", "Host: web", &format!("{out}/hello")])).await;
+    assert_eq!(code, 0, "{err}");
+    let head = String::from_utf8_lossy(&body).to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.1 200") && head.contains("content-length:"),
+        "{head}"
+    );
+    for (path, status) in [("/empty", "204"), ("/cached", "304")] {
+        let (code, body, err) = curl(s(&["-i", "-H", "Host: web", &format!("{out}{path}")])).await;
+        assert_eq!(code, 0, "{path}: {err}");
+        let t = String::from_utf8_lossy(&body).into_owned();
+        assert!(t.starts_with(&format!("HTTP/1.1 {status}")), "{t}");
+        assert!(t.ends_with("\r\n\r\n"), "no body after {status}: {t:?}");
+    }
+
+    // Connection: close from the app: the next call still works (new connection).
+    let (_, b1, _) = curl(s(&["-H", "Host: web", &format!("{out}/close")])).await;
+    let (_, b2, _) = curl(s(&["-H", "Host: web", &format!("{out}/hello")])).await;
+    assert_ne!(json_of(&b1)["conn"], json_of(&b2)["conn"]);
+    // Connection: close from the client is honoured.
+    let (code, _, err) = curl(s(&[
+        "-v",
+        "-H",
+        "Host: web",
+        "-H",
+        "Connection: close",
+        &format!("{out}/hello"),
+    ]))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("Connection: close") || err.contains("Closing connection"),
+        "{err}"
+    );
+
+    // Uploads: Content-Length and chunked, with Expect: 100-continue.
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &data).unwrap();
+    let sha = {
+        let out = Command::new("sha256sum").arg(file.path()).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let path = file.path().to_str().unwrap().to_owned();
+    let (code, body, err) = curl(s(&[
+        "-v",
+        "-H",
+        "Host: web",
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        &format!("@{path}"),
+        &format!("{out}/upload"),
+    ]))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("HTTP/1.1 100 Continue"), "{err}");
+    let v = json_of(&body);
+    assert_eq!(
+        (v["bytes"].as_u64(), v["sha256"].as_str()),
+        (Some(3_000_000), Some(sha.as_str()))
+    );
+    let (code, body, err) = curl(s(&[
+        "-H",
+        "Host: web",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &format!("@{path}"),
+        &format!("{out}/upload"),
+    ]))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json_of(&body)["sha256"], sha.as_str());
+
+    // A 64 MiB download with Content-Length streams through.
+    let (code, body, err) = curl(s(&["-H", "Host: web", &format!("{out}/big?n=67108864")])).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(body.len(), 64 << 20);
+
+    // The calls were counted on the app endpoint with HTTP outcomes.
+    let m = http1_get(pair.server.admin_addr, "admin", "/metrics")
+        .await
+        .unwrap()
+        .2;
+    let m = String::from_utf8_lossy(&m);
+    assert!(
+        m.contains("meshwire_requests_total{direction=\"inbound\",cluster=\"inbound\"")
+            && !m.contains("grpc_code=\"CANCELLED\""),
+        "every call to the app finished with its HTTP outcome: {m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_gib_upload_streams_with_bounded_memory() {
+    let ca = TestCa::new("test.local");
+    let app = RestApp::start();
+    let app_addr = app.addr.to_string();
+    let server = sidecar_process(
+        &ca,
+        "web",
+        "services:\n  - name: web\n    protocol: http\n",
+        &["--app", &app_addr],
+    )
+    .await;
+    let inbound = server.addrs.inbound.unwrap();
+    let client = sidecar_process(
+        &ca,
+        "shop",
+        &format!(
+            "services:\n  - name: web\n    protocol: http\n    endpoints:\n      - address: {inbound}\n        identity: {}\n",
+            spiffe("web")
+        ),
+        &[],
+    )
+    .await;
+    let url = format!("http://{}/upload", client.addrs.outbound);
+    // 1 GiB of zeros, chunked from curl's stdin, never on disk.
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "head -c 1073741824 /dev/zero | curl -sS --max-time 600 -H 'Host: web' -T - {url}"
+            ))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json_of(&out.stdout);
+    assert_eq!(v["bytes"], 1u64 << 30);
+    // sha256 of 1 GiB of zeros.
+    assert_eq!(
+        v["sha256"],
+        "49bc20df15e412a64472421e13fe86ff1c5165e18b2afccf160d4dc19fe68a14"
+    );
+    let (c, s) = (
+        peak_rss_mib(client.child.id()),
+        peak_rss_mib(server.child.id()),
+    );
+    eprintln!(
+        "1 GiB upload through the mTLS pair: peak RSS client sidecar {c} MiB, server sidecar {s} MiB"
+    );
+    // A buffered body would need ≥ 1024 MiB.
+    assert!(c < 64 && s < 64, "peak RSS client {c} MiB, server {s} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_http1_input_gets_a_clear_answer() {
+    let ca = TestCa::new("test.local");
+    let app = RestApp::start();
+    let pair = Pair::start(&ca, service("web", Protocol::Http), app.addr, "shop", false).await;
+    let out = pair.client.outbound_addr;
+    let ask =
+        |raw: Vec<u8>| async move { raw_tcp_exchange(out, &raw, Duration::from_secs(10)).await };
+    let r = ask(b"GARBAGE\r\n\r\n".to_vec()).await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    // Content-Length beside Transfer-Encoding: hyper drops the length and
+    // reads chunked (RFC 9112 §6.3), so what is forwarded is unambiguous:
+    // the app sees an empty chunked body, never the length.
+    let r = ask(b"POST /upload HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec()).await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("\"bytes\": 0"),
+        "{r}"
+    );
+    let r = ask(b"POST /upload HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello".to_vec()).await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    let mut big = b"GET /hello HTTP/1.1\r\nHost: web\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 1 << 20));
+    big.extend(b"\r\n\r\n");
+    let r = ask(big).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "{r}");
+    // A WebSocket upgrade to a grpc service: a clear error.
+    let r = ask(b"GET /chat HTTP/1.1\r\nHost: greeter\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".to_vec()).await;
+    assert!(
+        r.contains("unknown-service") || r.contains("grpc service"),
+        "{r}"
+    );
+    // Still serving.
+    let (code, body, err) = curl(s(&["-H", "Host: web", &format!("http://{out}/hello")])).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json_of(&body)["host"], "web");
 }
