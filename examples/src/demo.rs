@@ -468,11 +468,7 @@ fn endpoint_view(client: &Sidecar) -> BTreeMap<SocketAddr, EndpointView> {
                 EndpointView {
                     weight: e.weight,
                     draining: e.draining,
-                    failures: e
-                        .endpoint
-                        .stats
-                        .failure
-                        .load(std::sync::atomic::Ordering::Relaxed),
+                    failures: e.endpoint.stats.failed(),
                     identity: e.endpoint.identity.clone(),
                 },
             )

@@ -22,6 +22,9 @@ pub struct LoadConfig {
     pub rate: Option<f64>,
     /// Deadline of each call (sent as `grpc-timeout`).
     pub timeout: Duration,
+    /// Stop after this many calls in all (`None`: until stopped); a fixed
+    /// count makes instruction-count measurements comparable.
+    pub calls: Option<u64>,
 }
 
 impl Default for LoadConfig {
@@ -30,6 +33,7 @@ impl Default for LoadConfig {
             concurrency: 16,
             rate: None,
             timeout: Duration::from_secs(5),
+            calls: None,
         }
     }
 }
@@ -172,6 +176,8 @@ struct Stats {
 pub struct Load {
     stats: Arc<Mutex<Stats>>,
     stop: CancellationToken,
+    /// Cancelled when every caller has stopped (`calls` reached).
+    finished: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -183,7 +189,10 @@ impl Load {
             total: Period::new(),
         }));
         let stop = CancellationToken::new();
+        let finished = CancellationToken::new();
         let conc = cfg.concurrency.max(1);
+        let started = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(conc));
         // Each caller gets an equal part of the rate.
         let every = cfg
             .rate
@@ -195,6 +204,12 @@ impl Load {
                 let stats = stats.clone();
                 let stop = stop.clone();
                 let timeout = cfg.timeout;
+                let (limit, started, running, finished) = (
+                    cfg.calls,
+                    started.clone(),
+                    running.clone(),
+                    finished.clone(),
+                );
                 tokio::spawn(async move {
                     let mut pace = every.map(|d| {
                         let mut i = tokio::time::interval(d);
@@ -202,6 +217,11 @@ impl Load {
                         i
                     });
                     while !stop.is_cancelled() {
+                        if limit.is_some_and(|n| {
+                            started.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= n
+                        }) {
+                            break;
+                        }
                         if let Some(p) = pace.as_mut() {
                             tokio::select! {
                                 _ = p.tick() => {}
@@ -221,10 +241,23 @@ impl Load {
                         s.window.record(&result, us);
                         s.total.record(&result, us);
                     }
+                    if running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1 {
+                        finished.cancel();
+                    }
                 })
             })
             .collect();
-        Load { stats, stop, tasks }
+        Load {
+            stats,
+            stop,
+            finished,
+            tasks,
+        }
+    }
+
+    /// Resolves once every caller has stopped by itself (`calls` reached).
+    pub async fn finished(&self) {
+        self.finished.cancelled().await;
     }
 
     /// What happened since the last call (or the start), and starts a new window.
