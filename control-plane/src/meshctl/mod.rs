@@ -26,9 +26,9 @@
 //! 0 done, 1 the control plane refused the request (its gRPC status and
 //! message are printed), 2 bad usage, 3 the control plane cannot be reached.
 //!
-//! The parts: [`args`] (the command line), [`client`] (connecting, token or
-//! client certificate), [`commands`] (one admin call or a few per command),
-//! [`output`] (tables and JSON).
+//! The parts: `args` (the command line), `client` (connecting, token or
+//! client certificate), `commands` (one admin call or a few per command),
+//! `output` (tables and JSON).
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
