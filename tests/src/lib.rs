@@ -19,9 +19,9 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use meshwire_examples::echo::{self, EchoHandle, EchoOptions, MAX_MESSAGE};
+use meshwire_mesh::{Cluster, Endpoint};
 use meshwire_proto::example::v1::echo_client::EchoClient;
 use meshwire_sidecar::{Sidecar, SidecarConfig};
-use meshwire_xds::{Cluster, Endpoint};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::Channel;
 

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use meshwire_mesh::policy::{Action, Policy, Rule};
+use meshwire_mesh::{Cluster, Endpoint, LbPolicy, ModelError};
 use meshwire_proto::admin::v1 as pb;
-use meshwire_xds::policy::{Action, Policy, Rule};
-use meshwire_xds::{Cluster, Endpoint, LbPolicy, ModelError};
 use tonic::Status;
 
 use super::status::{api_field, invalid, required};

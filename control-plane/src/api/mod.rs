@@ -16,9 +16,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::Stream;
+use meshwire_mesh::ModelError;
 use meshwire_proto::admin::v1 as pb;
 use meshwire_proto::admin::v1::mesh_admin_server::{MeshAdmin, MeshAdminServer};
-use meshwire_xds::{ModelError, Snapshot};
+use meshwire_xds::Snapshot;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use meshwire_xds::ModelError;
+use meshwire_mesh::ModelError;
 use tonic::Status;
 
 use crate::ca::{Ca, CaError};

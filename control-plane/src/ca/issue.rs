@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use meshwire_xds::identity::{self, Credentials, SpiffeId};
+use meshwire_tls::{Credentials, SpiffeId};
 use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, Issuer,
     KeyPair, KeyUsagePurpose, SanType, SerialNumber,
@@ -69,7 +69,7 @@ impl Ca {
         let mut chain = vec![cert.der().clone()];
         chain.extend(st.signing.chain_tail.iter().cloned());
         drop(st);
-        let info = identity::cert_info(&chain[0])?;
+        let info = meshwire_tls::cert_info(&chain[0])?;
         Ok(Issued {
             chain,
             spiffe_id: id.clone(),
@@ -143,7 +143,7 @@ impl Ca {
         let chain: String = issued
             .chain
             .iter()
-            .map(|c| identity::to_pem("CERTIFICATE", c))
+            .map(|c| meshwire_tls::to_pem("CERTIFICATE", c))
             .collect();
         Ok((chain, key.serialize_pem()))
     }

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use meshwire_xds::identity::{self, CertInfo, SpiffeId, TrustBundle};
+use meshwire_tls::{CertInfo, SpiffeId, TrustBundle};
 use rcgen::KeyPair;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
@@ -62,7 +62,7 @@ pub enum CaError {
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
     #[error("{0}")]
-    Identity(#[from] identity::IdentityError),
+    Identity(#[from] meshwire_tls::IdentityError),
     #[error("certificate: {0}")]
     Rcgen(String),
     #[error("CSR: {0}")]

@@ -108,7 +108,7 @@ impl Ca {
 mod tests {
     use std::time::Duration;
 
-    use meshwire_xds::identity::TrustBundle;
+    use meshwire_tls::TrustBundle;
 
     use crate::ca::tests::csr;
     use crate::ca::{Ca, CaConfig};

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use meshwire_xds::identity::{self, SpiffeId, TrustBundle};
+use meshwire_tls::{SpiffeId, TrustBundle};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SerialNumber,
 };
@@ -123,11 +123,11 @@ impl Ca {
     fn load_user(u: &UserCa) -> Result<State, CaError> {
         let cert_pem = read(&u.cert)?;
         let key_pem = read(&u.key)?;
-        let cert = identity::certs_from_pem(&cert_pem)?
+        let cert = meshwire_tls::certs_from_pem(&cert_pem)?
             .into_iter()
             .next()
             .ok_or_else(|| file_err(&u.cert, "no certificate"))?;
-        let info = identity::cert_info(&cert)?;
+        let info = meshwire_tls::cert_info(&cert)?;
         if !info.is_ca {
             return Err(file_err(&u.cert, "not a CA certificate"));
         }
@@ -142,9 +142,11 @@ impl Ca {
             Some(b) => read(b)?,
             None => cert_pem.clone(),
         };
-        let bundle_certs = identity::certs_from_pem(&bundle_pem)?;
-        let fp = identity::fingerprint(&cert);
-        let is_root = bundle_certs.iter().any(|r| identity::fingerprint(r) == fp);
+        let bundle_certs = meshwire_tls::certs_from_pem(&bundle_pem)?;
+        let fp = meshwire_tls::fingerprint(&cert);
+        let is_root = bundle_certs
+            .iter()
+            .any(|r| meshwire_tls::fingerprint(r) == fp);
         if !is_root && u.bundle.is_none() {
             return Err(file_err(
                 &u.cert,
@@ -154,14 +156,14 @@ impl Ca {
         let mut roots = Vec::new();
         for der in bundle_certs {
             roots.push(Root {
-                info: identity::cert_info(&der)?,
+                info: meshwire_tls::cert_info(&der)?,
                 der,
                 key: None,
                 generated: false,
             });
         }
         if roots.is_empty() {
-            return Err(CaError::Identity(identity::IdentityError::EmptyBundle));
+            return Err(CaError::Identity(meshwire_tls::IdentityError::EmptyBundle));
         }
         let signing = Signing {
             fingerprint: if is_root {
@@ -169,7 +171,7 @@ impl Ca {
             } else {
                 // Which root the intermediate chains to is for the bundle to
                 // say; renewals are keyed on the intermediate itself.
-                identity::fingerprint(&cert)
+                meshwire_tls::fingerprint(&cert)
             },
             chain_tail: if is_root {
                 Vec::new()
@@ -197,7 +199,7 @@ impl Ca {
             .collect();
         entries.sort();
         for path in entries {
-            let der = identity::certs_from_pem(&read(&path)?)?
+            let der = meshwire_tls::certs_from_pem(&read(&path)?)?
                 .into_iter()
                 .next()
                 .ok_or_else(|| file_err(&path, "no certificate"))?;
@@ -207,7 +209,7 @@ impl Ca {
                 Err(_) => None,
             };
             roots.push(Root {
-                info: identity::cert_info(&der)?,
+                info: meshwire_tls::cert_info(&der)?,
                 der,
                 key,
                 generated: true,
@@ -258,7 +260,7 @@ impl Ca {
         der: CertificateDer<'static>,
         key: KeyPair,
     ) -> Result<Root, CaError> {
-        let info = identity::cert_info(&der)?;
+        let info = meshwire_tls::cert_info(&der)?;
         let base = dir.join("roots").join(&info.fingerprint);
         write_atomic(
             &base.with_extension("key"),
@@ -267,7 +269,7 @@ impl Ca {
         )?;
         write_atomic(
             &base.with_extension("crt"),
-            identity::to_pem("CERTIFICATE", &der).as_bytes(),
+            meshwire_tls::to_pem("CERTIFICATE", &der).as_bytes(),
             false,
         )?;
         Ok(Root {

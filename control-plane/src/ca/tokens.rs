@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use meshwire_xds::identity::SpiffeId;
+use meshwire_tls::SpiffeId;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
@@ -112,7 +112,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use meshwire_xds::identity;
 
     use super::*;
     use crate::ca::CaConfig;
@@ -126,7 +125,7 @@ mod tests {
             .create_token("default", "a", Duration::from_secs(60))
             .unwrap();
         let issued = ca.issue_with_token(&token, &csr()).unwrap();
-        let info = identity::cert_info(&issued.chain[0]).unwrap();
+        let info = meshwire_tls::cert_info(&issued.chain[0]).unwrap();
         // The CSR asked for another identity; the token decides.
         assert_eq!(info.spiffe_id.as_deref(), Some(id.as_str()));
         assert_eq!(id.as_str(), "spiffe://meshwire.local/ns/default/sa/a");

@@ -189,7 +189,7 @@ fn read_policy(path: &std::path::Path) -> Result<pb::Policy, Failure> {
             .map_err(|e| Failure::Usage(format!("--file {}: {e}", path.display())))?
     };
     // JSON is YAML, so one parser reads both (with line and column on errors).
-    let p: meshwire_xds::policy::Policy = serde_yaml_ng::from_str(&text)
+    let p: meshwire_mesh::policy::Policy = serde_yaml_ng::from_str(&text)
         .map_err(|e| Failure::Usage(format!("--file {}: {e}", path.display())))?;
     Ok(crate::api::policy_pb(&p))
 }
