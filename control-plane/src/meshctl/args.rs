@@ -210,6 +210,16 @@ pub(super) struct ServiceOpts {
     /// Also accept plaintext (non-mTLS) calls on the service's inbound ports.
     #[arg(long)]
     pub(super) permissive: bool,
+    /// What the service's apps speak: grpc (default), http (REST, HTTP/1.1 or h2c) or tcp (opaque bytes).
+    #[arg(long, value_enum)]
+    pub(super) protocol: Option<ProtocolArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum ProtocolArg {
+    Grpc,
+    Http,
+    Tcp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

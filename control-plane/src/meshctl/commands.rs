@@ -7,7 +7,8 @@ use tonic::Request;
 
 use super::Failure;
 use super::args::{
-    CaCmd, Cli, Command, EndpointCmd, Lb, Output, PolicyCmd, ServiceCmd, ServiceOpts, TokenCmd,
+    CaCmd, Cli, Command, EndpointCmd, Lb, Output, PolicyCmd, ProtocolArg, ServiceCmd, ServiceOpts,
+    TokenCmd,
 };
 use super::client::{Client, connect, req};
 use super::output::{
@@ -83,6 +84,15 @@ fn service_msg(name: &str, opts: &ServiceOpts) -> (pb::Service, Vec<String>) {
         s.permissive = true;
         paths.push("permissive".to_owned());
     }
+    if let Some(p) = opts.protocol {
+        s.protocol = match p {
+            ProtocolArg::Grpc => pb::Protocol::Grpc,
+            ProtocolArg::Http => pb::Protocol::Http,
+            ProtocolArg::Tcp => pb::Protocol::Tcp,
+        }
+        .into();
+        paths.push("protocol".to_owned());
+    }
     (s, paths)
 }
 
@@ -124,7 +134,7 @@ async fn service(
             }
             if paths.is_empty() {
                 return Err(Failure::Usage(
-                    "service update: nothing to change (give --lb, --bias, --connect-timeout, --request-timeout, --authority, --permissive, --no-request-timeout, --no-authority or --no-permissive)".into(),
+                    "service update: nothing to change (give --lb, --bias, --connect-timeout, --request-timeout, --authority, --permissive, --protocol, --no-request-timeout, --no-authority or --no-permissive)".into(),
                 ));
             }
             let r = client

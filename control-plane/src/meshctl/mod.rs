@@ -5,7 +5,7 @@
 //! meshctl --server https://HOST:15012 --ca-bundle bundle.pem [--cert admin.crt --key admin.key] <command>
 //!   service create|update NAME [--lb least-request|round-robin] [--bias B]
 //!                              [--connect-timeout 1s] [--request-timeout 5s] [--authority A]
-//!                              [--permissive | --no-permissive]
+//!                              [--permissive | --no-permissive] [--protocol grpc|http|tcp]
 //!   service delete|get NAME · service list
 //!   service policy set NAME --file policy.yaml|json · service policy clear NAME
 //!   token create --service NAME [--namespace NS] [--ttl 1h]

@@ -24,6 +24,7 @@ fn lb_name(v: i32) -> &'static str {
 pub(super) fn service_json(s: &pb::Service) -> Value {
     json!({
         "name": s.name,
+        "protocol": protocol_name(s.protocol),
         "lb_policy": lb_name(s.lb_policy).replace('-', "_"),
         "active_request_bias": s.active_request_bias,
         "connect_timeout": dur(s.connect_timeout.as_ref()),
@@ -33,6 +34,14 @@ pub(super) fn service_json(s: &pb::Service) -> Value {
         "permissive": s.permissive,
         "policy": s.policy.as_ref().map(policy_json),
     })
+}
+
+fn protocol_name(v: i32) -> &'static str {
+    match pb::Protocol::try_from(v) {
+        Ok(pb::Protocol::Http) => "http",
+        Ok(pb::Protocol::Tcp) => "tcp",
+        Ok(pb::Protocol::Grpc | pb::Protocol::Unspecified) | Err(_) => "grpc",
+    }
 }
 
 fn action_name(v: i32) -> &'static str {
@@ -267,6 +276,7 @@ impl Printer {
             .map(|s| {
                 vec![
                     s.name.clone(),
+                    protocol_name(s.protocol).to_owned(),
                     lb_name(s.lb_policy).to_owned(),
                     or_dash(s.active_request_bias),
                     or_dash(dur(s.connect_timeout.as_ref())),
@@ -281,6 +291,7 @@ impl Printer {
         self.print(&table(
             &[
                 "NAME",
+                "PROTOCOL",
                 "LB",
                 "BIAS",
                 "CONNECT",
@@ -320,6 +331,7 @@ impl Printer {
         };
         let fields = [
             ("name:", s.name.clone()),
+            ("protocol:", protocol_name(s.protocol).to_owned()),
             ("lb:", lb),
             ("connect timeout:", or_dash(dur(s.connect_timeout.as_ref()))),
             ("request timeout:", or_dash(dur(s.request_timeout.as_ref()))),
