@@ -76,7 +76,7 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
     /// Most endpoints one service may have; a larger update is refused (NACK).
-    #[arg(long, env = "MESHWIRE_MAX_ENDPOINTS", default_value_t = 10_000,
+    #[arg(long, env = "MESHWIRE_MAX_ENDPOINTS", default_value_t = meshwire_mesh::model::MAX_ENDPOINTS as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_endpoints: u32,
     /// Once listening, write the bound addresses here as JSON (for port 0).

@@ -110,6 +110,18 @@ pub enum ResourceError {
     WrongType { got: String, want: &'static str },
 }
 
+impl ResourceError {
+    /// The name of the refused resource, when it could be read.
+    pub fn resource_name(&self) -> Option<&str> {
+        match self {
+            ResourceError::Decode { name, .. } | ResourceError::Invalid { name, .. } => {
+                Some(name.as_str()).filter(|n| !n.is_empty())
+            }
+            ResourceError::WrongType { .. } => None,
+        }
+    }
+}
+
 fn invalid(kind: &'static str, name: &str, e: ModelError) -> ResourceError {
     ResourceError::Invalid {
         kind,

@@ -67,10 +67,13 @@ fn short(t: &str) -> &str {
     t.rsplit('.').next().unwrap_or(t)
 }
 
-/// Records what is applied; rejects clusters named `reject-me`.
+/// Records what is applied; rejects clusters named `reject-me` (the whole
+/// update), and clusters with more than `max_endpoints` (that cluster alone,
+/// through `check`).
 #[derive(Default)]
 struct Sink {
     applied: Mutex<Vec<Vec<Cluster>>>,
+    max_endpoints: Option<usize>,
 }
 
 impl ConfigSink for Sink {
@@ -82,6 +85,16 @@ impl ConfigSink for Sink {
         }
         self.applied.lock().unwrap().push(clusters.to_vec());
         Ok(())
+    }
+
+    fn check(&self, c: &Cluster) -> Result<(), meshwire_xds::client::ApplyError> {
+        match self.max_endpoints {
+            Some(max) if c.endpoints.len() > max => Err(meshwire_xds::client::ApplyError(format!(
+                "{} endpoints, at most {max} here",
+                c.endpoints.len()
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -236,6 +249,58 @@ async fn rejected_update_is_nacked_and_last_good_keeps_serving() {
     })
     .await;
     assert_eq!(s.applied[0].endpoints[0].weight, 2);
+}
+
+/// One service this client refuses (too many endpoints) neither keeps a new
+/// client from becoming ready nor holds back updates of the others.
+#[tokio::test]
+async fn one_refused_cluster_never_blocks_readiness_or_the_others() {
+    let big = |n: u16| cluster("big", &(0..n).map(|i| (3001 + i, 1)).collect::<Vec<_>>());
+    let (addr, tx, obs, _server) =
+        serve(Snapshot::new(1, [cluster("a", &[(1001, 1)]), big(3)])).await;
+    let sink = Arc::new(Sink {
+        max_endpoints: Some(2),
+        ..Default::default()
+    });
+    let (mut status, _client) = start_client(addr, sink.clone());
+
+    let s = wait_for(&mut status, "ready without big", |s| s.warm).await;
+    assert_eq!(s.applied, vec![cluster("a", &[(1001, 1)])]);
+    assert!(s.rejected["big"].contains("3 endpoints"), "{s:?}");
+    assert!(s.warming.is_empty(), "{s:?}");
+    let nack = s.last_nack.expect("the refusal is reported");
+    assert!(nack.error.contains("\"big\""), "{nack:?}");
+    until(&obs, |o| o.has("nack 1 ClusterLoadAssignment 1")).await;
+
+    // A change to `a` reaches the client while `big` is still refused.
+    tx.send(Arc::new(Snapshot::new(
+        2,
+        [cluster("a", &[(1001, 5)]), big(3)],
+    )))
+    .unwrap();
+    let s = wait_for(&mut status, "a's new weight", |s| {
+        s.applied.first().map(|c| c.endpoints[0].weight) == Some(5)
+    })
+    .await;
+    assert_eq!(s.applied.len(), 1);
+
+    // Once `big` fits, it is applied and everything is ACKed.
+    tx.send(Arc::new(Snapshot::new(
+        3,
+        [cluster("a", &[(1001, 5)]), big(2)],
+    )))
+    .unwrap();
+    let s = wait_for(&mut status, "big applied", |s| {
+        s.eds_version.as_deref() == Some("3")
+    })
+    .await;
+    assert_eq!(s.applied.len(), 2);
+    assert!(s.rejected.is_empty(), "{s:?}");
+    for applied in sink.applied.lock().unwrap().iter() {
+        for c in applied {
+            assert!(c.endpoints.len() <= 2, "{c:?} applied over the limit");
+        }
+    }
 }
 
 #[tokio::test]

@@ -36,6 +36,7 @@ pub(super) fn status(e: RegistryError, within: &str) -> Status {
         RegistryError::ServiceExists(_) | RegistryError::EndpointExists { .. } => {
             Status::already_exists(e.to_string())
         }
+        RegistryError::TooManyEndpoints { .. } => Status::failed_precondition(e.to_string()),
         RegistryError::Invalid(m) => {
             let m = api_field(m);
             invalid(if within.is_empty() {
