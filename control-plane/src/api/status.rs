@@ -23,6 +23,9 @@ pub(super) fn api_field(mut e: ModelError) -> ModelError {
     if e.field == "lb.active_request_bias" {
         e.field = "active_request_bias".into();
     }
+    if e.field == "lb.balance_factor" {
+        e.field = "hash_balance_factor".into();
+    }
     e
 }
 

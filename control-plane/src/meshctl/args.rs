@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use meshwire_proto::admin::v1 as pb;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -213,6 +214,24 @@ pub(super) struct ServiceOpts {
     /// What the service's apps speak: grpc (default), http (REST, HTTP/1.1 or h2c) or tcp (opaque bytes).
     #[arg(long, value_enum)]
     pub(super) protocol: Option<ProtocolArg>,
+    /// Ring hash / Maglev: hash calls on this request header (gRPC metadata); repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub(super) hash_header: Vec<String>,
+    /// Ring hash / Maglev: hash calls on the caller's IP address.
+    #[arg(long)]
+    pub(super) hash_source_ip: bool,
+    /// Ring hash / Maglev: hash HTTP calls on this cookie; the sidecar sets it when absent.
+    #[arg(long, value_name = "NAME")]
+    pub(super) hash_cookie: Option<String>,
+    /// Max-Age of the cookie the sidecar sets (default: a session cookie).
+    #[arg(long, value_parser = parse_duration, requires = "hash_cookie")]
+    pub(super) cookie_ttl: Option<Duration>,
+    /// Ring hash / Maglev: bounded loads, no endpoint above F × its share of calls in flight (F ≥ 1).
+    #[arg(long, value_name = "F")]
+    pub(super) hash_balance_factor: Option<f64>,
+    /// The hash flags above in command-line order (see [`parse_cli`]).
+    #[arg(skip)]
+    pub(super) hash_policy: Vec<pb::HashSource>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -226,6 +245,63 @@ pub(super) enum ProtocolArg {
 pub(super) enum Lb {
     LeastRequest,
     RoundRobin,
+    RingHash,
+    Maglev,
+}
+
+/// Parses the command line, keeping the order of the hash-source flags
+/// (which derive alone would lose: the first present source wins).
+pub(super) fn parse_cli<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let m = Cli::command().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&m)?;
+    if let Some(("service", sm)) = m.subcommand()
+        && let Some((_, cm)) = sm.subcommand()
+        && let Command::Service(ServiceCmd::Create { opts, .. } | ServiceCmd::Update { opts, .. }) =
+            &mut cli.command
+    {
+        opts.hash_policy = hash_sources(cm);
+    }
+    Ok(cli)
+}
+
+fn hash_sources(m: &ArgMatches) -> Vec<pb::HashSource> {
+    use pb::hash_source::Source;
+    let mut found: Vec<(usize, Source)> = Vec::new();
+    if let (Some(at), Some(names)) = (
+        m.indices_of("hash_header"),
+        m.get_many::<String>("hash_header"),
+    ) {
+        found.extend(at.zip(names).map(|(i, n)| (i, Source::Header(n.clone()))));
+    }
+    if m.get_flag("hash_source_ip")
+        && let Some(i) = m.index_of("hash_source_ip")
+    {
+        found.push((i, Source::SourceIp(true)));
+    }
+    if let (Some(i), Some(name)) = (
+        m.index_of("hash_cookie"),
+        m.get_one::<String>("hash_cookie"),
+    ) {
+        let ttl = m
+            .get_one::<Duration>("cookie_ttl")
+            .and_then(|t| prost_types::Duration::try_from(*t).ok());
+        found.push((
+            i,
+            Source::Cookie(pb::HashCookie {
+                name: name.clone(),
+                ttl,
+            }),
+        ));
+    }
+    found.sort_by_key(|(i, _)| *i);
+    found
+        .into_iter()
+        .map(|(_, s)| pb::HashSource { source: Some(s) })
+        .collect()
 }
 
 #[derive(Debug, Subcommand)]

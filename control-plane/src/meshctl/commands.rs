@@ -60,9 +60,19 @@ fn service_msg(name: &str, opts: &ServiceOpts) -> (pb::Service, Vec<String>) {
         s.lb_policy = match lb {
             Lb::LeastRequest => pb::LbPolicy::LeastRequest,
             Lb::RoundRobin => pb::LbPolicy::RoundRobin,
+            Lb::RingHash => pb::LbPolicy::RingHash,
+            Lb::Maglev => pb::LbPolicy::Maglev,
         }
         .into();
         paths.push("lb_policy".to_owned());
+    }
+    if !opts.hash_policy.is_empty() {
+        s.hash_policy = opts.hash_policy.clone();
+        paths.push("hash_policy".to_owned());
+    }
+    if let Some(f) = opts.hash_balance_factor {
+        s.hash_balance_factor = Some(f);
+        paths.push("hash_balance_factor".to_owned());
     }
     if let Some(b) = opts.bias {
         s.active_request_bias = Some(b);
@@ -522,7 +532,68 @@ async fn endpoint(
 mod tests {
     use clap::Parser;
 
+    use super::super::args::parse_cli;
+    use super::super::output::hash_summary;
     use super::*;
+
+    #[test]
+    fn hash_flags_keep_their_order() {
+        use pb::hash_source::Source;
+        let cli = parse_cli([
+            "meshctl",
+            "service",
+            "create",
+            "cart",
+            "--lb",
+            "ring-hash",
+            "--hash-cookie",
+            "sticky",
+            "--cookie-ttl",
+            "10m",
+            "--hash-header",
+            "x-user",
+            "--hash-source-ip",
+            "--hash-header",
+            "x-tenant",
+            "--hash-balance-factor",
+            "1.25",
+        ])
+        .unwrap();
+        let Command::Service(ServiceCmd::Create { name, opts }) = cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        let (s, paths) = service_msg(&name, &opts);
+        assert_eq!(paths, ["lb_policy", "hash_policy", "hash_balance_factor"]);
+        assert_eq!(s.lb_policy, i32::from(pb::LbPolicy::RingHash));
+        let got: Vec<_> = s
+            .hash_policy
+            .iter()
+            .map(|h| h.source.clone().unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                Source::Cookie(pb::HashCookie {
+                    name: "sticky".into(),
+                    ttl: Some(prost_types::Duration {
+                        seconds: 600,
+                        nanos: 0
+                    }),
+                }),
+                Source::Header("x-user".into()),
+                Source::SourceIp(true),
+                Source::Header("x-tenant".into()),
+            ]
+        );
+        assert_eq!(
+            hash_summary(&s),
+            "cookie:sticky (ttl 10m), header:x-user, source-ip, header:x-tenant, balance factor 1.25"
+        );
+        let e = parse_cli(["meshctl", "service", "create", "a", "--cookie-ttl", "1m"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--hash-cookie"), "{e}");
+    }
 
     #[test]
     fn flags_parse_into_requests() {

@@ -3,7 +3,9 @@
 //! ```text
 //! meshctl [--server http://127.0.0.1:15010] [--token T | --data-dir DIR] [--output table|json] <command>
 //! meshctl --server https://HOST:15012 --ca-bundle bundle.pem [--cert admin.crt --key admin.key] <command>
-//!   service create|update NAME [--lb least-request|round-robin] [--bias B]
+//!   service create|update NAME [--lb least-request|round-robin|ring-hash|maglev] [--bias B]
+//!       [--hash-header NAME]... [--hash-source-ip] [--hash-cookie NAME [--cookie-ttl D]]
+//!       [--hash-balance-factor F]   (hash sources in command-line order, first present wins)
 //!                              [--connect-timeout 1s] [--request-timeout 5s] [--authority A]
 //!                              [--permissive | --no-permissive] [--protocol grpc|http|tcp]
 //!   service delete|get NAME · service list
@@ -39,10 +41,7 @@ mod output;
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tonic::{Code, Status};
-
-use args::Cli;
 
 /// Exit codes (see the module docs).
 const REFUSED: u8 = 1;
@@ -117,7 +116,10 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match args::parse_cli(std::env::args_os()) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

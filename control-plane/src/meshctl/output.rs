@@ -17,7 +17,36 @@ fn lb_name(v: i32) -> &'static str {
     match pb::LbPolicy::try_from(v) {
         Ok(pb::LbPolicy::RoundRobin) => "round-robin",
         Ok(pb::LbPolicy::LeastRequest | pb::LbPolicy::Unspecified) => "least-request",
+        Ok(pb::LbPolicy::RingHash) => "ring-hash",
+        Ok(pb::LbPolicy::Maglev) => "maglev",
         Err(_) => "unknown",
+    }
+}
+
+/// `header:x-user, cookie:sticky (ttl 10m), source-ip`, or `-`.
+pub(super) fn hash_summary(s: &pb::Service) -> String {
+    use pb::hash_source::Source;
+    let mut parts: Vec<String> = s
+        .hash_policy
+        .iter()
+        .filter_map(|h| {
+            Some(match h.source.as_ref()? {
+                Source::Header(n) => format!("header:{n}"),
+                Source::SourceIp(_) => "source-ip".to_owned(),
+                Source::Cookie(c) => match dur(c.ttl.as_ref()) {
+                    Some(t) => format!("cookie:{} (ttl {t})", c.name),
+                    None => format!("cookie:{}", c.name),
+                },
+            })
+        })
+        .collect();
+    if let Some(f) = s.hash_balance_factor {
+        parts.push(format!("balance factor {f}"));
+    }
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join(", ")
     }
 }
 
@@ -33,6 +62,8 @@ pub(super) fn service_json(s: &pb::Service) -> Value {
         "endpoints": s.endpoint_count,
         "permissive": s.permissive,
         "policy": s.policy.as_ref().map(policy_json),
+        "hash_policy": hash_summary(s),
+        "hash_balance_factor": s.hash_balance_factor,
     })
 }
 
@@ -333,6 +364,7 @@ impl Printer {
             ("name:", s.name.clone()),
             ("protocol:", protocol_name(s.protocol).to_owned()),
             ("lb:", lb),
+            ("hash:", hash_summary(&s)),
             ("connect timeout:", or_dash(dur(s.connect_timeout.as_ref()))),
             ("request timeout:", or_dash(dur(s.request_timeout.as_ref()))),
             ("authority:", or_dash(s.authority.as_ref())),
