@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
+use meshwire_mesh::policy::{Action, Policy, Rule};
+use meshwire_mesh::{Cluster, Endpoint, LbPolicy, ModelError};
 use meshwire_proto::admin::v1 as pb;
 use meshwire_proto::admin::v1::mesh_admin_server::{MeshAdmin, MeshAdminServer};
-use meshwire_xds::policy::{Action, Policy, Rule};
-use meshwire_xds::{Cluster, Endpoint, LbPolicy, ModelError, Snapshot};
+use meshwire_xds::Snapshot;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;

@@ -232,7 +232,7 @@ mod tests {
             let mut req = Request::new(());
             req.extensions_mut().insert(TlsConnectInfo {
                 remote_addr: "127.0.0.1:1".parse().unwrap(),
-                peer_id: peer.map(|p| meshwire_xds::identity::SpiffeId::parse(p).unwrap()),
+                peer_id: peer.map(|p| meshwire_tls::SpiffeId::parse(p).unwrap()),
             });
             check.call(req).map(|_| ()).map_err(|s| s.code())
         };

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use meshwire_xds::identity::{self, CertInfo, Credentials, SpiffeId, TrustBundle};
+use meshwire_tls::{CertInfo, Credentials, SpiffeId, TrustBundle};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
@@ -55,7 +55,7 @@ pub enum CaError {
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
     #[error("{0}")]
-    Identity(#[from] identity::IdentityError),
+    Identity(#[from] meshwire_tls::IdentityError),
     #[error("certificate: {0}")]
     Rcgen(String),
     #[error("CSR: {0}")]
@@ -314,11 +314,11 @@ impl Ca {
     fn load_user(u: &UserCa) -> Result<State, CaError> {
         let cert_pem = read(&u.cert)?;
         let key_pem = read(&u.key)?;
-        let cert = identity::certs_from_pem(&cert_pem)?
+        let cert = meshwire_tls::certs_from_pem(&cert_pem)?
             .into_iter()
             .next()
             .ok_or_else(|| file_err(&u.cert, "no certificate"))?;
-        let info = identity::cert_info(&cert)?;
+        let info = meshwire_tls::cert_info(&cert)?;
         if !info.is_ca {
             return Err(file_err(&u.cert, "not a CA certificate"));
         }
@@ -333,9 +333,11 @@ impl Ca {
             Some(b) => read(b)?,
             None => cert_pem.clone(),
         };
-        let bundle_certs = identity::certs_from_pem(&bundle_pem)?;
-        let fp = identity::fingerprint(&cert);
-        let is_root = bundle_certs.iter().any(|r| identity::fingerprint(r) == fp);
+        let bundle_certs = meshwire_tls::certs_from_pem(&bundle_pem)?;
+        let fp = meshwire_tls::fingerprint(&cert);
+        let is_root = bundle_certs
+            .iter()
+            .any(|r| meshwire_tls::fingerprint(r) == fp);
         if !is_root && u.bundle.is_none() {
             return Err(file_err(
                 &u.cert,
@@ -345,14 +347,14 @@ impl Ca {
         let mut roots = Vec::new();
         for der in bundle_certs {
             roots.push(Root {
-                info: identity::cert_info(&der)?,
+                info: meshwire_tls::cert_info(&der)?,
                 der,
                 key: None,
                 generated: false,
             });
         }
         if roots.is_empty() {
-            return Err(CaError::Identity(identity::IdentityError::EmptyBundle));
+            return Err(CaError::Identity(meshwire_tls::IdentityError::EmptyBundle));
         }
         let signing = Signing {
             fingerprint: if is_root {
@@ -360,7 +362,7 @@ impl Ca {
             } else {
                 // Which root the intermediate chains to is for the bundle to
                 // say; renewals are keyed on the intermediate itself.
-                identity::fingerprint(&cert)
+                meshwire_tls::fingerprint(&cert)
             },
             chain_tail: if is_root {
                 Vec::new()
@@ -388,7 +390,7 @@ impl Ca {
             .collect();
         entries.sort();
         for path in entries {
-            let der = identity::certs_from_pem(&read(&path)?)?
+            let der = meshwire_tls::certs_from_pem(&read(&path)?)?
                 .into_iter()
                 .next()
                 .ok_or_else(|| file_err(&path, "no certificate"))?;
@@ -398,7 +400,7 @@ impl Ca {
                 Err(_) => None,
             };
             roots.push(Root {
-                info: identity::cert_info(&der)?,
+                info: meshwire_tls::cert_info(&der)?,
                 der,
                 key,
                 generated: true,
@@ -449,7 +451,7 @@ impl Ca {
         der: CertificateDer<'static>,
         key: KeyPair,
     ) -> Result<Root, CaError> {
-        let info = identity::cert_info(&der)?;
+        let info = meshwire_tls::cert_info(&der)?;
         let base = dir.join("roots").join(&info.fingerprint);
         write_atomic(
             &base.with_extension("key"),
@@ -458,7 +460,7 @@ impl Ca {
         )?;
         write_atomic(
             &base.with_extension("crt"),
-            identity::to_pem("CERTIFICATE", &der).as_bytes(),
+            meshwire_tls::to_pem("CERTIFICATE", &der).as_bytes(),
             false,
         )?;
         Ok(Root {
@@ -595,7 +597,7 @@ impl Ca {
         let mut chain = vec![cert.der().clone()];
         chain.extend(st.signing.chain_tail.iter().cloned());
         drop(st);
-        let info = identity::cert_info(&chain[0])?;
+        let info = meshwire_tls::cert_info(&chain[0])?;
         Ok(Issued {
             chain,
             spiffe_id: id.clone(),
@@ -669,7 +671,7 @@ impl Ca {
         let chain: String = issued
             .chain
             .iter()
-            .map(|c| identity::to_pem("CERTIFICATE", c))
+            .map(|c| meshwire_tls::to_pem("CERTIFICATE", c))
             .collect();
         Ok((chain, key.serialize_pem()))
     }
@@ -886,7 +888,7 @@ mod tests {
             .create_token("default", "a", Duration::from_secs(60))
             .unwrap();
         let issued = ca.issue_with_token(&token, &csr()).unwrap();
-        let info = identity::cert_info(&issued.chain[0]).unwrap();
+        let info = meshwire_tls::cert_info(&issued.chain[0]).unwrap();
         // The CSR asked for another identity; the token decides.
         assert_eq!(info.spiffe_id.as_deref(), Some(id.as_str()));
         assert_eq!(id.as_str(), "spiffe://meshwire.local/ns/default/sa/a");

@@ -176,7 +176,7 @@ fn check(args: &Args) -> Result<(), String> {
             humantime::format_duration(ca::MIN_CERT_LIFETIME)
         ));
     }
-    if meshwire_xds::identity::SpiffeId::for_service(&args.trust_domain, "default", "x").is_err() {
+    if meshwire_tls::SpiffeId::for_service(&args.trust_domain, "default", "x").is_err() {
         return Err(format!(
             "--trust-domain {:?}: lowercase letters, digits, '-', '.' and '_' only",
             args.trust_domain

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use futures_util::Stream;
 use meshwire_proto::identity::v1 as pb;
 use meshwire_proto::identity::v1::identity_server::{Identity, IdentityServer};
-use meshwire_xds::identity::to_pem;
+use meshwire_tls::to_pem;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 

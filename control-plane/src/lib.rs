@@ -600,7 +600,7 @@ mod tests {
     async fn a_token_for_a_never_yields_b_whatever_the_csr_asks() {
         use meshwire_proto::identity::v1 as ipb;
         use meshwire_proto::identity::v1::identity_client::IdentityClient;
-        use meshwire_xds::identity::{SpiffeId, cert_info, certs_from_pem};
+        use meshwire_tls::{SpiffeId, cert_info, certs_from_pem};
 
         let dir = tempfile::tempdir().unwrap();
         let cp = ControlPlane::start(ControlPlaneConfig::local(dir.path()))

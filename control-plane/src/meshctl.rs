@@ -37,7 +37,6 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshwire_proto::admin::v1 as pb;
 use meshwire_proto::admin::v1::mesh_admin_client::MeshAdminClient;
-use meshwire_xds::identity;
 use serde_json::{Value, json};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -499,7 +498,7 @@ fn with_default_port(server: &str) -> Result<String, Failure> {
 
 /// TLS to the control plane: its certificate verified against the trust
 /// bundle and carrying the control plane's identity; ours if given.
-fn tls_connector(cli: &Cli) -> Result<identity::TlsConnector, Failure> {
+fn tls_connector(cli: &Cli) -> Result<meshwire_tls::TlsConnector, Failure> {
     let read = |flag: &str, path: &std::path::Path| {
         std::fs::read_to_string(path)
             .map_err(|e| Failure::Usage(format!("{flag} {}: {e}", path.display())))
@@ -521,11 +520,11 @@ fn tls_connector(cli: &Cli) -> Result<identity::TlsConnector, Failure> {
             (p, "--ca-bundle")
         }
     };
-    let bundle = identity::TrustBundle::from_pem(&read(flag, &bundle_path)?)
+    let bundle = meshwire_tls::TrustBundle::from_pem(&read(flag, &bundle_path)?)
         .map_err(|e| Failure::Usage(format!("{flag} {}: {e}", bundle_path.display())))?;
     let creds = match (&cli.cert, &cli.key) {
         (Some(cert), Some(key)) => {
-            let chain = identity::certs_from_pem(&read("--cert", cert)?)
+            let chain = meshwire_tls::certs_from_pem(&read("--cert", cert)?)
                 .map_err(|e| Failure::Usage(format!("--cert {}: {e}", cert.display())))?;
             if chain.is_empty() {
                 return Err(Failure::Usage(format!(
@@ -533,16 +532,16 @@ fn tls_connector(cli: &Cli) -> Result<identity::TlsConnector, Failure> {
                     cert.display()
                 )));
             }
-            let key_der = identity::key_from_pem(&read("--key", key)?)
+            let key_der = meshwire_tls::key_from_pem(&read("--key", key)?)
                 .map_err(|e| Failure::Usage(format!("--key {}: {e}", key.display())))?;
-            Some(identity::Credentials {
+            Some(meshwire_tls::Credentials {
                 chain,
                 key: key_der,
             })
         }
         _ => None,
     };
-    let expect = identity::SpiffeId::for_service(
+    let expect = meshwire_tls::SpiffeId::for_service(
         &cli.trust_domain,
         crate::ca::CONTROL_PLANE_NAMESPACE,
         crate::ca::CONTROL_PLANE_SERVICE,
@@ -735,7 +734,7 @@ fn read_policy(path: &std::path::Path) -> Result<pb::Policy, Failure> {
             .map_err(|e| Failure::Usage(format!("--file {}: {e}", path.display())))?
     };
     // JSON is YAML, so one parser reads both (with line and column on errors).
-    let p: meshwire_xds::policy::Policy = serde_yaml_ng::from_str(&text)
+    let p: meshwire_mesh::policy::Policy = serde_yaml_ng::from_str(&text)
         .map_err(|e| Failure::Usage(format!("--file {}: {e}", path.display())))?;
     Ok(crate::api::policy_pb(&p))
 }

@@ -63,7 +63,7 @@ fn publish(build: &impl Fn() -> Snapshot, tx: &watch::Sender<Arc<Snapshot>>) {
 
 #[cfg(test)]
 mod tests {
-    use meshwire_xds::{Cluster, Endpoint};
+    use meshwire_mesh::{Cluster, Endpoint};
     use tokio::time::Instant;
 
     use super::*;

@@ -13,8 +13,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use meshwire_xds::model::{DEFAULT_ACTIVE_REQUEST_BIAS, validate_service_name};
-use meshwire_xds::{Cluster, Endpoint, LbPolicy, ModelError, Snapshot};
+use meshwire_mesh::model::{DEFAULT_ACTIVE_REQUEST_BIAS, validate_service_name};
+use meshwire_mesh::{Cluster, Endpoint, LbPolicy, ModelError};
+use meshwire_xds::Snapshot;
 use tokio::sync::{broadcast, watch};
 
 use crate::store::{Change, Store, StoreError};
@@ -78,7 +79,7 @@ pub struct ServicePatch {
     pub authority: Option<Option<String>>,
     pub permissive: Option<bool>,
     /// `Some(None)` removes the policy (every mesh identity may call).
-    pub policy: Option<Option<meshwire_xds::policy::Policy>>,
+    pub policy: Option<Option<meshwire_mesh::policy::Policy>>,
 }
 
 impl ServicePatch {

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use meshwire_xds::identity::{self, SpiffeId};
+use meshwire_tls::SpiffeId;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -123,8 +123,8 @@ pub fn default_names() -> Vec<String> {
 fn build(ca: &Ca, names: &[String]) -> Result<(Arc<ServerConfig>, SystemTime), CaError> {
     let bundle = ca.bundle();
     let creds = ca.serving_credentials(names)?;
-    let info = identity::cert_info(&creds.chain[0])?;
-    let cfg = identity::server_config(&creds, &bundle.bundle, false)?;
+    let info = meshwire_tls::cert_info(&creds.chain[0])?;
+    let cfg = meshwire_tls::server_config(&creds, &bundle.bundle, false)?;
     let life = info
         .not_after
         .duration_since(info.not_before)
@@ -227,7 +227,7 @@ pub fn incoming(
                         return;
                     }
                 };
-                let peer_id = identity::peer_id(stream.get_ref().1.peer_certificates())
+                let peer_id = meshwire_tls::peer_id(stream.get_ref().1.peer_certificates())
                     .and_then(|id| SpiffeId::parse(&id).ok());
                 let io = TlsIo {
                     stream,
@@ -249,12 +249,12 @@ pub fn incoming(
 /// `creds` are presented as the client certificate. Use it with
 /// `tonic::transport::Endpoint::connect_with_connector` on an `https://` URI.
 pub fn connector(
-    bundle: &identity::TrustBundle,
-    creds: Option<&identity::Credentials>,
+    bundle: &meshwire_tls::TrustBundle,
+    creds: Option<&meshwire_tls::Credentials>,
     expect: Option<&SpiffeId>,
-) -> Result<identity::TlsConnector, identity::IdentityError> {
-    Ok(identity::TlsConnector {
-        config: Arc::new(ArcSwap::new(identity::client_config(creds, bundle)?)),
+) -> Result<meshwire_tls::TlsConnector, meshwire_tls::IdentityError> {
+    Ok(meshwire_tls::TlsConnector {
+        config: Arc::new(ArcSwap::new(meshwire_tls::client_config(creds, bundle)?)),
         expect: expect.map(ToString::to_string),
     })
 }

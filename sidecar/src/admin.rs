@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use meshwire_xds::LbPolicy;
+use meshwire_mesh::LbPolicy;
 use meshwire_xds::client::ClientStatus;
 use serde::Serialize;
 use tokio::sync::watch;

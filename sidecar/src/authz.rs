@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use meshwire_xds::policy::{Action, Call, Policy};
+use meshwire_mesh::policy::{Action, Call, Policy};
 
 /// What the local service's cluster says about its inbound side.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use meshwire_xds::{Cluster, Endpoint, LbPolicy, model::DEFAULT_ACTIVE_REQUEST_BIAS};
+use meshwire_mesh::{Cluster, Endpoint, LbPolicy, model::DEFAULT_ACTIVE_REQUEST_BIAS};
 use serde::Deserialize;
 
 use crate::SidecarConfig;
@@ -186,7 +186,7 @@ impl Args {
                 )));
             }
             let service = self.service.clone().unwrap_or_default();
-            meshwire_xds::model::validate_service_name(&service)
+            meshwire_mesh::model::validate_service_name(&service)
                 .map_err(|e| ConfigError::Flag(format!("--service: {}", e.reason)))?;
             let node_id = self.node_id.clone().unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -210,7 +210,7 @@ impl Args {
         &self,
         cp: Option<&crate::ControlPlaneConfig>,
     ) -> Result<Option<crate::IdentitySource>, ConfigError> {
-        use meshwire_xds::identity::{self, Credentials, TrustBundle};
+        use meshwire_tls::{Credentials, TrustBundle};
         let flag = |f: &str, e: &dyn std::fmt::Display| ConfigError::Flag(format!("{f}: {e}"));
         let read = |f: &str, p: &Path| {
             std::fs::read_to_string(p).map_err(|e| flag(f, &format!("{}: {e}", p.display())))
@@ -224,13 +224,13 @@ impl Args {
             })
             .transpose()?;
         if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
-            let chain =
-                identity::certs_from_pem(&read("--cert", cert)?).map_err(|e| flag("--cert", &e))?;
+            let chain = meshwire_tls::certs_from_pem(&read("--cert", cert)?)
+                .map_err(|e| flag("--cert", &e))?;
             if chain.is_empty() {
                 return Err(flag("--cert", &"no certificate in the file"));
             }
             let key =
-                identity::key_from_pem(&read("--key", key)?).map_err(|e| flag("--key", &e))?;
+                meshwire_tls::key_from_pem(&read("--key", key)?).map_err(|e| flag("--key", &e))?;
             let bundle = bundle.ok_or_else(|| flag("--cert", &"needs --trust-bundle"))?;
             let tls = crate::identity::MeshTls::fixed(Credentials { chain, key }, bundle)
                 .map_err(|e| flag("--cert", &e))?;
@@ -261,7 +261,7 @@ impl Args {
         let bootstrap = match (bundle, &self.ca_fingerprint) {
             (Some(b), _) => crate::identity::Bootstrap::Bundle(b),
             (None, Some(fp)) => {
-                identity::pinned_client_config(fp).map_err(|e| flag("--ca-fingerprint", &e))?;
+                meshwire_tls::pinned_client_config(fp).map_err(|e| flag("--ca-fingerprint", &e))?;
                 crate::identity::Bootstrap::Fingerprint(fp.clone())
             }
             (None, None) => {
@@ -311,7 +311,7 @@ pub struct ServiceFile {
     #[serde(default)]
     pub permissive: bool,
     /// For the sidecar's own service: who may call it.
-    pub policy: Option<meshwire_xds::policy::Policy>,
+    pub policy: Option<meshwire_mesh::policy::Policy>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]

@@ -170,14 +170,14 @@ impl Connector {
         };
         let state = tls.current().ok_or(ConnectError::NoIdentity { addr })?;
         let stream = tokio_rustls::TlsConnector::from(state.client.clone())
-            .connect(meshwire_xds::identity::mesh_server_name(), tcp)
+            .connect(meshwire_tls::mesh_server_name(), tcp)
             .await
             .map_err(|e| ConnectError::Tls {
                 addr,
                 reason: e.to_string(),
             })?;
         if let Some(want) = &self.expect {
-            let got = meshwire_xds::identity::peer_id(stream.get_ref().1.peer_certificates());
+            let got = meshwire_tls::peer_id(stream.get_ref().1.peer_certificates());
             if got.as_deref() != Some(&**want) {
                 tracing::warn!(%addr, presented = ?got, expected = %want, "peer identity mismatch; closing");
                 return Err(ConnectError::WrongPeer {

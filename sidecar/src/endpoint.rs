@@ -38,7 +38,7 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn new(
-        spec: &meshwire_xds::Endpoint,
+        spec: &meshwire_mesh::Endpoint,
         connector: Connector,
         connect_timeout: Duration,
         settings: Arc<H2Settings>,

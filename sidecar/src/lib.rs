@@ -22,7 +22,7 @@
 //! sees the call.
 //!
 //! # One config update
-//! A new list of [`meshwire_xds::Cluster`]s comes either from a static file
+//! A new list of [`meshwire_mesh::Cluster`]s comes either from a static file
 //! (`--static-config`) or from the control plane over xDS (`--control-plane`,
 //! through [`meshwire_xds::client`], which ACKs an update once applied and
 //! NACKs one that was rejected); in-process callers can use [`Sidecar::apply`].
@@ -53,8 +53,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshwire_mesh::{Cluster, ModelError};
 use meshwire_xds::client::{self as xds_client, ClientStatus, ConfigSink};
-use meshwire_xds::{Cluster, ModelError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -235,7 +235,7 @@ impl Sidecar {
         }
 
         let app = cfg.app.map(|addr| {
-            let spec = meshwire_xds::Endpoint::new(addr);
+            let spec = meshwire_mesh::Endpoint::new(addr);
             Endpoint::new(
                 &spec,
                 Connector::default(),

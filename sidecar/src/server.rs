@@ -91,8 +91,7 @@ impl Transport {
         let stream = tokio_rustls::TlsAcceptor::from(state.server.clone())
             .accept(tcp)
             .await?;
-        let identity =
-            meshwire_xds::identity::peer_id(stream.get_ref().1.peer_certificates()).map(Arc::from);
+        let identity = meshwire_tls::peer_id(stream.get_ref().1.peer_certificates()).map(Arc::from);
         Ok((MeshIo::Server(Box::new(stream)), identity))
     }
 }

@@ -8,9 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use meshwire_examples::echo::{EchoHandle, EchoOptions};
+use meshwire_mesh::{Cluster, Endpoint};
 use meshwire_proto::example::v1::echo_client::EchoClient;
 use meshwire_sidecar::{Sidecar, SidecarConfig};
-use meshwire_xds::{Cluster, Endpoint};
 use tonic::transport::Channel;
 
 use crate::{Process, bins, echo_client, echo_with, init_tracing, localhost};

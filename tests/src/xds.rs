@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::StatusCode;
-use meshwire_xds::Cluster;
+use meshwire_mesh::Cluster;
 use tokio::net::TcpListener;
 
 use crate::{http1_get, localhost};

@@ -26,8 +26,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::model::{Cluster, Endpoint};
 use crate::resources::{self, CLUSTER, ENDPOINT};
+use meshwire_mesh::model::{Cluster, Endpoint};
 
 /// Why a sink refused a configuration; becomes the NACK's `error_detail`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -65,7 +65,7 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Connect over mutual TLS with these credentials (`server` may then say
     /// `https://`); `None`: plaintext HTTP/2.
-    pub tls: Option<crate::identity::TlsConnector>,
+    pub tls: Option<meshwire_tls::TlsConnector>,
 }
 
 /// A refused update.

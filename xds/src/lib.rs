@@ -1,19 +1,16 @@
-//! Meshwire's mesh model and (from the control-plane issue on) the xDS v3
-//! protocol shared by both sides.
+//! The xDS v3 protocol between the Meshwire control plane and its clients
+//! (Meshwire sidecars, stock Envoy, proxyless gRPC).
 //!
-//! [`model`] holds the validated domain types every other part speaks:
-//! a [`model::Cluster`] (one service: how to balance, time out and address it)
-//! with its [`model::Endpoint`]s. The sidecar builds them from its static YAML
-//! file today; the control plane and the sidecar's xDS client will translate
-//! Envoy resources to and from them, so validation lives here, once.
+//! An update flows: the control plane publishes a [`Snapshot`] of
+//! `meshwire_mesh` clusters; [`server::AdsServer`] encodes them once with
+//! [`resources`] and pushes them on every ADS stream (State-of-the-World or
+//! Delta) that subscribed; on the sidecar, [`client::run`] decodes and
+//! validates what arrives, hands it to a [`client::ConfigSink`] and ACKs it,
+//! or NACKs it with the reason and keeps the last good configuration.
 
 pub mod client;
-pub mod identity;
-pub mod model;
-pub mod policy;
 pub mod resources;
 pub mod server;
 pub mod snapshot;
 
-pub use model::{Cluster, Endpoint, LbPolicy, ModelError};
 pub use snapshot::Snapshot;

@@ -54,7 +54,7 @@ use envoy_types::pb::google::protobuf::{
 };
 use prost::Message;
 
-use crate::model::{self, Cluster, Endpoint, LbPolicy, ModelError};
+use meshwire_mesh::model::{self, Cluster, Endpoint, LbPolicy, ModelError};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -755,10 +755,10 @@ mod tests {
         e2.draining = true;
         c.endpoints = vec![e1, e2];
         c.permissive = true;
-        c.policy = Some(crate::policy::Policy {
-            default_action: crate::policy::Action::Deny,
-            rules: vec![crate::policy::Rule {
-                action: Some(crate::policy::Action::Allow),
+        c.policy = Some(meshwire_mesh::policy::Policy {
+            default_action: meshwire_mesh::policy::Action::Deny,
+            rules: vec![meshwire_mesh::policy::Rule {
+                action: Some(meshwire_mesh::policy::Action::Allow),
                 sources: vec!["spiffe://mesh/ns/prod/*".into()],
                 methods: vec!["pkg.Echo/*".into()],
                 cidrs: vec!["10.0.0.0/8".into()],

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::Cluster;
+use meshwire_mesh::model::Cluster;
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {

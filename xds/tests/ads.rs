@@ -9,10 +9,11 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use meshwire_mesh::{Cluster, Endpoint};
+use meshwire_xds::Snapshot;
 use meshwire_xds::client::{self, ClientConfig, ClientStatus, ConfigSink};
 use meshwire_xds::resources::{CLUSTER, ENDPOINT};
 use meshwire_xds::server::{AdsServer, StreamObserver};
-use meshwire_xds::{Cluster, Endpoint, Snapshot};
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 

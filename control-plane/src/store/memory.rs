@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::future::BoxFuture;
-use meshwire_xds::{Cluster, Endpoint};
+use meshwire_mesh::{Cluster, Endpoint};
 
 use super::{Change, Loaded, Store, StoreError};
 

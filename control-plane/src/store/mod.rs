@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use meshwire_xds::{Cluster, Endpoint, LbPolicy};
+use meshwire_mesh::{Cluster, Endpoint, LbPolicy};
 use serde::{Deserialize, Serialize};
 
 pub use self::memory::MemoryStore;
@@ -116,7 +116,7 @@ pub struct ServiceRecord {
     #[serde(default)]
     pub permissive: bool,
     #[serde(default)]
-    pub policy: Option<meshwire_xds::policy::Policy>,
+    pub policy: Option<meshwire_mesh::policy::Policy>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

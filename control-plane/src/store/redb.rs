@@ -252,7 +252,7 @@ impl Store for RedbStore {
 mod tests {
     use std::net::SocketAddr;
 
-    use meshwire_xds::{Cluster, Endpoint, LbPolicy};
+    use meshwire_mesh::{Cluster, Endpoint, LbPolicy};
 
     use super::*;
 

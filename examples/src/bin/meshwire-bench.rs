@@ -242,7 +242,7 @@ fn spiffe(service: &str) -> String {
 
 /// A throwaway CA and two workload certificates, written to a temp dir.
 fn write_pki(dir: &Path) -> anyhow::Result<()> {
-    use meshwire_xds::identity::{testing::TestCa, to_pem};
+    use meshwire_tls::{testing::TestCa, to_pem};
     std::fs::create_dir_all(dir)?;
     let ca = TestCa::new("meshwire-bench");
     std::fs::write(dir.join("bundle.pem"), ca.bundle().to_pem())?;

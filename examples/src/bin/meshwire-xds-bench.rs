@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
+use meshwire_mesh::Cluster;
 use meshwire_proto::admin::v1::mesh_admin_client::MeshAdminClient;
 use meshwire_proto::admin::v1::{
     AddEndpointRequest, CreateServiceRequest, Endpoint, Service, SetEndpointWeightRequest,
 };
-use meshwire_xds::Cluster;
 use meshwire_xds::client::{self, ClientConfig, ClientStatus, ConfigSink};
 use tokio::sync::watch;
 use tonic::metadata::MetadataValue;

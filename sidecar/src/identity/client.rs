@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use meshwire_proto::identity::v1 as pb;
 use meshwire_proto::identity::v1::identity_client::IdentityClient;
-use meshwire_xds::identity::{self, Credentials, IdentityError, TlsConnector, TrustBundle};
+use meshwire_tls::{Credentials, IdentityError, TlsConnector, TrustBundle};
 use rustls::pki_types::PrivateKeyDer;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -105,7 +105,7 @@ fn install(
     key: PrivateKeyDer<'static>,
     cert: pb::Certificate,
 ) -> Result<Arc<Installed>, IdentityError> {
-    let chain = identity::certs_from_pem(&cert.cert_chain_pem)?;
+    let chain = meshwire_tls::certs_from_pem(&cert.cert_chain_pem)?;
     let b = cert
         .trust_bundle
         .ok_or_else(|| IdentityError::Certificate("the answer carries no trust bundle".into()))?;
@@ -121,15 +121,15 @@ fn install(
 /// The first certificate, for the join token.
 pub async fn issue(cfg: &IdentityClientConfig, tls: &MeshTls) -> Result<(), IdentityClientError> {
     let config = match &cfg.bootstrap {
-        Bootstrap::Bundle(b) => identity::client_config(None, b)?,
-        Bootstrap::Fingerprint(fp) => identity::pinned_client_config(fp)?,
+        Bootstrap::Bundle(b) => meshwire_tls::client_config(None, b)?,
+        Bootstrap::Fingerprint(fp) => meshwire_tls::pinned_client_config(fp)?,
     };
     let connector = TlsConnector {
         config: Arc::new(ArcSwap::new(config)),
         expect: Some(CONTROL_PLANE_PATH.to_owned()),
     };
     let mut client = IdentityClient::new(channel(cfg, connector)?);
-    let (key, csr_pem) = identity::new_key_and_csr()?;
+    let (key, csr_pem) = meshwire_tls::new_key_and_csr()?;
     let cert = client
         .issue(pb::IssueRequest {
             join_token: cfg.join_token.clone(),
@@ -173,7 +173,7 @@ pub async fn run(cfg: IdentityClientConfig, tls: Arc<MeshTls>, shutdown: Cancell
         .cert
         .spiffe_id
         .as_deref()
-        .and_then(|id| identity::SpiffeId::parse(id).ok())
+        .and_then(|id| meshwire_tls::SpiffeId::parse(id).ok())
         .map(|id| format!("spiffe://{}{CONTROL_PLANE_PATH}", id.trust_domain()));
     let ch = match channel(&cfg, tls.control_plane_connector(expect)) {
         Ok(c) => c,
@@ -252,7 +252,7 @@ async fn renew(
     client: &mut IdentityClient<Channel>,
     tls: &MeshTls,
 ) -> Result<(), IdentityClientError> {
-    let (key, csr_pem) = identity::new_key_and_csr()?;
+    let (key, csr_pem) = meshwire_tls::new_key_and_csr()?;
     let cert = client
         .renew(pb::RenewRequest { csr_pem })
         .await?

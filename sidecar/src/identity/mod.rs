@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use meshwire_xds::identity::{self, CertInfo, Credentials, IdentityError, TrustBundle};
+use meshwire_tls::{CertInfo, Credentials, IdentityError, TrustBundle};
 use tokio::sync::watch;
 
 pub use client::{Bootstrap, IdentityClientConfig, IdentityClientError};
@@ -61,7 +61,7 @@ pub struct MeshTls {
 
 impl MeshTls {
     pub fn new() -> Arc<Self> {
-        let placeholder = rustls::ClientConfig::builder_with_provider(identity::provider())
+        let placeholder = rustls::ClientConfig::builder_with_provider(meshwire_tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("ring supports TLS 1.3")
             .with_root_certificates(rustls::RootCertStore::empty())
@@ -98,8 +98,8 @@ impl MeshTls {
     }
 
     /// A connector to the control plane with our current credentials.
-    pub fn control_plane_connector(&self, expect: Option<String>) -> identity::TlsConnector {
-        identity::TlsConnector {
+    pub fn control_plane_connector(&self, expect: Option<String>) -> meshwire_tls::TlsConnector {
+        meshwire_tls::TlsConnector {
             config: self.control_plane.clone(),
             expect,
         }
@@ -128,14 +128,14 @@ impl MeshTls {
             .chain
             .first()
             .ok_or_else(|| IdentityError::Certificate("empty certificate chain".into()))?;
-        let cert = identity::cert_info(leaf)?;
+        let cert = meshwire_tls::cert_info(leaf)?;
         if cert.spiffe_id.is_none() {
             return Err(IdentityError::Certificate(
                 "the certificate carries no SPIFFE ID".into(),
             ));
         }
-        let client = identity::client_config(Some(&creds), &bundle)?;
-        let server = identity::server_config(&creds, &bundle, true)?;
+        let client = meshwire_tls::client_config(Some(&creds), &bundle)?;
+        let server = meshwire_tls::server_config(&creds, &bundle, true)?;
         let first = self.current.load().is_none();
         let installed = Arc::new(Installed {
             client: client.clone(),

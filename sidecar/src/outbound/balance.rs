@@ -24,7 +24,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use meshwire_xds::LbPolicy;
+use meshwire_mesh::LbPolicy;
 
 use crate::endpoint::Endpoint;
 
@@ -184,7 +184,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &w)| {
-                let spec = meshwire_xds::Endpoint::new(([127, 0, 0, 1], 1000 + i as u16).into());
+                let spec = meshwire_mesh::Endpoint::new(([127, 0, 0, 1], 1000 + i as u16).into());
                 Entry {
                     endpoint: Endpoint::new(
                         &spec,
@@ -232,7 +232,7 @@ mod tests {
     }
 
     const LR: LbPolicy = LbPolicy::LeastRequest {
-        active_request_bias: meshwire_xds::model::DEFAULT_ACTIVE_REQUEST_BIAS,
+        active_request_bias: meshwire_mesh::model::DEFAULT_ACTIVE_REQUEST_BIAS,
     };
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use meshwire_xds::{Cluster, LbPolicy, ModelError};
+use meshwire_mesh::{Cluster, LbPolicy, ModelError};
 
 use super::balance::{EndpointSet, Entry};
 use crate::authz::{Authz, LocalPolicy};
@@ -223,7 +223,7 @@ impl meshwire_xds::client::ConfigSink for Routes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshwire_xds::Endpoint as Spec;
+    use meshwire_mesh::Endpoint as Spec;
 
     fn cluster(name: &str, eps: &[(u16, u32)]) -> Cluster {
         let mut c = Cluster::new(name);

@@ -23,7 +23,7 @@ use meshwire_proto::admin::v1::mesh_admin_client::MeshAdminClient;
 use meshwire_proto::identity::v1 as ipb;
 use meshwire_proto::identity::v1::identity_client::IdentityClient;
 use meshwire_tests::{Bearer, ControlPlaneProcess, admin, eventually};
-use meshwire_xds::identity::{self, Credentials, SpiffeId, TrustBundle};
+use meshwire_tls::{Credentials, SpiffeId, TrustBundle};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -107,7 +107,7 @@ async fn join_token(a: &mut meshwire_tests::Admin, service: &str, ttl: Duration)
 
 /// Issue with a fresh key; the credentials that came back, or the status.
 async fn issue(ch: Channel, token: &str) -> Result<(Credentials, ipb::Certificate), tonic::Status> {
-    let (key, csr) = identity::new_key_and_csr().unwrap();
+    let (key, csr) = meshwire_tls::new_key_and_csr().unwrap();
     let cert = IdentityClient::new(ch)
         .issue(ipb::IssueRequest {
             join_token: token.into(),
@@ -115,12 +115,12 @@ async fn issue(ch: Channel, token: &str) -> Result<(Credentials, ipb::Certificat
         })
         .await?
         .into_inner();
-    let chain = identity::certs_from_pem(&cert.cert_chain_pem).unwrap();
+    let chain = meshwire_tls::certs_from_pem(&cert.cert_chain_pem).unwrap();
     Ok((Credentials { chain, key }, cert))
 }
 
 fn leaf_id(c: &Credentials) -> Option<String> {
-    identity::cert_info(&c.chain[0]).unwrap().spiffe_id
+    meshwire_tls::cert_info(&c.chain[0]).unwrap().spiffe_id
 }
 
 // === tests ===
@@ -234,7 +234,7 @@ async fn renewal_takes_the_identity_from_the_client_certificate() {
     let (creds, first) = issue(tls(&cp, None).await, &t.token).await.unwrap();
 
     let renew = |ch: Channel| async move {
-        let (key, csr) = identity::new_key_and_csr().unwrap();
+        let (key, csr) = meshwire_tls::new_key_and_csr().unwrap();
         IdentityClient::new(ch)
             .renew(ipb::RenewRequest { csr_pem: csr })
             .await
@@ -242,7 +242,7 @@ async fn renewal_takes_the_identity_from_the_client_certificate() {
     };
     let (cert, key) = renew(tls(&cp, Some(&creds)).await).await.unwrap();
     assert_eq!(cert.spiffe_id, t.spiffe_id);
-    let chain = identity::certs_from_pem(&cert.cert_chain_pem).unwrap();
+    let chain = meshwire_tls::certs_from_pem(&cert.cert_chain_pem).unwrap();
     let renewed = Credentials { chain, key };
     assert_eq!(leaf_id(&renewed).as_deref(), Some(t.spiffe_id.as_str()));
     assert_ne!(
@@ -269,8 +269,8 @@ async fn renewal_takes_the_identity_from_the_client_certificate() {
         .admin_credentials(Duration::from_secs(600))
         .unwrap();
     let foreign = Credentials {
-        chain: identity::certs_from_pem(&chain_pem).unwrap(),
-        key: identity::key_from_pem(&key_pem).unwrap(),
+        chain: meshwire_tls::certs_from_pem(&chain_pem).unwrap(),
+        key: meshwire_tls::key_from_pem(&key_pem).unwrap(),
     };
     let refused = match try_tls(
         cp.tls_addr.unwrap(),
@@ -440,8 +440,8 @@ async fn an_admin_certificate_replaces_the_token_on_the_tls_port() {
     let cp = start(dir.path()).await;
     let (chain, key) = cp.ca.admin_credentials(Duration::from_secs(600)).unwrap();
     let admin_creds = Credentials {
-        chain: identity::certs_from_pem(&chain).unwrap(),
-        key: identity::key_from_pem(&key).unwrap(),
+        chain: meshwire_tls::certs_from_pem(&chain).unwrap(),
+        key: meshwire_tls::key_from_pem(&key).unwrap(),
     };
     let anon = |ch: Channel| MeshAdminClient::with_interceptor(ch, Bearer(None));
 
@@ -601,7 +601,7 @@ async fn permissive_and_policy_round_trip_into_the_pushed_cluster() {
     let c = clusters.iter().find(|c| c.name == "alpha").unwrap();
     assert!(c.permissive);
     let p = c.policy.as_ref().unwrap();
-    assert_eq!(p.default_action, meshwire_xds::policy::Action::Deny);
+    assert_eq!(p.default_action, meshwire_mesh::policy::Action::Deny);
     assert_eq!(p.rules.len(), 2);
     assert_eq!(p.rules[1].cidrs, vec!["127.0.0.0/8".to_owned()]);
 

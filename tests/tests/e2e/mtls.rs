@@ -7,14 +7,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use meshwire_examples::echo::EchoHandle;
+use meshwire_mesh::policy::{Action, Policy, Rule};
+use meshwire_mesh::{Cluster, Endpoint};
 use meshwire_proto::example::v1::EchoRequest;
 use meshwire_sidecar::identity::MeshTls;
 use meshwire_sidecar::{IdentitySource, Sidecar, SidecarConfig};
 use meshwire_tests::*;
-use meshwire_xds::identity::testing::TestCa;
-use meshwire_xds::identity::{self, Credentials};
-use meshwire_xds::policy::{Action, Policy, Rule};
-use meshwire_xds::{Cluster, Endpoint};
+use meshwire_tls::Credentials;
+use meshwire_tls::testing::TestCa;
 use tonic::Code;
 
 fn id(service: &str) -> String {
@@ -66,14 +66,14 @@ fn calls(app: &EchoHandle) -> u64 {
 async fn raw_tls_call(
     addr: SocketAddr,
     creds: Option<&Credentials>,
-    trust: &identity::TrustBundle,
+    trust: &meshwire_tls::TrustBundle,
 ) -> Result<u16, String> {
-    let cfg = identity::client_config(creds, trust).map_err(|e| e.to_string())?;
+    let cfg = meshwire_tls::client_config(creds, trust).map_err(|e| e.to_string())?;
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
     let tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(identity::mesh_server_name(), tcp)
+        .connect(meshwire_tls::mesh_server_name(), tcp)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     let (mut h2, conn) = h2::client::handshake(tls)
@@ -149,7 +149,7 @@ async fn calls_between_sidecars_are_mutual_tls() {
     assert_eq!(certs["spiffe_id"], id("a"));
     assert_eq!(
         certs["trust_bundle"]["fingerprints"][0],
-        identity::fingerprint(ca.root())
+        meshwire_tls::fingerprint(ca.root())
     );
 }
 

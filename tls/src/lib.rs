@@ -1,13 +1,20 @@
-//! Workload identity, shared by the control plane and the sidecars: SPIFFE
-//! IDs, trust bundles, and the TLS configurations of the mesh.
+//! Workload identity and TLS for the mesh, shared by the control plane and
+//! the sidecars: SPIFFE IDs, trust bundles, certificate verification and the
+//! rustls configurations of every hop.
 //!
 //! Every hop is TLS 1.3 with ALPN `h2`, both sides presenting certificates
 //! issued by the mesh CA. Verification is by chain to the trust bundle (which
 //! may hold several roots during a root rotation), never by host name: the
 //! identity that matters is the peer's SPIFFE ID (`spiffe://<trust-domain>/ns/
 //! <namespace>/sa/<service>`), read from its certificate after the handshake
-//! and compared with the one the control plane pushed for that endpoint,
-//! before a single request byte is sent.
+//! ([`peer_id`]) and compared with the one the control plane pushed for that
+//! endpoint ([`check_peer`]), before a single request byte is sent.
+//!
+//! A certificate flows: a sidecar makes a key and CSR ([`new_key_and_csr`]),
+//! the control plane's CA signs it, and the sidecar builds its
+//! [`server_config`] and [`client_config`] from the returned chain and the
+//! [`TrustBundle`]; before its first certificate it reaches the control plane
+//! through a [`TlsConnector`] over [`pinned_client_config`].
 
 use std::fmt;
 use std::net::SocketAddr;

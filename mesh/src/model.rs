@@ -139,7 +139,7 @@ impl Cluster {
         }
         for (i, ep) in self.endpoints.iter().enumerate() {
             if let Some(id) = &ep.identity
-                && crate::identity::SpiffeId::parse(id).is_err()
+                && meshwire_tls::SpiffeId::parse(id).is_err()
             {
                 return Err(ModelError::new(
                     format!("endpoints[{i}].identity"),

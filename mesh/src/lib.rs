@@ -1,0 +1,13 @@
+//! The mesh model every Meshwire part speaks.
+//!
+//! [`model`] holds the validated domain types: a [`Cluster`] (one service: how
+//! to balance, time out and address it) with its [`Endpoint`]s, and the
+//! [`policy`] that says who may call it. The control plane builds them from
+//! its registry, `meshwire-xds` turns them into Envoy resources and back, and
+//! the sidecar routes and authorizes calls by them; validation lives here,
+//! once, so every path into a `Cluster` ends in the same checks.
+
+pub mod model;
+pub mod policy;
+
+pub use model::{Cluster, Endpoint, LbPolicy, ModelError};
