@@ -5,11 +5,14 @@
 //! `cargo test --workspace` builds them: cargo builds a package's binaries
 //! when it builds that package's integration tests, and each package with
 //! binaries has one (`tests/cli.rs`). Other invocations
-//! (`cargo test -p meshwire-tests`, a test executable run by hand) can leave
-//! one missing, or older than a source file it is built from; then the first
-//! use runs `$CARGO build --workspace --bins` (same profile and target
-//! directory) once per test process, and panics with that command if it fails
-//! or leaves a binary behind, so a stale binary is never used silently.
+//! (`cargo test -p meshwire-tests`, `--test e2e`, a test executable run by
+//! hand) can leave one missing, or older than a file it is built from (as
+//! cargo's dep-info file `<bin>.d` lists them); then the first use runs
+//! `$CARGO test --workspace --no-run` (same profile and target directory)
+//! once per test process. That builds exactly what `cargo test --workspace`
+//! builds, with the same features, so no dependency is compiled a second time
+//! with other features. It panics with that command if the build fails or
+//! leaves a binary stale, so a stale binary is never used silently.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -89,23 +92,13 @@ fn profile_dir() -> PathBuf {
 fn locate() -> Vec<PathBuf> {
     let dir = profile_dir();
     let paths: Vec<PathBuf> = ALL.iter().map(|b| dir.join(b.name())).collect();
-    let newest_source = newest_source();
-    let stale = |p: &PathBuf| match modified(p) {
-        None => Some(format!("{} is missing", p.display())),
-        Some(t) if t < newest_source.0 => Some(format!(
-            "{} is older than {}",
-            p.display(),
-            newest_source.1.display()
-        )),
-        Some(_) => None,
-    };
-    let Some(why) = paths.iter().find_map(stale) else {
+    let Some(why) = paths.iter().find_map(|p| stale(p)) else {
         return paths;
     };
     let mut cmd = build_command(&dir);
     eprintln!("meshwire-tests: {why}; running {cmd:?}");
     let ok = cmd.status().is_ok_and(|s| s.success());
-    let still = paths.iter().find_map(stale);
+    let still = paths.iter().find_map(|p| stale(p));
     assert!(
         ok && still.is_none(),
         "the workspace's binaries could not be brought up to date ({}); run {cmd:?}, \
@@ -115,13 +108,52 @@ fn locate() -> Vec<PathBuf> {
     paths
 }
 
-/// `$CARGO build --workspace --bins` into `dir` (`<target>/<profile>`).
+/// Why `bin` must be (re)built, if it must: it is missing, or a file of this
+/// repository it is built from (as cargo's dep-info `<bin>.d` lists them,
+/// plus the root manifest and lock file) is newer than it.
+fn stale(bin: &Path) -> Option<String> {
+    let Some(built) = modified(bin) else {
+        return Some(format!("{} is missing", bin.display()));
+    };
+    let root = crate::repo_root();
+    let dep_info = std::fs::read_to_string(bin.with_extension("d")).unwrap_or_default();
+    let sources = dep_info
+        .split_once(": ")
+        .map_or("", |(_, deps)| deps)
+        .split_whitespace()
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(&root))
+        .chain([root.join("Cargo.toml"), root.join("Cargo.lock")]);
+    for src in sources {
+        if modified(&src).is_some_and(|t| t > built) {
+            return Some(format!("{} is older than {}", bin.display(), src.display()));
+        }
+    }
+    None
+}
+
+/// `$CARGO test --workspace --no-run` into `dir` (`<target>/<profile>`): the
+/// packages' CLI tests, and so their binaries. (`cargo build --bins`, or
+/// selecting only some tests, resolves other features for some dependencies
+/// and would compile much of the dependency tree a second time.)
 fn build_command(dir: &Path) -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(crate::repo_root())
-        .args(["build", "--workspace", "--bins"])
+        .args(["test", "--workspace", "--no-run"])
         .env("CARGO_TARGET_DIR", dir.parent().expect("target dir"));
+    // What cargo set for this test process describes the test package; build
+    // scripts (ring's) rerun when such a variable changes, so a build seeing
+    // them would compile them again, and again in the next plain cargo run.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if TEST_RUN_VARS.contains(&k.as_ref())
+            || k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_EXE_")
+        {
+            cmd.env_remove(&key);
+        }
+    }
     match dir.file_name().and_then(OsStr::to_str).unwrap_or("debug") {
         "debug" => {}
         "release" => {
@@ -134,43 +166,20 @@ fn build_command(dir: &Path) -> Command {
     cmd
 }
 
+/// Variables cargo sets for a test process (besides `CARGO_PKG_*` and
+/// `CARGO_BIN_EXE_*`), not for itself.
+const TEST_RUN_VARS: [&str; 9] = [
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+    "CARGO_MANIFEST_LINKS",
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_TMPDIR",
+    "CARGO_RUSTC_CURRENT_DIR",
+    "OUT_DIR",
+];
+
 fn modified(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
-}
-
-/// The newest file the binaries are built from: every crate directory of
-/// the workspace except `tests/`, and the root manifest and lock file.
-fn newest_source() -> (SystemTime, PathBuf) {
-    let root = crate::repo_root();
-    let mut newest = (SystemTime::UNIX_EPOCH, root.join("Cargo.toml"));
-    let mut visit = |p: PathBuf| {
-        if let Some(t) = modified(&p)
-            && t > newest.0
-        {
-            newest = (t, p);
-        }
-    };
-    visit(root.join("Cargo.toml"));
-    visit(root.join("Cargo.lock"));
-    let crates = std::fs::read_dir(&root).expect("read the repo root");
-    let mut stack: Vec<PathBuf> = crates
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.join("Cargo.toml").is_file() && !p.ends_with("tests"))
-        .collect();
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.filter_map(Result::ok) {
-            let p = e.path();
-            let hidden = e.file_name().to_string_lossy().starts_with('.');
-            match e.file_type() {
-                Ok(t) if t.is_dir() && !hidden && e.file_name() != "target" => stack.push(p),
-                Ok(t) if t.is_file() => visit(p),
-                _ => {}
-            }
-        }
-    }
-    newest
 }
