@@ -20,5 +20,6 @@ mod mesh;
 mod mtls;
 mod passthrough;
 mod process;
+mod protocols;
 mod telemetry;
 mod xds_sidecar;
