@@ -14,6 +14,7 @@ mod control_plane_api;
 mod demo;
 mod envoy_interop;
 mod grpc_proxyless;
+mod hashing;
 mod identity;
 mod interop_grpcio;
 mod mesh;
