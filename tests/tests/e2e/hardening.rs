@@ -17,9 +17,6 @@ use meshwire_tests::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const CP: &str = env!("CARGO_BIN_EXE_mw-control-plane");
-const SIDECAR: &str = env!("CARGO_BIN_EXE_mw-sidecar");
-
 // === harness ===
 
 /// Sets the soft and hard descriptor limit of a running process.
@@ -93,8 +90,8 @@ fn tail(log: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_accept_loops_back_off_when_out_of_descriptors() {
     let data = data_dir();
-    let cp = ControlPlaneProcess::spawn(CP, data.path()).await;
-    let pid = cp.child.id();
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
+    let pid = cp.id();
     let open = fd_count(pid);
     let limit = open + 40;
     set_nofile(pid, limit);
@@ -165,7 +162,7 @@ async fn control_plane_accept_loops_back_off_when_out_of_descriptors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_refuses_an_identity_sidecars_would_reject() {
     let data = data_dir();
-    let cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
     let mut admin = cp.client().await;
     let version = api::create_service(&mut admin, "echo").await;
     let err = admin
@@ -201,7 +198,7 @@ async fn the_api_refuses_an_identity_sidecars_would_reject() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_one_sidecar_refuses_blocks_neither_its_start_nor_other_services() {
     let data = data_dir();
-    let cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
     let mut admin = cp.client().await;
     let (b1, b2) = (echo("b1").await, echo("b2").await);
     api::create_service(&mut admin, "echo").await;
@@ -219,7 +216,6 @@ async fn a_service_one_sidecar_refuses_blocks_neither_its_start_nor_other_servic
 
     let url = cp.url();
     let sc = SidecarProcess::spawn(
-        SIDECAR,
         &[
             "--control-plane",
             &url,
