@@ -10,8 +10,8 @@ use std::time::Duration;
 
 /// Smallest and largest endpoint weight (Envoy's `load_balancing_weight` range
 /// is wider; we keep weights small so the balancer's arithmetic stays exact).
-pub const MIN_WEIGHT: u32 = 1;
-pub const MAX_WEIGHT: u32 = 10_000;
+pub(crate) const MIN_WEIGHT: u32 = 1;
+pub(crate) const MAX_WEIGHT: u32 = 10_000;
 
 /// Default bias of the weighted least-request picker (see the sidecar's
 /// `balance` module for what it does).

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use meshwire_control_plane::auth::Bearer;
 use meshwire_examples::echo::{self, EchoHandle, EchoOptions, MAX_MESSAGE};
 use meshwire_mesh::{Cluster, Endpoint};
 use meshwire_proto::example::v1::echo_client::EchoClient;
@@ -859,19 +860,6 @@ impl Drop for EnvoyProcess {
 
 // === the control plane as a real process, and its admin API ===
 
-/// Adds `authorization: Bearer <token>` (or nothing) to every call.
-#[derive(Debug, Clone)]
-pub struct Bearer(pub Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
 pub type Admin = meshwire_proto::admin::v1::mesh_admin_client::MeshAdminClient<
     tonic::service::interceptor::InterceptedService<Channel, Bearer>,
 >;
@@ -884,7 +872,7 @@ pub async fn admin(addr: SocketAddr, header: Option<&str>) -> Admin {
         .expect("connect to the control plane");
     meshwire_proto::admin::v1::mesh_admin_client::MeshAdminClient::with_interceptor(
         channel,
-        Bearer(header.map(|h| h.parse().unwrap())),
+        header.map_or_else(Bearer::default, |h| Bearer::header(h.parse().unwrap())),
     )
 }
 
