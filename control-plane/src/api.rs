@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use meshwire_mesh::policy::{Action, Policy, Rule};
-use meshwire_mesh::{Cluster, Endpoint, LbPolicy, ModelError};
+use meshwire_mesh::{Cluster, Endpoint, LbPolicy, ModelError, Protocol};
 use meshwire_proto::admin::v1 as pb;
 use meshwire_proto::admin::v1::mesh_admin_server::{MeshAdmin, MeshAdminServer};
 use meshwire_xds::Snapshot;
@@ -36,7 +36,7 @@ const MAX_METADATA_VALUE: usize = 4096;
 const MAX_IDENTITY: usize = 2048;
 
 /// The fields `UpdateService` can change.
-const UPDATABLE: &str = "lb_policy, active_request_bias, connect_timeout, request_timeout, authority, permissive, policy";
+const UPDATABLE: &str = "lb_policy, active_request_bias, connect_timeout, request_timeout, authority, permissive, policy, protocol";
 
 /// Bounds on a policy, so one call cannot bloat every snapshot.
 const MAX_RULES: usize = 256;
@@ -242,6 +242,27 @@ fn authority(a: Option<&String>) -> Result<Option<String>, ModelError> {
     }
 }
 
+fn protocol(p: i32) -> Result<Protocol, ModelError> {
+    match pb::Protocol::try_from(p) {
+        Ok(pb::Protocol::Unspecified | pb::Protocol::Grpc) => Ok(Protocol::Grpc),
+        Ok(pb::Protocol::Http) => Ok(Protocol::Http),
+        Ok(pb::Protocol::Tcp) => Ok(Protocol::Tcp),
+        Err(_) => Err(ModelError::new(
+            "protocol",
+            format!("unknown value {p} (PROTOCOL_GRPC, PROTOCOL_HTTP or PROTOCOL_TCP)"),
+        )),
+    }
+}
+
+fn protocol_pb(p: Protocol) -> i32 {
+    match p {
+        Protocol::Grpc => pb::Protocol::Grpc,
+        Protocol::Http => pb::Protocol::Http,
+        Protocol::Tcp => pb::Protocol::Tcp,
+    }
+    .into()
+}
+
 /// A new service from a request (validated whole by the registry).
 fn new_service(s: &pb::Service) -> Result<Cluster, ModelError> {
     let mut c = Cluster::new(&s.name);
@@ -252,6 +273,7 @@ fn new_service(s: &pb::Service) -> Result<Cluster, ModelError> {
         request_timeout: Some(duration("request_timeout", s.request_timeout.as_ref())?),
         authority: Some(authority(s.authority.as_ref())?),
         permissive: Some(s.permissive),
+        protocol: Some(protocol(s.protocol)?),
         policy: Some(
             s.policy
                 .as_ref()
@@ -302,6 +324,7 @@ fn service_patch(s: &pb::Service, paths: &[String]) -> Result<ServicePatch, Mode
                 patch.authority = Some(authority(s.authority.as_ref()).map_err(in_service)?);
             }
             "permissive" => patch.permissive = Some(s.permissive),
+            "protocol" => patch.protocol = Some(protocol(s.protocol).map_err(in_service)?),
             "policy" => {
                 patch.policy = Some(
                     s.policy
@@ -418,6 +441,7 @@ fn service_pb(info: &ServiceInfo) -> pb::Service {
         endpoint_count: u32::try_from(info.endpoints).unwrap_or(u32::MAX),
         permissive: c.permissive,
         policy: c.policy.as_ref().map(policy_pb),
+        protocol: protocol_pb(c.protocol),
     }
 }
 

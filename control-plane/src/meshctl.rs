@@ -5,7 +5,7 @@
 //! meshctl --server https://HOST:15012 --ca-bundle bundle.pem [--cert admin.crt --key admin.key] <command>
 //!   service create|update NAME [--lb least-request|round-robin] [--bias B]
 //!                              [--connect-timeout 1s] [--request-timeout 5s] [--authority A]
-//!                              [--permissive | --no-permissive]
+//!                              [--permissive | --no-permissive] [--protocol grpc|http|tcp]
 //!   service delete|get NAME · service list
 //!   service policy set NAME --file policy.yaml|json · service policy clear NAME
 //!   token create --service NAME [--namespace NS] [--ttl 1h]
@@ -253,6 +253,16 @@ struct ServiceOpts {
     /// Also accept plaintext (non-mTLS) calls on the service's inbound ports.
     #[arg(long)]
     permissive: bool,
+    /// What the service's apps speak: grpc (default), http (REST, HTTP/1.1 or h2c) or tcp (opaque bytes).
+    #[arg(long, value_enum)]
+    protocol: Option<ProtocolArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProtocolArg {
+    Grpc,
+    Http,
+    Tcp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -628,6 +638,15 @@ fn service_msg(name: &str, opts: &ServiceOpts) -> (pb::Service, Vec<String>) {
         s.permissive = true;
         paths.push("permissive".to_owned());
     }
+    if let Some(p) = opts.protocol {
+        s.protocol = match p {
+            ProtocolArg::Grpc => pb::Protocol::Grpc,
+            ProtocolArg::Http => pb::Protocol::Http,
+            ProtocolArg::Tcp => pb::Protocol::Tcp,
+        }
+        .into();
+        paths.push("protocol".to_owned());
+    }
     (s, paths)
 }
 
@@ -669,7 +688,7 @@ async fn service(
             }
             if paths.is_empty() {
                 return Err(Failure::Usage(
-                    "service update: nothing to change (give --lb, --bias, --connect-timeout, --request-timeout, --authority, --permissive, --no-request-timeout, --no-authority or --no-permissive)".into(),
+                    "service update: nothing to change (give --lb, --bias, --connect-timeout, --request-timeout, --authority, --permissive, --protocol, --no-request-timeout, --no-authority or --no-permissive)".into(),
                 ));
             }
             let r = client
@@ -1071,6 +1090,7 @@ fn lb_name(v: i32) -> &'static str {
 fn service_json(s: &pb::Service) -> Value {
     json!({
         "name": s.name,
+        "protocol": protocol_name(s.protocol),
         "lb_policy": lb_name(s.lb_policy).replace('-', "_"),
         "active_request_bias": s.active_request_bias,
         "connect_timeout": dur(s.connect_timeout.as_ref()),
@@ -1080,6 +1100,14 @@ fn service_json(s: &pb::Service) -> Value {
         "permissive": s.permissive,
         "policy": s.policy.as_ref().map(policy_json),
     })
+}
+
+fn protocol_name(v: i32) -> &'static str {
+    match pb::Protocol::try_from(v) {
+        Ok(pb::Protocol::Http) => "http",
+        Ok(pb::Protocol::Tcp) => "tcp",
+        Ok(pb::Protocol::Grpc | pb::Protocol::Unspecified) | Err(_) => "grpc",
+    }
 }
 
 fn action_name(v: i32) -> &'static str {
@@ -1314,6 +1342,7 @@ impl Printer {
             .map(|s| {
                 vec![
                     s.name.clone(),
+                    protocol_name(s.protocol).to_owned(),
                     lb_name(s.lb_policy).to_owned(),
                     or_dash(s.active_request_bias),
                     or_dash(dur(s.connect_timeout.as_ref())),
@@ -1328,6 +1357,7 @@ impl Printer {
         self.print(&table(
             &[
                 "NAME",
+                "PROTOCOL",
                 "LB",
                 "BIAS",
                 "CONNECT",
@@ -1367,6 +1397,7 @@ impl Printer {
         };
         let fields = [
             ("name:", s.name.clone()),
+            ("protocol:", protocol_name(s.protocol).to_owned()),
             ("lb:", lb),
             ("connect timeout:", or_dash(dur(s.connect_timeout.as_ref()))),
             ("request timeout:", or_dash(dur(s.request_timeout.as_ref()))),

@@ -78,6 +78,7 @@ pub struct ServicePatch {
     pub request_timeout: Option<Option<Duration>>,
     pub authority: Option<Option<String>>,
     pub permissive: Option<bool>,
+    pub protocol: Option<meshwire_mesh::Protocol>,
     /// `Some(None)` removes the policy (every mesh identity may call).
     pub policy: Option<Option<meshwire_mesh::policy::Policy>>,
 }
@@ -124,6 +125,9 @@ impl ServicePatch {
         if let Some(p) = self.permissive {
             c.permissive = p;
         }
+        if let Some(p) = self.protocol {
+            c.protocol = p;
+        }
         if let Some(p) = &self.policy {
             c.policy = p.clone();
         }
@@ -142,6 +146,7 @@ pub struct EndpointPatch {
 pub fn settings(c: &Cluster) -> Cluster {
     Cluster {
         name: c.name.clone(),
+        protocol: c.protocol,
         lb: c.lb,
         connect_timeout: c.connect_timeout,
         request_timeout: c.request_timeout,

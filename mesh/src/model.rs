@@ -62,11 +62,69 @@ impl Default for LbPolicy {
     }
 }
 
+/// What a service's apps speak, which decides how its calls are carried.
+///
+/// The hop between sidecars is HTTP/2 over mutual TLS for all three: `http`
+/// requests ride it as HTTP/2 streams (whatever HTTP version the apps use),
+/// `tcp` connections as CONNECT streams (RFC 9113 §8.5), one per connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// gRPC over HTTP/2: the app is reached over h2c.
+    #[default]
+    Grpc,
+    /// HTTP/1.1 or HTTP/2 (REST): the app is reached over HTTP/1.1, or
+    /// over h2c when it speaks it.
+    Http,
+    /// Opaque bytes, balanced per connection.
+    Tcp,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Grpc, Protocol::Http, Protocol::Tcp];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+        }
+    }
+
+    /// HTTP of some kind (routed per request rather than per connection).
+    pub fn is_http(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        Protocol::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                ModelError::new(
+                    "protocol",
+                    format!("unknown protocol {s:?}; use grpc, http or tcp"),
+                )
+            })
+    }
+}
+
 /// One service of the mesh as a caller sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cluster {
     /// The service name callers put in `:authority` / `Host`.
     pub name: String,
+    /// What the service's apps speak.
+    pub protocol: Protocol,
     pub lb: LbPolicy,
     /// Time allowed to open a connection (TCP and, later, TLS) to an endpoint.
     pub connect_timeout: Duration,
@@ -87,6 +145,7 @@ impl Cluster {
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
+            protocol: Protocol::default(),
             lb: LbPolicy::default(),
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             request_timeout: None,
@@ -305,5 +364,16 @@ mod tests {
         c.authority = None;
         c.endpoints = vec![Endpoint::new("0.0.0.0:80".parse().unwrap())];
         assert_eq!(c.validate().unwrap_err().field, "endpoints[0].address");
+    }
+
+    #[test]
+    fn protocols_parse_by_name() {
+        for p in Protocol::ALL {
+            assert_eq!(p.as_str().parse::<Protocol>(), Ok(p));
+        }
+        assert_eq!(Protocol::default(), Protocol::Grpc);
+        let e = "udp".parse::<Protocol>().unwrap_err();
+        assert_eq!(e.field, "protocol");
+        assert!(e.reason.contains("grpc, http or tcp"), "{e}");
     }
 }

@@ -242,6 +242,7 @@ impl AdminState {
                 let set = c.endpoints.load();
                 serde_json::json!({
                     "name": &*c.name,
+                    "protocol": c.protocol.as_str(),
                     "lb_policy": match c.lb {
                         LbPolicy::LeastRequest { .. } => "least_request",
                         LbPolicy::RoundRobin => "round_robin",

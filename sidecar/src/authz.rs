@@ -15,6 +15,8 @@ use meshwire_mesh::policy::{Action, Call, Policy};
 /// What the local service's cluster says about its inbound side.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LocalPolicy {
+    /// What the local app speaks: how the inbound side reaches it.
+    pub protocol: meshwire_mesh::Protocol,
     /// Plaintext callers (no identity) accepted beside mutual TLS.
     pub permissive: bool,
     /// `None`: every caller that passed the TLS handshake is allowed.
@@ -48,6 +50,11 @@ impl Authz {
 
     pub fn permissive(&self) -> bool {
         self.current.load().permissive
+    }
+
+    /// The local service's protocol (gRPC until its cluster says otherwise).
+    pub fn protocol(&self) -> meshwire_mesh::Protocol {
+        self.current.load().protocol
     }
 
     /// `true` if the call may go through.

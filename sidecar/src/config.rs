@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use meshwire_mesh::cli::parse_duration;
-use meshwire_mesh::{Cluster, Endpoint, LbPolicy, model::DEFAULT_ACTIVE_REQUEST_BIAS};
+use meshwire_mesh::{Cluster, Endpoint, LbPolicy, Protocol, model::DEFAULT_ACTIVE_REQUEST_BIAS};
 use serde::Deserialize;
 
 use crate::SidecarConfig;
@@ -290,6 +290,9 @@ pub struct StaticConfig {
 #[serde(deny_unknown_fields)]
 pub struct ServiceFile {
     pub name: String,
+    /// `grpc` (default), `http` or `tcp`.
+    #[serde(default)]
+    pub protocol: ProtocolFile,
     #[serde(default)]
     pub lb_policy: LbPolicyFile,
     /// Strength of load steering for unequal weights (0 = plain weighted round robin).
@@ -309,6 +312,25 @@ pub struct ServiceFile {
     pub permissive: bool,
     /// For the sidecar's own service: who may call it.
     pub policy: Option<meshwire_mesh::policy::Policy>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProtocolFile {
+    #[default]
+    Grpc,
+    Http,
+    Tcp,
+}
+
+impl From<ProtocolFile> for Protocol {
+    fn from(p: ProtocolFile) -> Self {
+        match p {
+            ProtocolFile::Grpc => Protocol::Grpc,
+            ProtocolFile::Http => Protocol::Http,
+            ProtocolFile::Tcp => Protocol::Tcp,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -401,6 +423,7 @@ impl StaticConfig {
             .iter()
             .map(|s| {
                 let mut c = Cluster::new(s.name.clone());
+                c.protocol = s.protocol.into();
                 c.lb = match s.lb_policy {
                     LbPolicyFile::LeastRequest => LbPolicy::LeastRequest {
                         active_request_bias: s
@@ -459,13 +482,18 @@ services:
       - address: 10.0.0.2:15006
   - name: billing
     lb_policy: round_robin
+  - name: broker
+    protocol: tcp
+    listen: 127.0.0.2:1883
 "#;
 
     #[test]
     fn parses_a_full_file() {
         let cfg = StaticConfig::parse(GOOD).unwrap();
         let cl = cfg.clusters();
-        assert_eq!(cl.len(), 2);
+        assert_eq!(cl.len(), 3);
+        assert_eq!(cl[0].protocol, Protocol::Grpc, "the default");
+        assert_eq!(cl[2].protocol, Protocol::Tcp);
         assert_eq!(cl[0].connect_timeout, Duration::from_millis(250));
         assert_eq!(cl[0].request_timeout, Some(Duration::from_secs(5)));
         assert_eq!(cl[0].endpoints[0].weight, 3);
@@ -473,7 +501,10 @@ services:
         assert_eq!(cl[1].lb, LbPolicy::RoundRobin);
         assert_eq!(
             cfg.listeners(),
-            vec![("127.0.0.1:9001".parse().unwrap(), "greeter".into())]
+            vec![
+                ("127.0.0.1:9001".parse().unwrap(), "greeter".into()),
+                ("127.0.0.2:1883".parse().unwrap(), "broker".into())
+            ]
         );
     }
 
@@ -510,6 +541,10 @@ services:
 
         let (f, _) = err("services:\n  - name: a\n    lb_policy: random\n");
         assert_eq!(f, "services[0].lb_policy");
+
+        let (f, r) = err("services:\n  - name: a\n    protocol: udp\n");
+        assert_eq!(f, "services[0].protocol");
+        assert!(r.contains("grpc") && r.contains("tcp"), "{r}");
     }
 
     fn args(extra: &[&str]) -> Result<Args, clap::Error> {

@@ -44,6 +44,7 @@ use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
@@ -54,7 +55,7 @@ use envoy_types::pb::google::protobuf::{
 };
 use prost::Message;
 
-use meshwire_mesh::model::{self, Cluster, Endpoint, LbPolicy, ModelError};
+use meshwire_mesh::model::{self, Cluster, Endpoint, LbPolicy, ModelError, Protocol};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -62,6 +63,8 @@ pub(crate) const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.
 pub(crate) const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+const TCP_PROXY: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const HTTP_OPTIONS: &str =
     "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 const HTTP_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -81,6 +84,11 @@ pub(crate) const ENVOY_ROUTE: &str = "meshwire_outbound";
 /// Node metadata key naming the port of Envoy's outbound listener.
 pub(crate) const NODE_OUTBOUND_PORT: &str = "meshwire.outbound_port";
 pub(crate) const DEFAULT_OUTBOUND_PORT: u32 = 15001;
+/// Node metadata key: a struct of `service name → local port` for the `tcp`
+/// services a stock Envoy should offer (one listener each).
+pub const NODE_SERVICE_PORTS: &str = "meshwire.service_ports";
+/// Stock Envoy's listener for `tcp` service `name` is `meshwire_tcp_<name>`.
+pub(crate) const ENVOY_TCP_LISTENER_PREFIX: &str = "meshwire_tcp_";
 
 /// Why a resource could not be decoded or is invalid.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -294,6 +302,9 @@ pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
         let json = serde_json::to_string(p).unwrap_or_default();
         fields.insert("policy".to_owned(), str_value(&json));
     }
+    if c.protocol != Protocol::Grpc {
+        fields.insert("protocol".to_owned(), str_value(c.protocol.as_str()));
+    }
     if c.permissive {
         fields.insert(
             "permissive".to_owned(),
@@ -313,7 +324,8 @@ pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
         .collect(),
         ..Default::default()
     });
-    // Upstreams speak HTTP/2 (gRPC); stock Envoy needs to be told.
+    // Upstreams are sidecars' inbound listeners, HTTP/2 whatever the
+    // protocol (`tcp` rides CONNECT streams); stock Envoy needs to be told.
     let http2 = HttpProtocolOptions {
         upstream_protocol_options: Some(
             http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
@@ -398,6 +410,11 @@ pub fn decode_cluster(any: &Any) -> Result<Cluster, ResourceError> {
         c.request_timeout = Some(Duration::from_millis(ms as u64));
     }
     c.authority = meta_str(md, META, "authority").map(str::to_owned);
+    if let Some(p) = meta_str(md, META, "protocol") {
+        c.protocol = p
+            .parse()
+            .map_err(|e: ModelError| err("metadata.protocol", e.reason))?;
+    }
     if let Some(json) = meta_str(md, META, "policy") {
         c.policy = Some(
             serde_json::from_str(json)
@@ -718,12 +735,43 @@ pub(crate) fn envoy_listener(port: u32) -> Listener {
     }
 }
 
-/// Stock Envoy's routes: one virtual host per service, matched by authority
-/// (`greeter` and `greeter:<any port>`).
+/// Stock Envoy's listener for one `tcp` service on `127.0.0.1:port`: a
+/// `tcp_proxy` that tunnels each connection as an HTTP/2 CONNECT stream to
+/// the service's sidecars (the same carriage Meshwire sidecars use). No idle
+/// timeout: Envoy's default of 1 h cuts long-lived quiet connections (MQTT).
+pub(crate) fn envoy_tcp_listener(cluster: &Cluster, port: u32) -> Listener {
+    let name = format!("{ENVOY_TCP_LISTENER_PREFIX}{}", cluster.name);
+    let proxy = TcpProxy {
+        stat_prefix: name.clone(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.name.clone())),
+        tunneling_config: Some(tcp_proxy::TunnelingConfig {
+            hostname: cluster.name.clone(),
+            ..Default::default()
+        }),
+        idle_timeout: Some(pduration(Duration::ZERO)),
+        ..Default::default()
+    };
+    Listener {
+        name,
+        address: Some(socket(SocketAddr::from(([127, 0, 0, 1], port as u16)))),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(to_any(TCP_PROXY, &proxy))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Stock Envoy's routes: one virtual host per HTTP (`grpc`, `http`) service,
+/// matched by authority (`greeter` and `greeter:<any port>`).
 pub(crate) fn envoy_route<'a>(clusters: impl Iterator<Item = &'a Cluster>) -> RouteConfiguration {
     RouteConfiguration {
         name: ENVOY_ROUTE.into(),
         virtual_hosts: clusters
+            .filter(|c| c.protocol.is_http())
             .map(|c| VirtualHost {
                 name: c.name.clone(),
                 domains: vec![c.name.clone(), format!("{}:*", c.name)],
@@ -755,6 +803,7 @@ mod tests {
         e2.draining = true;
         c.endpoints = vec![e1, e2];
         c.permissive = true;
+        c.protocol = Protocol::Http;
         c.policy = Some(meshwire_mesh::policy::Policy {
             default_action: meshwire_mesh::policy::Action::Deny,
             rules: vec![meshwire_mesh::policy::Rule {
@@ -843,6 +892,62 @@ mod tests {
             decode_cluster(&garbage),
             Err(ResourceError::Decode { .. })
         ));
+    }
+
+    #[test]
+    fn protocol_round_trips_and_bad_names_are_refused() {
+        for p in Protocol::ALL {
+            let c = Cluster {
+                protocol: p,
+                ..Cluster::new("svc")
+            };
+            let back = decode_cluster(&to_any(CLUSTER, &encode_cluster(&c))).unwrap();
+            assert_eq!(back.protocol, p);
+        }
+        let mut x = encode_cluster(&cluster());
+        x.metadata
+            .as_mut()
+            .unwrap()
+            .filter_metadata
+            .get_mut(META)
+            .unwrap()
+            .fields
+            .insert("protocol".into(), str_value("udp"));
+        let e = decode_cluster(&to_any(CLUSTER, &x))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("metadata.protocol") && e.contains("\"udp\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn envoy_gets_tcp_proxy_for_tcp_and_routes_for_http() {
+        let tcp = Cluster {
+            protocol: Protocol::Tcp,
+            ..Cluster::new("mqtt")
+        };
+        let web = Cluster {
+            protocol: Protocol::Http,
+            ..Cluster::new("web")
+        };
+        let rc = envoy_route([&tcp, &web, &Cluster::new("greeter")].into_iter());
+        let hosts: Vec<_> = rc.virtual_hosts.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(hosts, ["web", "greeter"]);
+        let l = envoy_tcp_listener(&tcp, 18830);
+        assert_eq!(l.name, "meshwire_tcp_mqtt");
+        let f = &l.filter_chains[0].filters[0];
+        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+            panic!("typed config")
+        };
+        let p = TcpProxy::decode(any.value.as_slice()).unwrap();
+        assert_eq!(
+            p.cluster_specifier,
+            Some(tcp_proxy::ClusterSpecifier::Cluster("mqtt".into()))
+        );
+        assert_eq!(p.tunneling_config.unwrap().hostname, "mqtt");
+        assert_eq!(p.idle_timeout, Some(pduration(Duration::ZERO)));
     }
 
     #[test]

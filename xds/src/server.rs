@@ -16,7 +16,8 @@
 //! - `ClusterLoadAssignment`: the ones named.
 //! - `Listener`: a wildcard request (stock Envoy) gets the outbound listener on
 //!   the port in node metadata `meshwire.outbound_port` (default 15001, 0 for
-//!   an ephemeral port);
+//!   an ephemeral port), and one `tcp_proxy` listener per `tcp` service named
+//!   in node metadata `meshwire.service_ports` (`{service: port}`);
 //!   named listeners (proxyless gRPC, `xds:///<service>`) get API listeners.
 //! - `RouteConfiguration`: `meshwire_outbound` (Envoy) routes by authority to
 //!   every service; a service's name (gRPC) routes everything to it.
@@ -122,6 +123,8 @@ impl Encoded {
 #[derive(Debug, Default, Clone)]
 struct NodeInfo {
     outbound_port: u32,
+    /// `tcp` services this node offers on a local port each.
+    service_ports: BTreeMap<String, u32>,
 }
 
 impl NodeInfo {
@@ -138,8 +141,34 @@ impl NodeInfo {
             // 0 is allowed: the listener binds an ephemeral port (tests).
             .filter(|p| *p <= 65535)
             .unwrap_or(resources::DEFAULT_OUTBOUND_PORT);
+        let service_ports = node
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(resources::NODE_SERVICE_PORTS))
+            .and_then(|v| match &v.kind {
+                Some(value::Kind::StructValue(s)) => Some(s),
+                _ => None,
+            })
+            .map(|s| {
+                s.fields
+                    .iter()
+                    .filter_map(|(name, v)| match &v.kind {
+                        Some(value::Kind::NumberValue(n)) if (0.0..=65535.0).contains(n) => {
+                            Some((name.clone(), *n as u32))
+                        }
+                        Some(value::Kind::StringValue(p)) => p
+                            .parse()
+                            .ok()
+                            .filter(|p| *p <= 65535)
+                            .map(|p| (name.clone(), p)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         Self {
             outbound_port: port,
+            service_ports,
         }
     }
 }
@@ -210,6 +239,21 @@ fn resources_for(
             if interest.wildcard {
                 let (a, h) = entry(LISTENER, &resources::envoy_listener(node.outbound_port));
                 out.push((resources::ENVOY_LISTENER.to_owned(), a, h));
+                for (name, port) in &node.service_ports {
+                    if let Some(c) = enc
+                        .snapshot
+                        .clusters
+                        .get(name)
+                        .filter(|c| c.protocol == meshwire_mesh::Protocol::Tcp)
+                    {
+                        let (a, h) = entry(LISTENER, &resources::envoy_tcp_listener(c, *port));
+                        out.push((
+                            format!("{}{name}", resources::ENVOY_TCP_LISTENER_PREFIX),
+                            a,
+                            h,
+                        ));
+                    }
+                }
             }
             for n in &interest.names {
                 if enc.snapshot.clusters.contains_key(n) {

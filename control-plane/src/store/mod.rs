@@ -117,6 +117,24 @@ pub struct ServiceRecord {
     pub permissive: bool,
     #[serde(default)]
     pub policy: Option<meshwire_mesh::policy::Policy>,
+    /// `grpc`, `http` or `tcp`; records written before protocols are gRPC.
+    #[serde(default, with = "protocol_name")]
+    pub protocol: meshwire_mesh::Protocol,
+}
+
+/// The protocol as its name, so stored records stay readable.
+mod protocol_name {
+    use meshwire_mesh::Protocol;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(p: &Protocol, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(p.as_str())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Protocol, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -158,6 +176,7 @@ impl From<&Cluster> for ServiceRecord {
             authority: c.authority.clone(),
             permissive: c.permissive,
             policy: c.policy.clone(),
+            protocol: c.protocol,
         }
     }
 }
@@ -179,6 +198,7 @@ impl ServiceRecord {
         c.authority = self.authority;
         c.permissive = self.permissive;
         c.policy = self.policy;
+        c.protocol = self.protocol;
         c
     }
 }

@@ -9,6 +9,7 @@
 //! ```
 
 pub mod balance;
+pub mod hash;
 pub mod route;
 
 use std::convert::Infallible;

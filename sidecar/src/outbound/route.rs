@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use meshwire_mesh::{Cluster, LbPolicy, ModelError};
+use meshwire_mesh::{Cluster, LbPolicy, ModelError, Protocol};
 
 use super::balance::{EndpointSet, Entry};
 use crate::authz::{Authz, LocalPolicy};
@@ -26,6 +26,7 @@ use crate::pool::H2Settings;
 #[derive(Debug)]
 pub struct ClusterState {
     pub name: Arc<str>,
+    pub protocol: Protocol,
     pub lb: LbPolicy,
     pub request_timeout: Option<Duration>,
     pub connect_timeout: Duration,
@@ -37,6 +38,7 @@ pub struct ClusterState {
 impl ClusterState {
     fn same_settings(&self, c: &Cluster) -> bool {
         self.lb == c.lb
+            && self.protocol == c.protocol
             && self.request_timeout == c.request_timeout
             && self.connect_timeout == c.connect_timeout
             && self.authority.as_ref().map(Authority::as_str) == c.authority.as_deref()
@@ -161,6 +163,7 @@ impl Routes {
                 }
                 _ => Arc::new(ClusterState {
                     name: Arc::from(c.name.as_str()),
+                    protocol: c.protocol,
                     lb: c.lb,
                     request_timeout: c.request_timeout,
                     connect_timeout: c.connect_timeout,
@@ -178,6 +181,7 @@ impl Routes {
         if let Some((name, authz)) = &self.local {
             let local = clusters.iter().find(|c| &c.name == name);
             authz.store(LocalPolicy {
+                protocol: local.map(|c| c.protocol).unwrap_or_default(),
                 permissive: local.is_some_and(|c| c.permissive),
                 policy: local.and_then(|c| c.policy.clone()),
             });
