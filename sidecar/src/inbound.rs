@@ -16,6 +16,9 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use meshwire_mesh::Protocol;
+
+use crate::app_http1::AppHttp;
 use crate::authz::Authz;
 use crate::body::{RequestBody, ResponseBody};
 use crate::endpoint::Endpoint;
@@ -37,6 +40,10 @@ pub struct Inbound {
     pub telemetry: Arc<Telemetry>,
     /// The local service's policy.
     pub authz: Arc<Authz>,
+    /// The app over HTTP/1.1, for an `http` service whose app does not speak h2c.
+    pub http1: Arc<crate::app_http1::Http1App>,
+    /// Add `x-forwarded-for` / `forwarded` to HTTP (non-gRPC) requests.
+    pub forwarded_headers: bool,
 }
 
 impl Inbound {
@@ -48,7 +55,11 @@ impl Inbound {
             req.uri().path(),
             conn.peer.ip(),
         ) {
-            self.forward(req, grpc).await
+            if crate::tcp::is_tcp_connect(&req) {
+                self.tcp(req, conn).await
+            } else {
+                self.forward(req, grpc, conn).await
+            }
         } else {
             let caller = conn
                 .identity
@@ -71,11 +82,36 @@ impl Inbound {
         }
     }
 
-    async fn forward(
+    /// A TCP connection for a `tcp` service (see [`crate::tcp`]).
+    async fn tcp(
         &self,
         req: Request<Incoming>,
-        grpc: bool,
+        conn: &ConnInfo,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        if self.authz.protocol() != Protocol::Tcp {
+            return Err(ProxyError::BadRequest(
+                "CONNECT to a service that is not protocol tcp",
+            ));
+        }
+        crate::tcp::accept(
+            req,
+            self.app.addr,
+            self.app.pool.connect_timeout(),
+            self.telemetry.metrics.clone(),
+            conn,
+        )
+        .await
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        grpc: bool,
+        conn: &ConnInfo,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        if self.forwarded_headers && !grpc {
+            crate::http1::add_forwarded(req.headers_mut(), conn.peer.ip(), conn.identity.is_some());
+        }
         let timeout = proxy::call_timeout(req.headers(), None);
         let shape = CallShape {
             grpc,
@@ -109,6 +145,10 @@ impl Inbound {
         if let Some(t) = trace.as_deref() {
             t.endpoint(self.app.addr, 1);
             t.inject(req.headers_mut());
+        }
+        if self.authz.protocol() == Protocol::Http && self.http1.speaks().await != AppHttp::H2c {
+            let guard = self.app.start_call();
+            return self.http1.send(req, guard, trace).await;
         }
         for _ in 0..MAX_ATTEMPTS {
             let guard = self.app.start_call();

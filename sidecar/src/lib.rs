@@ -33,6 +33,7 @@
 //! read the ports back), or run the `meshwire-sidecar` binary.
 
 pub mod admin;
+pub mod app_http1;
 pub mod authz;
 pub mod body;
 pub mod cli;
@@ -40,6 +41,7 @@ pub mod config;
 pub mod connect;
 pub mod endpoint;
 pub mod grpc;
+pub mod http1;
 pub mod identity;
 pub mod inbound;
 pub mod outbound;
@@ -47,6 +49,7 @@ pub mod pool;
 pub mod proxy;
 pub mod respond;
 pub mod server;
+pub mod tcp;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -105,6 +108,8 @@ pub struct SidecarConfig {
     /// Longest an outbound call made during start-up waits for the sidecar
     /// to be ready (certificate and first config) before it fails.
     pub startup_wait: Duration,
+    /// Add `x-forwarded-for` / `forwarded` to HTTP requests reaching the app.
+    pub forwarded_headers: bool,
 }
 
 /// Where the sidecar's certificate comes from.
@@ -146,6 +151,7 @@ impl SidecarConfig {
             identity: None,
             service: None,
             startup_wait: Duration::from_secs(10),
+            forwarded_headers: true,
         }
     }
 
@@ -368,6 +374,15 @@ impl Sidecar {
         for (svc, l) in service_ls {
             let ob = outbound.clone();
             let name: Arc<str> = Arc::from(svc.as_str());
+            let is_tcp = sidecar
+                .routes
+                .load()
+                .get(&svc)
+                .is_some_and(|c| c.protocol == meshwire_mesh::Protocol::Tcp);
+            if is_tcp {
+                tcp::spawn_listener(l, name, ob, shutdown.clone(), &tracker);
+                continue;
+            }
             server::spawn(
                 "service",
                 l,
@@ -381,6 +396,8 @@ impl Sidecar {
         }
         if let (Some(l), Some(app)) = (inbound_l, app) {
             let inbound = Arc::new(Inbound {
+                http1: app_http1::Http1App::new(app.addr, cfg.app_connect_timeout),
+                forwarded_headers: cfg.forwarded_headers,
                 app,
                 telemetry: telemetry.clone(),
                 authz: authz.clone(),

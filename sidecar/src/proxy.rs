@@ -61,7 +61,7 @@ const HOP_BY_HOP: [header::HeaderName; 5] = [
     header::HeaderName::from_static("keep-alive"),
 ];
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named by `Connection` are hop-by-hop too.
     let named: Vec<header::HeaderName> = headers
         .get_all(header::CONNECTION)

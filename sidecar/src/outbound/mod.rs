@@ -116,6 +116,18 @@ impl Outbound {
         self
     }
 
+    /// Waits at the start-up gate, if the sidecar is still starting.
+    pub(crate) async fn pass_gate(&self, headers: &http::HeaderMap) -> Result<(), ProxyError> {
+        match &self.gate {
+            Some(g) => g.pass(headers).await,
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
     /// Counts errors and traces calls with `telemetry`.
     pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
         self.telemetry = telemetry;
@@ -158,6 +170,7 @@ impl Outbound {
                 .cloned()
                 .ok_or_else(|| ProxyError::UnknownService(name.to_owned()))?
         };
+        crate::http1::check_request(&req, cluster.protocol)?;
         let timeout = proxy::call_timeout(req.headers(), cluster.request_timeout);
         let shape = CallShape {
             grpc,

@@ -141,6 +141,8 @@ pub struct SidecarMetrics {
     pub spans_dropped_export_failed: AtomicU64,
     /// Calls sampled for tracing, by direction.
     pub calls_sampled: [AtomicU64; 2],
+    /// TCP connections of `tcp` services, by direction.
+    pub tcp: crate::tcp::TcpMetrics,
 }
 
 /// The `kind` label of `meshwire_sidecar_errors_total` (see `respond::ProxyError::kind`).
@@ -375,6 +377,53 @@ impl SidecarCollector {
                     counter(&mut m.encode_family(&l)?, n)?;
                 }
             }
+        }
+        let t = &s.tcp;
+        for (name, help, values, kind) in [
+            (
+                "meshwire_tcp_connections_opened",
+                "TCP connections of tcp services carried, by direction",
+                &t.opened,
+                MetricType::Counter,
+            ),
+            (
+                "meshwire_tcp_connections_failed",
+                "TCP connections that could not be carried (no endpoint answered, refused)",
+                &t.failed,
+                MetricType::Counter,
+            ),
+            (
+                "meshwire_tcp_sent_bytes",
+                "Bytes from the connecting side towards the service, by direction",
+                &t.bytes_up,
+                MetricType::Counter,
+            ),
+            (
+                "meshwire_tcp_received_bytes",
+                "Bytes back to the connecting side, by direction",
+                &t.bytes_down,
+                MetricType::Counter,
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, kind)?;
+            for d in [Direction::Outbound, Direction::Inbound] {
+                let l = [("direction", d.as_str())];
+                counter(
+                    &mut m.encode_family(&l)?,
+                    values[d as usize].load(Ordering::Relaxed),
+                )?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "meshwire_tcp_connections_active",
+            "TCP connections of tcp services open now, by direction",
+            None,
+            MetricType::Gauge,
+        )?;
+        for d in [Direction::Outbound, Direction::Inbound] {
+            let l = [("direction", d.as_str())];
+            let v = t.active[d as usize].load(Ordering::Relaxed).max(0) as u64;
+            m.encode_family(&l)?.encode_gauge(&v)?;
         }
         let mut m = enc.encode_descriptor(
             "meshwire_trace_calls_sampled",
