@@ -171,29 +171,19 @@ fn num_value(n: f64) -> Value {
     }
 }
 
+fn meta_kind<'a>(m: Option<&'a Metadata>, key: &str, field: &str) -> Option<&'a value::Kind> {
+    m?.filter_metadata.get(key)?.fields.get(field)?.kind.as_ref()
+}
+
 fn meta_str<'a>(m: Option<&'a Metadata>, key: &str, field: &str) -> Option<&'a str> {
-    match m?
-        .filter_metadata
-        .get(key)?
-        .fields
-        .get(field)?
-        .kind
-        .as_ref()?
-    {
+    match meta_kind(m, key, field)? {
         value::Kind::StringValue(s) => Some(s),
         _ => None,
     }
 }
 
 fn meta_num(m: Option<&Metadata>, key: &str, field: &str) -> Option<f64> {
-    match m?
-        .filter_metadata
-        .get(key)?
-        .fields
-        .get(field)?
-        .kind
-        .as_ref()?
-    {
+    match meta_kind(m, key, field)? {
         value::Kind::NumberValue(n) => Some(*n),
         _ => None,
     }
