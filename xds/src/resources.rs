@@ -191,7 +191,12 @@ fn num_value(n: f64) -> Value {
 }
 
 fn meta_kind<'a>(m: Option<&'a Metadata>, key: &str, field: &str) -> Option<&'a value::Kind> {
-    m?.filter_metadata.get(key)?.fields.get(field)?.kind.as_ref()
+    m?.filter_metadata
+        .get(key)?
+        .fields
+        .get(field)?
+        .kind
+        .as_ref()
 }
 
 fn meta_str<'a>(m: Option<&'a Metadata>, key: &str, field: &str) -> Option<&'a str> {
