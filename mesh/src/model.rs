@@ -10,8 +10,8 @@ use std::time::Duration;
 
 /// Smallest and largest endpoint weight (Envoy's `load_balancing_weight` range
 /// is wider; we keep weights small so the balancer's arithmetic stays exact).
-pub const MIN_WEIGHT: u32 = 1;
-pub const MAX_WEIGHT: u32 = 10_000;
+pub(crate) const MIN_WEIGHT: u32 = 1;
+pub(crate) const MAX_WEIGHT: u32 = 10_000;
 
 /// Most endpoints one service may have: the control plane refuses more, and
 /// a sidecar accepts at most this many by default (`--max-endpoints` may

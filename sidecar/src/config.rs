@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use meshwire_mesh::cli::parse_duration;
 use meshwire_mesh::{
     Cluster, Endpoint, HashLb, LbPolicy, Protocol, model::DEFAULT_ACTIVE_REQUEST_BIAS,
 };
@@ -136,10 +137,6 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
             "{s:?} is not a number between 0 and 1 (e.g. 0.01 for 1 %)"
         )),
     }
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 500ms, 5s, 1m)"))
 }
 
 impl Args {

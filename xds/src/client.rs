@@ -39,7 +39,7 @@ pub struct ApplyError(pub String);
 
 /// Why one ADS stream ended.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     #[error("bad control-plane address {address:?}: {reason}")]
     Address { address: String, reason: String },
     #[error("connect {address}: {reason}")]

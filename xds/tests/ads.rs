@@ -42,6 +42,10 @@ impl Observer {
     fn push(&self, e: String) {
         self.events.lock().unwrap().push(e);
     }
+    /// This exact event.
+    fn saw(&self, event: &str) -> bool {
+        self.events.lock().unwrap().iter().any(|e| e == event)
+    }
     fn has(&self, needle: &str) -> bool {
         self.events
             .lock()
@@ -503,4 +507,121 @@ async fn sotw_eds_sends_only_changed_assignments() {
     assert_eq!(second.resources.len(), 1, "only the changed assignment");
     let (name, eps) = meshwire_xds::resources::decode_cla(&second.resources[0]).unwrap();
     assert_eq!((name.as_str(), eps[0].weight), ("a", 7));
+}
+
+/// SotW and Delta replies go through the same ACK/NACK path: a NACK or ACK
+/// of the latest response is reported with the version sent under that
+/// nonce, a reply to an older response is ignored.
+#[tokio::test]
+async fn sotw_and_delta_ack_nack_and_ignore_stale_replies_alike() {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+    let nack = |msg: &str| {
+        Some(RpcStatus {
+            message: msg.into(),
+            ..Default::default()
+        })
+    };
+    let node = || {
+        Some(Node {
+            id: "n".into(),
+            ..Default::default()
+        })
+    };
+    let (addr, tx, obs, _server) = serve(Snapshot::new(1, [cluster("a", &[(1001, 1)])])).await;
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+
+    // State of the World: stream 1.
+    let (sotw_tx, rx) = tokio::sync::mpsc::channel(8);
+    sotw_tx
+        .send(DiscoveryRequest {
+            node: node(),
+            type_url: CLUSTER.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut sotw = client
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let s1 = sotw.next().await.unwrap().unwrap();
+
+    // Delta: stream 2.
+    let (delta_tx, rx) = tokio::sync::mpsc::channel(8);
+    delta_tx
+        .send(DeltaDiscoveryRequest {
+            node: node(),
+            type_url: CLUSTER.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut delta = client
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let d1 = delta.next().await.unwrap().unwrap();
+
+    tx.send(Arc::new(Snapshot::new(
+        2,
+        [cluster("a", &[(1001, 1)]), cluster("b", &[(2001, 1)])],
+    )))
+    .unwrap();
+    let s2 = sotw.next().await.unwrap().unwrap();
+    let d2 = delta.next().await.unwrap().unwrap();
+
+    for (nonce, error) in [(&s1.nonce, nack("stale")), (&s2.nonce, nack("bad sotw"))] {
+        sotw_tx
+            .send(DiscoveryRequest {
+                type_url: CLUSTER.into(),
+                response_nonce: nonce.clone(),
+                error_detail: error,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    for (nonce, error) in [(&d1.nonce, nack("stale")), (&d2.nonce, nack("bad delta"))] {
+        delta_tx
+            .send(DeltaDiscoveryRequest {
+                type_url: CLUSTER.into(),
+                response_nonce: nonce.clone(),
+                error_detail: error,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    until(&obs, |o| {
+        o.has("nack 1 Cluster 2 bad sotw") && o.has("nack 2 Cluster 2 bad delta")
+    })
+    .await;
+    assert!(!obs.has("stale"), "a reply to an older response is ignored");
+
+    sotw_tx
+        .send(DiscoveryRequest {
+            type_url: CLUSTER.into(),
+            version_info: s2.version_info.clone(),
+            response_nonce: s2.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    delta_tx
+        .send(DeltaDiscoveryRequest {
+            type_url: CLUSTER.into(),
+            response_nonce: d2.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    until(&obs, |o| {
+        o.saw("ack 1 Cluster 2") && o.saw("ack 2 Cluster 2")
+    })
+    .await;
 }

@@ -16,13 +16,14 @@ use std::time::{Duration, SystemTime};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use meshwire_control_plane::auth::Bearer;
 use meshwire_control_plane::ca::{CONTROL_PLANE_NAMESPACE, CONTROL_PLANE_SERVICE};
 use meshwire_control_plane::{ControlPlane, ControlPlaneConfig, ControlPlaneHandle};
 use meshwire_proto::admin::v1 as pb;
 use meshwire_proto::admin::v1::mesh_admin_client::MeshAdminClient;
 use meshwire_proto::identity::v1 as ipb;
 use meshwire_proto::identity::v1::identity_client::IdentityClient;
-use meshwire_tests::{Bearer, ControlPlaneProcess, admin, eventually};
+use meshwire_tests::{ControlPlaneProcess, admin, eventually};
 use meshwire_tls::{Credentials, SpiffeId, TrustBundle};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -443,7 +444,7 @@ async fn an_admin_certificate_replaces_the_token_on_the_tls_port() {
         chain: meshwire_tls::certs_from_pem(&chain).unwrap(),
         key: meshwire_tls::key_from_pem(&key).unwrap(),
     };
-    let anon = |ch: Channel| MeshAdminClient::with_interceptor(ch, Bearer(None));
+    let anon = |ch: Channel| MeshAdminClient::with_interceptor(ch, Bearer::default());
 
     let mut client = anon(tls(&cp, Some(&admin_creds)).await);
     client
@@ -485,7 +486,7 @@ async fn an_admin_certificate_replaces_the_token_on_the_tls_port() {
     // The token still works over TLS too.
     let mut with_token = MeshAdminClient::with_interceptor(
         tls(&cp, None).await,
-        Bearer(Some(format!("Bearer {}", cp.admin_token).parse().unwrap())),
+        Bearer::new(Some(&cp.admin_token)).unwrap(),
     );
     with_token.get_ca(pb::GetCaRequest {}).await.unwrap();
     cp.stop().await.unwrap();
