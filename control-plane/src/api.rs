@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use meshwire_mesh::policy::{Action, Policy, Rule};
-use meshwire_mesh::{Cluster, Endpoint, LbPolicy, ModelError, Protocol};
+use meshwire_mesh::{Cluster, Endpoint, HashSource, LbPolicy, ModelError, Protocol};
 use meshwire_proto::admin::v1 as pb;
 use meshwire_proto::admin::v1::mesh_admin_server::{MeshAdmin, MeshAdminServer};
 use meshwire_xds::Snapshot;
@@ -36,7 +36,7 @@ const MAX_METADATA_VALUE: usize = 4096;
 const MAX_IDENTITY: usize = 2048;
 
 /// The fields `UpdateService` can change.
-const UPDATABLE: &str = "lb_policy, active_request_bias, connect_timeout, request_timeout, authority, permissive, policy, protocol";
+const UPDATABLE: &str = "lb_policy, active_request_bias, connect_timeout, request_timeout, authority, permissive, policy, protocol, hash_policy, hash_balance_factor";
 
 /// Bounds on a policy, so one call cannot bloat every snapshot.
 const MAX_RULES: usize = 256;
@@ -110,6 +110,9 @@ fn api_field(mut e: ModelError) -> ModelError {
     if e.field == "lb.active_request_bias" {
         e.field = "active_request_bias".into();
     }
+    if e.field == "lb.balance_factor" {
+        e.field = "hash_balance_factor".into();
+    }
     e
 }
 
@@ -158,11 +161,59 @@ fn lb_kind(value: i32) -> Result<Option<LbKind>, ModelError> {
         Ok(pb::LbPolicy::Unspecified) => Ok(None),
         Ok(pb::LbPolicy::LeastRequest) => Ok(Some(LbKind::LeastRequest)),
         Ok(pb::LbPolicy::RoundRobin) => Ok(Some(LbKind::RoundRobin)),
+        Ok(pb::LbPolicy::RingHash) => Ok(Some(LbKind::RingHash)),
+        Ok(pb::LbPolicy::Maglev) => Ok(Some(LbKind::Maglev)),
         Err(_) => Err(ModelError::new(
             "lb_policy",
-            format!("unknown value {value}; use LB_POLICY_LEAST_REQUEST or LB_POLICY_ROUND_ROBIN"),
+            format!(
+                "unknown value {value}; use LB_POLICY_LEAST_REQUEST, LB_POLICY_ROUND_ROBIN, LB_POLICY_RING_HASH or LB_POLICY_MAGLEV"
+            ),
         )),
     }
+}
+
+fn hash_policy(sources: &[pb::HashSource]) -> Result<Vec<HashSource>, ModelError> {
+    use pb::hash_source::Source;
+    sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let at = |e: ModelError| e.within(&format!("hash_policy[{i}]"));
+            let h = match &s.source {
+                Some(Source::Header(h)) => HashSource::Header(h.clone()),
+                Some(Source::SourceIp(true)) => HashSource::SourceIp,
+                Some(Source::Cookie(c)) => HashSource::Cookie {
+                    name: c.name.clone(),
+                    ttl: duration("ttl", c.ttl.as_ref()).map_err(|e| at(e.within("cookie")))?,
+                },
+                Some(Source::SourceIp(false)) | None => {
+                    return Err(at(ModelError::new(
+                        "",
+                        "set one of header, source_ip (true) or cookie",
+                    )));
+                }
+            };
+            h.validate().map_err(at)?;
+            Ok(h)
+        })
+        .collect()
+}
+
+fn hash_policy_pb(sources: &[HashSource]) -> Vec<pb::HashSource> {
+    use pb::hash_source::Source;
+    sources
+        .iter()
+        .map(|s| pb::HashSource {
+            source: Some(match s {
+                HashSource::Header(h) => Source::Header(h.clone()),
+                HashSource::SourceIp => Source::SourceIp(true),
+                HashSource::Cookie { name, ttl } => Source::Cookie(pb::HashCookie {
+                    name: name.clone(),
+                    ttl: ttl.and_then(|t| prost_types::Duration::try_from(t).ok()),
+                }),
+            }),
+        })
+        .collect()
 }
 
 fn duration(
@@ -281,6 +332,8 @@ fn new_service(s: &pb::Service) -> Result<Cluster, ModelError> {
                 .transpose()
                 .map_err(|e| e.within("policy"))?,
         ),
+        hash_policy: Some(hash_policy(&s.hash_policy)?),
+        hash_balance_factor: Some(s.hash_balance_factor),
     };
     patch.apply(&mut c)?;
     c.validate().map_err(api_field)?;
@@ -325,6 +378,10 @@ fn service_patch(s: &pb::Service, paths: &[String]) -> Result<ServicePatch, Mode
             }
             "permissive" => patch.permissive = Some(s.permissive),
             "protocol" => patch.protocol = Some(protocol(s.protocol).map_err(in_service)?),
+            "hash_policy" => {
+                patch.hash_policy = Some(hash_policy(&s.hash_policy).map_err(in_service)?);
+            }
+            "hash_balance_factor" => patch.hash_balance_factor = Some(s.hash_balance_factor),
             "policy" => {
                 patch.policy = Some(
                     s.policy
@@ -429,6 +486,8 @@ fn service_pb(info: &ServiceInfo) -> pb::Service {
             active_request_bias,
         } => (pb::LbPolicy::LeastRequest, Some(active_request_bias)),
         LbPolicy::RoundRobin => (pb::LbPolicy::RoundRobin, None),
+        LbPolicy::RingHash(_) => (pb::LbPolicy::RingHash, None),
+        LbPolicy::Maglev(_) => (pb::LbPolicy::Maglev, None),
     };
     let dur = |d: Duration| prost_types::Duration::try_from(d).ok();
     pb::Service {
@@ -442,6 +501,8 @@ fn service_pb(info: &ServiceInfo) -> pb::Service {
         permissive: c.permissive,
         policy: c.policy.as_ref().map(policy_pb),
         protocol: protocol_pb(c.protocol),
+        hash_policy: hash_policy_pb(&c.hash_policy),
+        hash_balance_factor: c.lb.hash().and_then(|h| h.balance_factor),
     }
 }
 

@@ -3,7 +3,9 @@
 //! ```text
 //! meshctl [--server http://127.0.0.1:15010] [--token T | --data-dir DIR] [--output table|json] <command>
 //! meshctl --server https://HOST:15012 --ca-bundle bundle.pem [--cert admin.crt --key admin.key] <command>
-//!   service create|update NAME [--lb least-request|round-robin] [--bias B]
+//!   service create|update NAME [--lb least-request|round-robin|ring-hash|maglev] [--bias B]
+//!       [--hash-header NAME]... [--hash-source-ip] [--hash-cookie NAME [--cookie-ttl D]]
+//!       [--hash-balance-factor F]   (hash sources in command-line order, first present wins)
 //!                              [--connect-timeout 1s] [--request-timeout 5s] [--authority A]
 //!                              [--permissive | --no-permissive] [--protocol grpc|http|tcp]
 //!   service delete|get NAME · service list
@@ -34,7 +36,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use meshwire_proto::admin::v1 as pb;
 use meshwire_proto::admin::v1::mesh_admin_client::MeshAdminClient;
 use serde_json::{Value, json};
@@ -256,6 +258,24 @@ struct ServiceOpts {
     /// What the service's apps speak: grpc (default), http (REST, HTTP/1.1 or h2c) or tcp (opaque bytes).
     #[arg(long, value_enum)]
     protocol: Option<ProtocolArg>,
+    /// Ring hash / Maglev: hash calls on this request header (gRPC metadata); repeatable.
+    #[arg(long, value_name = "NAME")]
+    hash_header: Vec<String>,
+    /// Ring hash / Maglev: hash calls on the caller's IP address.
+    #[arg(long)]
+    hash_source_ip: bool,
+    /// Ring hash / Maglev: hash HTTP calls on this cookie; the sidecar sets it when absent.
+    #[arg(long, value_name = "NAME")]
+    hash_cookie: Option<String>,
+    /// Max-Age of the cookie the sidecar sets (default: a session cookie).
+    #[arg(long, value_parser = parse_duration, requires = "hash_cookie")]
+    cookie_ttl: Option<Duration>,
+    /// Ring hash / Maglev: bounded loads, no endpoint above F × its share of calls in flight (F ≥ 1).
+    #[arg(long, value_name = "F")]
+    hash_balance_factor: Option<f64>,
+    /// The hash flags above in command-line order (see [`parse_cli`]).
+    #[arg(skip)]
+    hash_policy: Vec<pb::HashSource>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -269,6 +289,63 @@ enum ProtocolArg {
 enum Lb {
     LeastRequest,
     RoundRobin,
+    RingHash,
+    Maglev,
+}
+
+/// Parses the command line, keeping the order of the hash-source flags
+/// (which derive alone would lose: the first present source wins).
+pub fn parse_cli<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let m = Cli::command().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&m)?;
+    if let Some(("service", sm)) = m.subcommand()
+        && let Some((_, cm)) = sm.subcommand()
+        && let Command::Service(ServiceCmd::Create { opts, .. } | ServiceCmd::Update { opts, .. }) =
+            &mut cli.command
+    {
+        opts.hash_policy = hash_sources(cm);
+    }
+    Ok(cli)
+}
+
+fn hash_sources(m: &ArgMatches) -> Vec<pb::HashSource> {
+    use pb::hash_source::Source;
+    let mut found: Vec<(usize, Source)> = Vec::new();
+    if let (Some(at), Some(names)) = (
+        m.indices_of("hash_header"),
+        m.get_many::<String>("hash_header"),
+    ) {
+        found.extend(at.zip(names).map(|(i, n)| (i, Source::Header(n.clone()))));
+    }
+    if m.get_flag("hash_source_ip")
+        && let Some(i) = m.index_of("hash_source_ip")
+    {
+        found.push((i, Source::SourceIp(true)));
+    }
+    if let (Some(i), Some(name)) = (
+        m.index_of("hash_cookie"),
+        m.get_one::<String>("hash_cookie"),
+    ) {
+        let ttl = m
+            .get_one::<Duration>("cookie_ttl")
+            .and_then(|t| prost_types::Duration::try_from(*t).ok());
+        found.push((
+            i,
+            Source::Cookie(pb::HashCookie {
+                name: name.clone(),
+                ttl,
+            }),
+        ));
+    }
+    found.sort_by_key(|(i, _)| *i);
+    found
+        .into_iter()
+        .map(|(_, s)| pb::HashSource { source: Some(s) })
+        .collect()
 }
 
 #[derive(Debug, Subcommand)]
@@ -392,7 +469,10 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_cli(std::env::args_os()) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -614,9 +694,19 @@ fn service_msg(name: &str, opts: &ServiceOpts) -> (pb::Service, Vec<String>) {
         s.lb_policy = match lb {
             Lb::LeastRequest => pb::LbPolicy::LeastRequest,
             Lb::RoundRobin => pb::LbPolicy::RoundRobin,
+            Lb::RingHash => pb::LbPolicy::RingHash,
+            Lb::Maglev => pb::LbPolicy::Maglev,
         }
         .into();
         paths.push("lb_policy".to_owned());
+    }
+    if !opts.hash_policy.is_empty() {
+        s.hash_policy = opts.hash_policy.clone();
+        paths.push("hash_policy".to_owned());
+    }
+    if let Some(f) = opts.hash_balance_factor {
+        s.hash_balance_factor = Some(f);
+        paths.push("hash_balance_factor".to_owned());
     }
     if let Some(b) = opts.bias {
         s.active_request_bias = Some(b);
@@ -1083,7 +1173,36 @@ fn lb_name(v: i32) -> &'static str {
     match pb::LbPolicy::try_from(v) {
         Ok(pb::LbPolicy::RoundRobin) => "round-robin",
         Ok(pb::LbPolicy::LeastRequest | pb::LbPolicy::Unspecified) => "least-request",
+        Ok(pb::LbPolicy::RingHash) => "ring-hash",
+        Ok(pb::LbPolicy::Maglev) => "maglev",
         Err(_) => "unknown",
+    }
+}
+
+/// `header:x-user, cookie:sticky (ttl 10m), source-ip`, or `-`.
+fn hash_summary(s: &pb::Service) -> String {
+    use pb::hash_source::Source;
+    let mut parts: Vec<String> = s
+        .hash_policy
+        .iter()
+        .filter_map(|h| {
+            Some(match h.source.as_ref()? {
+                Source::Header(n) => format!("header:{n}"),
+                Source::SourceIp(_) => "source-ip".to_owned(),
+                Source::Cookie(c) => match dur(c.ttl.as_ref()) {
+                    Some(t) => format!("cookie:{} (ttl {t})", c.name),
+                    None => format!("cookie:{}", c.name),
+                },
+            })
+        })
+        .collect();
+    if let Some(f) = s.hash_balance_factor {
+        parts.push(format!("balance factor {f}"));
+    }
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join(", ")
     }
 }
 
@@ -1099,6 +1218,8 @@ fn service_json(s: &pb::Service) -> Value {
         "endpoints": s.endpoint_count,
         "permissive": s.permissive,
         "policy": s.policy.as_ref().map(policy_json),
+        "hash_policy": hash_summary(s),
+        "hash_balance_factor": s.hash_balance_factor,
     })
 }
 
@@ -1399,6 +1520,7 @@ impl Printer {
             ("name:", s.name.clone()),
             ("protocol:", protocol_name(s.protocol).to_owned()),
             ("lb:", lb),
+            ("hash:", hash_summary(&s)),
             ("connect timeout:", or_dash(dur(s.connect_timeout.as_ref()))),
             ("request timeout:", or_dash(dur(s.request_timeout.as_ref()))),
             ("authority:", or_dash(s.authority.as_ref())),
@@ -1631,6 +1753,65 @@ mod tests {
              greeter  least-request  3\n\
              a        round-robin    10\n"
         );
+    }
+
+    #[test]
+    fn hash_flags_keep_their_order() {
+        use pb::hash_source::Source;
+        let cli = parse_cli([
+            "meshctl",
+            "service",
+            "create",
+            "cart",
+            "--lb",
+            "ring-hash",
+            "--hash-cookie",
+            "sticky",
+            "--cookie-ttl",
+            "10m",
+            "--hash-header",
+            "x-user",
+            "--hash-source-ip",
+            "--hash-header",
+            "x-tenant",
+            "--hash-balance-factor",
+            "1.25",
+        ])
+        .unwrap();
+        let Command::Service(ServiceCmd::Create { name, opts }) = cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        let (s, paths) = service_msg(&name, &opts);
+        assert_eq!(paths, ["lb_policy", "hash_policy", "hash_balance_factor"]);
+        assert_eq!(s.lb_policy, i32::from(pb::LbPolicy::RingHash));
+        let got: Vec<_> = s
+            .hash_policy
+            .iter()
+            .map(|h| h.source.clone().unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                Source::Cookie(pb::HashCookie {
+                    name: "sticky".into(),
+                    ttl: Some(prost_types::Duration {
+                        seconds: 600,
+                        nanos: 0
+                    }),
+                }),
+                Source::Header("x-user".into()),
+                Source::SourceIp(true),
+                Source::Header("x-tenant".into()),
+            ]
+        );
+        assert_eq!(
+            hash_summary(&s),
+            "cookie:sticky (ttl 10m), header:x-user, source-ip, header:x-tenant, balance factor 1.25"
+        );
+        let e = parse_cli(["meshctl", "service", "create", "a", "--cookie-ttl", "1m"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--hash-cookie"), "{e}");
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub struct ServiceInfo {
 pub enum LbKind {
     LeastRequest,
     RoundRobin,
+    RingHash,
+    Maglev,
 }
 
 /// Changes to a service's settings; `None` keeps the current value.
@@ -81,6 +83,9 @@ pub struct ServicePatch {
     pub protocol: Option<meshwire_mesh::Protocol>,
     /// `Some(None)` removes the policy (every mesh identity may call).
     pub policy: Option<Option<meshwire_mesh::policy::Policy>>,
+    pub hash_policy: Option<Vec<meshwire_mesh::HashSource>>,
+    /// `Some(None)` turns bounded loads off.
+    pub hash_balance_factor: Option<Option<f64>>,
 }
 
 impl ServicePatch {
@@ -90,13 +95,45 @@ impl ServicePatch {
             LbPolicy::LeastRequest {
                 active_request_bias,
             } => Some(active_request_bias),
-            LbPolicy::RoundRobin => None,
+            _ => None,
         };
         let kind = self.lb_policy.unwrap_or(match c.lb {
             LbPolicy::LeastRequest { .. } => LbKind::LeastRequest,
             LbPolicy::RoundRobin => LbKind::RoundRobin,
+            LbPolicy::RingHash(_) => LbKind::RingHash,
+            LbPolicy::Maglev(_) => LbKind::Maglev,
         });
+        let hash = meshwire_mesh::HashLb {
+            balance_factor: match self.hash_balance_factor {
+                Some(f) => f,
+                None => c.lb.hash().and_then(|h| h.balance_factor),
+            },
+        };
+        if !matches!(kind, LbKind::RingHash | LbKind::Maglev)
+            && matches!(self.hash_balance_factor, Some(Some(_)))
+        {
+            return Err(ModelError::new(
+                "hash_balance_factor",
+                "only applies to ring-hash or maglev load balancing",
+            ));
+        }
+        if let Some(h) = &self.hash_policy {
+            c.hash_policy = h.clone();
+        }
         c.lb = match kind {
+            LbKind::RingHash | LbKind::Maglev => {
+                if let Some(Some(_)) = self.active_request_bias {
+                    return Err(ModelError::new(
+                        "active_request_bias",
+                        "only applies to least-request load balancing",
+                    ));
+                }
+                if kind == LbKind::RingHash {
+                    LbPolicy::RingHash(hash)
+                } else {
+                    LbPolicy::Maglev(hash)
+                }
+            }
             LbKind::RoundRobin => {
                 if let Some(Some(_)) = self.active_request_bias {
                     return Err(ModelError::new(
@@ -154,6 +191,7 @@ pub fn settings(c: &Cluster) -> Cluster {
         endpoints: Vec::new(),
         policy: c.policy.clone(),
         permissive: c.permissive,
+        hash_policy: c.hash_policy.clone(),
     }
 }
 

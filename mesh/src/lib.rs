@@ -10,4 +10,4 @@
 pub mod model;
 pub mod policy;
 
-pub use model::{Cluster, Endpoint, LbPolicy, ModelError, Protocol};
+pub use model::{Cluster, Endpoint, HashLb, HashSource, LbPolicy, ModelError, Protocol};

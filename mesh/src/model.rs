@@ -52,6 +52,117 @@ pub enum LbPolicy {
     LeastRequest { active_request_bias: f64 },
     /// Weighted round robin, no load awareness.
     RoundRobin,
+    /// Consistent hashing on a ring of points per endpoint, keyed by the
+    /// cluster's [`HashSource`]s; calls without a key use least request.
+    RingHash(HashLb),
+    /// Consistent hashing over a Maglev lookup table.
+    Maglev(HashLb),
+}
+
+/// Settings shared by the consistent-hash policies.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct HashLb {
+    /// Bounded loads: no endpoint takes more than this × its share of the
+    /// calls in flight (at least 1.0); `None` is plain consistent hashing.
+    pub balance_factor: Option<f64>,
+}
+
+impl LbPolicy {
+    /// The consistent-hash settings, for the hash policies.
+    pub fn hash(&self) -> Option<&HashLb> {
+        match self {
+            Self::RingHash(h) | Self::Maglev(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// The policy's name as flags and tables spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::LeastRequest { .. } => "least-request",
+            Self::RoundRobin => "round-robin",
+            Self::RingHash(_) => "ring-hash",
+            Self::Maglev(_) => "maglev",
+        }
+    }
+}
+
+/// Where a call's hash key comes from; a cluster lists several, in order,
+/// and the first one present wins.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashSource {
+    /// A request header (gRPC metadata), by lowercase name.
+    Header(String),
+    /// The caller's IP address ("IP hash").
+    SourceIp,
+    /// An HTTP cookie; for HTTP (not gRPC) callers without it the sidecar
+    /// makes one and sets it on the response, so the next call sticks.
+    Cookie {
+        name: String,
+        #[serde(default, with = "opt_secs", skip_serializing_if = "Option::is_none")]
+        ttl: Option<Duration>,
+    },
+}
+
+/// Whole seconds for a cookie's `Max-Age`.
+mod opt_secs {
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: serde::Serializer>(
+        d: &Option<Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let secs: Option<u64> = serde::Deserialize::deserialize(d)?;
+        Ok(secs.map(Duration::from_secs))
+    }
+}
+
+/// A token as RFC 9110 (header names) and RFC 6265 (cookie names) allow.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+impl HashSource {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        match self {
+            Self::Header(h) => {
+                if !is_token(h) || h.bytes().any(|b| b.is_ascii_uppercase()) {
+                    return Err(ModelError::new(
+                        "header",
+                        format!("{h:?} is not a lowercase header name"),
+                    ));
+                }
+            }
+            Self::SourceIp => {}
+            Self::Cookie { name, ttl } => {
+                if !is_token(name) {
+                    return Err(ModelError::new(
+                        "cookie.name",
+                        format!("{name:?} is not a cookie name"),
+                    ));
+                }
+                if ttl.is_some_and(|t| t.as_secs() == 0) {
+                    return Err(ModelError::new(
+                        "cookie.ttl",
+                        "must be at least 1s (omit it for a session cookie)",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for LbPolicy {
@@ -137,6 +248,9 @@ pub struct Cluster {
     pub policy: Option<crate::policy::Policy>,
     /// The service's sidecars also accept plaintext (no identity) callers.
     pub permissive: bool,
+    /// Hash keys for [`LbPolicy::RingHash`] and [`LbPolicy::Maglev`] (ignored
+    /// by the other policies), first present wins.
+    pub hash_policy: Vec<HashSource>,
 }
 
 impl Cluster {
@@ -153,6 +267,7 @@ impl Cluster {
             endpoints: Vec::new(),
             policy: None,
             permissive: false,
+            hash_policy: Vec::new(),
         }
     }
 
@@ -184,6 +299,18 @@ impl Cluster {
                 "lb.active_request_bias",
                 format!("must be between 0 and 10, got {active_request_bias}"),
             ));
+        }
+        if let Some(f) = self.lb.hash().and_then(|h| h.balance_factor)
+            && !(1.0..=100.0).contains(&f)
+        {
+            return Err(ModelError::new(
+                "lb.balance_factor",
+                format!("must be between 1 and 100, got {f}"),
+            ));
+        }
+        for (i, h) in self.hash_policy.iter().enumerate() {
+            h.validate()
+                .map_err(|e| e.within(&format!("hash_policy[{i}]")))?;
         }
         if let Some(a) = &self.authority
             && a.parse::<http_authority::Authority>().is_err()
@@ -375,5 +502,43 @@ mod tests {
         let e = "udp".parse::<Protocol>().unwrap_err();
         assert_eq!(e.field, "protocol");
         assert!(e.reason.contains("grpc, http or tcp"), "{e}");
+    }
+
+    #[test]
+    fn hash_settings_are_checked() {
+        let mut c = Cluster::new("x");
+        c.lb = LbPolicy::RingHash(HashLb {
+            balance_factor: Some(1.25),
+        });
+        c.hash_policy = vec![
+            HashSource::Header("x-user".into()),
+            HashSource::SourceIp,
+            HashSource::Cookie {
+                name: "sticky".into(),
+                ttl: Some(Duration::from_secs(60)),
+            },
+        ];
+        assert_eq!(c.validate(), Ok(()));
+        c.lb = LbPolicy::Maglev(HashLb {
+            balance_factor: Some(0.5),
+        });
+        assert_eq!(c.validate().unwrap_err().field, "lb.balance_factor");
+        c.lb = LbPolicy::Maglev(HashLb::default());
+        c.hash_policy[0] = HashSource::Header("X-User".into());
+        assert_eq!(c.validate().unwrap_err().field, "hash_policy[0].header");
+        c.hash_policy[0] = HashSource::Cookie {
+            name: "a b".into(),
+            ttl: None,
+        };
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "hash_policy[0].cookie.name"
+        );
+        // Carried as JSON in xDS metadata: the shape is stable.
+        let json = serde_json::to_string(&c.hash_policy[1..]).unwrap();
+        assert_eq!(
+            json,
+            r#"["source_ip",{"cookie":{"name":"sticky","ttl":60}}]"#
+        );
     }
 }

@@ -213,15 +213,18 @@ impl AdminState {
                 let set = c.endpoints.load();
                 ClusterView {
                     name: c.name.to_string(),
-                    lb_policy: match c.lb {
-                        LbPolicy::LeastRequest { .. } => "least_request",
-                        LbPolicy::RoundRobin => "round_robin",
+                    lb_policy: lb_name(&c.lb),
+                    endpoints: {
+                        let shares = set.hash_shares();
+                        set.entries()
+                            .iter()
+                            .enumerate()
+                            .map(|(i, e)| EndpointView {
+                                hash_share: shares.as_ref().map(|s| s[i]),
+                                ..EndpointView::new(&e.endpoint, e.weight, e.draining)
+                            })
+                            .collect()
                     },
-                    endpoints: set
-                        .entries()
-                        .iter()
-                        .map(|e| EndpointView::new(&e.endpoint, e.weight, e.draining))
-                        .collect(),
                 }
             })
             .collect();
@@ -243,14 +246,13 @@ impl AdminState {
                 serde_json::json!({
                     "name": &*c.name,
                     "protocol": c.protocol.as_str(),
-                    "lb_policy": match c.lb {
-                        LbPolicy::LeastRequest { .. } => "least_request",
-                        LbPolicy::RoundRobin => "round_robin",
-                    },
+                    "lb_policy": lb_name(&c.lb),
                     "active_request_bias": match c.lb {
                         LbPolicy::LeastRequest { active_request_bias } => Some(active_request_bias),
-                        LbPolicy::RoundRobin => None,
+                        _ => None,
                     },
+                    "hash_balance_factor": c.lb.hash().and_then(|h| h.balance_factor),
+                    "hash_policy": &c.hash_policy,
                     "connect_timeout_ms": c.connect_timeout.as_millis() as u64,
                     "request_timeout_ms": c.request_timeout.map(|t| t.as_millis() as u64),
                     "authority": c.authority.as_ref().map(|a| a.as_str()),
@@ -312,9 +314,21 @@ struct ClusterView {
     endpoints: Vec<EndpointView>,
 }
 
+fn lb_name(lb: &LbPolicy) -> &'static str {
+    match lb {
+        LbPolicy::LeastRequest { .. } => "least_request",
+        LbPolicy::RoundRobin => "round_robin",
+        LbPolicy::RingHash(_) => "ring_hash",
+        LbPolicy::Maglev(_) => "maglev",
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct EndpointView {
     address: String,
+    /// Share of the hash key space (0..1), for consistent-hash clusters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hash_share: Option<f64>,
     weight: u32,
     zone: Option<String>,
     draining: bool,
@@ -335,6 +349,7 @@ impl EndpointView {
         let r = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         Self {
             address: e.addr.to_string(),
+            hash_share: None,
             weight,
             zone: e.zone.clone(),
             draining,

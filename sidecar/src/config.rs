@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use meshwire_mesh::{Cluster, Endpoint, LbPolicy, Protocol, model::DEFAULT_ACTIVE_REQUEST_BIAS};
+use meshwire_mesh::{
+    Cluster, Endpoint, HashLb, LbPolicy, Protocol, model::DEFAULT_ACTIVE_REQUEST_BIAS,
+};
 use serde::Deserialize;
 
 use crate::SidecarConfig;
@@ -300,6 +302,12 @@ pub struct ServiceFile {
     pub lb_policy: LbPolicyFile,
     /// Strength of load steering for unequal weights (0 = plain weighted round robin).
     pub active_request_bias: Option<f64>,
+    /// Ring hash / Maglev: bounded loads (at least 1.0).
+    pub hash_balance_factor: Option<f64>,
+    /// Ring hash / Maglev: where hash keys come from, first present wins
+    /// (`- header: x-user`, `- source_ip: true`, `- cookie: {name: s, ttl: 10m}`).
+    #[serde(default)]
+    pub hash_policy: Vec<HashSourceFile>,
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -342,6 +350,42 @@ pub enum LbPolicyFile {
     #[default]
     LeastRequest,
     RoundRobin,
+    RingHash,
+    Maglev,
+}
+
+/// One hash source: exactly one of the fields.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashSourceFile {
+    pub header: Option<String>,
+    #[serde(default)]
+    pub source_ip: bool,
+    pub cookie: Option<CookieFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CookieFile {
+    pub name: String,
+    /// Max-Age of the cookie the sidecar sets; none: a session cookie.
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+}
+
+impl HashSourceFile {
+    fn source(&self) -> Option<meshwire_mesh::HashSource> {
+        use meshwire_mesh::HashSource;
+        match (&self.header, self.source_ip, &self.cookie) {
+            (Some(h), false, None) => Some(HashSource::Header(h.clone())),
+            (None, true, None) => Some(HashSource::SourceIp),
+            (None, false, Some(c)) => Some(HashSource::Cookie {
+                name: c.name.clone(),
+                ttl: c.ttl,
+            }),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -393,6 +437,14 @@ impl StaticConfig {
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        for (i, s) in self.services.iter().enumerate() {
+            if let Some(j) = s.hash_policy.iter().position(|h| h.source().is_none()) {
+                return Err((
+                    format!("services[{i}].hash_policy[{j}]"),
+                    "give exactly one of header, source_ip: true or cookie".into(),
+                ));
+            }
+        }
         let clusters = self.clusters();
         let mut names = std::collections::HashMap::new();
         for (i, c) in clusters.iter().enumerate() {
@@ -434,7 +486,18 @@ impl StaticConfig {
                             .unwrap_or(DEFAULT_ACTIVE_REQUEST_BIAS),
                     },
                     LbPolicyFile::RoundRobin => LbPolicy::RoundRobin,
+                    LbPolicyFile::RingHash => LbPolicy::RingHash(HashLb {
+                        balance_factor: s.hash_balance_factor,
+                    }),
+                    LbPolicyFile::Maglev => LbPolicy::Maglev(HashLb {
+                        balance_factor: s.hash_balance_factor,
+                    }),
                 };
+                c.hash_policy = s
+                    .hash_policy
+                    .iter()
+                    .filter_map(HashSourceFile::source)
+                    .collect();
                 if let Some(t) = s.connect_timeout {
                     c.connect_timeout = t;
                 }
@@ -513,6 +576,54 @@ services:
 
     fn err(text: &str) -> (String, String) {
         StaticConfig::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn parses_hash_policies() {
+        let cfg = StaticConfig::parse(
+            r#"
+services:
+  - name: cart
+    lb_policy: ring_hash
+    hash_balance_factor: 1.25
+    hash_policy:
+      - header: x-user
+      - cookie: {name: sticky, ttl: 10m}
+      - source_ip: true
+  - name: maps
+    lb_policy: maglev
+"#,
+        )
+        .unwrap();
+        let cl = cfg.clusters();
+        assert_eq!(
+            cl[0].lb,
+            LbPolicy::RingHash(HashLb {
+                balance_factor: Some(1.25)
+            })
+        );
+        assert_eq!(
+            cl[0].hash_policy,
+            vec![
+                meshwire_mesh::HashSource::Header("x-user".into()),
+                meshwire_mesh::HashSource::Cookie {
+                    name: "sticky".into(),
+                    ttl: Some(Duration::from_secs(600))
+                },
+                meshwire_mesh::HashSource::SourceIp,
+            ]
+        );
+        assert_eq!(cl[1].lb, LbPolicy::Maglev(HashLb::default()));
+        let (f, _) =
+            err("services:\n  - name: a\n    lb_policy: maglev\n    hash_balance_factor: 0.5\n");
+        assert_eq!(f, "services[0].lb.balance_factor");
+        let (f, _) = err("services:\n  - name: a\n    hash_policy:\n      - header: X-User\n");
+        assert_eq!(f, "services[0].hash_policy[0].header");
+        let (f, r) = err(
+            "services:\n  - name: a\n    hash_policy:\n      - header: a\n      - {header: b, source_ip: true}\n",
+        );
+        assert_eq!(f, "services[0].hash_policy[1]");
+        assert!(r.contains("exactly one"), "{r}");
     }
 
     #[test]

@@ -368,7 +368,9 @@ impl Sidecar {
             Protocols::Http1AndHttp2,
             &cfg.server,
             Transport::Plain,
-            move |_: &server::ConnInfo| OutboundService::new(ob.clone(), None),
+            move |c: &server::ConnInfo| {
+                OutboundService::new(ob.clone(), None).with_peer(c.peer.ip())
+            },
             shutdown.clone(),
             &tracker,
         );
@@ -390,7 +392,9 @@ impl Sidecar {
                 Protocols::Http1AndHttp2,
                 &cfg.server,
                 Transport::Plain,
-                move |_: &server::ConnInfo| OutboundService::new(ob.clone(), Some(name.clone())),
+                move |c: &server::ConnInfo| {
+                    OutboundService::new(ob.clone(), Some(name.clone())).with_peer(c.peer.ip())
+                },
                 shutdown.clone(),
                 &tracker,
             );

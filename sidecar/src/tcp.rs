@@ -148,10 +148,18 @@ async fn carry(outbound: &Outbound, service: &str, tcp: TcpStream) -> Result<(),
         return Err(ProxyError::NoEndpoints(service.to_owned()));
     }
     let metrics = &outbound.telemetry().metrics.tcp;
+    // Of the hash sources only the caller's IP exists for raw TCP.
+    let key = crate::outbound::hash::call_key(
+        &cluster.hash_policy,
+        &http::HeaderMap::new(),
+        tcp.peer_addr().ok().map(|a| a.ip().to_canonical()),
+        true,
+    )
+    .key;
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
     let mut last = None;
     for attempt in 0..MAX_ATTEMPTS {
-        let Some(i) = set.pick(&tried[..attempt]) else {
+        let Some(i) = set.pick(&tried[..attempt], key) else {
             break;
         };
         tried[attempt] = i;

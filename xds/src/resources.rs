@@ -2,13 +2,17 @@
 //!
 //! Encoding (control plane) covers what three kinds of clients need:
 //! - **Meshwire sidecars** and **stock Envoy**: `Cluster` (type EDS over ADS,
-//!   `LEAST_REQUEST` with `active_request_bias`, HTTP/2 upstream) and
+//!   `LEAST_REQUEST` with `active_request_bias`, `RING_HASH` or `MAGLEV`
+//!   with `hash_balance_factor`, HTTP/2 upstream) and
 //!   `ClusterLoadAssignment` (endpoint weights, zones as localities,
 //!   draining endpoints as `DRAINING`).
 //! - **Stock Envoy** also gets an outbound `Listener` (HTTP connection manager
 //!   over RDS) and a `RouteConfiguration` with one virtual host per service.
 //! - **Proxyless gRPC** (gRFC A27) asks for a `Listener` by service name and
 //!   gets an API listener whose RDS route sends everything to that cluster.
+//! - Hash keys go where each client reads them: the route's `hash_policy`
+//!   (Envoy, and gRPC's `ring_hash`, gRFC A42), and the cluster's metadata
+//!   for Meshwire sidecars, which take no routes.
 //!
 //! Decoding (sidecar) validates everything it reads; an error names the
 //! resource and field so the NACK's `error_detail` says what is wrong.
@@ -19,8 +23,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
-    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbConfig, LbPolicy as XLbPolicy,
-    LeastRequestLbConfig,
+    ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig, LbConfig,
+    LbPolicy as XLbPolicy, LeastRequestLbConfig, MaglevLbConfig, RingHashLbConfig,
 };
 use envoy_types::pb::envoy::config::cluster::v3::{
     Cluster as XCluster, LoadBalancingPolicy, load_balancing_policy,
@@ -45,17 +49,24 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::load_balancing_policies::common::v3::ConsistentHashingLbConfig;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::maglev::v3::Maglev;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::ring_hash::v3::{
+    RingHash, ring_hash,
+};
 use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
 use envoy_types::pb::google::protobuf::{
-    Any, Duration as PDuration, Struct, UInt32Value, Value, value,
+    Any, Duration as PDuration, Struct, UInt32Value, UInt64Value, Value, value,
 };
 use prost::Message;
 
-use meshwire_mesh::model::{self, Cluster, Endpoint, LbPolicy, ModelError, Protocol};
+use meshwire_mesh::model::{
+    self, Cluster, Endpoint, HashLb, HashSource, LbPolicy, ModelError, Protocol,
+};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -72,6 +83,14 @@ const LEAST_REQUEST: &str =
     "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest";
 const ROUND_ROBIN: &str =
     "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin";
+const RING_HASH: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash";
+const MAGLEV: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.maglev.v3.Maglev";
+/// What Envoy and gRPC build their own rings from (gRPC's defaults).
+const MIN_RING_SIZE: u64 = 1024;
+const MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
+const MAGLEV_TABLE_SIZE: u64 = 65_537;
 
 /// `filter_metadata` key for Meshwire's own attributes.
 pub const META: &str = "meshwire";
@@ -210,9 +229,51 @@ fn policy(name: &str, config: Any) -> load_balancing_policy::Policy {
     }
 }
 
+/// Bounded loads as Envoy spells them: a percentage, at least 100.
+fn consistent_hashing(h: &HashLb) -> Option<ConsistentHashingLbConfig> {
+    h.balance_factor.map(|f| ConsistentHashingLbConfig {
+        hash_balance_factor: Some(UInt32Value {
+            value: (f * 100.0).round() as u32,
+        }),
+        ..Default::default()
+    })
+}
+
+fn ring_hash_policy(h: &HashLb) -> load_balancing_policy::Policy {
+    policy(
+        "envoy.load_balancing_policies.ring_hash",
+        to_any(
+            RING_HASH,
+            &RingHash {
+                hash_function: ring_hash::HashFunction::XxHash as i32,
+                minimum_ring_size: Some(UInt64Value {
+                    value: MIN_RING_SIZE,
+                }),
+                maximum_ring_size: Some(UInt64Value {
+                    value: MAX_RING_SIZE,
+                }),
+                consistent_hashing_lb_config: consistent_hashing(h),
+                ..Default::default()
+            },
+        ),
+    )
+}
+
+fn hash_lb(c: Option<&ConsistentHashingLbConfig>) -> Result<HashLb, String> {
+    let balance_factor = match c.and_then(|c| c.hash_balance_factor.as_ref()) {
+        Some(f) if f.value < 100 => {
+            return Err(format!("hash_balance_factor {} is below 100", f.value));
+        }
+        Some(f) => Some(f64::from(f.value) / 100.0),
+        None => None,
+    };
+    Ok(HashLb { balance_factor })
+}
+
 /// The policy list clients pick from (the first they support): least
 /// request, then round robin for clients without it (proxyless gRPC
-/// rejects the legacy `lb_policy: LEAST_REQUEST` enum).
+/// rejects the legacy `lb_policy: LEAST_REQUEST` enum). Maglev is followed
+/// by ring hash, so gRPC (which has no Maglev) still hashes.
 fn lb_policies(lb: LbPolicy) -> LoadBalancingPolicy {
     let round_robin = policy(
         "envoy.load_balancing_policies.round_robin",
@@ -239,6 +300,24 @@ fn lb_policies(lb: LbPolicy) -> LoadBalancingPolicy {
             round_robin,
         ],
         LbPolicy::RoundRobin => vec![round_robin],
+        LbPolicy::RingHash(h) => vec![ring_hash_policy(&h), round_robin],
+        LbPolicy::Maglev(h) => vec![
+            policy(
+                "envoy.load_balancing_policies.maglev",
+                to_any(
+                    MAGLEV,
+                    &Maglev {
+                        table_size: Some(UInt64Value {
+                            value: MAGLEV_TABLE_SIZE,
+                        }),
+                        consistent_hashing_lb_config: consistent_hashing(&h),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            ring_hash_policy(&h),
+            round_robin,
+        ],
     };
     LoadBalancingPolicy { policies }
 }
@@ -263,10 +342,29 @@ fn decode_lb_policies(p: &LoadBalancingPolicy) -> Result<LbPolicy, String> {
                 });
             }
             ROUND_ROBIN => return Ok(LbPolicy::RoundRobin),
+            RING_HASH => {
+                let r = RingHash::decode(any.value.as_slice()).map_err(|e| e.to_string())?;
+                // Our keys are xxHash64, Envoy's default; a murmur ring is not ours.
+                if r.hash_function == ring_hash::HashFunction::MurmurHash2 as i32 {
+                    continue;
+                }
+                return Ok(LbPolicy::RingHash(hash_lb(
+                    r.consistent_hashing_lb_config.as_ref(),
+                )?));
+            }
+            MAGLEV => {
+                let m = Maglev::decode(any.value.as_slice()).map_err(|e| e.to_string())?;
+                return Ok(LbPolicy::Maglev(hash_lb(
+                    m.consistent_hashing_lb_config.as_ref(),
+                )?));
+            }
             _ => {}
         }
     }
-    Err("no supported policy in load_balancing_policy (least_request, round_robin)".into())
+    Err(
+        "no supported policy in load_balancing_policy (least_request, round_robin, ring_hash, maglev)"
+            .into(),
+    )
 }
 
 /// The xDS `Cluster` for a service (its endpoints go in the CLA).
@@ -286,8 +384,38 @@ pub fn encode_cluster(c: &Cluster) -> XCluster {
             })),
         ),
         LbPolicy::RoundRobin => (XLbPolicy::RoundRobin, None),
+        LbPolicy::RingHash(_) => (
+            XLbPolicy::RingHash,
+            Some(LbConfig::RingHashLbConfig(RingHashLbConfig {
+                minimum_ring_size: Some(UInt64Value {
+                    value: MIN_RING_SIZE,
+                }),
+                ..Default::default()
+            })),
+        ),
+        LbPolicy::Maglev(_) => (
+            XLbPolicy::Maglev,
+            Some(LbConfig::MaglevLbConfig(MaglevLbConfig {
+                table_size: Some(UInt64Value {
+                    value: MAGLEV_TABLE_SIZE,
+                }),
+            })),
+        ),
     };
+    let common_lb_config = c.lb.hash().and_then(consistent_hashing).map(|ch| CommonLbConfig {
+        consistent_hashing_lb_config: Some(
+            envoy_types::pb::envoy::config::cluster::v3::cluster::common_lb_config::ConsistentHashingLbConfig {
+                hash_balance_factor: ch.hash_balance_factor,
+                ..Default::default()
+            },
+        ),
+        ..Default::default()
+    });
     let mut fields = BTreeMap::new();
+    if !c.hash_policy.is_empty() {
+        let json = serde_json::to_string(&c.hash_policy).unwrap_or_default();
+        fields.insert("hash_policy".to_owned(), str_value(&json));
+    }
     if let Some(t) = c.request_timeout {
         fields.insert(
             "request_timeout_ms".to_owned(),
@@ -351,6 +479,7 @@ pub fn encode_cluster(c: &Cluster) -> XCluster {
         // The legacy enum for older clients; `load_balancing_policy` wins where understood.
         lb_policy: lb_policy as i32,
         lb_config,
+        common_lb_config,
         load_balancing_policy: Some(lb_policies(c.lb)),
         typed_extension_protocol_options: [(
             HTTP_OPTIONS_KEY.to_owned(),
@@ -415,6 +544,10 @@ pub fn decode_cluster(any: &Any) -> Result<Cluster, ResourceError> {
             .parse()
             .map_err(|e: ModelError| err("metadata.protocol", e.reason))?;
     }
+    if let Some(json) = meta_str(md, META, "hash_policy") {
+        c.hash_policy = serde_json::from_str(json)
+            .map_err(|e| err("metadata.hash_policy", format!("invalid hash policy: {e}")))?;
+    }
     if let Some(json) = meta_str(md, META, "policy") {
         c.policy = Some(
             serde_json::from_str(json)
@@ -441,9 +574,25 @@ fn legacy_lb_policy(x: &XCluster) -> Result<LbPolicy, String> {
             },
         },
         Ok(XLbPolicy::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(kind @ (XLbPolicy::RingHash | XLbPolicy::Maglev)) => {
+            let ch = x
+                .common_lb_config
+                .as_ref()
+                .and_then(|c| c.consistent_hashing_lb_config.as_ref())
+                .map(|c| ConsistentHashingLbConfig {
+                    hash_balance_factor: c.hash_balance_factor,
+                    ..Default::default()
+                });
+            let h = hash_lb(ch.as_ref())?;
+            if kind == XLbPolicy::RingHash {
+                LbPolicy::RingHash(h)
+            } else {
+                LbPolicy::Maglev(h)
+            }
+        }
         Ok(other) => {
             return Err(format!(
-                "{other:?} is not supported (LEAST_REQUEST or ROUND_ROBIN)"
+                "{other:?} is not supported (LEAST_REQUEST, ROUND_ROBIN, RING_HASH or MAGLEV)"
             ));
         }
         Err(_) => return Err(format!("unknown value {}", x.lb_policy)),
@@ -678,6 +827,40 @@ pub fn grpc_api_listener(service: &str) -> Listener {
     }
 }
 
+/// Each source stops the search once it yields a hash (`terminal`), so the
+/// first one present wins, as in the sidecar.
+fn hash_policies(cluster: &Cluster) -> Vec<route_action::HashPolicy> {
+    use route_action::hash_policy::{self as hp, PolicySpecifier};
+    if cluster.lb.hash().is_none() {
+        return Vec::new();
+    }
+    cluster
+        .hash_policy
+        .iter()
+        .map(|s| route_action::HashPolicy {
+            terminal: true,
+            policy_specifier: Some(match s {
+                HashSource::Header(h) => PolicySpecifier::Header(hp::Header {
+                    header_name: h.clone(),
+                    ..Default::default()
+                }),
+                HashSource::SourceIp => {
+                    PolicySpecifier::ConnectionProperties(hp::ConnectionProperties {
+                        source_ip: true,
+                    })
+                }
+                // A ttl (0: a session cookie) makes Envoy set the cookie when absent.
+                HashSource::Cookie { name, ttl } => PolicySpecifier::Cookie(hp::Cookie {
+                    name: name.clone(),
+                    ttl: Some(pduration(ttl.unwrap_or_default())),
+                    path: "/".into(),
+                    ..Default::default()
+                }),
+            }),
+        })
+        .collect()
+}
+
 fn route_to(cluster: &Cluster) -> Route {
     Route {
         r#match: Some(RouteMatch {
@@ -690,6 +873,7 @@ fn route_to(cluster: &Cluster) -> Route {
             )),
             // Envoy's default route timeout (15 s) would cut streams; follow the service's.
             timeout: Some(pduration(cluster.request_timeout.unwrap_or(Duration::ZERO))),
+            hash_policy: hash_policies(cluster),
             ..Default::default()
         })),
         ..Default::default()
@@ -841,6 +1025,97 @@ mod tests {
     }
 
     #[test]
+    fn hash_policies_round_trip_and_reach_the_route() {
+        use route_action::hash_policy::PolicySpecifier;
+        for lb in [
+            LbPolicy::RingHash(HashLb {
+                balance_factor: Some(1.25),
+            }),
+            LbPolicy::Maglev(HashLb::default()),
+        ] {
+            let mut c = cluster();
+            c.lb = lb;
+            c.hash_policy = vec![
+                HashSource::Header("x-user".into()),
+                HashSource::Cookie {
+                    name: "sticky".into(),
+                    ttl: Some(Duration::from_secs(600)),
+                },
+                HashSource::SourceIp,
+            ];
+            let x = encode_cluster(&c);
+            let mut back = decode_cluster(&to_any(CLUSTER, &x)).unwrap();
+            back.endpoints = c.endpoints.clone();
+            assert_eq!(back, c);
+            // Clients without the typed list read the legacy fields.
+            let mut legacy = x.clone();
+            legacy.load_balancing_policy = None;
+            assert_eq!(decode_cluster(&to_any(CLUSTER, &legacy)).unwrap().lb, lb);
+            // gRPC has no Maglev: ring hash follows it in the list.
+            let urls: Vec<_> = x
+                .load_balancing_policy
+                .as_ref()
+                .unwrap()
+                .policies
+                .iter()
+                .map(|p| {
+                    p.typed_extension_config
+                        .as_ref()
+                        .unwrap()
+                        .typed_config
+                        .as_ref()
+                        .unwrap()
+                        .type_url
+                        .as_str()
+                })
+                .collect();
+            assert!(urls.contains(&RING_HASH), "{urls:?}");
+            let route = grpc_route(&c);
+            let Some(route::Action::Route(a)) = &route.virtual_hosts[0].routes[0].action else {
+                panic!("no route action");
+            };
+            assert_eq!(a.hash_policy.len(), 3);
+            assert!(a.hash_policy.iter().all(|h| h.terminal));
+            assert!(matches!(&a.hash_policy[0].policy_specifier,
+                Some(PolicySpecifier::Header(h)) if h.header_name == "x-user"));
+            assert!(matches!(&a.hash_policy[2].policy_specifier,
+                Some(PolicySpecifier::ConnectionProperties(p)) if p.source_ip));
+        }
+        // No hashing policy, no route hash policy.
+        let mut c = cluster();
+        c.hash_policy = vec![HashSource::SourceIp];
+        let Some(route::Action::Route(a)) = &grpc_route(&c).virtual_hosts[0].routes[0].action
+        else {
+            panic!("no route action");
+        };
+        assert!(a.hash_policy.is_empty());
+        // A balance factor below 100 % is refused.
+        let mut c = cluster();
+        c.lb = LbPolicy::RingHash(HashLb {
+            balance_factor: Some(1.5),
+        });
+        let mut x = encode_cluster(&c);
+        let p = &mut x.load_balancing_policy.as_mut().unwrap().policies[0];
+        let any = p
+            .typed_extension_config
+            .as_mut()
+            .unwrap()
+            .typed_config
+            .as_mut()
+            .unwrap();
+        let mut r = RingHash::decode(any.value.as_slice()).unwrap();
+        r.consistent_hashing_lb_config
+            .as_mut()
+            .unwrap()
+            .hash_balance_factor = Some(UInt32Value { value: 50 });
+        *any = to_any(RING_HASH, &r);
+        let e = decode_cluster(&to_any(CLUSTER, &x))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hash_balance_factor 50"), "{e}");
+    }
+
+    #[test]
     fn invalid_resources_name_the_problem() {
         // The policy list: the first supported entry wins; none supported is an error.
         let mut x = encode_cluster(&cluster());
@@ -858,12 +1133,12 @@ mod tests {
         // Without the list, the legacy enum decides.
         let mut x = encode_cluster(&cluster());
         x.load_balancing_policy = None;
-        x.lb_policy = XLbPolicy::Maglev as i32;
+        x.lb_policy = XLbPolicy::Random as i32;
         let e = decode_cluster(&to_any(CLUSTER, &x))
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("\"greeter\"") && e.contains("lb_policy") && e.contains("Maglev"),
+            e.contains("\"greeter\"") && e.contains("lb_policy") && e.contains("Random"),
             "{e}"
         );
 

@@ -117,6 +117,8 @@ pub struct ServiceRecord {
     pub permissive: bool,
     #[serde(default)]
     pub policy: Option<meshwire_mesh::policy::Policy>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hash_policy: Vec<meshwire_mesh::HashSource>,
     /// `grpc`, `http` or `tcp`; records written before protocols are gRPC.
     #[serde(default, with = "protocol_name")]
     pub protocol: meshwire_mesh::Protocol,
@@ -140,8 +142,18 @@ mod protocol_name {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "policy", rename_all = "snake_case")]
 pub enum LbRecord {
-    LeastRequest { active_request_bias: f64 },
+    LeastRequest {
+        active_request_bias: f64,
+    },
     RoundRobin,
+    RingHash {
+        #[serde(default)]
+        balance_factor: Option<f64>,
+    },
+    Maglev {
+        #[serde(default)]
+        balance_factor: Option<f64>,
+    },
 }
 
 /// One endpoint as stored.
@@ -170,6 +182,12 @@ impl From<&Cluster> for ServiceRecord {
                     active_request_bias,
                 },
                 LbPolicy::RoundRobin => LbRecord::RoundRobin,
+                LbPolicy::RingHash(h) => LbRecord::RingHash {
+                    balance_factor: h.balance_factor,
+                },
+                LbPolicy::Maglev(h) => LbRecord::Maglev {
+                    balance_factor: h.balance_factor,
+                },
             },
             connect_timeout: c.connect_timeout,
             request_timeout: c.request_timeout,
@@ -177,6 +195,7 @@ impl From<&Cluster> for ServiceRecord {
             permissive: c.permissive,
             policy: c.policy.clone(),
             protocol: c.protocol,
+            hash_policy: c.hash_policy.clone(),
         }
     }
 }
@@ -192,7 +211,14 @@ impl ServiceRecord {
                 active_request_bias,
             },
             LbRecord::RoundRobin => LbPolicy::RoundRobin,
+            LbRecord::RingHash { balance_factor } => {
+                LbPolicy::RingHash(meshwire_mesh::HashLb { balance_factor })
+            }
+            LbRecord::Maglev { balance_factor } => {
+                LbPolicy::Maglev(meshwire_mesh::HashLb { balance_factor })
+            }
         };
+        c.hash_policy = self.hash_policy;
         c.connect_timeout = self.connect_timeout;
         c.request_timeout = self.request_timeout;
         c.authority = self.authority;

@@ -18,6 +18,10 @@
 //!   weights at high concurrency (it tends to a `√w` split); a plain
 //!   `argmin o/w` ties everything at concurrency 1.
 //! - **Round robin** is the same scheduler with bias 0.
+//! - **Ring hash / Maglev** ([`super::hash`]): a call with a hash key goes to
+//!   the key's endpoint, or the first usable one after it; with a balance
+//!   factor, endpoints over their bound are passed over too. A call without
+//!   a key is balanced by least request.
 //!
 //! Draining endpoints get no calls; endpoints backing off after failed
 //! connects are skipped while any other can be used.
@@ -26,6 +30,7 @@ use std::sync::{Arc, Mutex};
 
 use meshwire_mesh::LbPolicy;
 
+use super::hash::{self, BoundedLoad, HashTable};
 use crate::endpoint::Endpoint;
 
 #[derive(Debug, Clone)]
@@ -41,11 +46,21 @@ enum Picker {
     Stride { bias: f64, passes: Mutex<Vec<f64>> },
 }
 
+/// The consistent-hash side of a set: built once per endpoint set.
+#[derive(Debug)]
+struct Hashing {
+    table: HashTable,
+    balance_factor: Option<f64>,
+    /// Sum of the weights of endpoints not draining.
+    total_weight: u64,
+}
+
 /// An immutable endpoint list with its picker; replaced as a whole on updates.
 #[derive(Debug)]
 pub struct EndpointSet {
     entries: Vec<Entry>,
     picker: Picker,
+    hashing: Option<Hashing>,
 }
 
 impl EndpointSet {
@@ -56,13 +71,50 @@ impl EndpointSet {
             passes: Mutex::new(vec![0.0; entries.len()]),
         };
         let picker = match lb {
-            LbPolicy::LeastRequest { .. } if equal => Picker::PowerOfTwo,
+            LbPolicy::RoundRobin => stride(0.0),
+            LbPolicy::LeastRequest { .. } | LbPolicy::RingHash(_) | LbPolicy::Maglev(_)
+                if equal =>
+            {
+                Picker::PowerOfTwo
+            }
             LbPolicy::LeastRequest {
                 active_request_bias,
             } => stride(active_request_bias),
-            LbPolicy::RoundRobin => stride(0.0),
+            // Calls without a hash key.
+            LbPolicy::RingHash(_) | LbPolicy::Maglev(_) => {
+                stride(meshwire_mesh::model::DEFAULT_ACTIVE_REQUEST_BIAS)
+            }
         };
-        Self { entries, picker }
+        let hashing = lb.hash().map(|h| {
+            let eps: Vec<_> = entries
+                .iter()
+                .map(|e| (e.endpoint.addr, e.weight))
+                .collect();
+            Hashing {
+                table: match lb {
+                    LbPolicy::Maglev(_) => HashTable::maglev(&eps, hash::DEFAULT_MAGLEV_SIZE),
+                    _ => HashTable::ring(&eps, hash::DEFAULT_POINTS_PER_WEIGHT),
+                },
+                balance_factor: h.balance_factor,
+                total_weight: entries
+                    .iter()
+                    .filter(|e| !e.draining)
+                    .map(|e| u64::from(e.weight))
+                    .sum(),
+            }
+        });
+        Self {
+            entries,
+            picker,
+            hashing,
+        }
+    }
+
+    /// Each endpoint's share of the hash key space, for consistent-hash sets.
+    pub fn hash_shares(&self) -> Option<Vec<f64>> {
+        self.hashing
+            .as_ref()
+            .map(|h| h.table.shares(self.entries.len()))
     }
 
     pub fn entries(&self) -> &[Entry] {
@@ -74,8 +126,12 @@ impl EndpointSet {
     }
 
     /// Chooses an endpoint for one call, never one in `exclude` (endpoints that
-    /// already failed this call). `None` when nothing can take it.
-    pub fn pick(&self, exclude: &[usize]) -> Option<usize> {
+    /// already failed this call). `None` when nothing can take it. `key` is
+    /// the call's hash key, for consistent-hash sets.
+    pub fn pick(&self, exclude: &[usize], key: Option<u64>) -> Option<usize> {
+        if let (Some(h), Some(key)) = (&self.hashing, key) {
+            return self.pick_hash(h, key, exclude);
+        }
         match &self.picker {
             Picker::PowerOfTwo => self.pick_p2c(exclude),
             Picker::Stride { bias, passes } => {
@@ -85,9 +141,32 @@ impl EndpointSet {
         }
     }
 
+    /// The one "may this endpoint take a call" check every picker uses
+    /// (hashing included): not draining, not backing off, not already tried.
     fn usable(&self, i: usize, exclude: &[usize]) -> bool {
         let e = &self.entries[i];
         !e.draining && e.endpoint.pool.is_available() && !exclude.contains(&i)
+    }
+
+    fn pick_hash(&self, h: &Hashing, key: u64, exclude: &[usize]) -> Option<usize> {
+        if let Some(factor) = h.balance_factor {
+            // O(endpoints) per call, only with bounded loads.
+            let bound = BoundedLoad {
+                factor,
+                total_in_flight: self.entries.iter().map(|e| e.endpoint.outstanding()).sum(),
+                total_weight: h.total_weight,
+            };
+            let within = h.table.pick(key, |i| {
+                let e = &self.entries[i];
+                self.usable(i, exclude) && bound.admits(e.weight, e.endpoint.outstanding())
+            });
+            if within.is_some() {
+                return within;
+            }
+        }
+        h.table
+            .pick(key, |i| self.usable(i, exclude))
+            .or_else(|| self.last_resort(exclude))
     }
 
     /// Endpoints backing off are still better than nothing: their pool fails
@@ -208,7 +287,7 @@ mod tests {
         let mut guards: Vec<Option<CallGuard>> = Vec::new();
         let mut start =
             |now: u64, guards: &mut Vec<Option<CallGuard>>, events: &mut BinaryHeap<_>| {
-                let i = set.pick(&[]).expect("an endpoint");
+                let i = set.pick(&[], None).expect("an endpoint");
                 counts[i] += 1;
                 let g = set.entries[i].endpoint.start_call();
                 let jitter = 0.9 + fastrand::f64() * 0.2;
@@ -288,18 +367,83 @@ mod tests {
     }
 
     #[test]
+    fn hash_keys_stick_and_skip_draining_excluded_and_loaded_endpoints() {
+        let ring = LbPolicy::RingHash(meshwire_mesh::HashLb::default());
+        for lb in [ring, LbPolicy::Maglev(meshwire_mesh::HashLb::default())] {
+            let mut s = set(&[1, 1, 1, 1], lb);
+            let keys: Vec<u64> = (0..200u64)
+                .map(|k| hash::hash_key(&k.to_le_bytes()))
+                .collect();
+            let home: Vec<usize> = keys
+                .iter()
+                .map(|&k| s.pick(&[], Some(k)).unwrap())
+                .collect();
+            for (k, h) in keys.iter().zip(&home) {
+                assert_eq!(s.pick(&[], Some(*k)), Some(*h), "same key, same endpoint");
+                // A failed attempt moves the call on, never back.
+                let next = s.pick(&[*h], Some(*k)).unwrap();
+                assert_ne!(next, *h);
+            }
+            s.entries[1].draining = true;
+            for (k, h) in keys.iter().zip(&home) {
+                let got = s.pick(&[], Some(*k)).unwrap();
+                if *h == 1 {
+                    assert_ne!(got, 1);
+                } else {
+                    assert_eq!(got, *h, "keys of other endpoints stay");
+                }
+            }
+            // Without a key: least request over the usable endpoints.
+            assert!((0..100).all(|_| s.pick(&[], None) != Some(1)));
+            let shares = s.hash_shares().unwrap();
+            assert!(
+                (shares.iter().sum::<f64>() - 1.0).abs() < 1e-6,
+                "{shares:?}"
+            );
+        }
+        // Bounded loads: the hot key's endpoint, once over its bound, is passed over.
+        let s = set(
+            &[1, 1, 1, 1],
+            LbPolicy::RingHash(meshwire_mesh::HashLb {
+                balance_factor: Some(1.25),
+            }),
+        );
+        let k = hash::hash_key(b"hot");
+        let home = s.pick(&[], Some(k)).unwrap();
+        let mut guards = Vec::new();
+        let mut at_home = 0;
+        for _ in 0..40 {
+            let i = s.pick(&[], Some(k)).unwrap();
+            at_home += usize::from(i == home);
+            guards.push(s.entries[i].endpoint.start_call());
+            let total: usize = s.entries.iter().map(|e| e.endpoint.outstanding()).sum();
+            let max = s
+                .entries
+                .iter()
+                .map(|e| e.endpoint.outstanding())
+                .max()
+                .unwrap();
+            assert!(
+                max as f64 <= (1.25 * total as f64 / 4.0).ceil(),
+                "{max} of {total}"
+            );
+        }
+        assert!((10..40).contains(&at_home), "{at_home} of 40 at home");
+    }
+
+    #[test]
     fn draining_and_excluded_endpoints_get_nothing() {
         let mut s = set(&[1, 1, 1], LR);
         s.entries[1].draining = true;
         for _ in 0..1000 {
-            let i = s.pick(&[2]).unwrap();
+            let i = s.pick(&[2], None).unwrap();
             assert_eq!(i, 0);
         }
-        assert_eq!(s.pick(&[0, 2]), None);
+        assert_eq!(s.pick(&[0, 2], None), None);
 
         let mut w = set(&[3, 1, 1], LR);
         w.entries[0].draining = true;
-        let picks: Vec<_> = (0..100).map(|_| w.pick(&[]).unwrap()).collect();
+        let picks: Vec<_> = (0..100).map(|_| w.pick(&[], None).unwrap()).collect();
         assert!(picks.iter().all(|&i| i != 0));
         assert!(picks.iter().filter(|&&i| i == 1).count() == 50);
     }

@@ -30,8 +30,10 @@
 //! the calls in flight is passed over, so a hot key spills to the next
 //! endpoints instead of piling onto one.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
+use http::{HeaderMap, HeaderValue};
+use meshwire_mesh::HashSource;
 use xxhash_rust::xxh64::xxh64;
 
 /// Ring points per unit of weight by default: enough that shares follow
@@ -48,6 +50,81 @@ pub const DEFAULT_MAGLEV_SIZE: u64 = 65_537;
 /// with seed 0, as Envoy hashes `hash_policy` values.
 pub fn hash_key(bytes: &[u8]) -> u64 {
     xxh64(bytes, 0)
+}
+
+/// A call's hash key, and the cookie to set on its response when the key
+/// is a new session cookie.
+#[derive(Debug, Default)]
+pub struct CallKey {
+    pub key: Option<u64>,
+    pub set_cookie: Option<HeaderValue>,
+}
+
+/// The call's key from the first of `sources` present in it. When none is
+/// and the call is plain HTTP, the first cookie source's cookie is made
+/// (random value) and returned for the response. No key: least request.
+pub fn call_key(
+    sources: &[HashSource],
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+    grpc: bool,
+) -> CallKey {
+    let found = |key: u64| CallKey {
+        key: Some(key),
+        set_cookie: None,
+    };
+    for s in sources {
+        match s {
+            HashSource::Header(name) => {
+                if let Some(v) = headers.get(name.as_str()) {
+                    return found(hash_key(v.as_bytes()));
+                }
+            }
+            HashSource::SourceIp => match peer {
+                Some(IpAddr::V4(ip)) => return found(hash_key(&ip.octets())),
+                Some(IpAddr::V6(ip)) => return found(hash_key(&ip.octets())),
+                None => {}
+            },
+            HashSource::Cookie { name, .. } => {
+                if let Some(v) = cookie(headers, name) {
+                    return found(hash_key(v.as_bytes()));
+                }
+            }
+        }
+    }
+    if grpc {
+        return CallKey::default();
+    }
+    let Some((name, ttl)) = sources.iter().find_map(|s| match s {
+        HashSource::Cookie { name, ttl } => Some((name, ttl)),
+        _ => None,
+    }) else {
+        return CallKey::default();
+    };
+    let value = format!("{:016x}", fastrand::u64(..));
+    let mut header = format!("{name}={value}; Path=/; HttpOnly");
+    if let Some(t) = ttl {
+        use std::fmt::Write;
+        let _ = write!(header, "; Max-Age={}", t.as_secs());
+    }
+    CallKey {
+        key: Some(hash_key(value.as_bytes())),
+        // Names are validated tokens and the value is hex.
+        set_cookie: HeaderValue::from_str(&header).ok(),
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then(|| v.trim_matches('"'))
+        })
 }
 
 /// The consistent-hash table of one endpoint set. Indexes are positions in
@@ -662,6 +739,55 @@ mod tests {
         for k in 0..10_000 {
             assert_eq!(t.pick(key(k), |i| bound.admits(e[i].1, 0)), t.owner(key(k)));
         }
+    }
+
+    #[test]
+    fn call_keys_come_from_the_first_source_present() {
+        let sources = vec![
+            HashSource::Header("x-user".into()),
+            HashSource::Cookie {
+                name: "sticky".into(),
+                ttl: Some(std::time::Duration::from_secs(60)),
+            },
+            HashSource::SourceIp,
+        ];
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-user", HeaderValue::from_static("alice"));
+        h.insert("cookie", HeaderValue::from_static("a=1; sticky=abc"));
+        let k = call_key(&sources, &h, Some(ip), true);
+        assert_eq!(k.key, Some(hash_key(b"alice")));
+        h.remove("x-user");
+        assert_eq!(
+            call_key(&sources, &h, Some(ip), true).key,
+            Some(hash_key(b"abc"))
+        );
+        h.remove("cookie");
+        assert_eq!(
+            call_key(&sources, &h, Some(ip), true).key,
+            Some(hash_key(&[10, 1, 2, 3]))
+        );
+        // Nothing present: gRPC callers get least request...
+        let cookie_only = &sources[1..2];
+        let k = call_key(cookie_only, &h, Some(ip), true);
+        assert!(k.key.is_none() && k.set_cookie.is_none());
+        // ...HTTP callers a new cookie, whose value is the key from then on.
+        let k = call_key(cookie_only, &h, None, false);
+        let set = k.set_cookie.unwrap();
+        let set = set.to_str().unwrap();
+        assert!(
+            set.starts_with("sticky=") && set.ends_with("; Max-Age=60"),
+            "{set}"
+        );
+        let value = set["sticky=".len()..].split(';').next().unwrap();
+        h.insert(
+            "cookie",
+            HeaderValue::from_str(&format!("sticky={value}")).unwrap(),
+        );
+        let again = call_key(cookie_only, &h, None, false);
+        assert_eq!(again.key, k.key);
+        assert!(again.set_cookie.is_none());
+        assert!(call_key(&[], &h, Some(ip), false).key.is_none());
     }
 
     #[test]

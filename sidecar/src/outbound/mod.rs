@@ -14,6 +14,7 @@ pub mod route;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -134,10 +135,15 @@ impl Outbound {
         self
     }
 
-    async fn handle(&self, req: Request<Incoming>, fixed: Option<&str>) -> Response<ResponseBody> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        fixed: Option<&str>,
+        peer: Option<IpAddr>,
+    ) -> Response<ResponseBody> {
         let grpc = grpc::is_grpc(req.headers());
         let version = req.version();
-        match self.proxy(req, fixed, grpc).await {
+        match self.proxy(req, fixed, grpc, peer).await {
             Ok(r) => r,
             Err(e) => {
                 self.telemetry.metrics.error(Direction::Outbound, e.kind());
@@ -153,6 +159,7 @@ impl Outbound {
         req: Request<Incoming>,
         fixed: Option<&str>,
         grpc: bool,
+        peer: Option<IpAddr>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         if let Some(gate) = &self.gate {
             gate.pass(req.headers()).await?;
@@ -192,7 +199,8 @@ impl Outbound {
         let mut trace =
             self.telemetry
                 .client_span(req.headers(), &cluster.name, req.uri().path(), grpc);
-        let call = self.dispatch(&cluster, req, shape, &mut trace);
+        let key = hash::call_key(&cluster.hash_policy, req.headers(), peer, grpc);
+        let call = self.dispatch(&cluster, req, shape, key, &mut trace);
         let result = match timeout {
             Some(t) => tokio::time::timeout(t, call)
                 .await
@@ -211,6 +219,7 @@ impl Outbound {
         cluster: &ClusterState,
         mut req: Request<Incoming>,
         shape: CallShape,
+        key: hash::CallKey,
         trace: &mut Option<Box<CallTrace>>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         proxy::prepare_request(&mut req, &self.scheme, cluster.authority.as_ref())?;
@@ -222,7 +231,7 @@ impl Outbound {
         let mut tried = [usize::MAX; MAX_ATTEMPTS];
         let mut last_error = None;
         for attempt in 0..MAX_ATTEMPTS {
-            let Some(i) = set.pick(&tried[..attempt]) else {
+            let Some(i) = set.pick(&tried[..attempt], key.key) else {
                 break;
             };
             tried[attempt] = i;
@@ -242,7 +251,12 @@ impl Outbound {
                 t.inject(req.headers_mut());
             }
             match proxy::send(lease, guard, req, shape, trace).await {
-                Ok(resp) => return Ok(resp),
+                Ok(mut resp) => {
+                    if let Some(c) = key.set_cookie {
+                        resp.headers_mut().append(http::header::SET_COOKIE, c);
+                    }
+                    return Ok(resp);
+                }
                 Err(SendError::Failed(e)) => return Err(e),
                 Err(SendError::NotSent(r)) => {
                     tracing::debug!(service = %cluster.name, endpoint = %endpoint.addr, attempt, "connection closed before send; failing over");
@@ -266,11 +280,23 @@ impl Outbound {
 pub struct OutboundService {
     inner: Arc<Outbound>,
     fixed: Option<Arc<str>>,
+    /// The caller's IP, for `source_ip` hashing.
+    peer: Option<IpAddr>,
 }
 
 impl OutboundService {
     pub fn new(inner: Arc<Outbound>, fixed: Option<Arc<str>>) -> Self {
-        Self { inner, fixed }
+        Self {
+            inner,
+            fixed,
+            peer: None,
+        }
+    }
+
+    /// Calls on this connection come from `peer`.
+    pub fn with_peer(mut self, peer: IpAddr) -> Self {
+        self.peer = Some(peer.to_canonical());
+        self
     }
 }
 
@@ -281,6 +307,11 @@ impl hyper::service::Service<Request<Incoming>> for OutboundService {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move { Ok(this.inner.handle(req, this.fixed.as_deref()).await) })
+        Box::pin(async move {
+            Ok(this
+                .inner
+                .handle(req, this.fixed.as_deref(), this.peer)
+                .await)
+        })
     }
 }

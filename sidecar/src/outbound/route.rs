@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use meshwire_mesh::{Cluster, LbPolicy, ModelError, Protocol};
+use meshwire_mesh::{Cluster, HashSource, LbPolicy, ModelError, Protocol};
 
 use super::balance::{EndpointSet, Entry};
 use crate::authz::{Authz, LocalPolicy};
@@ -28,6 +28,8 @@ pub struct ClusterState {
     pub name: Arc<str>,
     pub protocol: Protocol,
     pub lb: LbPolicy,
+    /// Where calls' hash keys come from (consistent-hash policies only).
+    pub hash_policy: Vec<HashSource>,
     pub request_timeout: Option<Duration>,
     pub connect_timeout: Duration,
     /// Parsed once: the `:authority` to send upstream, if rewritten.
@@ -39,6 +41,7 @@ impl ClusterState {
     fn same_settings(&self, c: &Cluster) -> bool {
         self.lb == c.lb
             && self.protocol == c.protocol
+            && self.hash_policy == hash_policy(c)
             && self.request_timeout == c.request_timeout
             && self.connect_timeout == c.connect_timeout
             && self.authority.as_ref().map(Authority::as_str) == c.authority.as_deref()
@@ -165,6 +168,7 @@ impl Routes {
                     name: Arc::from(c.name.as_str()),
                     protocol: c.protocol,
                     lb: c.lb,
+                    hash_policy: hash_policy(c),
                     request_timeout: c.request_timeout,
                     connect_timeout: c.connect_timeout,
                     // Validated by `Cluster::validate`.
@@ -215,6 +219,15 @@ impl Routes {
             })
             .collect();
         EndpointSet::new(entries, c.lb)
+    }
+}
+
+/// The hash sources that apply: none unless the policy hashes.
+fn hash_policy(c: &Cluster) -> Vec<HashSource> {
+    if c.lb.hash().is_some() {
+        c.hash_policy.clone()
+    } else {
+        Vec::new()
     }
 }
 
