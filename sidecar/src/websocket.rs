@@ -87,7 +87,7 @@ pub(crate) async fn outbound(
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
     let mut last = None;
     for attempt in 0..MAX_ATTEMPTS {
-        let Some(i) = set.pick(&tried[..attempt]) else {
+        let Some(i) = set.pick(&tried[..attempt], None) else {
             break;
         };
         tried[attempt] = i;
