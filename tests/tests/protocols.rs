@@ -432,25 +432,22 @@ async fn rest_app_over_http1_through_the_mtls_pair() {
     assert_eq!(v["x_forwarded_for"], "127.0.0.1");
     assert_eq!(v["forwarded"], "for=127.0.0.1;proto=https");
 
-    // Keep-alive on both sides: two requests on one curl connection, and the
-    // app sees them on one pooled connection too.
-    let (code, body, err) = curl(s(&[
-        "-v",
-        "-H",
-        "Host: web",
-        &format!("{out}/hello"),
-        "-H",
-        "Host: web",
-        &format!("{out}/hello"),
-    ]))
-    .await;
+    // Keep-alive on both sides: five requests on one curl connection, and
+    // the app sees pooled connections reused (a connection goes back to the
+    // pool just after its response ends, so a request may race it).
+    let hello = format!("{out}/hello");
+    let mut args = vec!["-v".to_owned()];
+    for _ in 0..5 {
+        args.extend(s(&["-H", "Host: web", &hello]));
+    }
+    let (code, body, err) = curl(args).await;
     assert_eq!(code, 0, "{err}");
     assert!(
         err.contains("Re-using existing connection") || err.contains("Reusing existing"),
         "{err}"
     );
     let text = String::from_utf8_lossy(&body).into_owned();
-    let conns: Vec<u64> = text
+    let conns: std::collections::BTreeSet<u64> = text
         .split("}{")
         .map(|p| {
             let p = p.trim_start_matches('{').trim_end_matches('}');
@@ -459,10 +456,9 @@ async fn rest_app_over_http1_through_the_mtls_pair() {
                 .unwrap()
         })
         .collect();
-    assert_eq!(conns.len(), 2, "{text}");
-    assert_eq!(
-        conns[0], conns[1],
-        "the sidecar reused its app connection: {text}"
+    assert!(
+        conns.len() < 5,
+        "the sidecar reused app connections: {text}"
     );
 
     // A chunked response arrives whole; HEAD, 204 and 304 have no body.
@@ -866,8 +862,17 @@ async fn mqtt_through_the_mtls_pair_qos1_and_broker_restart() {
         metric(&m, "meshwire_tcp_connections_opened_total", "outbound") >= 2,
         "{m}"
     );
+    // Bytes are counted when a connection ends (the publisher's just did).
+    eventually("bytes counted", Duration::from_secs(10), || async {
+        metric(
+            &metrics(&pair.client).await,
+            "meshwire_tcp_sent_bytes_total",
+            "outbound",
+        ) > (N * 10) as u64
+    })
+    .await;
     assert!(
-        metric(&m, "meshwire_tcp_sent_bytes_total", "outbound") > (N * 10) as u64,
+        metric(&m, "meshwire_tcp_connections_opened_total", "outbound") >= 2,
         "{m}"
     );
 
