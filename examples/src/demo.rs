@@ -1,6 +1,6 @@
 //! The Meshwire demo (`meshwire-demo`): a live mesh on one machine, no other
 //! software needed. This module is the binary's body, in the library so the
-//! end-to-end tests can run it as a process (`tests/src/bin/mw-demo.rs`).
+//! end-to-end tests run it as a process (`tests/tests/e2e/demo.rs`).
 //!
 //! Everything runs in this one process, so Ctrl-C (or SIGTERM) stops all of
 //! it and leaves nothing behind:

@@ -1,6 +1,6 @@
-//! The demo binary (`meshwire-demo`, here as `mw-demo`) run as users run it:
-//! a real process with its in-process control plane, sidecars, echo
-//! instances and load client, driven with the real `meshctl` (`mw-meshctl`).
+//! The demo binary (`meshwire-demo`) run as users run it: a real process
+//! with its in-process control plane, sidecars, echo instances and load
+//! client, driven with the real `meshctl`.
 //! Its sidecars talk mutual TLS with certificates from the control plane's CA.
 
 use std::io::{BufRead, BufReader};
@@ -11,8 +11,8 @@ use std::time::Duration;
 use meshwire_tests::{EchoRequest, admin_json, poll_until};
 use serde_json::Value;
 
-const DEMO: &str = env!("CARGO_BIN_EXE_mw-demo");
-const MESHCTL: &str = env!("CARGO_BIN_EXE_mw-meshctl");
+use meshwire_tests::bins::DEMO;
+use meshwire_tests::bins::MESHCTL;
 
 /// A demo process and its stdout, one JSON object per line.
 struct Demo {

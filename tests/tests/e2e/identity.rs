@@ -239,7 +239,7 @@ async fn a_root_rotation_under_load_fails_no_call() {
     assert_eq!(ok.len(), m.apps.len(), "every backend served: {ok:?}");
 }
 
-const SIDECAR: &str = env!("CARGO_BIN_EXE_mw-sidecar");
+use meshwire_tests::bins::SIDECAR;
 
 /// Runs the sidecar binary expecting a usage error; returns its stderr.
 fn usage_error(args: &[&str]) -> String {
@@ -282,7 +282,7 @@ async fn the_sidecar_binary_joins_with_a_token_and_a_pinned_root() {
     };
     let a1 = args(&token);
     let a1: Vec<&str> = a1.iter().map(String::as_str).collect();
-    let sc = SidecarProcess::spawn(SIDECAR, &a1, &[]).await;
+    let sc = SidecarProcess::spawn(&a1, &[]).await;
     eventually(
         "certificate and config",
         Duration::from_secs(20),
@@ -298,7 +298,7 @@ async fn the_sidecar_binary_joins_with_a_token_and_a_pinned_root() {
     assert_eq!(c["signed_by"], fp.as_str());
 
     // The same token again: refused, and the sidecar says why.
-    let again = SidecarProcess::spawn(SIDECAR, &a1, &[]).await;
+    let again = SidecarProcess::spawn(&a1, &[]).await;
     eventually(
         "the reused token is refused",
         Duration::from_secs(20),
@@ -321,7 +321,7 @@ async fn the_sidecar_binary_joins_with_a_token_and_a_pinned_root() {
     let wrong = "ab".repeat(32);
     a2[7] = wrong.clone();
     let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
-    let pinned = SidecarProcess::spawn(SIDECAR, &a2, &[]).await;
+    let pinned = SidecarProcess::spawn(&a2, &[]).await;
     eventually(
         "the unpinned server is refused",
         Duration::from_secs(20),

@@ -18,8 +18,8 @@ use meshwire_proto::admin::v1 as pb;
 use meshwire_tests::{ControlPlaneProcess, admin, eventually};
 use tonic::Code;
 
-const CP: &str = env!("CARGO_BIN_EXE_mw-control-plane");
-const MESHCTL: &str = env!("CARGO_BIN_EXE_mw-meshctl");
+use meshwire_tests::bins::CONTROL_PLANE as CP;
+use meshwire_tests::bins::MESHCTL;
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 
 // === harness ===
@@ -121,7 +121,7 @@ fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_wants_its_token_and_xds_does_not() {
     let data = tempfile::tempdir().unwrap();
-    let cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
 
     // The generated token: random, private.
     let mode = std::fs::metadata(data.path().join("admin.token"))
@@ -220,9 +220,8 @@ async fn the_admin_api_wants_its_token_and_xds_does_not() {
 async fn a_token_from_the_environment_replaces_the_file() {
     let data = tempfile::tempdir().unwrap();
     let token = "from-the-environment-0123456789";
-    let cp =
-        ControlPlaneProcess::spawn_with(CP, data.path(), None, &[("MESHWIRE_ADMIN_TOKEN", token)])
-            .await;
+    let cp = ControlPlaneProcess::spawn_with(data.path(), None, &[("MESHWIRE_ADMIN_TOKEN", token)])
+        .await;
     assert!(!data.path().join("admin.token").exists());
     let mut c = cp.client().await;
     c.create_service(create("greeter")).await.unwrap();
@@ -239,7 +238,7 @@ async fn a_token_from_the_environment_replaces_the_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_and_endpoints_through_the_api() {
     let data = tempfile::tempdir().unwrap();
-    let cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
     let mut c = cp.client().await;
 
     let mut watch = c.watch(pb::WatchRequest {}).await.unwrap().into_inner();
@@ -485,7 +484,7 @@ async fn services_and_endpoints_through_the_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_arguments_name_the_field_and_change_nothing() {
     let data = tempfile::tempdir().unwrap();
-    let cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
     let mut c = cp.client().await;
     let v = c
         .create_service(create("greeter"))
@@ -680,7 +679,7 @@ async fn invalid_arguments_name_the_field_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshctl_prints_tables_and_json_and_fails_clearly() {
     let data = tempfile::tempdir().unwrap();
-    let cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
     let url = cp.url();
     let dir = data.path().to_str().unwrap().to_owned();
     let cwd = tempfile::tempdir().unwrap();
@@ -913,7 +912,7 @@ async fn meshctl_watch_prints_each_change() {
     use std::io::BufRead;
 
     let data = tempfile::tempdir().unwrap();
-    let cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
     let mut c = cp.client().await;
     c.create_service(create("greeter")).await.unwrap();
 
@@ -974,7 +973,7 @@ async fn meshctl_watch_prints_each_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_keeps_everything_and_versions_keep_increasing() {
     let data = tempfile::tempdir().unwrap();
-    let mut cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+    let mut cp = ControlPlaneProcess::spawn(data.path()).await;
     let token = cp.token.clone();
     let mut c = cp.client().await;
     let mut s = service("greeter");
@@ -1055,7 +1054,7 @@ async fn a_restart_keeps_everything_and_versions_keep_increasing() {
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
     drop((cp, ads, ads_tx));
 
-    let cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
     assert_eq!(cp.token, token, "the token is reused");
     let mut c = cp.client().await;
     let after_services = c
@@ -1094,7 +1093,7 @@ struct Acked {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_a_burst_loses_no_acknowledged_change() {
     let data = tempfile::tempdir().unwrap();
-    let mut cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+    let mut cp = ControlPlaneProcess::spawn(data.path()).await;
     let c = cp.client().await;
     c.clone().create_service(create("burst")).await.unwrap();
 
@@ -1147,7 +1146,7 @@ async fn kill_9_in_a_burst_loses_no_acknowledged_change() {
     );
     drop(cp);
 
-    let cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
     let mut c = cp.client().await;
     let stored: BTreeMap<String, u32> = c
         .list_endpoints(pb::ListEndpointsRequest {
@@ -1187,92 +1186,24 @@ async fn kill_9_in_a_burst_loses_no_acknowledged_change() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_flags_and_start_failures_exit_clearly() {
-    let run = |args: Vec<String>, envs: Vec<(&'static str, String)>| async move {
-        tokio::task::spawn_blocking(move || {
-            let out = Command::new(CP)
-                .args(&args)
-                .env_remove("MESHWIRE_ADMIN_TOKEN")
-                .envs(envs)
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            (
-                out.status.code().expect("exited"),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        })
-        .await
-        .unwrap()
-    };
-    let s = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+async fn a_second_control_plane_on_the_same_data_dir_exits_clearly() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().to_str().unwrap().to_owned();
-
-    let (code, err) = run(s(&["--listen", "not-an-address"]), vec![]).await;
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("--listen") && err.contains("not-an-address"),
-        "{err}"
-    );
-    let (code, err) = run(s(&["--data-dir", &dir, "--log", "x=loud"]), vec![]).await;
-    assert_eq!(code, 2);
-    assert!(err.contains("--log"), "{err}");
-    let (code, err) = run(vec![], vec![("MESHWIRE_CP_LISTEN", "nope".into())]).await;
-    assert_eq!(code, 2);
-    assert!(err.contains("--listen") && err.contains("nope"), "{err}");
-    let (code, err) = run(
-        s(&["--data-dir", &dir]),
-        vec![("MESHWIRE_ADMIN_TOKEN", "short".into())],
-    )
-    .await;
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("MESHWIRE_ADMIN_TOKEN") && err.contains("16"),
-        "{err}"
-    );
-
-    // The data directory is a file.
-    let file = data.path().join("file");
-    std::fs::write(&file, "").unwrap();
-    let (code, err) = run(
-        s(&[
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            file.to_str().unwrap(),
-        ]),
-        vec![],
-    )
-    .await;
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("data directory") && err.contains("file"),
-        "{err}"
-    );
-
-    // The port is taken.
-    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = taken.local_addr().unwrap().to_string();
-    let (code, err) = run(s(&["--listen", &addr, "--data-dir", &dir]), vec![]).await;
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("cannot listen on") && err.contains(&addr),
-        "{err}"
-    );
-
-    // Another control plane has the data directory: configured from the
-    // environment only, the first one holds it.
-    let mut first = ControlPlaneProcess::spawn_with(CP, data.path(), None, &[]).await;
-    let (code, err) = run(
-        vec![],
-        vec![
-            ("MESHWIRE_CP_LISTEN", "127.0.0.1:0".into()),
-            ("MESHWIRE_DATA_DIR", dir.clone()),
-        ],
-    )
-    .await;
-    assert_eq!(code, 1);
+    // Configured from the environment only; the first one holds the directory.
+    let mut first = ControlPlaneProcess::spawn_with(data.path(), None, &[]).await;
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(CP)
+            .env_remove("MESHWIRE_ADMIN_TOKEN")
+            .env("MESHWIRE_CP_LISTEN", "127.0.0.1:0")
+            .env("MESHWIRE_DATA_DIR", dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("another control plane"), "{err}");
     first.signal("INT");
     assert_eq!(first.wait_exit(Duration::from_secs(10)).await, Some(0));

@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 use meshwire_examples::echo::EchoHandle;
 use meshwire_tests::*;
 
-const CP: &str = env!("CARGO_BIN_EXE_mw-control-plane");
-const SIDECAR: &str = env!("CARGO_BIN_EXE_mw-sidecar");
-const MESHCTL: &str = env!("CARGO_BIN_EXE_mw-meshctl");
+use meshwire_tests::bins::MESHCTL;
 
 struct World {
     _data: tempfile::TempDir,
@@ -28,7 +26,7 @@ impl World {
     async fn new(n: usize, client_args: &[&str]) -> World {
         init_tracing();
         let data = tempfile::tempdir().unwrap();
-        let cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+        let cp = ControlPlaneProcess::spawn(data.path()).await;
         let mut admin = cp.client().await;
         api::create_service(&mut admin, "echo").await;
         let url = cp.url();
@@ -38,7 +36,6 @@ impl World {
             let b = echo(&format!("b{i}")).await;
             let app = b.addr.to_string();
             let s = SidecarProcess::spawn(
-                SIDECAR,
                 &["--app", &app, "--control-plane", &url, "--service", "echo"],
                 &[],
             )
@@ -49,7 +46,7 @@ impl World {
         }
         let mut args = vec!["--control-plane", url.as_str(), "--service", "caller"];
         args.extend_from_slice(client_args);
-        let client = SidecarProcess::spawn(SIDECAR, &args, &[]).await;
+        let client = SidecarProcess::spawn(&args, &[]).await;
         let w = World {
             _data: data,
             cp,
@@ -192,7 +189,7 @@ async fn control_plane_killed_and_restarted_under_load() {
     }
 
     // Same data, same address: sidecars resubscribe and see the same state.
-    w.cp = ControlPlaneProcess::spawn_with(CP, w._data.path(), Some(addr), &[]).await;
+    w.cp = ControlPlaneProcess::spawn_with(w._data.path(), Some(addr), &[]).await;
     w.admin = w.cp.client().await;
     let dump = config_dump_until(
         w.client.addrs.admin,
@@ -209,7 +206,6 @@ async fn control_plane_killed_and_restarted_under_load() {
     let third = echo("b2").await;
     let url = w.cp.url();
     let s = SidecarProcess::spawn(
-        SIDECAR,
         &[
             "--app",
             &third.addr.to_string(),

@@ -27,8 +27,8 @@ use meshwire_tls::{Credentials, SpiffeId, TrustBundle};
 use tonic::Code;
 use tonic::transport::Channel;
 
-const CP: &str = env!("CARGO_BIN_EXE_mw-control-plane");
-const MESHCTL: &str = env!("CARGO_BIN_EXE_mw-meshctl");
+use meshwire_tests::bins::MESHCTL;
+use meshwire_tests::bins::{Bin, CONTROL_PLANE as CP};
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 
 // === harness ===
@@ -642,7 +642,7 @@ struct Out {
     stderr: String,
 }
 
-async fn run(bin: &str, cwd: &Path, args: Vec<String>) -> Out {
+async fn run(bin: Bin, cwd: &Path, args: Vec<String>) -> Out {
     let mut cmd = Command::new(bin);
     cmd.args(&args)
         .current_dir(cwd)
@@ -681,7 +681,7 @@ fn json(out: &Out) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshctl_tokens_ca_and_policies() {
     let data = tempfile::tempdir().unwrap();
-    let cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
     let cwd = tempfile::tempdir().unwrap();
     let dir = data.path().to_str().unwrap().to_owned();
     let url = cp.url();
@@ -976,7 +976,6 @@ async fn ca_flags_are_checked_and_a_user_ca_signs() {
         roots.join(format!("{fp}.key")),
     );
     let cp = ControlPlaneProcess::spawn_with(
-        CP,
         data.path(),
         None,
         &[

@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 use meshwire_tests::*;
 use meshwire_xds::Snapshot;
 
-const SIDECAR: &str = env!("CARGO_BIN_EXE_mw-sidecar");
-
 async fn sidecar_for(ads: std::net::SocketAddr, extra: &[&str]) -> SidecarProcess {
     let cp = format!("http://{ads}");
     let mut args = vec![
@@ -20,7 +18,7 @@ async fn sidecar_for(ads: std::net::SocketAddr, extra: &[&str]) -> SidecarProces
         "caller-1",
     ];
     args.extend_from_slice(extra);
-    SidecarProcess::spawn(SIDECAR, &args, &[]).await
+    SidecarProcess::spawn(&args, &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use meshwire_tests::*;
 
-const CP: &str = env!("CARGO_BIN_EXE_mw-control-plane");
-
 /// Runs `n` calls through Envoy, `conc` at a time, and counts them per backend.
 ///
 /// The weight checks run at concurrency 1: Envoy's own least-request picker
@@ -67,7 +65,7 @@ async fn scenario(delta: bool) {
     let a = echo("a").await;
     let b = echo("b").await;
     let data = tempfile::tempdir().unwrap();
-    let cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
     let mut admin = cp.client().await;
     api::create_service(&mut admin, "echo").await;
     api::add_endpoint(&mut admin, "echo", a.addr, 3).await;

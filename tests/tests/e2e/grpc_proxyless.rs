@@ -7,8 +7,6 @@ use std::process::Command;
 
 use meshwire_tests::*;
 
-const CP: &str = env!("CARGO_BIN_EXE_mw-control-plane");
-
 /// Runs the Python client; returns its JSON summary.
 async fn run_client(xds: std::net::SocketAddr, calls: usize) -> serde_json::Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/interop/xds_client.py");
@@ -38,7 +36,7 @@ async fn grpcio_proxyless_client_reaches_the_registered_endpoints() {
     let a = echo("a").await;
     let b = echo("b").await;
     let data = tempfile::tempdir().unwrap();
-    let cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
     let mut admin = cp.client().await;
     api::create_service(&mut admin, "echo").await;
     api::add_endpoint(&mut admin, "echo", a.addr, 1).await;

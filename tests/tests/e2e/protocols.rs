@@ -23,8 +23,7 @@ use meshwire_tests::*;
 use meshwire_tls::testing::TestCa;
 use prost::Message;
 
-const CP: &str = env!("CARGO_BIN_EXE_mw-control-plane");
-const MESHCTL: &str = env!("CARGO_BIN_EXE_mw-meshctl");
+use meshwire_tests::bins::MESHCTL;
 const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 
 /// What a finished `meshctl` run printed.
@@ -120,7 +119,7 @@ async fn envoy_listeners(cp: &ControlPlaneProcess, ports: &[(&str, u32)]) -> Vec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_protocol_goes_from_meshctl_over_xds() {
     let data = tempfile::tempdir().unwrap();
-    let cp = ControlPlaneProcess::spawn(CP, data.path()).await;
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
     let d = data.path();
 
     ok(&meshctl(&cp, d, &["service", "create", "web", "--protocol", "http"]).await);
@@ -283,8 +282,6 @@ impl Pair {
     }
 }
 
-const SIDECAR: &str = env!("CARGO_BIN_EXE_mw-sidecar");
-
 /// A sidecar process with a fixed certificate for `service` (PEM files in
 /// its own directory), `yaml` as its static config.
 async fn sidecar_process(ca: &TestCa, service: &str, yaml: &str, extra: &[&str]) -> SidecarProcess {
@@ -312,7 +309,7 @@ async fn sidecar_process(ca: &TestCa, service: &str, yaml: &str, extra: &[&str])
     ];
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let p = SidecarProcess::spawn(SIDECAR, &args, &[]).await;
+    let p = SidecarProcess::spawn(&args, &[]).await;
     std::mem::forget(dir);
     p
 }
@@ -609,10 +606,7 @@ async fn a_one_gib_upload_streams_with_bounded_memory() {
         v["sha256"],
         "49bc20df15e412a64472421e13fe86ff1c5165e18b2afccf160d4dc19fe68a14"
     );
-    let (c, s) = (
-        peak_rss_mib(client.child.id()),
-        peak_rss_mib(server.child.id()),
-    );
+    let (c, s) = (peak_rss_mib(client.id()), peak_rss_mib(server.id()));
     eprintln!(
         "1 GiB upload through the mTLS pair: peak RSS client sidecar {c} MiB, server sidecar {s} MiB"
     );

@@ -678,7 +678,6 @@ async fn sidecar_process_logs_json_changes_its_filter_and_flushes_spans_on_drain
         ),
     );
     let mut sc = SidecarProcess::spawn(
-        env!("CARGO_BIN_EXE_mw-sidecar"),
         &[
             "--static-config",
             config.to_str().unwrap(),
@@ -1001,8 +1000,7 @@ mod control_plane {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_binary_serves_its_admin_port() {
         let dir = tempfile::tempdir().unwrap();
-        let cp =
-            ControlPlaneProcess::spawn(env!("CARGO_BIN_EXE_mw-control-plane"), dir.path()).await;
+        let cp = ControlPlaneProcess::spawn(dir.path()).await;
         assert_ne!(cp.admin, cp.addr);
         for page in ["/live", "/ready"] {
             assert_eq!(admin_request(cp.admin, "GET", page).await.0, StatusCode::OK);

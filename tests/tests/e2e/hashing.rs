@@ -15,7 +15,6 @@ use meshwire_tests::*;
 use meshwire_xds::Snapshot;
 use tonic::transport::Channel;
 
-const SIDECAR: &str = env!("CARGO_BIN_EXE_mw-sidecar");
 const KEYS: usize = 200;
 
 /// Which instance answered each key (`x-user: user-<n>`). Every call must succeed.
@@ -56,8 +55,7 @@ impl Instances {
         let mut sidecars = Vec::new();
         for i in 0..n {
             let app = echo(&format!("instance-{i}")).await;
-            sidecars
-                .push(SidecarProcess::spawn(SIDECAR, &["--app", &app.addr.to_string()], &[]).await);
+            sidecars.push(SidecarProcess::spawn(&["--app", &app.addr.to_string()], &[]).await);
             apps.push(app);
         }
         Self { apps, sidecars }
@@ -75,7 +73,6 @@ impl Instances {
 async fn caller(ads: SocketAddr) -> SidecarProcess {
     let cp = format!("http://{ads}");
     SidecarProcess::spawn(
-        SIDECAR,
         &[
             "--control-plane",
             &cp,

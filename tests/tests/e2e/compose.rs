@@ -21,21 +21,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use meshwire_tests::bins::{self, Bin};
 use meshwire_tests::poll_until;
 use serde_json::Value;
 
-/// The image's programs, as the test package built them.
-const BINS: [(&str, &str); 7] = [
-    ("meshwire-sidecar", env!("CARGO_BIN_EXE_mw-sidecar")),
-    (
-        "meshwire-control-plane",
-        env!("CARGO_BIN_EXE_mw-control-plane"),
-    ),
-    ("meshctl", env!("CARGO_BIN_EXE_mw-meshctl")),
-    ("echo-server", env!("CARGO_BIN_EXE_mw-echo")),
-    ("meshwire-load", env!("CARGO_BIN_EXE_mw-load")),
-    ("meshwire-probe", env!("CARGO_BIN_EXE_mw-probe")),
-    ("meshwire-otlp-sink", env!("CARGO_BIN_EXE_mw-otlp-sink")),
+/// The image's programs, as this test run built them.
+const BINS: [Bin; 7] = [
+    bins::SIDECAR,
+    bins::CONTROL_PLANE,
+    bins::MESHCTL,
+    bins::ECHO_SERVER,
+    bins::LOAD,
+    bins::PROBE,
+    bins::OTLP_SINK,
 ];
 
 /// What the test adds to `docker-compose.yml`: our OTLP sink, in Jaeger's place.
@@ -282,8 +280,8 @@ fn compose_stack_end_to_end() {
 
     // The image, from this run's binaries: no release build, no registry.
     let staged = tempfile::tempdir().expect("tempdir");
-    for (name, path) in BINS {
-        std::fs::copy(path, staged.path().join(name)).expect("stage binary");
+    for bin in BINS {
+        std::fs::copy(bin.path(), staged.path().join(bin.name())).expect("stage binary");
     }
     let id = std::process::id();
     let stack = Stack {

@@ -1,6 +1,6 @@
-//! The `meshwire-sidecar` binary as a real process: flags and environment
-//! variables, precise errors with non-zero exits, and graceful shutdown on
-//! SIGTERM/SIGINT.
+//! The `meshwire-sidecar` binary as a real process: configuration from the
+//! environment, start-up failures with non-zero exits, and graceful shutdown
+//! on SIGTERM/SIGINT (bad flags: `sidecar/tests/cli.rs`).
 
 use std::process::Command;
 use std::sync::atomic::Ordering;
@@ -10,66 +10,7 @@ use meshwire_tests::*;
 use prost::Message;
 use tonic::Code;
 
-const SIDECAR: &str = env!("CARGO_BIN_EXE_mw-sidecar");
-
-/// Runs the binary expecting it to fail; returns (exit code, stderr).
-fn fails(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
-    let mut cmd = Command::new(SIDECAR);
-    cmd.args(["--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .args(args);
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run sidecar");
-    let code = out.status.code().expect("exited");
-    assert_ne!(code, 0, "expected failure for {args:?}");
-    (code, String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-#[test]
-fn bad_flags_and_config_get_precise_errors() {
-    let (code, err) = fails(&["--workers", "0"], &[]);
-    assert_eq!(code, 2);
-    assert!(err.contains("--workers"), "{err}");
-
-    let (code, err) = fails(&["--inbound", "not-an-address"], &[]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("'not-an-address'") && err.contains("--inbound"),
-        "{err}"
-    );
-
-    let (_, err) = fails(&["--drain-timeout", "soon"], &[]);
-    assert!(
-        err.contains("--drain-timeout") && err.contains("e.g. 500ms"),
-        "{err}"
-    );
-
-    let (_, err) = fails(&["--no-such-flag"], &[]);
-    assert!(err.contains("--no-such-flag"), "{err}");
-
-    // The same checks apply to values from the environment.
-    let (code, err) = fails(&[], &[("MESHWIRE_WORKERS", "many")]);
-    assert_eq!(code, 2);
-    assert!(err.contains("'many'") && err.contains("--workers"), "{err}");
-
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = SidecarProcess::write_config(
-        dir.path(),
-        "services:\n  - name: echo\n    endpoints:\n      - address: 127.0.0.1:1\n        weight: 20000\n",
-    );
-    let (code, err) = fails(&["--static-config", cfg.to_str().unwrap()], &[]);
-    assert_eq!(code, 2);
-    assert!(err.contains("services[0].endpoints[0].weight"), "{err}");
-    assert!(err.contains("mesh.yaml"), "names the file: {err}");
-
-    let (code, err) = fails(&["--static-config", "/nonexistent/mesh.yaml"], &[]);
-    assert_eq!(code, 2);
-    assert!(err.contains("/nonexistent/mesh.yaml"), "{err}");
-
-    let (_, err) = fails(&["--log", "meshwire=loud"], &[]);
-    assert!(err.contains("--log"), "{err}");
-}
+use meshwire_tests::bins::SIDECAR;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn address_in_use_fails_start_up() {
@@ -101,7 +42,6 @@ async fn configured_entirely_from_the_environment() {
     );
     // Server sidecar: its app and config from MESHWIRE_* variables only.
     let server = SidecarProcess::spawn(
-        SIDECAR,
         &[],
         &[
             ("MESHWIRE_APP", &backend.addr.to_string()),
@@ -115,7 +55,6 @@ async fn configured_entirely_from_the_environment() {
         &format!("services:\n  - name: echo\n    endpoints:\n      - address: {inbound}\n"),
     );
     let client = SidecarProcess::spawn(
-        SIDECAR,
         &[],
         &[("MESHWIRE_STATIC_CONFIG", client_cfg.to_str().unwrap())],
     )
@@ -135,7 +74,6 @@ async fn sigterm_drains_in_flight_calls_then_exits() {
     let backend = echo("drain-backend").await;
     let stats = backend.stats.clone();
     let mut server = SidecarProcess::spawn(
-        SIDECAR,
         &["--app", &backend.addr.to_string(), "--drain-timeout", "30s"],
         &[],
     )
@@ -254,7 +192,6 @@ async fn post_drain_drains_in_flight_calls_then_exits() {
     let backend = echo("drain-hook-backend").await;
     let stats = backend.stats.clone();
     let mut server = SidecarProcess::spawn(
-        SIDECAR,
         &["--app", &backend.addr.to_string(), "--drain-timeout", "30s"],
         &[],
     )
@@ -296,7 +233,6 @@ async fn drain_timeout_bounds_shutdown() {
     let backend = echo("stuck-backend").await;
     let stats = backend.stats.clone();
     let mut server = SidecarProcess::spawn(
-        SIDECAR,
         &[
             "--app",
             &backend.addr.to_string(),
