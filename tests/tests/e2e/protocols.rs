@@ -429,25 +429,22 @@ async fn rest_app_over_http1_through_the_mtls_pair() {
     assert_eq!(v["x_forwarded_for"], "127.0.0.1");
     assert_eq!(v["forwarded"], "for=127.0.0.1;proto=https");
 
-    // Keep-alive on both sides: two requests on one curl connection, and the
-    // app sees them on one pooled connection too.
-    let (code, body, err) = curl(s(&[
-        "-v",
-        "-H",
-        "Host: web",
-        &format!("{out}/hello"),
-        "-H",
-        "Host: web",
-        &format!("{out}/hello"),
-    ]))
-    .await;
+    // Keep-alive on both sides: five requests on one curl connection, and
+    // the app sees pooled connections reused (a connection goes back to the
+    // pool just after its response ends, so a request may race it).
+    let hello = format!("{out}/hello");
+    let mut args = vec!["-v".to_owned()];
+    for _ in 0..5 {
+        args.extend(s(&["-H", "Host: web", &hello]));
+    }
+    let (code, body, err) = curl(args).await;
     assert_eq!(code, 0, "{err}");
     assert!(
         err.contains("Re-using existing connection") || err.contains("Reusing existing"),
         "{err}"
     );
     let text = String::from_utf8_lossy(&body).into_owned();
-    let conns: Vec<u64> = text
+    let conns: std::collections::BTreeSet<u64> = text
         .split("}{")
         .map(|p| {
             let p = p.trim_start_matches('{').trim_end_matches('}');
@@ -456,10 +453,9 @@ async fn rest_app_over_http1_through_the_mtls_pair() {
                 .unwrap()
         })
         .collect();
-    assert_eq!(conns.len(), 2, "{text}");
-    assert_eq!(
-        conns[0], conns[1],
-        "the sidecar reused its app connection: {text}"
+    assert!(
+        conns.len() < 5,
+        "the sidecar reused app connections: {text}"
     );
 
     // A chunked response arrives whole; HEAD, 204 and 304 have no body.
@@ -860,8 +856,17 @@ async fn mqtt_through_the_mtls_pair_qos1_and_broker_restart() {
         metric(&m, "meshwire_tcp_connections_opened_total", "outbound") >= 2,
         "{m}"
     );
+    // Bytes are counted when a connection ends (the publisher's just did).
+    eventually("bytes counted", Duration::from_secs(10), || async {
+        metric(
+            &metrics(&pair.client).await,
+            "meshwire_tcp_sent_bytes_total",
+            "outbound",
+        ) > (N * 10) as u64
+    })
+    .await;
     assert!(
-        metric(&m, "meshwire_tcp_sent_bytes_total", "outbound") > (N * 10) as u64,
+        metric(&m, "meshwire_tcp_connections_opened_total", "outbound") >= 2,
         "{m}"
     );
 
@@ -1074,4 +1079,121 @@ async fn server_first_tcp_half_close_failover_and_policy() {
         0,
         "{m}"
     );
+}
+
+// === WebSocket ===
+
+/// A tokio-tungstenite echo server: text and binary frames back, pings
+/// answered, a close echoed with its code.
+async fn websocket_echo() -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() || m.is_binary() {
+                        if ws.send(m).await.is_err() {
+                            return;
+                        }
+                    } else if m.is_close() {
+                        // tungstenite has queued the echoed close; flush it.
+                        let _ = ws.flush().await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_over_extended_connect_through_the_mtls_pair() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let ca = TestCa::new("test.local");
+    let app = websocket_echo().await;
+    let pair = Pair::start(&ca, service("chat", Protocol::Http), app, "browser", false).await;
+    let mut req = format!("ws://{}/room/1", pair.client.outbound_addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert(http::header::HOST, http::HeaderValue::from_static("chat"));
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgrade through the mesh");
+    assert_eq!(resp.status(), 101);
+
+    // 1 MiB binary frames, both ways, several times.
+    let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+    for _ in 0..4 {
+        ws.send(Message::binary(big.clone())).await.unwrap();
+        match ws.next().await.unwrap().unwrap() {
+            Message::Binary(b) => assert!(b[..] == big[..], "1 MiB frame intact"),
+            other => panic!("{other:?}"),
+        }
+    }
+    ws.send(Message::text("hello mesh")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("hello mesh")
+    );
+    // Ping → the app's pong.
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .unwrap();
+    match ws.next().await.unwrap().unwrap() {
+        Message::Pong(p) => assert_eq!(&p[..], b"are you there"),
+        other => panic!("expected a pong, got {other:?}"),
+    }
+    // The close code crosses both sidecars and comes back.
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Library(4001),
+        reason: "bye".into(),
+    })))
+    .await
+    .unwrap();
+    match ws.next().await.unwrap().unwrap() {
+        Message::Close(Some(f)) => {
+            assert_eq!(f.code, CloseCode::Library(4001));
+            assert_eq!(f.reason.as_str(), "bye");
+        }
+        other => panic!("expected the echoed close, got {other:?}"),
+    }
+
+    // A WebSocket upgrade to a grpc service: a clear error.
+    let grpc_client = Pair::client(
+        &ca,
+        &service("greeter", Protocol::Grpc),
+        &[pair.server.inbound_addr.unwrap()],
+        "browser",
+        false,
+    )
+    .await;
+    let mut req = format!("ws://{}/x", grpc_client.outbound_addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        http::header::HOST,
+        http::HeaderValue::from_static("greeter"),
+    );
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), 400);
+            let body =
+                String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned();
+            assert!(body.contains("grpc service"), "{body}");
+        }
+        other => panic!("expected 400, got {other:?}"),
+    }
 }
