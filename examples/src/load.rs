@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use meshwire_mesh::grpc::Code;
 use meshwire_proto::example::v1::EchoRequest;
 use meshwire_proto::example::v1::echo_client::EchoClient;
 use tokio_util::sync::CancellationToken;
@@ -62,7 +63,7 @@ impl Report {
         self.servers.iter().map(|s| s.calls).sum()
     }
 
-    pub fn error_count(&self) -> u64 {
+    pub(crate) fn error_count(&self) -> u64 {
         self.errors.values().sum()
     }
 
@@ -130,7 +131,7 @@ impl Period {
         }
     }
 
-    fn record(&mut self, result: &Result<String, tonic::Code>, us: u64) {
+    fn record(&mut self, result: &Result<String, Code>, us: u64) {
         match result {
             Ok(server) => {
                 let c = match self.servers.get_mut(server.as_str()) {
@@ -143,7 +144,7 @@ impl Period {
                 c.calls += 1;
                 let _ = c.latency_us.record(us.max(1));
             }
-            Err(code) => *self.errors.entry(code_name(*code).to_owned()).or_insert(0) += 1,
+            Err(code) => *self.errors.entry(code.name().to_owned()).or_insert(0) += 1,
         }
     }
 
@@ -235,7 +236,7 @@ impl Load {
                             .echo(req)
                             .await
                             .map(|r| r.into_inner().server)
-                            .map_err(|s| s.code());
+                            .map_err(|s| Code::from_i32(s.code() as i32));
                         let us = t.elapsed().as_micros() as u64;
                         let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
                         s.window.record(&result, us);
@@ -261,7 +262,7 @@ impl Load {
     }
 
     /// What happened since the last call (or the start), and starts a new window.
-    pub fn take_window(&self) -> Report {
+    pub(crate) fn take_window(&self) -> Report {
         let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         let w = std::mem::replace(&mut s.window, Period::new());
         w.report()
@@ -283,30 +284,6 @@ impl Load {
             let _ = t.await;
         }
         self.total()
-    }
-}
-
-/// The canonical name of a gRPC code (`UNAVAILABLE`).
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

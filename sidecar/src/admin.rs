@@ -278,6 +278,7 @@ impl AdminState {
                     "warm": s.warm,
                     "versions": { "clusters": s.cds_version, "endpoints": s.eds_version },
                     "warming": s.warming,
+                    "rejected": s.rejected,
                     "last_nack": s.last_nack.as_ref().map(|n| serde_json::json!({
                         "type_url": n.type_url, "version": n.version, "error": n.error,
                     })),

@@ -51,6 +51,12 @@ impl ConfigSink for Applier {
     fn apply(&self, clusters: &[Cluster]) -> Result<(), ApplyError> {
         Applier::apply(self, clusters).map_err(|e| ApplyError(e.to_string()))
     }
+
+    fn check(&self, cluster: &Cluster) -> Result<(), ApplyError> {
+        self.routes
+            .check(cluster)
+            .map_err(|e| ApplyError(e.to_string()))
+    }
 }
 
 #[cfg(test)]

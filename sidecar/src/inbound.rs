@@ -63,6 +63,15 @@ impl Inbound {
         ) {
             if crate::tcp::is_tcp_connect(&req) {
                 self.tcp(req, conn).await
+            } else if crate::websocket::is_websocket_connect(&req) {
+                if self.authz.protocol() == Protocol::Http {
+                    crate::websocket::inbound(req, self.app.addr, self.app.pool.connect_timeout())
+                        .await
+                } else {
+                    Err(ProxyError::BadRequest(
+                        "a WebSocket to a service that is not protocol http",
+                    ))
+                }
             } else {
                 self.forward(req, call, conn).await
             }

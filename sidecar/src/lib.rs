@@ -56,6 +56,7 @@ pub mod respond;
 pub mod server;
 pub mod tcp;
 pub mod telemetry;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

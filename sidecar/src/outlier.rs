@@ -112,8 +112,10 @@ impl Outlier {
         self.state.load(Ordering::Relaxed) != HEALTHY
     }
 
-    /// Recent failures, counted as extra load by the balancer.
-    pub fn penalty(&self) -> usize {
+    /// Failures since the last success. Not counted as load: an endpoint
+    /// that failed and came back would then never be picked at low
+    /// concurrency, so never succeed again; ejection takes a failing one out.
+    pub fn consecutive_failures(&self) -> usize {
         self.consecutive.load(Ordering::Relaxed) as usize
     }
 
@@ -289,7 +291,7 @@ impl Outlier {
                 }
                 tracing::info!(consecutive = s.consecutive_failures, remaining = ?self.remaining(), "outlier ejected");
             }
-        } else if self.penalty() > 0 || self.is_out() {
+        } else if self.consecutive_failures() > 0 || self.is_out() {
             let was_out = self.is_out();
             self.success();
             if was_out && !self.is_out() {

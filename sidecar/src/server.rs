@@ -172,6 +172,8 @@ fn builder(protocols: Protocols, s: &ServerSettings) -> auto::Builder<TokioExecu
         .initial_connection_window_size(s.connection_window)
         .max_frame_size(s.max_frame_size)
         .max_header_list_size(s.max_header_list_size)
+        // RFC 8441: WebSocket over HTTP/2 between sidecars.
+        .enable_connect_protocol()
         .keep_alive_interval(s.keepalive_interval)
         .keep_alive_timeout(s.keepalive_timeout)
         .auto_date_header(false);

@@ -183,8 +183,7 @@ impl EndpointSet {
 
     /// Outstanding calls plus recent consecutive failures.
     fn load(&self, i: usize) -> usize {
-        let ep = &self.entries[i].endpoint;
-        ep.outstanding() + ep.outlier.penalty()
+        self.entries[i].endpoint.outstanding()
     }
 
     fn pick_hash(&self, h: &Hashing, key: u64, exclude: &[usize]) -> Option<usize> {

@@ -172,6 +172,18 @@ impl Outbound {
                 .ok_or_else(|| ProxyError::UnknownService(name.to_owned()))?
         };
         crate::http1::check_request(&req, cluster.protocol)?;
+        if crate::websocket::is_upgrade(&req) {
+            let authority = fixed.map_or_else(
+                || {
+                    proxy::request_authority(&req)
+                        .map(proxy::host_of)
+                        .unwrap_or(&cluster.name)
+                        .to_owned()
+                },
+                str::to_owned,
+            );
+            return crate::websocket::outbound(req, &cluster, &authority).await;
+        }
         let timeout = proxy::call_timeout(req.headers(), cluster.request_timeout);
         proxy::prepare_request(&mut req, &self.scheme, cluster.authority.as_ref())?;
         let trace =

@@ -85,7 +85,8 @@ pub struct Routes {
 }
 
 /// Default for [`Routes::with_max_endpoints`].
-pub const DEFAULT_MAX_ENDPOINTS: usize = 10_000;
+/// The model's limit, which the control plane enforces too.
+pub const DEFAULT_MAX_ENDPOINTS: usize = meshwire_mesh::model::MAX_ENDPOINTS;
 
 impl Routes {
     pub fn new(connector: Connector, settings: Arc<H2Settings>) -> Self {
@@ -111,24 +112,31 @@ impl Routes {
         self.table.load()
     }
 
+    /// What one cluster must pass to be applied here: the model's checks and
+    /// this sidecar's endpoint limit.
+    pub fn check(&self, c: &Cluster) -> Result<(), ModelError> {
+        c.validate()?;
+        if c.endpoints.len() > self.max_endpoints {
+            return Err(ModelError::new(
+                "endpoints",
+                format!(
+                    "service {:?} has {} endpoints; this sidecar allows at most {} (--max-endpoints)",
+                    c.name,
+                    c.endpoints.len(),
+                    self.max_endpoints
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Replaces the whole set of clusters. Validates everything first, so an
     /// invalid config changes nothing. Called by [`crate::apply::Applier`].
     pub fn update(&self, clusters: &[Cluster]) -> Result<(), ModelError> {
         let mut seen = HashMap::new();
         for (i, c) in clusters.iter().enumerate() {
-            c.validate()
+            self.check(c)
                 .map_err(|e| e.within(&format!("services[{i}]")))?;
-            if c.endpoints.len() > self.max_endpoints {
-                return Err(ModelError::new(
-                    format!("services[{i}].endpoints"),
-                    format!(
-                        "service {:?} has {} endpoints; this sidecar allows at most {} (--max-endpoints)",
-                        c.name,
-                        c.endpoints.len(),
-                        self.max_endpoints
-                    ),
-                ));
-            }
             if let Some(first) = seen.insert(c.name.as_str(), i) {
                 return Err(ModelError::new(
                     format!("services[{i}].name"),
