@@ -478,6 +478,7 @@ impl<V: Variant> AdsStream<V> {
         self.nonce += 1;
         sub.nonce = self.nonce.to_string();
         sub.sent_version = snap.version.to_string();
+        tracing::debug!(stream = self.id, type_url, version = %sub.sent_version, nonce = %sub.nonce, force, "push");
         let resp = V::response(update, type_url, &sub.sent_version, &sub.nonce);
         self.server
             .observer

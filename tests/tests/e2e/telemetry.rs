@@ -796,8 +796,9 @@ mod control_plane {
     async fn call_path(addr: SocketAddr, path: &str) -> Option<String> {
         let mut h2 = h2_client(addr).await;
         let (resp, mut body) = h2.send_request(grpc_request("cp", path), false).unwrap();
-        body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
-            .unwrap();
+        // The server may refuse (trailers-only) before it reads the body, so
+        // the stream can be closed already: the answer is in the response.
+        let _ = body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true);
         let resp = resp.await.unwrap();
         resp.headers()
             .get("grpc-status")
@@ -879,6 +880,16 @@ mod control_plane {
             m1.one("meshwire_cp_config_version", &[]),
             cp.version() as f64
         );
+
+        // Snapshots are published coalesced (20 ms window): wait for the one
+        // with every change above, so the sidecar's first push is the last.
+        let mut snaps = cp.snapshots();
+        let want = cp.version();
+        tokio::time::timeout(LIMIT, snaps.wait_for(|s| s.version >= want))
+            .await
+            .expect("the snapshot with every change is published")
+            .unwrap();
+        drop(snaps);
 
         // A sidecar that takes at most 2 endpoints per service.
         let mut cfg = SidecarConfig::local();
