@@ -277,11 +277,25 @@ impl Echo for EchoService {
 pub struct EchoHandle {
     pub addr: SocketAddr,
     pub stats: Arc<EchoStats>,
+    /// The server's `grpc.health.v1` status (overall, service `""`).
+    health: tonic_health::server::HealthReporter,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl EchoHandle {
+    /// Reports the whole server SERVING or NOT_SERVING on `grpc.health.v1`
+    /// (Watch streams see the change at once).
+    pub async fn set_serving(&self, serving: bool) {
+        use tonic_health::ServingStatus;
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.health.set_service_status("", status).await;
+    }
+
     /// Stops accepting and waits for in-flight calls (tonic's graceful shutdown).
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
@@ -324,10 +338,12 @@ pub fn serve_with(listener: TcpListener, name: &str, opts: EchoOptions) -> EchoH
     let server = EchoServer::new(svc)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
+    let (health, health_service) = tonic_health::server::health_reporter();
     let task = tokio::spawn(async move {
         let incoming = TcpListenerStream::new(listener);
         let r = tonic::transport::Server::builder()
             .max_concurrent_streams(opts.max_concurrent_streams)
+            .add_service(health_service)
             .add_service(server)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
@@ -340,6 +356,7 @@ pub fn serve_with(listener: TcpListener, name: &str, opts: EchoOptions) -> EchoH
     EchoHandle {
         addr,
         stats,
+        health,
         stop: Some(stop),
         task,
     }

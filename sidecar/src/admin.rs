@@ -57,6 +57,8 @@ pub struct AdminState {
     metrics: Option<prometheus_client::registry::Registry>,
     /// The live log filter, when this process installed one (`/logging`).
     log: Option<Arc<LogControl>>,
+    /// The local app's health, when there is an app.
+    app_health: Option<Arc<crate::health::AppHealth>>,
     /// Cancelled by `POST /drain`.
     drain: tokio_util::sync::CancellationToken,
     /// The mesh identity, shown by `/certs`.
@@ -76,9 +78,17 @@ impl AdminState {
             phase: AtomicU8::new(Phase::Starting as u8),
             metrics: None,
             log: None,
+            app_health: None,
             drain: tokio_util::sync::CancellationToken::new(),
             identity: None,
         }
+    }
+
+    /// `/ready` and `/metrics` follow the app's health too (call before
+    /// [`AdminState::with_telemetry`]).
+    pub fn with_app_health(mut self, health: Option<Arc<crate::health::AppHealth>>) -> Self {
+        self.app_health = health;
+        self
     }
 
     /// Serves `/certs` from `tls`.
@@ -93,6 +103,7 @@ impl AdminState {
         self.metrics = Some(prom::registry(SidecarCollector {
             outbound: self.routes.clone(),
             app: self.app.clone(),
+            app_health: self.app_health.clone(),
             xds: self.xds.as_ref().map(|(_, rx)| rx.clone()),
             sidecar: telemetry.metrics.clone(),
         }));
@@ -137,6 +148,9 @@ impl AdminState {
         match req.uri().path() {
             "/live" => respond::text(StatusCode::OK, "live\n"),
             "/ready" => match self.phase() {
+                Phase::Ready if self.app_health.as_ref().is_some_and(|h| !h.is_healthy()) => {
+                    respond::text(StatusCode::SERVICE_UNAVAILABLE, "app unhealthy\n")
+                }
                 Phase::Ready => respond::text(StatusCode::OK, "ready\n"),
                 Phase::Starting => respond::text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
                 Phase::Draining => respond::text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),

@@ -71,6 +71,17 @@ pub struct Args {
     /// Longest wait for in-flight calls to finish on SIGTERM/SIGINT.
     #[arg(long, env = "MESHWIRE_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// How the app's health is followed: `auto` (grpc for gRPC services, else
+    /// tcp), `grpc` (grpc.health.v1 Watch), `tcp`, `http:/PATH`, `none`. While
+    /// it fails, new calls are refused unprocessed and `/ready` answers 503.
+    #[arg(long, env = "MESHWIRE_HEALTH", default_value = "auto")]
+    pub health: crate::health::HealthCheck,
+    /// Between health checks (and HTTP/2 PINGs of the grpc watch).
+    #[arg(long, env = "MESHWIRE_HEALTH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+    /// Longest wait for a health check's answer.
+    #[arg(long, env = "MESHWIRE_HEALTH_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub health_timeout: Duration,
     /// Time allowed to connect to the local app.
     #[arg(long, env = "MESHWIRE_APP_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub app_connect_timeout: Duration,
@@ -149,6 +160,21 @@ impl Args {
         cfg.inbound = self.app.map(|_| self.inbound);
         cfg.app = self.app;
         cfg.app_connect_timeout = self.app_connect_timeout;
+        for (flag, d) in [
+            ("--health-interval", self.health_interval),
+            ("--health-timeout", self.health_timeout),
+        ] {
+            if d < Duration::from_millis(10) {
+                return Err(ConfigError::Flag(format!(
+                    "{flag} {d:?}: must be at least 10ms"
+                )));
+            }
+        }
+        cfg.health = crate::health::HealthSettings {
+            check: self.health.clone(),
+            interval: self.health_interval,
+            timeout: self.health_timeout,
+        };
         cfg.drain_timeout = self.drain_timeout;
         cfg.server.max_concurrent_streams = self.max_concurrent_streams;
         cfg.max_endpoints = self.max_endpoints as usize;

@@ -128,6 +128,7 @@ impl Endpoint {
             code: None,
             sent: false,
             not_processed: false,
+            refused: false,
             no_verdict: false,
             request_bytes: 0,
             response_bytes: 0,
@@ -148,6 +149,9 @@ pub struct CallGuard {
     sent: bool,
     /// The attempt failed without reaching an app (connect failure, refused).
     not_processed: bool,
+    /// The peer sidecar turned the stream away unprocessed (REFUSED_STREAM,
+    /// GOAWAY): it is up, its app is not taking calls right now.
+    refused: bool,
     /// The outcome says nothing about the endpoint (the call's own deadline).
     no_verdict: bool,
     pub(crate) request_bytes: u64,
@@ -175,6 +179,12 @@ impl CallGuard {
         self.not_processed = true;
     }
 
+    /// The peer sidecar refused this attempt unprocessed.
+    pub(crate) fn refused(&mut self) {
+        self.sent = false;
+        self.refused = true;
+    }
+
     /// The caller's deadline ended the call: no verdict on the endpoint.
     pub(crate) fn no_verdict(&mut self) {
         self.no_verdict = true;
@@ -188,6 +198,7 @@ impl Drop for CallGuard {
         let outcome = match (self.sent, self.code) {
             _ if self.no_verdict => Outcome::None,
             (true, Some(code)) => Outcome::Status(code),
+            (false, _) if self.refused => Outcome::Refused,
             (false, _) if self.not_processed => Outcome::NotProcessed,
             _ => Outcome::None,
         };

@@ -7,8 +7,8 @@
 //! ```
 //! Authorization (`authz`) runs before the lease: a denied call never reaches the app.
 //!
-//! A call the app never saw (the app refuses connections, or turned the
-//! stream away) is refused with RST_STREAM(REFUSED_STREAM), which no app
+//! A call the app never saw (the app refuses connections, turned the
+//! stream away, or its health check fails: [`crate::health`]) is refused with RST_STREAM(REFUSED_STREAM), which no app
 //! response can look like: the calling sidecar (or any gRPC client, gRFC A6)
 //! sends it to another endpoint.
 
@@ -47,6 +47,8 @@ pub struct Inbound {
     pub http1: Arc<crate::app_http1::Http1App>,
     /// Add `x-forwarded-for` / `forwarded` to HTTP (non-gRPC) requests.
     pub forwarded_headers: bool,
+    /// The app's health: while it is unhealthy new calls are refused unprocessed.
+    pub health: Arc<crate::health::AppHealth>,
 }
 
 impl Inbound {
@@ -56,11 +58,12 @@ impl Inbound {
         conn: &ConnInfo,
     ) -> Result<Response<ResponseBody>, h2::Error> {
         let call = Call::of(&req, Direction::Inbound);
-        let result = if self.authz.allows(
-            conn.identity.as_deref(),
-            req.uri().path(),
-            conn.peer.ip(),
-        ) {
+        let result = if !self.health.is_healthy() {
+            Err(ProxyError::AppUnhealthy)
+        } else if self
+            .authz
+            .allows(conn.identity.as_deref(), req.uri().path(), conn.peer.ip())
+        {
             if crate::tcp::is_tcp_connect(&req) {
                 self.tcp(req, conn).await
             } else if crate::websocket::is_websocket_connect(&req) {

@@ -45,6 +45,7 @@ pub mod config;
 pub mod connect;
 pub mod endpoint;
 pub mod grpc;
+pub mod health;
 pub mod http1;
 pub mod identity;
 pub mod inbound;
@@ -117,6 +118,8 @@ pub struct SidecarConfig {
     pub startup_wait: Duration,
     /// Add `x-forwarded-for` / `forwarded` to HTTP requests reaching the app.
     pub forwarded_headers: bool,
+    /// How the app's health is followed ([`health`]).
+    pub health: health::HealthSettings,
 }
 
 /// Where the sidecar's certificate comes from.
@@ -159,6 +162,7 @@ impl SidecarConfig {
             service: None,
             startup_wait: Duration::from_secs(10),
             forwarded_headers: true,
+            health: health::HealthSettings::default(),
         }
     }
 
@@ -259,6 +263,7 @@ impl Sidecar {
         });
         let (xds_status_tx, xds_status) = tokio::sync::watch::channel(ClientStatus::default());
         let telemetry = Arc::new(Telemetry::start(cfg.trace.as_ref())?);
+        let app_health = health::AppHealth::new();
         let admin = Arc::new(
             AdminState::new(
                 routes.clone(),
@@ -267,6 +272,7 @@ impl Sidecar {
                     .as_ref()
                     .map(|cp| (cp.server.clone(), xds_status.clone())),
             )
+            .with_app_health(app.as_ref().map(|_| app_health.clone()))
             .with_telemetry(&telemetry, cfg.log_control.clone())
             .with_identity(tls.clone()),
         );
@@ -408,7 +414,15 @@ impl Sidecar {
             );
         }
         if let (Some(l), Some(app)) = (inbound_l, app) {
+            tokio::spawn(health::run(
+                cfg.health.clone(),
+                app.addr,
+                authz.clone(),
+                app_health.clone(),
+                shutdown.clone(),
+            ));
             let inbound = Arc::new(Inbound {
+                health: app_health.clone(),
                 http1: app_http1::Http1App::new(app.addr, cfg.app_connect_timeout),
                 forwarded_headers: cfg.forwarded_headers,
                 app,

@@ -76,7 +76,16 @@ pub struct Outlier {
     epoch: Instant,
     /// Ejections so far (for `/metrics`).
     pub ejected_total: AtomicU64,
+    /// Refused unprocessed by its sidecar: skipped until this many µs after
+    /// `epoch` (0: not refusing).
+    refused_until_us: AtomicU64,
 }
+
+/// How long an endpoint whose sidecar refused a call unprocessed is skipped.
+/// Short and never growing: its sidecar refuses while its app is unhealthy
+/// and stops the moment the app is back, so the next try after this finds
+/// out, at the cost of one retried attempt per hold.
+pub const REFUSED_HOLD: Duration = Duration::from_millis(250);
 
 impl Default for Outlier {
     fn default() -> Self {
@@ -87,6 +96,7 @@ impl Default for Outlier {
             until_us: AtomicU64::new(0),
             epoch: Instant::now(),
             ejected_total: AtomicU64::new(0),
+            refused_until_us: AtomicU64::new(0),
         }
     }
 }
@@ -110,6 +120,13 @@ impl Outlier {
     /// Ejected (or probing) now: it should get no ordinary calls.
     pub fn is_out(&self) -> bool {
         self.state.load(Ordering::Relaxed) != HEALTHY
+    }
+
+    /// Its sidecar refused a call a moment ago ([`REFUSED_HOLD`]).
+    pub fn refusing(&self) -> bool {
+        let until = self.refused_until_us.load(Ordering::Relaxed);
+        // The clock is read only while a refusal is recent.
+        until != 0 && self.now_us() < until
     }
 
     /// Failures since the last success. Not counted as load: an endpoint
@@ -162,6 +179,7 @@ impl Outlier {
     /// A call finished well: the endpoint is healthy again.
     pub fn success(&self) {
         self.consecutive.store(0, Ordering::Relaxed);
+        self.refused_until_us.store(0, Ordering::Relaxed);
         if self.state.load(Ordering::Relaxed) == PROBING {
             self.ejections.store(0, Ordering::Relaxed);
             self.state.store(HEALTHY, Ordering::Relaxed);
@@ -265,8 +283,12 @@ impl ClusterHealth {
 pub enum Outcome {
     /// Finished with this gRPC status.
     Status(u8),
-    /// Never reached the app: connect failure, or refused unprocessed.
+    /// Never reached the endpoint: connect failure, or a closed connection.
     NotProcessed,
+    /// The endpoint's sidecar turned it away unprocessed (REFUSED_STREAM,
+    /// GOAWAY): skipped for [`REFUSED_HOLD`], not a failure (no ejection,
+    /// no growing backoff).
+    Refused,
     /// No verdict on the endpoint (the caller went away first).
     None,
 }
@@ -277,6 +299,13 @@ impl Outlier {
         let failed = match outcome {
             Outcome::Status(code) => health.is_failure(code),
             Outcome::NotProcessed => true,
+            Outcome::Refused => {
+                let hold = REFUSED_HOLD.as_micros() as u64;
+                self.refused_until_us
+                    .store(self.now_us() + hold, Ordering::Relaxed);
+                self.release_probe();
+                return;
+            }
             Outcome::None => {
                 self.release_probe();
                 return;
@@ -291,7 +320,10 @@ impl Outlier {
                 }
                 tracing::info!(consecutive = s.consecutive_failures, remaining = ?self.remaining(), "outlier ejected");
             }
-        } else if self.consecutive_failures() > 0 || self.is_out() {
+        } else if self.consecutive_failures() > 0
+            || self.is_out()
+            || self.refused_until_us.load(Ordering::Relaxed) != 0
+        {
             let was_out = self.is_out();
             self.success();
             if was_out && !self.is_out() {

@@ -225,7 +225,7 @@ pub(crate) async fn send(
             r
         }
         Err(e) if never_processed(&e) && again.is_some() => {
-            guard.not_processed();
+            guard.refused();
             let replay = match pipe {
                 None => Some(RequestBody::Replay(Default::default())),
                 Some(p) => p.into_replay(REPLAY_WAIT).await,

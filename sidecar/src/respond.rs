@@ -39,6 +39,8 @@ pub enum ProxyError {
     PermissionDenied { caller: String, path: String },
     #[error("meshwire: the sidecar is still starting (no certificate or config yet)")]
     NotReady,
+    #[error("meshwire: the local application is unhealthy")]
+    AppUnhealthy,
 }
 
 impl ProxyError {
@@ -58,7 +60,8 @@ impl ProxyError {
             | ProxyError::Unreachable { .. }
             | ProxyError::AppUnreachable(_)
             | ProxyError::Upstream(_)
-            | ProxyError::NotReady => Code::Unavailable,
+            | ProxyError::NotReady
+            | ProxyError::AppUnhealthy => Code::Unavailable,
             ProxyError::PermissionDenied { .. } => Code::PermissionDenied,
             ProxyError::NoAuthority | ProxyError::BadRequest(_) => Code::InvalidArgument,
             ProxyError::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -76,7 +79,10 @@ impl ProxyError {
     /// The call certainly did not reach the application, so the caller may
     /// send it to another endpoint whatever the method (gRFC A6).
     pub(crate) fn not_processed(&self) -> bool {
-        matches!(self, ProxyError::AppUnreachable(_) | ProxyError::NotReady)
+        matches!(
+            self,
+            ProxyError::AppUnreachable(_) | ProxyError::NotReady | ProxyError::AppUnhealthy
+        )
     }
 
     pub(crate) fn kind(&self) -> &'static str {
@@ -92,6 +98,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad-request",
             ProxyError::PermissionDenied { .. } => "permission-denied",
             ProxyError::NotReady => "not-ready",
+            ProxyError::AppUnhealthy => "app-unhealthy",
         }
     }
 

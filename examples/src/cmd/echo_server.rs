@@ -1,6 +1,9 @@
 //! `echo-server`: the example Echo service as a process (the app of the
 //! compose stack's containers).
 //!
+//! It serves `grpc.health.v1` (SERVING); SIGUSR1 turns it NOT_SERVING and
+//! SIGUSR2 back to SERVING, a live fault for the demo and the tests.
+//!
 //! With `--sidecar-admin`, a SIGTERM first drains the sidecar beside it
 //! (`POST /drain`, then waits until it has finished), while this server
 //! still answers the calls in flight: stopping the app container then fails
@@ -51,9 +54,21 @@ async fn serve(args: Args) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM"); break }
+            _ = int.recv() => { tracing::info!("SIGINT"); break }
+            _ = usr1.recv() => {
+                tracing::info!("SIGUSR1: health NOT_SERVING");
+                server.set_serving(false).await;
+            }
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: health SERVING");
+                server.set_serving(true).await;
+            }
+        }
     }
     if let Some(admin) = &args.sidecar_admin {
         tracing::info!(%admin, "draining the sidecar first");

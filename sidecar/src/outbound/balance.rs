@@ -179,6 +179,7 @@ impl EndpointSet {
             && e.endpoint.pool.is_available()
             && !exclude.contains(&i)
             && (!e.endpoint.outlier.is_out() || self.health.panic())
+            && !e.endpoint.outlier.refusing()
     }
 
     /// Outstanding calls plus recent consecutive failures.

@@ -143,6 +143,7 @@ pub trait EndpointSource: Send + Sync + std::fmt::Debug {
 pub struct SidecarCollector {
     pub outbound: Arc<dyn EndpointSource>,
     pub app: Option<Arc<Endpoint>>,
+    pub app_health: Option<Arc<crate::health::AppHealth>>,
     pub xds: Option<watch::Receiver<ClientStatus>>,
     pub sidecar: Arc<SidecarMetrics>,
 }
@@ -442,6 +443,26 @@ impl SidecarCollector {
         Ok(())
     }
 
+    fn encode_app_health(&self, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some(h) = &self.app_health else {
+            return Ok(());
+        };
+        let mut m = enc.encode_descriptor(
+            "meshwire_app_healthy",
+            "1 while the local app passes its health check (new calls are refused otherwise)",
+            None,
+            MetricType::Gauge,
+        )?;
+        m.encode_gauge(&u64::from(h.is_healthy()))?;
+        let mut m = enc.encode_descriptor(
+            "meshwire_app_health_changes",
+            "Times the local app's health changed, either way",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, h.changes())
+    }
+
     fn encode_xds(&self, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let Some(xds) = &self.xds else {
             return Ok(());
@@ -488,6 +509,7 @@ impl Collector for SidecarCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         self.encode_endpoints(&mut enc)?;
         self.encode_sidecar(&mut enc)?;
+        self.encode_app_health(&mut enc)?;
         self.encode_xds(&mut enc)
     }
 }

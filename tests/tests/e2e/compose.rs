@@ -511,7 +511,9 @@ fn compose_stack_end_to_end() {
     //    first, so no call fails beyond those in flight at that moment.
     let mut load = stack
         .cmd()
-        .args(["exec", "-T", "loadgen", "meshwire-load", "--duration", "8s"])
+        // Long enough that the last full second comes after `docker stop`
+        // returned even on a loaded machine (the drain can take seconds).
+        .args(["exec", "-T", "loadgen", "meshwire-load", "--duration", "14s"])
         .args([
             "--concurrency",
             &CONCURRENCY.to_string(),

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use meshwire_examples::load::{Load, LoadConfig, Report};
-use meshwire_sidecar::Sidecar;
+use meshwire_sidecar::{Sidecar, SidecarConfig};
 use meshwire_tests::*;
 
 const CALLERS: usize = 16;
@@ -49,6 +49,17 @@ impl App {
             || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
         )
         .await;
+    }
+
+    /// Sends `sig` (e.g. `STOP`, `CONT`, `USR1`) to the running process.
+    fn signal(&self, sig: &str) {
+        let c = self.child.as_ref().expect("running");
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &c.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
     }
 
     /// SIGKILL, and waits for the process to be gone.
@@ -201,6 +212,7 @@ async fn calls_that_never_reached_an_app_go_to_another_endpoint() {
 
     // kill -9 of an app: only the calls in flight on it at that moment may fail.
     let before_kill = load.total();
+    let retries_before = w.transparent_retries().await;
     w.apps[1].kill9();
     eventually(
         "the killed app's calls ended",
@@ -211,6 +223,8 @@ async fn calls_that_never_reached_an_app_go_to_another_endpoint() {
         },
     )
     .await;
+    // Calls the client had already seen end may still be counting.
+    next_calls(&load, 200).await;
     let at_kill = Tally::between(&before_kill, &load.total());
     assert!(
         at_kill.failures() <= CALLERS as u64,
@@ -220,14 +234,9 @@ async fn calls_that_never_reached_an_app_go_to_another_endpoint() {
 
     // Its sidecar is up but the app refuses connections: every call it gets
     // is refused unprocessed and goes to another endpoint.
-    let retries_before = w.transparent_retries().await;
     let refused = next_calls(&load, 3000).await;
     assert_eq!(refused.failures(), 0, "while the app was down: {refused:?}");
     assert!(!refused.ok.contains_key("echo-1"), "{refused:?}");
-    assert!(
-        w.transparent_retries().await > retries_before,
-        "calls the dead app's sidecar refused were retried elsewhere"
-    );
 
     // The app comes back on the same port: it serves again, nothing fails.
     w.apps[1].restart().await;
@@ -250,6 +259,12 @@ async fn calls_that_never_reached_an_app_go_to_another_endpoint() {
     let drained = next_calls(&load, 3000).await;
     assert_eq!(drained.failures(), 0, "during the drain: {drained:?}");
     assert!(w.servers[2].wait().await, "drained in time");
+    // While echo-1 was down its sidecar refused what it was sent (the
+    // client's probes once it was ejected), and each went elsewhere.
+    assert!(
+        w.transparent_retries().await > retries_before,
+        "calls the dead app's sidecar refused were retried elsewhere"
+    );
 
     let total = load.stop().await;
     assert!(total.calls() > 7000, "{total:?}");
@@ -305,7 +320,13 @@ async fn a_fast_failing_endpoint_is_ejected_and_fails_under_one_percent() {
     let (bad_addr, bad_calls) = failing_app().await;
     let mut servers = Vec::new();
     for a in good.iter().map(|a| a.addr).chain([bad_addr]) {
-        servers.push(server_sidecar(a).await);
+        // No health checks: the caller's outlier detection alone must do it
+        // (with them the failing app's sidecar would refuse its calls).
+        let mut cfg = SidecarConfig::local();
+        cfg.app = Some(a);
+        cfg.inbound = Some(([127, 0, 0, 1], 0).into());
+        cfg.health.check = meshwire_sidecar::health::HealthCheck::None;
+        servers.push(Sidecar::start(cfg).await.unwrap());
     }
     let eps: Vec<_> = servers
         .iter()
@@ -337,3 +358,127 @@ async fn a_fast_failing_endpoint_is_ejected_and_fails_under_one_percent() {
     );
     load.stop().await;
 }
+
+/// `/ready` of server sidecar `i`: its status code.
+async fn ready_status(w: &World, i: usize) -> u16 {
+    http1_get(w.servers[i].admin_addr, "admin", "/ready")
+        .await
+        .map_or(0, |(status, _, _)| status.as_u16())
+}
+
+/// Waits until calls reach the app named `name` again, failing none meanwhile.
+async fn until_it_serves_again(load: &Load, name: &str, limit: Duration) -> Duration {
+    let start = tokio::time::Instant::now();
+    loop {
+        let t = next_calls(load, 100).await;
+        assert_eq!(t.failures(), 0, "while {name} came back: {t:?}");
+        if t.ok.contains_key(name) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{name} did not serve again within {limit:?}"
+        );
+    }
+}
+
+/// A hung app (SIGSTOP: its TCP port still accepts) is noticed by its
+/// sidecar's grpc.health.v1 watch (HTTP/2 PINGs unanswered): at most the
+/// calls in flight on it fail, it is out within 5 s, and no call fails after.
+/// SIGCONT: it takes calls again within 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_app_is_taken_out_and_fails_only_what_was_in_flight() {
+    let w = World::new(3).await;
+    let load = w.load().await;
+    let warm = next_calls(&load, 1000).await;
+    assert_eq!(warm.failures(), 0, "before any fault: {warm:?}");
+
+    let before = load.total();
+    w.apps[0].signal("STOP");
+    let stopped = tokio::time::Instant::now();
+    eventually(
+        "the hung app's sidecar is not ready",
+        Duration::from_secs(5),
+        || {
+            let w = &w;
+            async move { ready_status(w, 0).await == 503 }
+        },
+    )
+    .await;
+    let detected = stopped.elapsed();
+    // Calls sent to it before it was out are stuck until their 2 s deadline.
+    eventually(
+        "the calls stuck on the hung app ended",
+        Duration::from_secs(5),
+        || {
+            let w = &w;
+            async move { w.in_flight_on_app(0).await == 0 }
+        },
+    )
+    .await;
+    // Their answers may still be on the way back to the load.
+    next_calls(&load, 200).await;
+    let at_hang = Tally::between(&before, &load.total());
+    assert!(
+        at_hang.failures() <= CALLERS as u64 * 2,
+        "{} calls failed while the app hung, more than can be in flight: {at_hang:?}",
+        at_hang.failures()
+    );
+    let after = next_calls(&load, 3000).await;
+    assert_eq!(after.failures(), 0, "once the hung app was out: {after:?}");
+    assert!(!after.ok.contains_key("echo-0"), "{after:?}");
+
+    w.apps[0].signal("CONT");
+    let back = until_it_serves_again(&load, "echo-0", Duration::from_secs(2) + CHECK_SLACK).await;
+    let total = load.stop().await;
+    tracing::info!(
+        ?detected,
+        failed_at_hang = at_hang.failures(),
+        ?back,
+        calls = total.calls(),
+        "hung app: out after `detected`, serving again `back` after SIGCONT"
+    );
+}
+
+/// An app whose grpc.health.v1 says NOT_SERVING (SIGUSR1 to echo-server)
+/// gets no calls and fails none: its sidecar refuses them unprocessed and
+/// reports not-ready; SERVING again (SIGUSR2) and it takes calls within 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_says_not_serving_gets_no_calls_until_it_serves_again() {
+    let w = World::new(3).await;
+    let load = w.load().await;
+    let warm = next_calls(&load, 500).await;
+    assert_eq!(warm.failures(), 0, "before any fault: {warm:?}");
+    assert_eq!(ready_status(&w, 1).await, 200);
+
+    w.apps[1].signal("USR1");
+    eventually(
+        "the sidecar follows NOT_SERVING",
+        Duration::from_secs(2),
+        || {
+            let w = &w;
+            async move { ready_status(w, 1).await == 503 }
+        },
+    )
+    .await;
+    // Calls it accepted before the change may still finish.
+    let settle = next_calls(&load, 200).await;
+    assert_eq!(
+        settle.failures(),
+        0,
+        "as the app turned NOT_SERVING: {settle:?}"
+    );
+    let out = next_calls(&load, 3000).await;
+    assert_eq!(out.failures(), 0, "while the app was NOT_SERVING: {out:?}");
+    assert!(!out.ok.contains_key("echo-1"), "{out:?}");
+    let metrics = metrics_text(w.servers[1].admin_addr).await;
+    assert!(metrics.contains("meshwire_app_healthy 0"), "{metrics}");
+
+    w.apps[1].signal("USR2");
+    until_it_serves_again(&load, "echo-1", Duration::from_secs(2) + CHECK_SLACK).await;
+    assert_eq!(ready_status(&w, 1).await, 200);
+    load.stop().await;
+}
+
+/// Time for the load to show a change: calls are counted in batches of 100.
+const CHECK_SLACK: Duration = Duration::from_millis(500);
