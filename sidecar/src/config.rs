@@ -82,6 +82,18 @@ pub struct Args {
     /// Longest wait for a health check's answer.
     #[arg(long, env = "MESHWIRE_HEALTH_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub health_timeout: Duration,
+    /// Circuit breaker: most calls in flight to one service; past it calls
+    /// fail at once with UNAVAILABLE and `meshwire-error: overloaded` (0: no limit).
+    #[arg(long, env = "MESHWIRE_MAX_REQUESTS_PER_SERVICE", default_value_t = crate::outbound::route::DEFAULT_MAX_REQUESTS as u32)]
+    pub max_requests_per_service: u32,
+    /// Most calls at the local app at once (0: no limit); a call waits at most
+    /// --app-queue-timeout for a place, then is refused unprocessed (the
+    /// caller's sidecar sends it to another endpoint).
+    #[arg(long, env = "MESHWIRE_MAX_APP_CALLS", default_value_t = 0)]
+    pub max_app_calls: u32,
+    /// Longest a call waits for a place at the app (see --max-app-calls).
+    #[arg(long, env = "MESHWIRE_APP_QUEUE_TIMEOUT", default_value = "100ms", value_parser = parse_duration)]
+    pub app_queue_timeout: Duration,
     /// Time allowed to connect to the local app.
     #[arg(long, env = "MESHWIRE_APP_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub app_connect_timeout: Duration,
@@ -170,6 +182,9 @@ impl Args {
                 )));
             }
         }
+        cfg.max_requests_per_service = self.max_requests_per_service as usize;
+        cfg.max_app_calls = self.max_app_calls as usize;
+        cfg.app_queue_timeout = self.app_queue_timeout;
         cfg.health = crate::health::HealthSettings {
             check: self.health.clone(),
             interval: self.health_interval,

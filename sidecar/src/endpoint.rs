@@ -130,6 +130,7 @@ impl Endpoint {
             not_processed: false,
             refused: false,
             no_verdict: false,
+            hold: None,
             request_bytes: 0,
             response_bytes: 0,
         }
@@ -154,6 +155,8 @@ pub struct CallGuard {
     refused: bool,
     /// The outcome says nothing about the endpoint (the call's own deadline).
     no_verdict: bool,
+    /// A circuit breaker's place, freed with the call ([`crate::limits`]).
+    hold: Option<crate::limits::Hold>,
     pub(crate) request_bytes: u64,
     pub(crate) response_bytes: u64,
 }
@@ -177,6 +180,11 @@ impl CallGuard {
     pub(crate) fn not_processed(&mut self) {
         self.sent = false;
         self.not_processed = true;
+    }
+
+    /// Keeps `hold` until the call ends.
+    pub(crate) fn hold(&mut self, hold: crate::limits::Hold) {
+        self.hold = Some(hold);
     }
 
     /// The peer sidecar refused this attempt unprocessed.

@@ -49,6 +49,9 @@ pub struct Inbound {
     pub forwarded_headers: bool,
     /// The app's health: while it is unhealthy new calls are refused unprocessed.
     pub health: Arc<crate::health::AppHealth>,
+    /// At most this many calls at the app at once, and how long one waits
+    /// for a place before it is refused unprocessed ([`crate::limits`]).
+    pub app_limit: Option<(Arc<tokio::sync::Semaphore>, std::time::Duration)>,
 }
 
 impl Inbound {
@@ -150,13 +153,32 @@ impl Inbound {
         if let Some(s) = &span {
             s.endpoint(self.app.addr, 1);
         }
+        let permit = match &self.app_limit {
+            Some((sem, wait)) => {
+                match tokio::time::timeout(*wait, sem.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => Some(p),
+                    _ => return Err(ProxyError::AppOverloaded),
+                }
+            }
+            None => None,
+        };
         if self.authz.protocol() == Protocol::Http && self.http1.speaks().await != AppHttp::H2c {
-            let guard = self.app.start_call();
+            let mut guard = self.app.start_call();
+            if let Some(p) = permit {
+                guard.hold(crate::limits::Hold::Permit(p));
+            }
             // The span ends with the response head (`call::Call::run`).
             return self.http1.send(req, guard, &mut None).await;
         }
+        // Shared so a refused attempt's guard does not free the place (only
+        // when --max-app-calls is set).
+        let mut permit = permit.map(Arc::new);
         for attempt in 0..MAX_ATTEMPTS {
-            let guard = self.app.start_call();
+            let mut guard = self.app.start_call();
+            if let Some(p) = permit.take() {
+                guard.hold(crate::limits::Hold::Shared(p.clone()));
+                permit = Some(p);
+            }
             let lease = self
                 .app
                 .pool

@@ -49,6 +49,7 @@ pub mod health;
 pub mod http1;
 pub mod identity;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 pub mod outlier;
 pub mod pool;
@@ -120,6 +121,12 @@ pub struct SidecarConfig {
     pub forwarded_headers: bool,
     /// How the app's health is followed ([`health`]).
     pub health: health::HealthSettings,
+    /// Circuit breaker: most calls in flight to one service (0: no limit).
+    pub max_requests_per_service: usize,
+    /// At most this many calls at the local app at once (0: no limit), each
+    /// waiting at most `app_queue_timeout` for a place.
+    pub max_app_calls: usize,
+    pub app_queue_timeout: Duration,
 }
 
 /// Where the sidecar's certificate comes from.
@@ -163,6 +170,9 @@ impl SidecarConfig {
             startup_wait: Duration::from_secs(10),
             forwarded_headers: true,
             health: health::HealthSettings::default(),
+            max_requests_per_service: outbound::route::DEFAULT_MAX_REQUESTS,
+            max_app_calls: 0,
+            app_queue_timeout: Duration::from_millis(100),
         }
     }
 
@@ -233,7 +243,9 @@ impl Sidecar {
         let authz = Authz::new();
         let mesh_connector = tls.clone().map(Connector::mesh).unwrap_or_default();
         let routes = Arc::new(
-            Routes::new(mesh_connector, client.clone()).with_max_endpoints(cfg.max_endpoints),
+            Routes::new(mesh_connector, client.clone())
+                .with_max_endpoints(cfg.max_endpoints)
+                .with_max_requests(cfg.max_requests_per_service),
         );
         let local = cfg
             .service
@@ -423,6 +435,12 @@ impl Sidecar {
             ));
             let inbound = Arc::new(Inbound {
                 health: app_health.clone(),
+                app_limit: (cfg.max_app_calls > 0).then(|| {
+                    (
+                        Arc::new(tokio::sync::Semaphore::new(cfg.max_app_calls)),
+                        cfg.app_queue_timeout,
+                    )
+                }),
                 http1: app_http1::Http1App::new(app.addr, cfg.app_connect_timeout),
                 forwarded_headers: cfg.forwarded_headers,
                 app,

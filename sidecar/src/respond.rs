@@ -4,6 +4,7 @@
 //! Such responses carry `meshwire-error: <kind>` so they can be told apart
 //! from the application's own errors.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode, header};
@@ -41,6 +42,12 @@ pub enum ProxyError {
     NotReady,
     #[error("meshwire: the local application is unhealthy")]
     AppUnhealthy,
+    #[error(
+        "meshwire: service {0:?} is overloaded here (circuit breaker: too many calls in flight)"
+    )]
+    Overloaded(Arc<str>),
+    #[error("meshwire: the local application is overloaded (too many calls waiting)")]
+    AppOverloaded,
 }
 
 impl ProxyError {
@@ -61,7 +68,9 @@ impl ProxyError {
             | ProxyError::AppUnreachable(_)
             | ProxyError::Upstream(_)
             | ProxyError::NotReady
-            | ProxyError::AppUnhealthy => Code::Unavailable,
+            | ProxyError::AppUnhealthy
+            | ProxyError::Overloaded(_)
+            | ProxyError::AppOverloaded => Code::Unavailable,
             ProxyError::PermissionDenied { .. } => Code::PermissionDenied,
             ProxyError::NoAuthority | ProxyError::BadRequest(_) => Code::InvalidArgument,
             ProxyError::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -81,7 +90,10 @@ impl ProxyError {
     pub(crate) fn not_processed(&self) -> bool {
         matches!(
             self,
-            ProxyError::AppUnreachable(_) | ProxyError::NotReady | ProxyError::AppUnhealthy
+            ProxyError::AppUnreachable(_)
+                | ProxyError::NotReady
+                | ProxyError::AppUnhealthy
+                | ProxyError::AppOverloaded
         )
     }
 
@@ -99,6 +111,7 @@ impl ProxyError {
             ProxyError::PermissionDenied { .. } => "permission-denied",
             ProxyError::NotReady => "not-ready",
             ProxyError::AppUnhealthy => "app-unhealthy",
+            ProxyError::Overloaded(_) | ProxyError::AppOverloaded => "overloaded",
         }
     }
 

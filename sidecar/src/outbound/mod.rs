@@ -217,8 +217,13 @@ impl Outbound {
             };
             tried[attempt] = i;
             let endpoint = &set.entries()[i].endpoint;
+            // Exact per service; re-taken per attempt (a failed one frees it).
+            let Some(slot) = cluster.in_flight.try_admit(self.routes.max_requests()) else {
+                return Err(ProxyError::Overloaded(cluster.name.clone()));
+            };
             // Counted from here: waiting for a connection is outstanding work.
             let mut guard = endpoint.start_call();
+            guard.hold(crate::limits::Hold::Slot(slot));
             let lease = match endpoint.pool.acquire().await {
                 Ok(l) => l,
                 Err(e) => {

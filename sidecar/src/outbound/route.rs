@@ -38,6 +38,8 @@ pub struct ClusterState {
     pub endpoints: ArcSwap<EndpointSet>,
     /// Outlier detection state shared by its endpoints; kept across updates.
     pub health: Arc<ClusterHealth>,
+    /// Calls in flight to it (the circuit breaker's count); kept across updates.
+    pub in_flight: Arc<crate::limits::InFlight>,
 }
 
 impl ClusterState {
@@ -82,7 +84,12 @@ pub struct Routes {
     /// Most endpoints one service may have here: bounds this sidecar's memory
     /// whatever a control plane sends.
     max_endpoints: usize,
+    /// Circuit breaker: most calls in flight to one service (0: none).
+    max_requests: usize,
 }
+
+/// Default for [`Routes::with_max_requests`] (Envoy's default `max_requests`).
+pub const DEFAULT_MAX_REQUESTS: usize = 1024;
 
 /// Default for [`Routes::with_max_endpoints`].
 /// The model's limit, which the control plane enforces too.
@@ -95,12 +102,23 @@ impl Routes {
             connector,
             settings,
             max_endpoints: DEFAULT_MAX_ENDPOINTS,
+            max_requests: DEFAULT_MAX_REQUESTS,
         }
     }
 
     /// The mesh hop is mutual TLS.
     pub fn is_tls(&self) -> bool {
         self.connector.is_tls()
+    }
+
+    /// Most calls in flight to one service (0: no limit).
+    pub fn with_max_requests(mut self, max: usize) -> Self {
+        self.max_requests = max;
+        self
+    }
+
+    pub fn max_requests(&self) -> usize {
+        self.max_requests
     }
 
     pub fn with_max_endpoints(mut self, max: usize) -> Self {
@@ -185,6 +203,7 @@ impl Routes {
                         .and_then(|a| Authority::try_from(a).ok()),
                     endpoints: ArcSwap::new(set),
                     health,
+                    in_flight: prev.map_or_else(Default::default, |p| p.in_flight.clone()),
                 }),
             };
             next.clusters.insert(state.name.clone(), state);

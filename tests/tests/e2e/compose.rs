@@ -513,7 +513,14 @@ fn compose_stack_end_to_end() {
         .cmd()
         // Long enough that the last full second comes after `docker stop`
         // returned even on a loaded machine (the drain can take seconds).
-        .args(["exec", "-T", "loadgen", "meshwire-load", "--duration", "14s"])
+        .args([
+            "exec",
+            "-T",
+            "loadgen",
+            "meshwire-load",
+            "--duration",
+            "14s",
+        ])
         .args([
             "--concurrency",
             &CONCURRENCY.to_string(),

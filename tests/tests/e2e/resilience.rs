@@ -482,3 +482,109 @@ async fn an_app_that_says_not_serving_gets_no_calls_until_it_serves_again() {
 
 /// Time for the load to show a change: calls are counted in batches of 100.
 const CHECK_SLACK: Duration = Duration::from_millis(500);
+
+/// `n` calls at once through `client`, each held 1 s by the app; returns
+/// how many succeeded and the failures' (code, meshwire-error) pairs.
+async fn burst(client: SocketAddr, n: usize) -> (usize, Vec<(tonic::Code, String)>) {
+    let echo = echo_client(client, "echo").await;
+    let calls = (0..n).map(|_| {
+        let mut echo = echo.clone();
+        async move {
+            echo.echo(EchoRequest {
+                delay_ms: 1000,
+                ..Default::default()
+            })
+            .await
+        }
+    });
+    let mut ok = 0;
+    let mut failed = Vec::new();
+    for r in futures_util::future::join_all(calls).await {
+        match r {
+            Ok(_) => ok += 1,
+            Err(st) => {
+                let kind = st
+                    .metadata()
+                    .get("meshwire-error")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                failed.push((st.code(), kind));
+            }
+        }
+    }
+    (ok, failed)
+}
+
+/// The caller's circuit breaker (--max-requests-per-service): with 4 allowed
+/// in flight, 12 calls at once give exactly 4 answers; the other 8 fail at
+/// once with UNAVAILABLE + `meshwire-error: overloaded` and never reach the
+/// app. Once the 4 finish, calls pass again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_circuit_breaker_sheds_exactly_what_is_over_the_limit() {
+    let app = echo("echo-0").await;
+    let server = server_sidecar(app.addr).await;
+    let mut cfg = SidecarConfig::local();
+    cfg.clusters = vec![cluster("echo", &[(server.inbound_addr.unwrap(), 1)])];
+    cfg.max_requests_per_service = 4;
+    let client = Sidecar::start(cfg).await.unwrap();
+
+    let (ok, failed) = burst(client.outbound_addr, 12).await;
+    assert_eq!(ok, 4, "{failed:?}");
+    assert_eq!(failed.len(), 8);
+    for (code, kind) in &failed {
+        assert_eq!(
+            (*code, kind.as_str()),
+            (tonic::Code::Unavailable, "overloaded")
+        );
+    }
+    assert_eq!(
+        app.stats.calls.load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+    // The places are free again.
+    let (ok, failed) = burst(client.outbound_addr, 4).await;
+    assert_eq!((ok, failed.len()), (4, 0), "{failed:?}");
+}
+
+/// The inbound limit (--max-app-calls 2, --app-queue-timeout 50ms): of 8
+/// calls at once the app sees exactly 2; the others are refused unprocessed
+/// (REFUSED_STREAM), which the caller's sidecar would send elsewhere — here
+/// there is nowhere else, so they fail UNAVAILABLE without touching the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_limit_refuses_excess_calls_unprocessed() {
+    let app = echo("echo-0").await;
+    let mut cfg = SidecarConfig::local();
+    cfg.app = Some(app.addr);
+    cfg.inbound = Some(([127, 0, 0, 1], 0).into());
+    cfg.max_app_calls = 2;
+    cfg.app_queue_timeout = Duration::from_millis(50);
+    let limited = Sidecar::start(cfg).await.unwrap();
+    let client = client_sidecar(vec![cluster("echo", &[(limited.inbound_addr.unwrap(), 1)])]).await;
+
+    let (ok, failed) = burst(client.outbound_addr, 8).await;
+    assert_eq!(ok, 2, "{failed:?}");
+    assert_eq!(failed.len(), 6);
+    assert!(
+        failed.iter().all(|(c, _)| *c == tonic::Code::Unavailable),
+        "{failed:?}"
+    );
+    assert_eq!(
+        app.stats.calls.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+
+    // With a second endpoint the refused calls go there: nothing fails.
+    let other = echo("echo-1").await;
+    let other_sidecar = server_sidecar(other.addr).await;
+    let client = client_sidecar(vec![cluster(
+        "echo",
+        &[
+            (limited.inbound_addr.unwrap(), 1),
+            (other_sidecar.inbound_addr.unwrap(), 1),
+        ],
+    )])
+    .await;
+    let (ok, failed) = burst(client.outbound_addr, 8).await;
+    assert_eq!((ok, failed.len()), (8, 0), "{failed:?}");
+}
