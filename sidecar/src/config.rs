@@ -91,6 +91,10 @@ pub struct Args {
     /// caller's sidecar sends it to another endpoint).
     #[arg(long, env = "MESHWIRE_MAX_APP_CALLS", default_value_t = 0)]
     pub max_app_calls: u32,
+    /// Endpoints added to a service, and ones back from an ejection, take a
+    /// growing share of calls over this window, from 10 % to all (0s: off).
+    #[arg(long, env = "MESHWIRE_SLOW_START", default_value = "0s", value_parser = parse_duration)]
+    pub slow_start: Duration,
     /// Longest a call waits for a place at the app (see --max-app-calls).
     #[arg(long, env = "MESHWIRE_APP_QUEUE_TIMEOUT", default_value = "100ms", value_parser = parse_duration)]
     pub app_queue_timeout: Duration,
@@ -185,6 +189,7 @@ impl Args {
         cfg.max_requests_per_service = self.max_requests_per_service as usize;
         cfg.max_app_calls = self.max_app_calls as usize;
         cfg.app_queue_timeout = self.app_queue_timeout;
+        cfg.slow_start = self.slow_start;
         cfg.health = crate::health::HealthSettings {
             check: self.health.clone(),
             interval: self.health_interval,

@@ -127,6 +127,8 @@ pub struct SidecarConfig {
     /// waiting at most `app_queue_timeout` for a place.
     pub max_app_calls: usize,
     pub app_queue_timeout: Duration,
+    /// New and recovered endpoints ramp up over this window (zero: off).
+    pub slow_start: Duration,
 }
 
 /// Where the sidecar's certificate comes from.
@@ -173,6 +175,7 @@ impl SidecarConfig {
             max_requests_per_service: outbound::route::DEFAULT_MAX_REQUESTS,
             max_app_calls: 0,
             app_queue_timeout: Duration::from_millis(100),
+            slow_start: Duration::ZERO,
         }
     }
 
@@ -245,7 +248,8 @@ impl Sidecar {
         let routes = Arc::new(
             Routes::new(mesh_connector, client.clone())
                 .with_max_endpoints(cfg.max_endpoints)
-                .with_max_requests(cfg.max_requests_per_service),
+                .with_max_requests(cfg.max_requests_per_service)
+                .with_slow_start(cfg.slow_start),
         );
         let local = cfg
             .service

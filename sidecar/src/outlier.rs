@@ -79,6 +79,22 @@ pub struct Outlier {
     /// Refused unprocessed by its sidecar: skipped until this many µs after
     /// `epoch` (0: not refusing).
     refused_until_us: AtomicU64,
+    /// Slow start: ramping up since this many µs after `epoch` (creation or
+    /// recovery); `u64::MAX` once warm (no clock read per pick then).
+    warm_since_us: AtomicU64,
+}
+
+/// The share of calls a slow-starting endpoint is offered at first; it then
+/// grows linearly to all of them at the end of the window.
+const SLOW_START_MIN: f64 = 0.1;
+
+/// The share of picks a slow-starting endpoint accepts, `elapsed` into a
+/// ramp of `window`: from [`SLOW_START_MIN`] up to 1.
+pub fn slow_start_share(elapsed: Duration, window: Duration) -> f64 {
+    if window.is_zero() || elapsed >= window {
+        return 1.0;
+    }
+    (elapsed.as_secs_f64() / window.as_secs_f64()).max(SLOW_START_MIN)
 }
 
 /// How long an endpoint whose sidecar refused a call unprocessed is skipped.
@@ -97,6 +113,7 @@ impl Default for Outlier {
             epoch: Instant::now(),
             ejected_total: AtomicU64::new(0),
             refused_until_us: AtomicU64::new(0),
+            warm_since_us: AtomicU64::new(0),
         }
     }
 }
@@ -127,6 +144,29 @@ impl Outlier {
         let until = self.refused_until_us.load(Ordering::Relaxed);
         // The clock is read only while a refusal is recent.
         until != 0 && self.now_us() < until
+    }
+
+    /// Slow start: whether this pick may go here (always once warm). While
+    /// ramping, a pick is accepted with the ramp's share, so least-request
+    /// cannot flood a new endpoint just because it has nothing in flight
+    /// (envoy#19437).
+    pub fn warm_admits(&self, window: Duration) -> bool {
+        let since = self.warm_since_us.load(Ordering::Relaxed);
+        if since == u64::MAX || window.is_zero() {
+            return true;
+        }
+        let elapsed = Duration::from_micros(self.now_us().saturating_sub(since));
+        if elapsed >= window {
+            self.warm_since_us.store(u64::MAX, Ordering::Relaxed);
+            return true;
+        }
+        fastrand::f64() < slow_start_share(elapsed, window)
+    }
+
+    /// No ramp for this endpoint (e.g. one of a service's first endpoints:
+    /// with nothing warm to prefer, ramping would only refuse calls).
+    pub fn mark_warm(&self) {
+        self.warm_since_us.store(u64::MAX, Ordering::Relaxed);
     }
 
     /// Failures since the last success. Not counted as load: an endpoint
@@ -183,6 +223,8 @@ impl Outlier {
         if self.state.load(Ordering::Relaxed) == PROBING {
             self.ejections.store(0, Ordering::Relaxed);
             self.state.store(HEALTHY, Ordering::Relaxed);
+            // Back from an ejection: ramp up again (with slow start on).
+            self.warm_since_us.store(self.now_us(), Ordering::Relaxed);
             tracing::info!("outlier probe succeeded; endpoint back");
         }
     }
@@ -224,6 +266,8 @@ pub struct ClusterHealth {
     members: AtomicUsize,
     /// Endpoints ejected (or probing) now.
     ejected: AtomicUsize,
+    /// Slow-start window in µs (0: off).
+    slow_start_us: AtomicU64,
 }
 
 impl ClusterHealth {
@@ -233,7 +277,18 @@ impl ClusterHealth {
             settings: ArcSwap::from_pointee(settings),
             members: AtomicUsize::new(0),
             ejected: AtomicUsize::new(0),
+            slow_start_us: AtomicU64::new(0),
         })
+    }
+
+    /// New and recovered endpoints ramp up over `window` (zero: off).
+    pub fn set_slow_start(&self, window: Duration) {
+        self.slow_start_us
+            .store(window.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn slow_start(&self) -> Duration {
+        Duration::from_micros(self.slow_start_us.load(Ordering::Relaxed))
     }
 
     /// Detection off (the local app behind the inbound side).
@@ -458,5 +513,33 @@ mod tests {
         for code in [0, 1, 3, 4, 5, 7, 8, 12, 16] {
             assert!(!h.is_failure(code), "{code}");
         }
+    }
+}
+
+#[cfg(test)]
+mod slow_start_tests {
+    use super::*;
+
+    #[test]
+    fn the_share_ramps_from_a_tenth_to_all_over_the_window() {
+        let w = Duration::from_secs(30);
+        assert_eq!(slow_start_share(Duration::ZERO, w), SLOW_START_MIN);
+        assert_eq!(slow_start_share(Duration::from_secs(1), w), SLOW_START_MIN);
+        assert!((slow_start_share(Duration::from_secs(15), w) - 0.5).abs() < 1e-9);
+        assert_eq!(slow_start_share(w, w), 1.0);
+        assert_eq!(slow_start_share(Duration::from_secs(99), w), 1.0);
+        assert_eq!(slow_start_share(Duration::ZERO, Duration::ZERO), 1.0);
+    }
+
+    #[test]
+    fn a_new_endpoint_accepts_about_its_share_and_a_warm_one_all() {
+        let o = Outlier::default();
+        let window = Duration::from_secs(3600);
+        let accepted = (0..10_000).filter(|_| o.warm_admits(window)).count();
+        // 10 % at the start of a long window (binomial: ±~1 %).
+        assert!((700..1300).contains(&accepted), "{accepted}");
+        o.mark_warm();
+        assert!((0..1000).all(|_| o.warm_admits(window)));
+        assert!(Outlier::default().warm_admits(Duration::ZERO));
     }
 }

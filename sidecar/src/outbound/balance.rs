@@ -180,6 +180,7 @@ impl EndpointSet {
             && !exclude.contains(&i)
             && (!e.endpoint.outlier.is_out() || self.health.panic())
             && !e.endpoint.outlier.refusing()
+            && e.endpoint.outlier.warm_admits(self.health.slow_start())
     }
 
     /// Outstanding calls plus recent consecutive failures.

@@ -86,6 +86,8 @@ pub struct Routes {
     max_endpoints: usize,
     /// Circuit breaker: most calls in flight to one service (0: none).
     max_requests: usize,
+    /// Slow-start window for new and recovered endpoints (zero: off).
+    slow_start: Duration,
 }
 
 /// Default for [`Routes::with_max_requests`] (Envoy's default `max_requests`).
@@ -103,12 +105,20 @@ impl Routes {
             settings,
             max_endpoints: DEFAULT_MAX_ENDPOINTS,
             max_requests: DEFAULT_MAX_REQUESTS,
+            slow_start: Duration::ZERO,
         }
     }
 
     /// The mesh hop is mutual TLS.
     pub fn is_tls(&self) -> bool {
         self.connector.is_tls()
+    }
+
+    /// Endpoints added to a service (and ones back from an ejection) ramp up
+    /// over `window` (zero: off).
+    pub fn with_slow_start(mut self, window: Duration) -> Self {
+        self.slow_start = window;
+        self
     }
 
     /// Most calls in flight to one service (0: no limit).
@@ -181,7 +191,8 @@ impl Routes {
                 |p| p.health.clone(),
             );
             health.update(OutlierSettings::default(), c.endpoints.len());
-            let set = Arc::new(self.build_set(c, &keep, &health));
+            health.set_slow_start(self.slow_start);
+            let set = Arc::new(self.build_set(c, &keep, &health, prev.is_none()));
             let state = match prev {
                 // Same settings: swap the endpoints in place, so calls that
                 // already hold this cluster see the change too.
@@ -217,6 +228,7 @@ impl Routes {
         c: &Cluster,
         keep: &HashMap<SocketAddr, Arc<Endpoint>>,
         health: &Arc<ClusterHealth>,
+        first: bool,
     ) -> EndpointSet {
         let entries = c
             .endpoints
@@ -228,13 +240,19 @@ impl Routes {
                         ep.pool.set_connect_timeout(c.connect_timeout);
                         ep.clone()
                     }
-                    _ => Endpoint::new(
-                        spec,
-                        self.connector.expecting(spec.identity.as_deref()),
-                        c.connect_timeout,
-                        self.settings.clone(),
-                        health.clone(),
-                    ),
+                    _ => {
+                        let ep = Endpoint::new(
+                            spec,
+                            self.connector.expecting(spec.identity.as_deref()),
+                            c.connect_timeout,
+                            self.settings.clone(),
+                            health.clone(),
+                        );
+                        if first {
+                            ep.outlier.mark_warm();
+                        }
+                        ep
+                    }
                 };
                 Entry {
                     endpoint,

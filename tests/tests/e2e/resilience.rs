@@ -588,3 +588,53 @@ async fn the_app_limit_refuses_excess_calls_unprocessed() {
     let (ok, failed) = burst(client.outbound_addr, 8).await;
     assert_eq!((ok, failed.len()), (8, 0), "{failed:?}");
 }
+
+/// Slow start (--slow-start): an endpoint added under load starts with about
+/// a tenth of the calls instead of the half least-request would hand it (it
+/// has nothing in flight), and takes its full share once the window is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_endpoint_ramps_up_over_the_slow_start_window() {
+    let (a, b) = (echo("echo-0").await, echo("echo-1").await);
+    let (sa, sb) = (server_sidecar(a.addr).await, server_sidecar(b.addr).await);
+    let (ea, eb) = (sa.inbound_addr.unwrap(), sb.inbound_addr.unwrap());
+    let mut cfg = SidecarConfig::local();
+    cfg.clusters = vec![cluster("echo", &[(ea, 1)])];
+    cfg.slow_start = Duration::from_secs(6);
+    let client = Sidecar::start(cfg).await.unwrap();
+    let channel = meshwire_examples::load::channel(&client.outbound_addr.to_string(), "echo")
+        .expect("channel");
+    let load = Load::start(
+        channel,
+        &LoadConfig {
+            concurrency: CALLERS,
+            timeout: Duration::from_secs(2),
+            ..Default::default()
+        },
+    );
+    next_calls(&load, 500).await;
+
+    client
+        .apply(&[cluster("echo", &[(ea, 1), (eb, 1)])])
+        .unwrap();
+    let early = next_calls(&load, 300).await;
+    let share = |t: &Tally| t.ok.get("echo-1").copied().unwrap_or(0) as f64 / t.calls() as f64;
+    assert_eq!(early.failures(), 0, "{early:?}");
+    assert!(
+        share(&early) < 0.3,
+        "the new endpoint took {:.0} % of the first calls: {early:?}",
+        share(&early) * 100.0
+    );
+    let start = tokio::time::Instant::now();
+    loop {
+        let t = next_calls(&load, 1000).await;
+        assert_eq!(t.failures(), 0, "{t:?}");
+        if share(&t) > 0.4 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the new endpoint never took its share: {t:?}"
+        );
+    }
+    load.stop().await;
+}
