@@ -35,6 +35,8 @@ pub enum ProxyError {
     DeadlineExceeded(Duration),
     #[error("meshwire: bad request: {0}")]
     BadRequest(&'static str),
+    #[error("meshwire: malformed grpc-timeout (1 to 8 digits and a unit H M S m u n)")]
+    BadTimeout,
     #[error("meshwire: {caller} may not call {path}")]
     PermissionDenied { caller: String, path: String },
     #[error("meshwire: the sidecar is still starting (no certificate or config yet)")]
@@ -62,6 +64,8 @@ impl ProxyError {
             ProxyError::PermissionDenied { .. } => Code::PermissionDenied,
             ProxyError::NoAuthority | ProxyError::BadRequest(_) => Code::InvalidArgument,
             ProxyError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            // What gRPC servers answer (grpc-go: "malformed grpc-timeout").
+            ProxyError::BadTimeout => Code::Internal,
             ProxyError::UpstreamReset(r) => match *r {
                 h2::Reason::CANCEL => Code::Cancelled,
                 // The peer never processed it: safe for the caller to retry.
@@ -89,7 +93,7 @@ impl ProxyError {
             ProxyError::UpstreamReset(_) => "upstream-reset",
             ProxyError::Upstream(_) => "upstream-failed",
             ProxyError::DeadlineExceeded(_) => "deadline-exceeded",
-            ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::BadRequest(_) | ProxyError::BadTimeout => "bad-request",
             ProxyError::PermissionDenied { .. } => "permission-denied",
             ProxyError::NotReady => "not-ready",
         }
@@ -114,7 +118,11 @@ impl ProxyError {
             r
         } else {
             let mut r = Response::new(ResponseBody::full(format!("{message}\n")));
-            *r.status_mut() = code.http_status();
+            *r.status_mut() = match self {
+                // The caller's mistake, whatever gRPC calls it.
+                ProxyError::BadTimeout => StatusCode::BAD_REQUEST,
+                _ => code.http_status(),
+            };
             let h = r.headers_mut();
             h.insert(
                 header::CONTENT_TYPE,

@@ -8,12 +8,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 
 use meshwire_proto::admin::v1 as pb;
 use meshwire_tests::{
     ControlPlaneProcess, EchoRequest, SidecarProcess, api, config_dump_until, echo, echo_client,
-    eventually, http1_get,
+    eventually, grpc_frame, grpc_request, h2_client, http1_get, raw_h2_app, raw_tcp_exchange,
 };
+use meshwire_tls::testing::TestCa;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -74,6 +76,98 @@ fn count(log: &str, needle: &str) -> usize {
 
 fn data_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
+}
+
+/// A static config naming one service `name` at `addr` (which must present
+/// `identity`, if given).
+fn one_service(
+    dir: &std::path::Path,
+    name: &str,
+    addr: SocketAddr,
+    identity: Option<&str>,
+) -> String {
+    let identity = identity.map_or_else(String::new, |i| format!("        identity: {i}\n"));
+    let yaml =
+        format!("services:\n  - name: {name}\n    endpoints:\n      - address: {addr}\n{identity}");
+    let path = SidecarProcess::write_config(dir, &yaml);
+    path.to_str().unwrap().to_owned()
+}
+
+/// `--cert`, `--key` and `--trust-bundle` flags for a fixed certificate of
+/// `id` from `ca`, written into `dir`.
+fn cert_flags(ca: &TestCa, id: &str, dir: &std::path::Path) -> Vec<String> {
+    let creds = ca.leaf(id);
+    let pem = |tag: &str, der: &[u8]| pem::encode(&pem::Pem::new(tag, der.to_vec()));
+    let files = [
+        ("--cert", "cert.pem", pem("CERTIFICATE", &creds.chain[0])),
+        (
+            "--key",
+            "key.pem",
+            pem("PRIVATE KEY", creds.key.secret_der()),
+        ),
+        (
+            "--trust-bundle",
+            "bundle.pem",
+            pem("CERTIFICATE", ca.root()),
+        ),
+    ];
+    let mut flags = Vec::new();
+    for (flag, name, text) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        flags.push(flag.to_owned());
+        flags.push(path.to_str().unwrap().to_owned());
+    }
+    flags
+}
+
+/// One raw unary gRPC call with `headers`: the status (from the headers
+/// of a trailers-only answer, else the trailers) and the response headers.
+async fn raw_grpc_call(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&'static str, &str)],
+) -> (String, http::HeaderMap) {
+    let h2 = h2_client(addr).await;
+    let mut req = grpc_request("echo", path);
+    for (k, v) in headers {
+        req.headers_mut()
+            .insert(*k, http::HeaderValue::from_str(v).unwrap());
+    }
+    let mut send = h2.ready().await.expect("h2 ready");
+    let (resp, mut body) = send.send_request(req, false).unwrap();
+    body.send_data(grpc_frame(&EchoRequest::default()), true)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer within 10 s")
+        .expect("a response");
+    let (parts, mut recv) = resp.into_parts();
+    if let Some(s) = parts.headers.get("grpc-status") {
+        return (s.to_str().unwrap().to_owned(), parts.headers);
+    }
+    while let Some(chunk) = recv.data().await {
+        chunk.expect("body");
+    }
+    let trailers = recv.trailers().await.expect("trailers").expect("trailers");
+    (
+        trailers["grpc-status"].to_str().unwrap().to_owned(),
+        parts.headers,
+    )
+}
+
+/// Waits until a sidecar's `/ready` answers 200.
+async fn ready(sc: &SidecarProcess) {
+    eventually(
+        "the sidecar to be ready",
+        Duration::from_secs(15),
+        || async {
+            http1_get(sc.addrs.admin, "localhost", "/ready")
+                .await
+                .is_ok_and(|r| r.0 == 200)
+        },
+    )
+    .await;
 }
 
 /// The last lines of a log, for a failure message.
@@ -357,4 +451,136 @@ async fn silent_connections_from_one_host_leave_the_tls_port_usable() {
     }
     drop(silent);
     cp.stop().await.unwrap();
+}
+
+// === defect 13: grpc-timeout ===
+
+/// `grpc-timeout: 0S`/`0n` fail at once with DEADLINE_EXCEEDED, malformed
+/// values with INTERNAL (as gRPC servers answer them), on both sides, and
+/// the app sees none of these calls; a well-formed deadline still passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_and_malformed_grpc_timeouts_never_reach_the_app() {
+    let app = echo("app").await;
+    let server = SidecarProcess::spawn(&["--app", &app.addr.to_string()], &[]).await;
+    let inbound = server.addrs.inbound.expect("inbound");
+    let dir = data_dir();
+    let cfg = one_service(dir.path(), "echo", inbound, None);
+    let client = SidecarProcess::spawn(&["--static-config", &cfg], &[]).await;
+    ready(&client).await;
+
+    let echo_path = "/meshwire.example.v1.Echo/Echo";
+    let cases = [
+        ("0S", "4"),
+        ("0n", "4"),
+        ("abc", "13"),
+        ("-1S", "13"),
+        ("99999999999H", "13"),
+        ("123456789m", "13"),
+    ];
+    for (side, addr) in [("outbound", client.addrs.outbound), ("inbound", inbound)] {
+        for (timeout, want) in cases {
+            let (status, headers) =
+                raw_grpc_call(addr, echo_path, &[("grpc-timeout", timeout)]).await;
+            assert_eq!(status, want, "{side} grpc-timeout {timeout:?}: {headers:?}");
+            assert!(
+                headers.contains_key("meshwire-error"),
+                "{side} {timeout:?}: {headers:?}"
+            );
+        }
+    }
+    assert_eq!(
+        app.stats.calls.load(Ordering::Relaxed),
+        0,
+        "the app saw a call"
+    );
+
+    // HTTP/1.1 callers get 400 for a malformed value.
+    let answer = raw_tcp_exchange(
+        client.addrs.outbound,
+        b"GET / HTTP/1.1\r\nhost: echo\r\ngrpc-timeout: 1.5S\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(
+        app.stats.calls.load(Ordering::Relaxed),
+        0,
+        "the app saw a call"
+    );
+
+    let (status, _) =
+        raw_grpc_call(client.addrs.outbound, echo_path, &[("grpc-timeout", "5S")]).await;
+    assert_eq!(status, "0");
+    assert_eq!(app.stats.calls.load(Ordering::Relaxed), 1);
+    let seen = Duration::from_micros(app.stats.last_timeout_us.load(Ordering::Relaxed));
+    assert!(
+        seen > Duration::from_secs(4) && seen <= Duration::from_secs(5),
+        "{seen:?}"
+    );
+}
+
+// === defect 14: the caller's identity for the app ===
+
+/// Over mTLS the app gets the caller's verified SPIFFE ID in
+/// `x-meshwire-client-id`; whatever a caller sent in that header or in
+/// `x-forwarded-client-cert`, `x-spiffe-id` and `meshwire-error` is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_sees_the_verified_caller_and_no_forged_identity_headers() {
+    let ca = TestCa::new("hardening");
+    let spiffe = |s: &str| format!("spiffe://test.local/ns/default/sa/{s}");
+    let (app, _task) = raw_h2_app().await;
+    let sdir = data_dir();
+    let mut args = cert_flags(&ca, &spiffe("echo"), sdir.path());
+    args.extend([
+        "--app".into(),
+        app.to_string(),
+        "--service".into(),
+        "echo".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = SidecarProcess::spawn(&args, &[]).await;
+    let inbound = server.addrs.inbound.expect("inbound");
+
+    let cdir = data_dir();
+    let cfg = one_service(cdir.path(), "echo", inbound, Some(&spiffe("echo")));
+    let mut args = cert_flags(&ca, &spiffe("caller"), cdir.path());
+    args.extend(["--static-config".into(), cfg]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let client = SidecarProcess::spawn(&args, &[]).await;
+    ready(&client).await;
+
+    let h2 = h2_client(client.addrs.outbound).await;
+    let req = http::Request::get("http://echo/headers")
+        .header("x-meshwire-client-id", spiffe("admin"))
+        .header(
+            "x-forwarded-client-cert",
+            format!("By={};URI={}", spiffe("echo"), spiffe("admin")),
+        )
+        .header("x-spiffe-id", spiffe("admin"))
+        .header("meshwire-error", "forged")
+        .header("x-keep", "1")
+        .body(())
+        .unwrap();
+    let mut send = h2.ready().await.unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    let mut body = resp.into_body();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        bytes.extend_from_slice(&chunk.unwrap());
+    }
+    let seen: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let headers = &seen["headers"];
+    assert_eq!(headers["x-meshwire-client-id"], spiffe("caller"), "{seen}");
+    for forged in ["x-forwarded-client-cert", "x-spiffe-id", "meshwire-error"] {
+        assert!(
+            headers.get(forged).is_none(),
+            "{forged} reached the app: {seen}"
+        );
+    }
+    assert_eq!(headers["x-keep"], "1", "{seen}");
 }
