@@ -102,7 +102,9 @@ impl ProxyError {
     /// The response a caller gets for this error.
     pub fn into_response(self, grpc_call: bool) -> Response<ResponseBody> {
         let code = self.code();
+        // Bounded: the service name and path come from the caller.
         let message = self.to_string();
+        let message = meshwire_mesh::grpc::truncate(&message, meshwire_mesh::grpc::MAX_MESSAGE);
         tracing::debug!(error = %message, grpc_status = code as u8, "sidecar error response");
         let kind = HeaderValue::from_static(self.kind());
         if grpc_call {

@@ -584,3 +584,136 @@ async fn the_app_sees_the_verified_caller_and_no_forged_identity_headers() {
     }
     assert_eq!(headers["x-keep"], "1", "{seen}");
 }
+
+// === defect 9: bounded error messages ===
+
+/// A 100 KB invalid address: the control plane's error names the field and
+/// quotes a bounded part of the value, so meshctl shows the field error
+/// (not an HTTP/2 protocol error over an oversized `grpc-message`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_invalid_value_gives_a_short_field_error() {
+    let data = data_dir();
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
+    let mut admin = cp.client().await;
+    api::create_service(&mut admin, "echo").await;
+    let huge = "9".repeat(100_000);
+    let (url, dir) = (cp.url(), data.path().to_owned());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(meshwire_tests::bins::MESHCTL.path())
+            .args(["--server", &url, "--data-dir"])
+            .arg(&dir)
+            .args(["endpoint", "add", "echo", &huge])
+            .env_remove("MESHWIRE_ADMIN_TOKEN")
+            .env_remove("MESHCTL_SERVER")
+            .output()
+            .expect("run meshctl")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("INVALID_ARGUMENT: endpoint.address: \"999")
+            && stderr.contains("...")
+            && stderr.contains("is not an ip:port address"),
+        "{stderr}"
+    );
+    assert!(stderr.len() < 1024, "{} bytes on stderr", stderr.len());
+}
+
+/// A sidecar's own errors quote the caller's input bounded: a 32 KB
+/// `:authority` gives a `grpc-message` of at most 1 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_error_messages_are_bounded() {
+    let sc = SidecarProcess::spawn(&[], &[]).await;
+    let h2 = h2_client(sc.addrs.outbound).await;
+    let authority = "a".repeat(32 << 10);
+    let req = grpc_request(&authority, "/meshwire.example.v1.Echo/Echo");
+    let mut send = h2.ready().await.unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let h = resp.headers();
+    assert_eq!(h["grpc-status"], "14", "{h:?}");
+    assert_eq!(h["meshwire-error"], "unknown-service");
+    let msg = h["grpc-message"].to_str().unwrap();
+    assert!(msg.len() <= 1024, "{} bytes of grpc-message", msg.len());
+    assert!(
+        msg.starts_with("meshwire: no service named \"aaa") && msg.ends_with("..."),
+        "{msg}"
+    );
+}
+
+// === defect 7: the sidecar admin refuses cross-site requests ===
+
+/// `POST /drain` and `/logging` refuse what a web page could send (a foreign
+/// `Origin`, a form content type, a rebinding `Host`, `Sec-Fetch-Site:
+/// cross-site`) and the sidecar keeps serving; what curl sends works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_posts_refuse_browser_requests() {
+    let mut sc = SidecarProcess::spawn(&[], &[]).await;
+    ready(&sc).await;
+    let post = |path: &str, headers: &str| {
+        format!("POST {path} HTTP/1.1\r\n{headers}content-length: 0\r\nconnection: close\r\n\r\n")
+    };
+    let refused = [
+        (
+            "/drain",
+            "host: 127.0.0.1\r\norigin: http://evil.example\r\n",
+            "403",
+        ),
+        (
+            "/drain",
+            "host: 127.0.0.1\r\ncontent-type: text/plain\r\n",
+            "415",
+        ),
+        ("/drain", "host: evil.example:15000\r\n", "403"),
+        (
+            "/drain",
+            "host: 127.0.0.1\r\nsec-fetch-site: cross-site\r\n",
+            "403",
+        ),
+        (
+            "/logging?level=trace",
+            "host: 127.0.0.1\r\norigin: http://evil.example\r\n",
+            "403",
+        ),
+        (
+            "/logging?level=trace",
+            "host: localhost\r\ncontent-type: application/x-www-form-urlencoded\r\n",
+            "415",
+        ),
+    ];
+    for (path, headers, status) in refused {
+        let answer = raw_tcp_exchange(
+            sc.addrs.admin,
+            post(path, headers).as_bytes(),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{path} with {headers:?}: {answer}"
+        );
+    }
+    let (status, _, body) = http1_get(sc.addrs.admin, "localhost", "/logging")
+        .await
+        .unwrap();
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"info\n"[..]));
+    let (status, _, _) = http1_get(sc.addrs.admin, "localhost", "/ready")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "still serving");
+
+    // What an operator's tools send is taken.
+    let answer = raw_tcp_exchange(
+        sc.addrs.admin,
+        post("/drain", &format!("host: {}\r\n", sc.addrs.admin)).as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(sc.wait_exit(Duration::from_secs(15)).await, Some(0));
+}
