@@ -717,3 +717,150 @@ async fn admin_posts_refuse_browser_requests() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(sc.wait_exit(Duration::from_secs(15)).await, Some(0));
 }
+
+// === defect 5: silent and slow connections are closed ===
+
+/// Under a descriptor limit, silent connections to every sidecar listener
+/// (outbound, inbound, admin: one byte each, more than the descriptors
+/// left) are closed after `--first-request-timeout`, and every listener
+/// serves again while the client still holds its ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_and_the_listeners_serve_again() {
+    let app = echo("app").await;
+    let server = SidecarProcess::spawn(
+        &[
+            "--app",
+            &app.addr.to_string(),
+            "--first-request-timeout",
+            "1s",
+        ],
+        &[],
+    )
+    .await;
+    let inbound = server.addrs.inbound.expect("inbound");
+    let dir = data_dir();
+    let cfg = one_service(dir.path(), "echo", inbound, None);
+    let client = SidecarProcess::spawn(&["--static-config", &cfg], &[]).await;
+    ready(&client).await;
+    let mut caller = echo_client(client.addrs.outbound, "echo").await;
+    caller
+        .echo(EchoRequest::default())
+        .await
+        .expect("a call before");
+
+    let pid = server.id();
+    let open = fd_count(pid);
+    set_nofile(pid, open + 60);
+    let mut held = Vec::new();
+    for target in [server.addrs.outbound, inbound, server.addrs.admin] {
+        for _ in 0..50 {
+            let mut tcp = TcpStream::connect(target).await.expect("connect");
+            tcp.write_all(b"P").await.expect("one byte");
+            held.push(tcp);
+        }
+    }
+    eventually(
+        "the sidecar to run out of descriptors",
+        Duration::from_secs(10),
+        || async { fd_count(pid) >= open + 55 || server.log().contains("accept failed") },
+    )
+    .await;
+
+    // All three listeners serve again, the silent connections still held.
+    eventually(
+        "every listener to serve again",
+        Duration::from_secs(20),
+        || {
+            let mut caller = caller.clone();
+            async move {
+                let admin = http1_get(server.addrs.admin, "localhost", "/ready").await;
+                let outbound = http1_get(server.addrs.outbound, "nobody", "/").await;
+                let call = caller.echo(EchoRequest::default()).await;
+                admin.is_ok_and(|r| r.0 == 200)
+                    && outbound.is_ok_and(|r| r.1.contains_key("meshwire-error"))
+                    && call.is_ok()
+            }
+        },
+    )
+    .await;
+    // The sidecar closed them: each held connection reads end of stream.
+    for tcp in held.iter_mut().step_by(10) {
+        let mut buf = [0u8; 64];
+        // End of stream or a reset: either way closed.
+        let _closed = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .expect("closed by the sidecar within 10 s");
+    }
+    assert!(
+        fd_count(pid) < open + 20,
+        "{} descriptors open",
+        fd_count(pid)
+    );
+}
+
+// === defect 12: slow reset ===
+
+/// A client that opens calls and cancels them once they reach the app
+/// ("slow reset", 200 at a time) is sent a GOAWAY after a few hundred
+/// streams instead of being served 20,000; other clients are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cancelling_most_of_its_calls_is_sent_away() {
+    let app = echo("app").await;
+    let server = SidecarProcess::spawn(&["--app", &app.addr.to_string()], &[]).await;
+    let inbound = server.addrs.inbound.expect("inbound");
+    let tcp = TcpStream::connect(inbound).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let calls = || app.stats.calls.load(Ordering::Relaxed);
+    let mut opened = 0u64;
+    'attack: for _round in 0..100 {
+        let before = calls();
+        let mut streams = Vec::new();
+        for _ in 0..200 {
+            let Ok(mut s) = send.clone().ready().await else {
+                break 'attack;
+            };
+            let req = grpc_request("echo", "/meshwire.example.v1.Echo/Echo");
+            let Ok((resp, mut body)) = s.send_request(req, false) else {
+                break 'attack;
+            };
+            let msg = grpc_frame(&EchoRequest {
+                delay_ms: 10_000,
+                ..Default::default()
+            });
+            let _ = body.send_data(msg, true);
+            streams.push((resp, body));
+            opened += 1;
+        }
+        // Until they reach the app (or the connection is refused), then cancel.
+        let start = std::time::Instant::now();
+        while calls() < before + streams.len() as u64
+            && !conn.is_finished()
+            && start.elapsed() < Duration::from_secs(5)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for (_, mut body) in streams {
+            body.send_reset(h2::Reason::CANCEL);
+        }
+        if conn.is_finished() {
+            break;
+        }
+    }
+    assert!(opened <= 1_000, "{opened} streams opened before a GOAWAY");
+    assert!(calls() <= 1_000, "{} calls reached the app", calls());
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the sidecar closes the connection")
+        .unwrap()
+        .ok();
+    assert!(
+        server.log().contains("slow reset"),
+        "{}",
+        tail(&server.log())
+    );
+
+    // Another client's calls are served.
+    let (status, _) = raw_grpc_call(inbound, "/meshwire.example.v1.Echo/Echo", &[]).await;
+    assert_eq!(status, "0");
+}
