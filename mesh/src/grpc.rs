@@ -1,6 +1,34 @@
 //! gRPC status codes as a type, with the one table of their canonical names
 //! (the `grpc_code`/`code` labels of every metric, `meshctl`'s and the load
-//! client's output).
+//! client's output), and the bound on error messages.
+
+use std::borrow::Cow;
+
+/// Longest error message (`grpc-message`, an error body) Meshwire sends, in
+/// bytes: errors that echo input stay far below every peer's header limit.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// Longest echo of a caller's value inside a message (see [`shown`]).
+pub const MAX_SHOWN: usize = 128;
+
+/// `msg` cut to at most `max` bytes (on a character boundary), ending in
+/// `...` when cut.
+pub fn truncate(msg: &str, max: usize) -> Cow<'_, str> {
+    if msg.len() <= max {
+        return Cow::Borrowed(msg);
+    }
+    let mut end = max.saturating_sub(3);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}...", &msg[..end]))
+}
+
+/// A caller's value as an error message quotes it: `{value:?}`, at most
+/// [`MAX_SHOWN`] bytes, so the message's own hint survives.
+pub fn shown(value: &str) -> String {
+    truncate(&format!("{value:?}"), MAX_SHOWN).into_owned()
+}
 
 /// A gRPC status code (<https://grpc.github.io/grpc/core/md_doc_statuscodes.html>).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -116,5 +144,19 @@ mod tests {
         for bad in ["", "17", "01", "x", "1x", "100"] {
             assert_eq!(Code::from_bytes(bad.as_bytes()), Code::Unknown, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn messages_are_bounded() {
+        assert_eq!(truncate("short", 10), "short");
+        assert_eq!(truncate("0123456789abc", 10), "0123456...");
+        // Never inside a character: "é" is two bytes.
+        let cut = truncate("ééééé", 6);
+        assert_eq!(cut, "é...");
+        let long = "x".repeat(100_000);
+        assert_eq!(truncate(&long, MAX_MESSAGE).len(), MAX_MESSAGE);
+        assert_eq!(shown(&long).len(), MAX_SHOWN);
+        assert!(shown(&long).starts_with("\"xxx") && shown(&long).ends_with("..."));
+        assert_eq!(shown("a"), "\"a\"");
     }
 }

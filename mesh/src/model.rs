@@ -33,10 +33,16 @@ pub struct ModelError {
 }
 
 impl ModelError {
+    /// Both parts bounded ([`crate::grpc::MAX_MESSAGE`]): a reason that
+    /// quotes a huge value cannot make a huge error.
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        let bound = |s: String| match crate::grpc::truncate(&s, crate::grpc::MAX_MESSAGE) {
+            std::borrow::Cow::Borrowed(_) => s,
+            std::borrow::Cow::Owned(cut) => cut,
+        };
         Self {
-            field: field.into(),
-            reason: reason.into(),
+            field: bound(field.into()),
+            reason: bound(reason.into()),
         }
     }
 

@@ -16,6 +16,12 @@
 //!   stop, in-flight calls finish, the process exits).
 //! - `GET /certs`: JSON, the mesh identity: SPIFFE ID, serial, validity,
 //!   renewals, and the trust bundle's root fingerprints.
+//!
+//! The state-changing `POST`s refuse what a web page could make a browser
+//! send ([`cross_site`]): a `Host` that is not `localhost` or an IP address
+//! (DNS rebinding), an `Origin` other than a loopback one, a
+//! `Sec-Fetch-Site` of another site, and the content types a form can send
+//! without a CORS preflight.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -129,6 +135,16 @@ impl AdminState {
     }
 
     fn handle(&self, req: &Request<Incoming>) -> Response<ResponseBody> {
+        if req.method() == Method::POST
+            && let Some((status, why)) = cross_site(req.headers())
+        {
+            tracing::warn!(
+                path = req.uri().path(),
+                reason = why,
+                "refused an admin POST"
+            );
+            return respond::text(status, format!("refused: {why}\n"));
+        }
         match (req.method(), req.uri().path()) {
             (&Method::POST, "/logging") => return self.set_logging(req.uri().query()),
             (&Method::POST, "/drain") => {
@@ -305,6 +321,78 @@ impl AdminState {
     }
 }
 
+/// Why a state-changing request may come from a web page rather than the
+/// operator's tools (curl, probes and the like send none of these), with the
+/// status to refuse it with; `None` if it may not.
+fn cross_site(h: &http::HeaderMap) -> Option<(StatusCode, &'static str)> {
+    let forbidden = StatusCode::FORBIDDEN;
+    let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
+    if !host.is_some_and(is_local_host) {
+        return Some((
+            forbidden,
+            "Host must be localhost or an IP address (DNS rebinding)",
+        ));
+    }
+    if let Some(origin) = h.get(header::ORIGIN) {
+        let local = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.split_once("://"))
+            .is_some_and(|(_, host)| is_loopback_host(host));
+        if !local {
+            return Some((forbidden, "cross-origin request"));
+        }
+    }
+    if h.get("sec-fetch-site")
+        .is_some_and(|v| v != "same-origin" && v != "none")
+    {
+        return Some((forbidden, "cross-site request"));
+    }
+    // What an HTML form (or a fetch without preflight) can send.
+    let simple = h.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.to_str().unwrap_or("").trim().to_ascii_lowercase();
+        let essence = v.split(';').next().unwrap_or("").trim();
+        matches!(
+            essence,
+            "text/plain" | "application/x-www-form-urlencoded" | "multipart/form-data"
+        )
+    });
+    if simple {
+        return Some((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send no body, or a non-form content type such as application/json",
+        ));
+    }
+    None
+}
+
+/// `host[:port]` names this machine by name or address: an IP literal (a
+/// rebinding attack needs a name) or `localhost`.
+fn is_local_host(authority: &str) -> bool {
+    let host = host_part(authority);
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok()
+}
+
+/// `host[:port]` is a loopback address or `localhost`.
+fn is_loopback_host(authority: &str) -> bool {
+    let host = host_part(authority);
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `[::1]:15000` -> `::1`, `127.0.0.1:15000` -> `127.0.0.1`, `localhost` -> `localhost`.
+fn host_part(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split_once(']').map_or(rest, |(h, _)| h);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
 fn json(v: &impl Serialize) -> Response<ResponseBody> {
     let body = serde_json::to_vec_pretty(v).unwrap_or_default();
     let mut r = respond::text(StatusCode::OK, body);
@@ -409,5 +497,76 @@ impl hyper::service::Service<Request<Incoming>> for AdminService {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let resp = self.state.handle(&req);
         Box::pin(async move { Ok(resp) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    http::HeaderName::from_static(k),
+                    http::HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn browser_requests_are_refused() {
+        for ok in [
+            &[("host", "127.0.0.1:15000")][..],
+            &[
+                ("host", "localhost:15000"),
+                ("content-type", "application/json"),
+            ],
+            &[("host", "[::1]:15000"), ("origin", "http://localhost:3000")],
+            &[
+                ("host", "10.0.0.7:15000"),
+                ("sec-fetch-site", "same-origin"),
+            ],
+        ] {
+            assert_eq!(cross_site(&headers(ok)), None, "{ok:?}");
+        }
+        for (bad, status) in [
+            (&[][..], StatusCode::FORBIDDEN),
+            (&[("host", "evil.example:15000")][..], StatusCode::FORBIDDEN),
+            (
+                &[("host", "127.0.0.1"), ("origin", "http://evil.example")],
+                StatusCode::FORBIDDEN,
+            ),
+            (
+                &[("host", "127.0.0.1"), ("origin", "null")],
+                StatusCode::FORBIDDEN,
+            ),
+            (
+                &[("host", "127.0.0.1"), ("sec-fetch-site", "cross-site")],
+                StatusCode::FORBIDDEN,
+            ),
+            (
+                &[
+                    ("host", "127.0.0.1"),
+                    ("content-type", "Text/Plain; charset=utf-8"),
+                ],
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ),
+            (
+                &[
+                    ("host", "127.0.0.1"),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                ],
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ),
+        ] {
+            assert_eq!(
+                cross_site(&headers(bad)).map(|r| r.0),
+                Some(status),
+                "{bad:?}"
+            );
+        }
     }
 }

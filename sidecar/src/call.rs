@@ -74,7 +74,10 @@ impl Call {
             t.attempts()
         });
         let mut timer = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
-        let result = {
+        let result = if timeout.is_some_and(|t| t.is_zero()) {
+            // Expired on arrival (`grpc-timeout: 0n`): the app never sees it.
+            Err(ProxyError::DeadlineExceeded(Duration::ZERO))
+        } else {
             let mut attempt = pin!(attempts(req, shape, span));
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = attempt.as_mut().poll(cx) {

@@ -105,6 +105,13 @@ pub struct Args {
     #[arg(long, env = "MESHWIRE_MAX_CONCURRENT_STREAMS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
+    /// A connection to any listener that makes no request this long after its
+    /// handshake is closed (silent and slow clients cannot hold descriptors).
+    #[arg(long, env = "MESHWIRE_FIRST_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub first_request_timeout: Duration,
+    /// A connection with no call in flight and none started this long gets a GOAWAY.
+    #[arg(long, env = "MESHWIRE_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
     /// Most endpoints one service may have; a larger update is refused (NACK).
     #[arg(long, env = "MESHWIRE_MAX_ENDPOINTS", default_value_t = meshwire_mesh::model::MAX_ENDPOINTS as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -197,6 +204,8 @@ impl Args {
         };
         cfg.drain_timeout = self.drain_timeout;
         cfg.server.max_concurrent_streams = self.max_concurrent_streams;
+        cfg.server.first_request_timeout = self.first_request_timeout;
+        cfg.server.idle_timeout = self.idle_timeout;
         cfg.max_endpoints = self.max_endpoints as usize;
         cfg.service_listeners = file.listeners();
         cfg.clusters = file.clusters();

@@ -82,8 +82,9 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-/// Parses `grpc-timeout` (`1*8DIGIT` followed by a unit `H M S m u n`).
-/// A malformed value is ignored, as gRPC servers do.
+/// Parses `grpc-timeout` (`1*8DIGIT` followed by a unit `H M S m u n`);
+/// `None` for anything else (a sign, more digits, another unit), which the
+/// caller refuses as gRPC servers do (`proxy::call_timeout`).
 pub(crate) fn parse_timeout(v: &HeaderValue) -> Option<Duration> {
     let b = v.as_bytes();
     if b.len() < 2 || b.len() > 9 {

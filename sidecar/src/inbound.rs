@@ -35,6 +35,29 @@ use crate::telemetry::{AttemptSpan, Direction, Telemetry};
 /// written is retried once on a fresh one.
 const MAX_ATTEMPTS: usize = 2;
 
+/// The caller's SPIFFE ID, verified on the mTLS hop, for the app (as
+/// Linkerd's `l5d-client-id`); absent for a plaintext (permissive) caller.
+pub const CLIENT_ID_HEADER: &str = "x-meshwire-client-id";
+
+/// Headers an app could take for the mesh's word: removed from every
+/// request, whoever sent them, before [`CLIENT_ID_HEADER`] is set.
+const UNTRUSTED: [&str; 4] = [
+    CLIENT_ID_HEADER,
+    "x-forwarded-client-cert",
+    "x-spiffe-id",
+    crate::respond::ERROR_HEADER,
+];
+
+/// Strips what a caller may not say about itself and states who it is.
+fn set_caller_identity(headers: &mut http::HeaderMap, identity: Option<&str>) {
+    for h in UNTRUSTED {
+        headers.remove(h);
+    }
+    if let Some(v) = identity.and_then(|id| http::HeaderValue::from_str(id).ok()) {
+        headers.insert(CLIENT_ID_HEADER, v);
+    }
+}
+
 #[derive(Debug)]
 pub struct Inbound {
     /// The local app, tracked like any endpoint (outstanding, counters, pool).
@@ -57,9 +80,10 @@ pub struct Inbound {
 impl Inbound {
     async fn handle(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         conn: &ConnInfo,
     ) -> Result<Response<ResponseBody>, h2::Error> {
+        set_caller_identity(req.headers_mut(), conn.identity.as_deref());
         let call = Call::of(&req, Direction::Inbound);
         let result = if !self.health.is_healthy() {
             Err(ProxyError::AppUnhealthy)
@@ -132,7 +156,7 @@ impl Inbound {
         if self.forwarded_headers && !call.grpc() {
             crate::http1::add_forwarded(req.headers_mut(), conn.peer.ip(), conn.identity.is_some());
         }
-        let timeout = proxy::call_timeout(req.headers(), None);
+        let timeout = proxy::call_timeout(req.headers(), None)?;
         proxy::prepare_request(&mut req, &http::uri::Scheme::HTTP, None)?;
         let trace = self
             .telemetry
@@ -225,5 +249,34 @@ impl hyper::service::Service<Request<Incoming>> for InboundService {
         let inner = self.inner.clone();
         let conn = self.conn.clone();
         Box::pin(async move { inner.handle(req, &conn).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callers_cannot_claim_an_identity() {
+        let mut h = http::HeaderMap::new();
+        for name in UNTRUSTED {
+            h.insert(
+                name,
+                http::HeaderValue::from_static("spiffe://evil/ns/x/sa/y"),
+            );
+        }
+        h.insert("x-keep", http::HeaderValue::from_static("1"));
+        set_caller_identity(&mut h, Some("spiffe://test.local/ns/default/sa/caller"));
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(
+            h[CLIENT_ID_HEADER],
+            "spiffe://test.local/ns/default/sa/caller"
+        );
+        set_caller_identity(&mut h, None);
+        assert_eq!(
+            h.len(),
+            1,
+            "a plaintext caller has no identity header: {h:?}"
+        );
     }
 }

@@ -21,15 +21,20 @@ use crate::pool::Lease;
 use crate::respond::ProxyError;
 
 /// The deadline of a call: the caller's `grpc-timeout`, capped by the service's
-/// request timeout.
-pub(crate) fn call_timeout(headers: &HeaderMap, cap: Option<Duration>) -> Option<Duration> {
-    let asked = headers
-        .get(grpc::GRPC_TIMEOUT)
-        .and_then(grpc::parse_timeout);
-    match (asked, cap) {
+/// request timeout. A malformed `grpc-timeout` is refused (INTERNAL, as gRPC
+/// servers answer it), never forwarded or ignored.
+pub(crate) fn call_timeout(
+    headers: &HeaderMap,
+    cap: Option<Duration>,
+) -> Result<Option<Duration>, ProxyError> {
+    let asked = match headers.get(grpc::GRPC_TIMEOUT) {
+        None => None,
+        Some(v) => Some(grpc::parse_timeout(v).ok_or(ProxyError::BadTimeout)?),
+    };
+    Ok(match (asked, cap) {
         (Some(a), Some(c)) => Some(a.min(c)),
         (a, c) => a.or(c),
-    }
+    })
 }
 
 /// The authority a request names (`:authority`, or `Host` for HTTP/1.1).
@@ -324,17 +329,37 @@ mod tests {
 
     #[test]
     fn timeout_is_capped_by_the_service() {
+        let t = |h: &HeaderMap, cap| call_timeout(h, cap).unwrap();
         let mut h = HeaderMap::new();
-        assert_eq!(call_timeout(&h, None), None);
+        assert_eq!(t(&h, None), None);
         assert_eq!(
-            call_timeout(&h, Some(Duration::from_secs(2))),
+            t(&h, Some(Duration::from_secs(2))),
             Some(Duration::from_secs(2))
         );
         h.insert(grpc::GRPC_TIMEOUT, HeaderValue::from_static("500m"));
-        assert_eq!(call_timeout(&h, None), Some(Duration::from_millis(500)));
+        assert_eq!(t(&h, None), Some(Duration::from_millis(500)));
         assert_eq!(
-            call_timeout(&h, Some(Duration::from_millis(100))),
+            t(&h, Some(Duration::from_millis(100))),
             Some(Duration::from_millis(100))
         );
+    }
+
+    #[test]
+    fn malformed_timeouts_are_refused() {
+        for bad in [
+            "abc",
+            "-1S",
+            "99999999999H",
+            "123456789m",
+            "1",
+            "S",
+            "",
+            "1s",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(grpc::GRPC_TIMEOUT, HeaderValue::from_static(bad));
+            let e = call_timeout(&h, Some(Duration::from_secs(1))).unwrap_err();
+            assert_eq!(e.code(), grpc::Code::Internal, "{bad:?}");
+        }
     }
 }

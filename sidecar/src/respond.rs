@@ -36,6 +36,8 @@ pub enum ProxyError {
     DeadlineExceeded(Duration),
     #[error("meshwire: bad request: {0}")]
     BadRequest(&'static str),
+    #[error("meshwire: malformed grpc-timeout (1 to 8 digits and a unit H M S m u n)")]
+    BadTimeout,
     #[error("meshwire: {caller} may not call {path}")]
     PermissionDenied { caller: String, path: String },
     #[error("meshwire: the sidecar is still starting (no certificate or config yet)")]
@@ -74,6 +76,8 @@ impl ProxyError {
             ProxyError::PermissionDenied { .. } => Code::PermissionDenied,
             ProxyError::NoAuthority | ProxyError::BadRequest(_) => Code::InvalidArgument,
             ProxyError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            // What gRPC servers answer (grpc-go: "malformed grpc-timeout").
+            ProxyError::BadTimeout => Code::Internal,
             ProxyError::UpstreamReset(r) => match *r {
                 h2::Reason::CANCEL => Code::Cancelled,
                 // The peer never processed it: safe for the caller to retry.
@@ -107,7 +111,7 @@ impl ProxyError {
             ProxyError::UpstreamReset(_) => "upstream-reset",
             ProxyError::Upstream(_) => "upstream-failed",
             ProxyError::DeadlineExceeded(_) => "deadline-exceeded",
-            ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::BadRequest(_) | ProxyError::BadTimeout => "bad-request",
             ProxyError::PermissionDenied { .. } => "permission-denied",
             ProxyError::NotReady => "not-ready",
             ProxyError::AppUnhealthy => "app-unhealthy",
@@ -118,7 +122,9 @@ impl ProxyError {
     /// The response a caller gets for this error.
     pub fn into_response(self, grpc_call: bool) -> Response<ResponseBody> {
         let code = self.code();
+        // Bounded: the service name and path come from the caller.
         let message = self.to_string();
+        let message = meshwire_mesh::grpc::truncate(&message, meshwire_mesh::grpc::MAX_MESSAGE);
         tracing::debug!(error = %message, grpc_status = code as u8, "sidecar error response");
         let kind = HeaderValue::from_static(self.kind());
         if grpc_call {
@@ -134,7 +140,11 @@ impl ProxyError {
             r
         } else {
             let mut r = Response::new(ResponseBody::full(format!("{message}\n")));
-            *r.status_mut() = code.http_status();
+            *r.status_mut() = match self {
+                // The caller's mistake, whatever gRPC calls it.
+                ProxyError::BadTimeout => StatusCode::BAD_REQUEST,
+                _ => code.http_status(),
+            };
             let h = r.headers_mut();
             h.insert(
                 header::CONTENT_TYPE,

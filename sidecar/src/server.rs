@@ -6,9 +6,20 @@
 //! has a certificate, then wants TLS 1.3 with a client certificate chained to
 //! the trust bundle; plaintext only while the local service is permissive.
 //! The handshake runs in the connection's task, never in the accept loop.
+//!
+//! Every connection's requests are watched ([`ConnActivity`]): one that makes
+//! no request within `first_request_timeout` of its handshake is closed, one
+//! idle (no call in flight, none started) for `idle_timeout` gets a GOAWAY,
+//! and one whose client cancels most of its calls before they are answered
+//! ("slow reset": more than half of at least [`RESET_MIN_STREAMS`]) gets a
+//! GOAWAY and [`ABUSE_DRAIN`] to finish.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -16,6 +27,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,6 +41,11 @@ use crate::identity::MeshTls;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A TLS record of type handshake: how a ClientHello starts.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// Streams a connection opens before its cancellations are judged.
+pub const RESET_MIN_STREAMS: u64 = 100;
+/// How long a connection told to go away for cancelling most of its calls
+/// may take to finish the rest.
+pub const ABUSE_DRAIN: Duration = Duration::from_secs(5);
 
 /// Who is on the other end of an accepted connection.
 #[derive(Debug, Clone)]
@@ -105,6 +122,10 @@ pub struct ServerSettings {
     pub max_header_list_size: u32,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// A connection that makes no request this long after its handshake is closed.
+    pub first_request_timeout: Duration,
+    /// A connection with no call in flight and none started this long gets a GOAWAY.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -117,6 +138,8 @@ impl Default for ServerSettings {
             max_header_list_size: 64 << 10,
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
+            first_request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -176,6 +199,10 @@ fn builder(protocols: Protocols, s: &ServerSettings) -> auto::Builder<TokioExecu
         .enable_connect_protocol()
         .keep_alive_interval(s.keepalive_interval)
         .keep_alive_timeout(s.keepalive_timeout)
+        // Rapid reset (streams reset before they are accepted) and streams
+        // the server itself resets for protocol errors: GOAWAY past these.
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(256)
         .auto_date_header(false);
     match protocols {
         Protocols::Http1AndHttp2 => b,
@@ -198,6 +225,7 @@ pub(crate) fn spawn(
     tracker: &TaskTracker,
 ) {
     let builder = Arc::new(builder(protocols, settings));
+    let limits = (settings.first_request_timeout, settings.idle_timeout);
     let make = Arc::new(make);
     let conns = tracker.clone();
     tracker.spawn(async move {
@@ -240,7 +268,11 @@ pub(crate) fn spawn(
                         return;
                     }
                 };
-                let svc = make.make(&ConnInfo { peer, identity });
+                let activity = Arc::new(ConnActivity::new());
+                let svc = Tracked {
+                    inner: make.make(&ConnInfo { peer, identity }),
+                    activity: activity.clone(),
+                };
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
                 tokio::pin!(conn);
                 let r = tokio::select! {
@@ -249,6 +281,25 @@ pub(crate) fn spawn(
                         // GOAWAY (or no more keep-alive); in-flight calls finish.
                         conn.as_mut().graceful_shutdown();
                         conn.await
+                    }
+                    end = activity.watch(limits.0, limits.1) => {
+                        tracing::debug!(listener = name, %peer, reason = end.as_str(), "closing connection");
+                        match end {
+                            // Nothing was asked: nothing to finish.
+                            Ended::NoRequest => return,
+                            Ended::Idle => {
+                                conn.as_mut().graceful_shutdown();
+                                conn.await
+                            }
+                            Ended::Abusive => {
+                                tracing::warn!(listener = name, %peer, "client cancels most of its calls (slow reset); sending GOAWAY");
+                                conn.as_mut().graceful_shutdown();
+                                match tokio::time::timeout(ABUSE_DRAIN, conn).await {
+                                    Ok(r) => r,
+                                    Err(_) => return,
+                                }
+                            }
+                        }
                     }
                 };
                 if let Err(e) = r {
@@ -259,4 +310,226 @@ pub(crate) fn spawn(
         drop(listener);
         tracing::debug!(listener = name, "stopped accepting; draining");
     });
+}
+
+// === impl ConnActivity ===
+
+/// What one connection's requests tell its task (see the module docs).
+#[derive(Debug)]
+struct ConnActivity {
+    epoch: Instant,
+    started: AtomicU64,
+    in_flight: AtomicUsize,
+    /// Calls the client cancelled before they were answered.
+    cancelled: AtomicU64,
+    /// When a call last started or ended, in ms since `epoch`.
+    last_ms: AtomicU64,
+    abusive: tokio::sync::Notify,
+}
+
+/// Why a connection's watch ended it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    NoRequest,
+    Idle,
+    Abusive,
+}
+
+impl Ended {
+    fn as_str(self) -> &'static str {
+        match self {
+            Ended::NoRequest => "no request in time",
+            Ended::Idle => "idle",
+            Ended::Abusive => "most calls cancelled",
+        }
+    }
+}
+
+impl ConnActivity {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            started: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            cancelled: AtomicU64::new(0),
+            last_ms: AtomicU64::new(0),
+            abusive: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn start(&self) {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn end(&self, answered: bool) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.touch();
+        if !answered {
+            let cancelled = self.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+            let started = self.started.load(Ordering::Relaxed);
+            if started >= RESET_MIN_STREAMS && cancelled * 2 > started {
+                self.abusive.notify_one();
+            }
+        }
+    }
+
+    /// Resolves when the connection should end: no request within `first`,
+    /// idle for `idle`, or abusive.
+    async fn watch(&self, first: Duration, idle: Duration) -> Ended {
+        // Instants cannot hold any duration a flag accepts.
+        let idle = idle.min(Duration::from_secs(10 * 365 * 86_400));
+        let abusive = self.abusive.notified();
+        tokio::pin!(abusive);
+        tokio::select! {
+            () = abusive.as_mut() => return Ended::Abusive,
+            () = tokio::time::sleep(first) => {}
+        }
+        if self.started.load(Ordering::Relaxed) == 0 {
+            return Ended::NoRequest;
+        }
+        loop {
+            let last = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let quiet = self.in_flight.load(Ordering::Relaxed) == 0;
+            if quiet && last.elapsed() >= idle {
+                return Ended::Idle;
+            }
+            let wake = if quiet {
+                last + idle
+            } else {
+                Instant::now() + idle
+            };
+            tokio::select! {
+                () = abusive.as_mut() => return Ended::Abusive,
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+}
+
+/// A connection's service, counting its calls in the connection's
+/// [`ConnActivity`].
+#[derive(Debug)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<ConnActivity>,
+}
+
+impl<S, B, RB> hyper::service::Service<Request<B>> for Tracked<S>
+where
+    S: hyper::service::Service<Request<B>, Response = Response<RB>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = TrackedFuture<S::Future>;
+
+    fn call(&self, req: Request<B>) -> Self::Future {
+        self.activity.start();
+        TrackedFuture {
+            inner: self.inner.call(req),
+            guard: CallEnd {
+                activity: self.activity.clone(),
+                answered: false,
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The service's future; dropped unfinished, the client cancelled it.
+    #[derive(Debug)]
+    struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        guard: CallEnd,
+    }
+}
+
+impl<F, RB, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        // A client that resets a call whose request is still streaming sees
+        // it end as CANCELLED (the app's stream is reset in turn).
+        this.guard.answered = out.as_ref().is_ok_and(|r| !cancelled(r));
+        Poll::Ready(out)
+    }
+}
+
+/// The sidecar's own answer to a cancelled call: `grpc-status: 1` or 499.
+fn cancelled<B>(r: &Response<B>) -> bool {
+    r.status().as_u16() == 499
+        || (r.headers().contains_key(crate::respond::ERROR_HEADER)
+            && r.headers()
+                .get(crate::grpc::GRPC_STATUS)
+                .is_some_and(|v| v == "1"))
+}
+
+#[derive(Debug)]
+struct CallEnd {
+    activity: Arc<ConnActivity>,
+    answered: bool,
+}
+
+impl Drop for CallEnd {
+    fn drop(&mut self) {
+        self.activity.end(self.answered);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_idle_and_abusive_connections_end() {
+        let first = Duration::from_secs(10);
+        let idle = Duration::from_secs(60);
+        let a = ConnActivity::new();
+        assert_eq!(a.watch(first, idle).await, Ended::NoRequest);
+
+        let a = ConnActivity::new();
+        a.start();
+        a.end(true);
+        let t = Instant::now();
+        assert_eq!(a.watch(first, idle).await, Ended::Idle);
+        assert!(t.elapsed() >= idle);
+
+        // A call in flight is never idle; once it ends, the clock starts.
+        let a = Arc::new(ConnActivity::new());
+        a.start();
+        let w = tokio::spawn({
+            let a = a.clone();
+            async move { a.watch(first, idle).await }
+        });
+        tokio::time::sleep(idle * 3).await;
+        assert!(!w.is_finished());
+        a.end(true);
+        assert_eq!(w.await.unwrap(), Ended::Idle);
+
+        // Cancelled calls: fine below half of the streams, abusive above.
+        let a = ConnActivity::new();
+        for _ in 0..RESET_MIN_STREAMS {
+            a.start();
+            a.end(true);
+        }
+        for _ in 0..RESET_MIN_STREAMS {
+            a.start();
+            a.end(false);
+        }
+        a.start();
+        a.end(false);
+        assert_eq!(a.watch(first, idle).await, Ended::Abusive);
+    }
 }

@@ -39,7 +39,10 @@ pub(super) fn address(field: &str, s: &str) -> Result<SocketAddr, Status> {
     s.parse::<SocketAddr>().map_err(|_| {
         invalid(ModelError::new(
             field,
-            format!("{s:?} is not an ip:port address (e.g. 10.0.0.7:15006 or [fd00::7]:15006)"),
+            format!(
+                "{} is not an ip:port address (e.g. 10.0.0.7:15006 or [fd00::7]:15006)",
+                meshwire_mesh::grpc::shown(s)
+            ),
         ))
     })
 }

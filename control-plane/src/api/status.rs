@@ -1,17 +1,28 @@
 //! The domain's errors as gRPC statuses: registry errors (field paths as in
-//! the request), CA errors, for the admin API and the Identity service.
+//! the request), CA errors, for the admin API and the Identity service. Every
+//! message is bounded ([`meshwire_mesh::grpc::MAX_MESSAGE`]): errors echo
+//! what the caller sent.
 
 use std::sync::Arc;
 
 use meshwire_mesh::ModelError;
-use tonic::Status;
+use tonic::{Code, Status};
 
 use crate::ca::{Ca, CaError};
 use crate::registry::RegistryError;
 use crate::store::StoreError;
 
+/// A status whose message is cut to [`meshwire_mesh::grpc::MAX_MESSAGE`].
+pub(crate) fn bounded(code: Code, msg: impl std::fmt::Display) -> Status {
+    let msg = msg.to_string();
+    Status::new(
+        code,
+        meshwire_mesh::grpc::truncate(&msg, meshwire_mesh::grpc::MAX_MESSAGE),
+    )
+}
+
 pub(super) fn invalid(e: ModelError) -> Status {
-    Status::invalid_argument(e.to_string())
+    bounded(Code::InvalidArgument, e)
 }
 
 pub(super) fn required(field: &str) -> Status {
@@ -34,12 +45,12 @@ pub(super) fn api_field(mut e: ModelError) -> ModelError {
 pub(super) fn status(e: RegistryError, within: &str) -> Status {
     match e {
         RegistryError::ServiceNotFound(_) | RegistryError::EndpointNotFound { .. } => {
-            Status::not_found(e.to_string())
+            bounded(Code::NotFound, e)
         }
         RegistryError::ServiceExists(_) | RegistryError::EndpointExists { .. } => {
-            Status::already_exists(e.to_string())
+            bounded(Code::AlreadyExists, e)
         }
-        RegistryError::TooManyEndpoints { .. } => Status::failed_precondition(e.to_string()),
+        RegistryError::TooManyEndpoints { .. } => bounded(Code::FailedPrecondition, e),
         RegistryError::Invalid(m) => {
             let m = api_field(m);
             invalid(if within.is_empty() {
@@ -51,24 +62,27 @@ pub(super) fn status(e: RegistryError, within: &str) -> Status {
         RegistryError::Store(StoreError::Closed) => {
             Status::unavailable("the control plane is shutting down; nothing was changed")
         }
-        RegistryError::Store(s) => Status::internal(format!("store: {s}; nothing was changed")),
+        RegistryError::Store(s) => {
+            bounded(Code::Internal, format!("store: {s}; nothing was changed"))
+        }
     }
 }
 
 /// A CA error as the caller should see it: its own mistakes (a bad token or
 /// CSR, an unknown root) by their codes, the rest as INTERNAL.
 pub(crate) fn ca_error(e: CaError) -> Status {
-    match &e {
-        CaError::BadToken => Status::unauthenticated(e.to_string()),
+    let code = match &e {
+        CaError::BadToken => Code::Unauthenticated,
         CaError::BadCsr(_) | CaError::InvalidArgument(_) | CaError::AmbiguousRoot(_) => {
-            Status::invalid_argument(e.to_string())
+            Code::InvalidArgument
         }
-        CaError::UnknownRoot(_) => Status::not_found(e.to_string()),
-        CaError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+        CaError::UnknownRoot(_) => Code::NotFound,
+        CaError::FailedPrecondition(_) => Code::FailedPrecondition,
         CaError::File { .. } | CaError::Identity(_) | CaError::Rcgen(_) | CaError::Task(_) => {
-            Status::internal(e.to_string())
+            Code::Internal
         }
-    }
+    };
+    bounded(code, e)
 }
 
 /// Runs a CA operation off the async workers ([`crate::ca::blocking`]), its
@@ -86,7 +100,6 @@ mod tests {
 
     #[test]
     fn registry_errors_become_grpc_codes() {
-        use tonic::Code;
         let s = status(RegistryError::ServiceNotFound("x".into()), "");
         assert_eq!(s.code(), Code::NotFound);
         let s = status(RegistryError::ServiceExists("x".into()), "");
@@ -104,8 +117,15 @@ mod tests {
     }
 
     #[test]
+    fn messages_are_bounded() {
+        let long = "x".repeat(100_000);
+        let s = status(RegistryError::ServiceNotFound(long), "");
+        assert_eq!(s.message().len(), meshwire_mesh::grpc::MAX_MESSAGE);
+        assert!(s.message().ends_with("..."));
+    }
+
+    #[test]
     fn ca_errors_become_grpc_codes() {
-        use tonic::Code;
         let code = |e: CaError| ca_error(e).code();
         assert_eq!(code(CaError::BadToken), Code::Unauthenticated);
         assert_eq!(code(CaError::BadCsr("x".into())), Code::InvalidArgument);

@@ -84,7 +84,7 @@ impl StartGate {
             return Ok(());
         }
         let wait =
-            proxy::call_timeout(headers, None).map_or(self.max_wait, |d| d.min(self.max_wait));
+            proxy::call_timeout(headers, None)?.map_or(self.max_wait, |d| d.min(self.max_wait));
         let mut rx = self.ready.clone();
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let r = tokio::time::timeout(wait, rx.wait_for(|r| *r)).await;
@@ -184,7 +184,7 @@ impl Outbound {
             );
             return crate::websocket::outbound(req, &cluster, &authority).await;
         }
-        let timeout = proxy::call_timeout(req.headers(), cluster.request_timeout);
+        let timeout = proxy::call_timeout(req.headers(), cluster.request_timeout)?;
         proxy::prepare_request(&mut req, &self.scheme, cluster.authority.as_ref())?;
         let trace =
             self.telemetry

@@ -8,12 +8,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 
 use meshwire_proto::admin::v1 as pb;
 use meshwire_tests::{
     ControlPlaneProcess, EchoRequest, SidecarProcess, api, config_dump_until, echo, echo_client,
-    eventually, http1_get,
+    eventually, grpc_frame, grpc_request, h2_client, http1_get, raw_h2_app, raw_tcp_exchange,
 };
+use meshwire_tls::testing::TestCa;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -74,6 +76,98 @@ fn count(log: &str, needle: &str) -> usize {
 
 fn data_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
+}
+
+/// A static config naming one service `name` at `addr` (which must present
+/// `identity`, if given).
+fn one_service(
+    dir: &std::path::Path,
+    name: &str,
+    addr: SocketAddr,
+    identity: Option<&str>,
+) -> String {
+    let identity = identity.map_or_else(String::new, |i| format!("        identity: {i}\n"));
+    let yaml =
+        format!("services:\n  - name: {name}\n    endpoints:\n      - address: {addr}\n{identity}");
+    let path = SidecarProcess::write_config(dir, &yaml);
+    path.to_str().unwrap().to_owned()
+}
+
+/// `--cert`, `--key` and `--trust-bundle` flags for a fixed certificate of
+/// `id` from `ca`, written into `dir`.
+fn cert_flags(ca: &TestCa, id: &str, dir: &std::path::Path) -> Vec<String> {
+    let creds = ca.leaf(id);
+    let pem = |tag: &str, der: &[u8]| pem::encode(&pem::Pem::new(tag, der.to_vec()));
+    let files = [
+        ("--cert", "cert.pem", pem("CERTIFICATE", &creds.chain[0])),
+        (
+            "--key",
+            "key.pem",
+            pem("PRIVATE KEY", creds.key.secret_der()),
+        ),
+        (
+            "--trust-bundle",
+            "bundle.pem",
+            pem("CERTIFICATE", ca.root()),
+        ),
+    ];
+    let mut flags = Vec::new();
+    for (flag, name, text) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        flags.push(flag.to_owned());
+        flags.push(path.to_str().unwrap().to_owned());
+    }
+    flags
+}
+
+/// One raw unary gRPC call with `headers`: the status (from the headers
+/// of a trailers-only answer, else the trailers) and the response headers.
+async fn raw_grpc_call(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&'static str, &str)],
+) -> (String, http::HeaderMap) {
+    let h2 = h2_client(addr).await;
+    let mut req = grpc_request("echo", path);
+    for (k, v) in headers {
+        req.headers_mut()
+            .insert(*k, http::HeaderValue::from_str(v).unwrap());
+    }
+    let mut send = h2.ready().await.expect("h2 ready");
+    let (resp, mut body) = send.send_request(req, false).unwrap();
+    body.send_data(grpc_frame(&EchoRequest::default()), true)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer within 10 s")
+        .expect("a response");
+    let (parts, mut recv) = resp.into_parts();
+    if let Some(s) = parts.headers.get("grpc-status") {
+        return (s.to_str().unwrap().to_owned(), parts.headers);
+    }
+    while let Some(chunk) = recv.data().await {
+        chunk.expect("body");
+    }
+    let trailers = recv.trailers().await.expect("trailers").expect("trailers");
+    (
+        trailers["grpc-status"].to_str().unwrap().to_owned(),
+        parts.headers,
+    )
+}
+
+/// Waits until a sidecar's `/ready` answers 200.
+async fn ready(sc: &SidecarProcess) {
+    eventually(
+        "the sidecar to be ready",
+        Duration::from_secs(15),
+        || async {
+            http1_get(sc.addrs.admin, "localhost", "/ready")
+                .await
+                .is_ok_and(|r| r.0 == 200)
+        },
+    )
+    .await;
 }
 
 /// The last lines of a log, for a failure message.
@@ -357,4 +451,416 @@ async fn silent_connections_from_one_host_leave_the_tls_port_usable() {
     }
     drop(silent);
     cp.stop().await.unwrap();
+}
+
+// === defect 13: grpc-timeout ===
+
+/// `grpc-timeout: 0S`/`0n` fail at once with DEADLINE_EXCEEDED, malformed
+/// values with INTERNAL (as gRPC servers answer them), on both sides, and
+/// the app sees none of these calls; a well-formed deadline still passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_and_malformed_grpc_timeouts_never_reach_the_app() {
+    let app = echo("app").await;
+    let server = SidecarProcess::spawn(&["--app", &app.addr.to_string()], &[]).await;
+    let inbound = server.addrs.inbound.expect("inbound");
+    let dir = data_dir();
+    let cfg = one_service(dir.path(), "echo", inbound, None);
+    let client = SidecarProcess::spawn(&["--static-config", &cfg], &[]).await;
+    ready(&client).await;
+
+    let echo_path = "/meshwire.example.v1.Echo/Echo";
+    let cases = [
+        ("0S", "4"),
+        ("0n", "4"),
+        ("abc", "13"),
+        ("-1S", "13"),
+        ("99999999999H", "13"),
+        ("123456789m", "13"),
+    ];
+    for (side, addr) in [("outbound", client.addrs.outbound), ("inbound", inbound)] {
+        for (timeout, want) in cases {
+            let (status, headers) =
+                raw_grpc_call(addr, echo_path, &[("grpc-timeout", timeout)]).await;
+            assert_eq!(status, want, "{side} grpc-timeout {timeout:?}: {headers:?}");
+            assert!(
+                headers.contains_key("meshwire-error"),
+                "{side} {timeout:?}: {headers:?}"
+            );
+        }
+    }
+    assert_eq!(
+        app.stats.calls.load(Ordering::Relaxed),
+        0,
+        "the app saw a call"
+    );
+
+    // HTTP/1.1 callers get 400 for a malformed value.
+    let answer = raw_tcp_exchange(
+        client.addrs.outbound,
+        b"GET / HTTP/1.1\r\nhost: echo\r\ngrpc-timeout: 1.5S\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(
+        app.stats.calls.load(Ordering::Relaxed),
+        0,
+        "the app saw a call"
+    );
+
+    let (status, _) =
+        raw_grpc_call(client.addrs.outbound, echo_path, &[("grpc-timeout", "5S")]).await;
+    assert_eq!(status, "0");
+    assert_eq!(app.stats.calls.load(Ordering::Relaxed), 1);
+    let seen = Duration::from_micros(app.stats.last_timeout_us.load(Ordering::Relaxed));
+    assert!(
+        seen > Duration::from_secs(4) && seen <= Duration::from_secs(5),
+        "{seen:?}"
+    );
+}
+
+// === defect 14: the caller's identity for the app ===
+
+/// Over mTLS the app gets the caller's verified SPIFFE ID in
+/// `x-meshwire-client-id`; whatever a caller sent in that header or in
+/// `x-forwarded-client-cert`, `x-spiffe-id` and `meshwire-error` is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_sees_the_verified_caller_and_no_forged_identity_headers() {
+    let ca = TestCa::new("hardening");
+    let spiffe = |s: &str| format!("spiffe://test.local/ns/default/sa/{s}");
+    let (app, _task) = raw_h2_app().await;
+    let sdir = data_dir();
+    let mut args = cert_flags(&ca, &spiffe("echo"), sdir.path());
+    args.extend([
+        "--app".into(),
+        app.to_string(),
+        "--service".into(),
+        "echo".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = SidecarProcess::spawn(&args, &[]).await;
+    let inbound = server.addrs.inbound.expect("inbound");
+
+    let cdir = data_dir();
+    let cfg = one_service(cdir.path(), "echo", inbound, Some(&spiffe("echo")));
+    let mut args = cert_flags(&ca, &spiffe("caller"), cdir.path());
+    args.extend(["--static-config".into(), cfg]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let client = SidecarProcess::spawn(&args, &[]).await;
+    ready(&client).await;
+
+    let h2 = h2_client(client.addrs.outbound).await;
+    let req = http::Request::get("http://echo/headers")
+        .header("x-meshwire-client-id", spiffe("admin"))
+        .header(
+            "x-forwarded-client-cert",
+            format!("By={};URI={}", spiffe("echo"), spiffe("admin")),
+        )
+        .header("x-spiffe-id", spiffe("admin"))
+        .header("meshwire-error", "forged")
+        .header("x-keep", "1")
+        .body(())
+        .unwrap();
+    let mut send = h2.ready().await.unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    let mut body = resp.into_body();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        bytes.extend_from_slice(&chunk.unwrap());
+    }
+    let seen: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let headers = &seen["headers"];
+    assert_eq!(headers["x-meshwire-client-id"], spiffe("caller"), "{seen}");
+    for forged in ["x-forwarded-client-cert", "x-spiffe-id", "meshwire-error"] {
+        assert!(
+            headers.get(forged).is_none(),
+            "{forged} reached the app: {seen}"
+        );
+    }
+    assert_eq!(headers["x-keep"], "1", "{seen}");
+}
+
+// === defect 9: bounded error messages ===
+
+/// A 100 KB invalid address: the control plane's error names the field and
+/// quotes a bounded part of the value, so meshctl shows the field error
+/// (not an HTTP/2 protocol error over an oversized `grpc-message`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_invalid_value_gives_a_short_field_error() {
+    let data = data_dir();
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
+    let mut admin = cp.client().await;
+    api::create_service(&mut admin, "echo").await;
+    let huge = "9".repeat(100_000);
+    let (url, dir) = (cp.url(), data.path().to_owned());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(meshwire_tests::bins::MESHCTL.path())
+            .args(["--server", &url, "--data-dir"])
+            .arg(&dir)
+            .args(["endpoint", "add", "echo", &huge])
+            .env_remove("MESHWIRE_ADMIN_TOKEN")
+            .env_remove("MESHCTL_SERVER")
+            .output()
+            .expect("run meshctl")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("INVALID_ARGUMENT: endpoint.address: \"999")
+            && stderr.contains("...")
+            && stderr.contains("is not an ip:port address"),
+        "{stderr}"
+    );
+    assert!(stderr.len() < 1024, "{} bytes on stderr", stderr.len());
+}
+
+/// A sidecar's own errors quote the caller's input bounded: a 32 KB
+/// `:authority` gives a `grpc-message` of at most 1 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_error_messages_are_bounded() {
+    let sc = SidecarProcess::spawn(&[], &[]).await;
+    let h2 = h2_client(sc.addrs.outbound).await;
+    let authority = "a".repeat(32 << 10);
+    let req = grpc_request(&authority, "/meshwire.example.v1.Echo/Echo");
+    let mut send = h2.ready().await.unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let h = resp.headers();
+    assert_eq!(h["grpc-status"], "14", "{h:?}");
+    assert_eq!(h["meshwire-error"], "unknown-service");
+    let msg = h["grpc-message"].to_str().unwrap();
+    assert!(msg.len() <= 1024, "{} bytes of grpc-message", msg.len());
+    assert!(
+        msg.starts_with("meshwire: no service named \"aaa") && msg.ends_with("..."),
+        "{msg}"
+    );
+}
+
+// === defect 7: the sidecar admin refuses cross-site requests ===
+
+/// `POST /drain` and `/logging` refuse what a web page could send (a foreign
+/// `Origin`, a form content type, a rebinding `Host`, `Sec-Fetch-Site:
+/// cross-site`) and the sidecar keeps serving; what curl sends works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_posts_refuse_browser_requests() {
+    let mut sc = SidecarProcess::spawn(&[], &[]).await;
+    ready(&sc).await;
+    let post = |path: &str, headers: &str| {
+        format!("POST {path} HTTP/1.1\r\n{headers}content-length: 0\r\nconnection: close\r\n\r\n")
+    };
+    let refused = [
+        (
+            "/drain",
+            "host: 127.0.0.1\r\norigin: http://evil.example\r\n",
+            "403",
+        ),
+        (
+            "/drain",
+            "host: 127.0.0.1\r\ncontent-type: text/plain\r\n",
+            "415",
+        ),
+        ("/drain", "host: evil.example:15000\r\n", "403"),
+        (
+            "/drain",
+            "host: 127.0.0.1\r\nsec-fetch-site: cross-site\r\n",
+            "403",
+        ),
+        (
+            "/logging?level=trace",
+            "host: 127.0.0.1\r\norigin: http://evil.example\r\n",
+            "403",
+        ),
+        (
+            "/logging?level=trace",
+            "host: localhost\r\ncontent-type: application/x-www-form-urlencoded\r\n",
+            "415",
+        ),
+    ];
+    for (path, headers, status) in refused {
+        let answer = raw_tcp_exchange(
+            sc.addrs.admin,
+            post(path, headers).as_bytes(),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{path} with {headers:?}: {answer}"
+        );
+    }
+    let (status, _, body) = http1_get(sc.addrs.admin, "localhost", "/logging")
+        .await
+        .unwrap();
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"info\n"[..]));
+    let (status, _, _) = http1_get(sc.addrs.admin, "localhost", "/ready")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "still serving");
+
+    // What an operator's tools send is taken.
+    let answer = raw_tcp_exchange(
+        sc.addrs.admin,
+        post("/drain", &format!("host: {}\r\n", sc.addrs.admin)).as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(sc.wait_exit(Duration::from_secs(15)).await, Some(0));
+}
+
+// === defect 5: silent and slow connections are closed ===
+
+/// Under a descriptor limit, silent connections to every sidecar listener
+/// (outbound, inbound, admin: one byte each, more than the descriptors
+/// left) are closed after `--first-request-timeout`, and every listener
+/// serves again while the client still holds its ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_and_the_listeners_serve_again() {
+    let app = echo("app").await;
+    let server = SidecarProcess::spawn(
+        &[
+            "--app",
+            &app.addr.to_string(),
+            "--first-request-timeout",
+            "1s",
+        ],
+        &[],
+    )
+    .await;
+    let inbound = server.addrs.inbound.expect("inbound");
+    let dir = data_dir();
+    let cfg = one_service(dir.path(), "echo", inbound, None);
+    let client = SidecarProcess::spawn(&["--static-config", &cfg], &[]).await;
+    ready(&client).await;
+    let mut caller = echo_client(client.addrs.outbound, "echo").await;
+    caller
+        .echo(EchoRequest::default())
+        .await
+        .expect("a call before");
+
+    let pid = server.id();
+    let open = fd_count(pid);
+    set_nofile(pid, open + 60);
+    let mut held = Vec::new();
+    for target in [server.addrs.outbound, inbound, server.addrs.admin] {
+        for _ in 0..50 {
+            let mut tcp = TcpStream::connect(target).await.expect("connect");
+            tcp.write_all(b"P").await.expect("one byte");
+            held.push(tcp);
+        }
+    }
+    eventually(
+        "the sidecar to run out of descriptors",
+        Duration::from_secs(10),
+        || async { fd_count(pid) >= open + 55 || server.log().contains("accept failed") },
+    )
+    .await;
+
+    // All three listeners serve again, the silent connections still held.
+    eventually(
+        "every listener to serve again",
+        Duration::from_secs(20),
+        || {
+            let mut caller = caller.clone();
+            async move {
+                let admin = http1_get(server.addrs.admin, "localhost", "/ready").await;
+                let outbound = http1_get(server.addrs.outbound, "nobody", "/").await;
+                let call = caller.echo(EchoRequest::default()).await;
+                admin.is_ok_and(|r| r.0 == 200)
+                    && outbound.is_ok_and(|r| r.1.contains_key("meshwire-error"))
+                    && call.is_ok()
+            }
+        },
+    )
+    .await;
+    // The sidecar closed them: each held connection reads end of stream.
+    for tcp in held.iter_mut().step_by(10) {
+        let mut buf = [0u8; 64];
+        // End of stream or a reset: either way closed.
+        let _closed = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .expect("closed by the sidecar within 10 s");
+    }
+    assert!(
+        fd_count(pid) < open + 20,
+        "{} descriptors open",
+        fd_count(pid)
+    );
+}
+
+// === defect 12: slow reset ===
+
+/// A client that opens calls and cancels them once they reach the app
+/// ("slow reset", 200 at a time) is sent a GOAWAY after a few hundred
+/// streams instead of being served 20,000; other clients are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cancelling_most_of_its_calls_is_sent_away() {
+    let app = echo("app").await;
+    let server = SidecarProcess::spawn(&["--app", &app.addr.to_string()], &[]).await;
+    let inbound = server.addrs.inbound.expect("inbound");
+    let tcp = TcpStream::connect(inbound).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let calls = || app.stats.calls.load(Ordering::Relaxed);
+    let mut opened = 0u64;
+    'attack: for _round in 0..100 {
+        let before = calls();
+        let mut streams = Vec::new();
+        for _ in 0..200 {
+            let Ok(mut s) = send.clone().ready().await else {
+                break 'attack;
+            };
+            let req = grpc_request("echo", "/meshwire.example.v1.Echo/Echo");
+            let Ok((resp, mut body)) = s.send_request(req, false) else {
+                break 'attack;
+            };
+            let msg = grpc_frame(&EchoRequest {
+                delay_ms: 10_000,
+                ..Default::default()
+            });
+            let _ = body.send_data(msg, true);
+            streams.push((resp, body));
+            opened += 1;
+        }
+        // Until they reach the app (or the connection is refused), then cancel.
+        let start = std::time::Instant::now();
+        while calls() < before + streams.len() as u64
+            && !conn.is_finished()
+            && start.elapsed() < Duration::from_secs(5)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for (_, mut body) in streams {
+            body.send_reset(h2::Reason::CANCEL);
+        }
+        if conn.is_finished() {
+            break;
+        }
+    }
+    assert!(opened <= 1_000, "{opened} streams opened before a GOAWAY");
+    assert!(calls() <= 1_000, "{} calls reached the app", calls());
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the sidecar closes the connection")
+        .unwrap()
+        .ok();
+    assert!(
+        server.log().contains("slow reset"),
+        "{}",
+        tail(&server.log())
+    );
+
+    // Another client's calls are served.
+    let (status, _) = raw_grpc_call(inbound, "/meshwire.example.v1.Echo/Echo", &[]).await;
+    assert_eq!(status, "0");
 }

@@ -172,7 +172,7 @@ async fn admin_request(addr: SocketAddr, method: &str, path: &str) -> (StatusCod
     let req = http::Request::builder()
         .method(method)
         .uri(path)
-        .header(http::header::HOST, "admin")
+        .header(http::header::HOST, "localhost")
         .body(Empty::<Bytes>::new())
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
