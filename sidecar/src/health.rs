@@ -13,9 +13,10 @@
 //! `grpc` keeps one `Watch` stream open (no polling) on its own connection,
 //! with HTTP/2 keepalive PINGs, so a hung app (SIGSTOP: the kernel still
 //! accepts its TCP connections) is noticed within interval + timeout. An app
-//! that answers `UNIMPLEMENTED` does not serve the health service: it counts
-//! as healthy while it keeps answering (a cheap `Check` every interval shows
-//! it is not hung). `auto`, the default, is `grpc` for gRPC services and
+//! that answers `UNIMPLEMENTED` (or anything but UNAVAILABLE, a timeout or a
+//! broken connection) does not serve the health service: it counts as healthy
+//! while it keeps answering (a cheap `Check` every interval shows it is not
+//! hung). `auto`, the default, is `grpc` for gRPC services and
 //! `tcp` otherwise. Unhealthy apps are checked again every interval: no
 //! growing backoff, so an app that is back takes calls within about one
 //! interval.
@@ -224,35 +225,25 @@ impl Checker {
         };
         let mut stream = match tokio::time::timeout(self.s.timeout, client.watch(request())).await {
             Ok(Ok(r)) => r.into_inner(),
-            Ok(Err(st)) if st.code() == tonic::Code::Unimplemented => {
-                // No health service: healthy while it answers at all.
-                self.health.set(true, "the app answers (no health service)");
-                loop {
-                    tokio::time::sleep(self.s.interval).await;
-                    let r = tokio::time::timeout(self.s.timeout, client.check(request())).await;
-                    let ok = match r {
-                        Ok(Ok(resp)) => resp.into_inner().status() == ServingStatus::Serving,
-                        Ok(Err(st)) => st.code() == tonic::Code::Unimplemented,
-                        Err(_) => false,
-                    };
-                    self.health.set(ok, "health check call");
-                    if !ok {
-                        return;
-                    }
-                }
-            }
+            // No health service (UNIMPLEMENTED, or an app that is not gRPC
+            // at that path): healthy while it answers at all.
+            Ok(Err(st)) if !gone(&st) => return self.liveness(client).await,
             Ok(Err(st)) => {
                 tracing::debug!(code = ?st.code(), message = st.message(), "health watch refused");
                 return self.health.set(false, "health watch refused");
             }
             Err(_) => return self.health.set(false, "no answer to the health watch"),
         };
+        let mut answered = false;
         loop {
             match stream.message().await {
                 Ok(Some(m)) => {
+                    answered = true;
                     let serving = m.status() == ServingStatus::Serving;
                     self.health.set(serving, "health watch");
                 }
+                // Not a health answer (an app that is not gRPC there).
+                Err(st) if !answered && !gone(&st) => return self.liveness(client).await,
                 Ok(None) | Err(_) => {
                     return self
                         .health
@@ -261,6 +252,37 @@ impl Checker {
             }
         }
     }
+
+    /// For an app without the health service: healthy while a `Check` every
+    /// interval gets any answer but UNAVAILABLE in time (a hung or gone app
+    /// gets none).
+    async fn liveness(&self, mut client: HealthClient<tonic::transport::Channel>) {
+        self.health.set(true, "the app answers (no health service)");
+        loop {
+            tokio::time::sleep(self.s.interval).await;
+            let req = HealthCheckRequest {
+                service: String::new(),
+            };
+            let ok = match tokio::time::timeout(self.s.timeout, client.check(req)).await {
+                Ok(Ok(resp)) => resp.into_inner().status() == ServingStatus::Serving,
+                Ok(Err(st)) => !gone(&st),
+                Err(_) => false,
+            };
+            self.health.set(ok, "health check call");
+            if !ok {
+                return;
+            }
+        }
+    }
+}
+
+/// The health call failed because the app could not be reached or did not
+/// answer (or said UNAVAILABLE), not because it lacks the health service.
+fn gone(st: &tonic::Status) -> bool {
+    matches!(
+        st.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+    )
 }
 
 /// `GET path` over a fresh HTTP/1.1 connection: true for 2xx/3xx.

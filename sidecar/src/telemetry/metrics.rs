@@ -88,7 +88,7 @@ impl NotProcessed {
 }
 
 /// The `kind` label of `meshwire_sidecar_errors_total` (see `respond::ProxyError::kind`).
-pub const ERROR_KINDS: [&str; 9] = [
+pub const ERROR_KINDS: [&str; 11] = [
     "unknown-service",
     "no-authority",
     "no-endpoints",
@@ -98,6 +98,8 @@ pub const ERROR_KINDS: [&str; 9] = [
     "upstream-failed",
     "deadline-exceeded",
     "bad-request",
+    "app-unhealthy",
+    "overloaded",
 ];
 
 /// Which side of the sidecar a call went through.
