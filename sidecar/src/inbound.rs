@@ -210,10 +210,11 @@ impl Inbound {
                 .await
                 .map_err(ProxyError::AppUnreachable)?;
             let replayable = attempt + 1 < MAX_ATTEMPTS;
-            match proxy::send(lease, guard, req, shape, replayable).await {
+            match proxy::send(lease, guard, req, shape, replayable, None).await {
                 Ok(resp) => return Ok(resp),
                 Err(SendError::Failed(e)) => return Err(e),
-                Err(SendError::NotSent(r)) => req = *r,
+                // Retries are the caller's (it was given no retry policy).
+                Err(SendError::NotSent(r) | SendError::Retry(r, _)) => req = *r,
             }
         }
         Err(ProxyError::AppUnreachable(

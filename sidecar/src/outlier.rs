@@ -268,6 +268,72 @@ pub struct ClusterHealth {
     ejected: AtomicUsize,
     /// Slow-start window in µs (0: off).
     slow_start_us: AtomicU64,
+    /// How many retries of failed calls the cluster may still make.
+    pub retry_budget: RetryBudget,
+}
+
+/// Retries of calls an app failed are bounded so a failing service is not
+/// hammered: each call adds a fifth of a retry (20 % of calls), at most
+/// [`RetryBudget::MAX_SAVED`] saved up, plus [`RetryBudget::MIN_PER_SEC`]
+/// retries every second whatever the traffic (Finagle's and Linkerd's budget).
+#[derive(Debug)]
+pub struct RetryBudget {
+    /// Saved retries, in thousandths.
+    balance_milli: AtomicU64,
+    /// The second (since `epoch`) `floor_used` counts in.
+    second: AtomicU64,
+    floor_used: AtomicU32,
+    epoch: Instant,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            balance_milli: AtomicU64::new(0),
+            second: AtomicU64::new(0),
+            floor_used: AtomicU32::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl RetryBudget {
+    pub const PER_CALL_MILLI: u64 = 200;
+    pub const MAX_SAVED: u64 = 100;
+    pub const MIN_PER_SEC: u32 = 10;
+
+    /// One call made: a fifth of a retry more.
+    pub fn deposit(&self) {
+        let b = self
+            .balance_milli
+            .fetch_add(Self::PER_CALL_MILLI, Ordering::Relaxed);
+        if b > Self::MAX_SAVED * 1000 {
+            self.balance_milli
+                .store(Self::MAX_SAVED * 1000, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes one retry if the budget has one.
+    pub fn withdraw(&self) -> bool {
+        let now = self.epoch.elapsed().as_secs();
+        let s = self.second.load(Ordering::Relaxed);
+        if s != now
+            && self
+                .second
+                .compare_exchange(s, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.floor_used.store(0, Ordering::Relaxed);
+        }
+        if self.floor_used.fetch_add(1, Ordering::Relaxed) < Self::MIN_PER_SEC {
+            return true;
+        }
+        self.balance_milli
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                b.checked_sub(1000)
+            })
+            .is_ok()
+    }
 }
 
 impl ClusterHealth {
@@ -278,6 +344,7 @@ impl ClusterHealth {
             members: AtomicUsize::new(0),
             ejected: AtomicUsize::new(0),
             slow_start_us: AtomicU64::new(0),
+            retry_budget: RetryBudget::default(),
         })
     }
 
@@ -541,5 +608,46 @@ mod slow_start_tests {
         o.mark_warm();
         assert!((0..1000).all(|_| o.warm_admits(window)));
         assert!(Outlier::default().warm_admits(Duration::ZERO));
+    }
+}
+
+#[cfg(test)]
+mod retry_budget_tests {
+    use super::*;
+
+    #[test]
+    fn ten_a_second_then_a_fifth_of_the_calls() {
+        let b = RetryBudget::default();
+        // No calls yet: only the per-second floor (the test runs well within
+        // one second of the budget's creation, or the floor resets once).
+        let floor = (0..100).filter(|_| b.withdraw()).count();
+        assert!(
+            (RetryBudget::MIN_PER_SEC as usize..=2 * RetryBudget::MIN_PER_SEC as usize)
+                .contains(&floor),
+            "{floor}"
+        );
+        // 50 calls earn 10 retries.
+        let b = RetryBudget::default();
+        for _ in 0..RetryBudget::MIN_PER_SEC {
+            assert!(b.withdraw());
+        }
+        for _ in 0..50 {
+            b.deposit();
+        }
+        let earned = (0..100).filter(|_| b.withdraw()).count();
+        assert!(
+            (10..=10 + RetryBudget::MIN_PER_SEC as usize).contains(&earned),
+            "{earned}"
+        );
+        // Savings are capped.
+        let b = RetryBudget::default();
+        for _ in 0..100_000 {
+            b.deposit();
+        }
+        let saved = (0..1000).filter(|_| b.withdraw()).count() as u64;
+        assert!(
+            saved <= RetryBudget::MAX_SAVED + 2 * u64::from(RetryBudget::MIN_PER_SEC),
+            "{saved}"
+        );
     }
 }

@@ -132,7 +132,25 @@ pub(crate) enum SendError {
     /// before it was written, a GOAWAY excluded it, or REFUSED_STREAM): it is
     /// handed back, body included, and may go elsewhere.
     NotSent(Box<Request<RequestBody>>),
+    /// The app answered UNAVAILABLE before any response data (trailers-only)
+    /// and the retry budget allowed one more try: the request is handed back
+    /// for another endpoint, after the server's pushback if it gave one.
+    Retry(Box<Request<RequestBody>>, Option<Duration>),
     Failed(ProxyError),
+}
+
+/// What a send may do when the app fails the call (outbound only).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RetryPolicy<'a> {
+    pub(crate) budget: &'a crate::outlier::RetryBudget,
+    pub(crate) metrics: &'a crate::telemetry::metrics::SidecarMetrics,
+}
+
+/// `grpc-retry-pushback-ms`: `Some(None)` says "do not retry" (negative or
+/// not a number, gRFC A6).
+fn pushback(headers: &HeaderMap) -> Option<Option<Duration>> {
+    let v = headers.get("grpc-retry-pushback-ms")?.to_str().ok()?;
+    Some(v.parse::<u64>().ok().map(Duration::from_millis))
 }
 
 /// How long a call refused unprocessed waits for the rest of its body before
@@ -171,6 +189,7 @@ pub(crate) async fn send(
     req: Request<RequestBody>,
     shape: CallShape,
     replayable: bool,
+    retry: Option<RetryPolicy<'_>>,
 ) -> Result<Response<ResponseBody>, SendError> {
     let (mut parts, body) = req.into_parts();
     set_timeout_header(&mut parts.headers, shape.deadline);
@@ -218,6 +237,40 @@ pub(crate) async fn send(
     .await;
     let resp = match resp {
         Ok(r) => {
+            // Retried only if nothing of the answer has reached the caller:
+            // the app ended the call in its response headers.
+            if let Some(policy) = retry
+                && shape.grpc
+                && again.is_some()
+                && r.body().is_end_stream()
+                && r.headers()
+                    .get(grpc::GRPC_STATUS)
+                    .is_some_and(|v| grpc::status_code(v) == grpc::Code::Unavailable as u8)
+                && pushback(r.headers()) != Some(None)
+            {
+                if policy.budget.withdraw() {
+                    let wait = pushback(r.headers()).flatten();
+                    let replay = match pipe.take() {
+                        None => Some(RequestBody::Replay(Default::default())),
+                        Some(p) => p.into_replay(REPLAY_WAIT).await,
+                    };
+                    if let (Some(body), Some(again)) = (replay, again) {
+                        guard.finish(grpc::Code::Unavailable as u8);
+                        tracing::debug!(
+                            "the app answered UNAVAILABLE; retrying on another endpoint"
+                        );
+                        let (head, ()) = again.into_parts();
+                        return Err(SendError::Retry(
+                            Box::new(Request::from_parts(head, body)),
+                            wait,
+                        ));
+                    }
+                } else {
+                    policy
+                        .metrics
+                        .retry(crate::telemetry::metrics::RetryOutcome::BudgetExhausted);
+                }
+            }
             if let Some(mut p) = pipe {
                 if piping {
                     // Still streaming: it counts its bytes itself when done.

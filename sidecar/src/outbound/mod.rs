@@ -29,7 +29,7 @@ use crate::body::{RequestBody, ResponseBody};
 use crate::call::Call;
 use crate::proxy::{self, CallShape, SendError};
 use crate::respond::ProxyError;
-use crate::telemetry::metrics::NotProcessed;
+use crate::telemetry::metrics::{NotProcessed, RetryOutcome};
 use crate::telemetry::{AttemptSpan, Direction, Telemetry};
 use route::{ClusterState, Routes};
 
@@ -38,6 +38,20 @@ use route::{ClusterState, Routes};
 /// (connect failures, a connection closed under us, GOAWAY, REFUSED_STREAM
 /// from a peer sidecar whose app is down), whatever the method (gRFC A6).
 const MAX_ATTEMPTS: usize = 3;
+
+/// Of those, at most this many after an app failed the call (UNAVAILABLE
+/// before any reply): the default of 2 attempts, within the retry budget.
+const MAX_APP_RETRIES: usize = 1;
+
+/// Backoff before a retry after an app failure: a random wait in the upper
+/// half of 25 ms × 2^(retry − 1), at most 250 ms (unless the app asked for
+/// another wait with `grpc-retry-pushback-ms`).
+fn retry_backoff(retry: usize) -> Duration {
+    let base = Duration::from_millis(25)
+        .saturating_mul(1 << (retry.saturating_sub(1)).min(4))
+        .min(Duration::from_millis(250));
+    base / 2 + base.mul_f64(fastrand::f64() / 2.0)
+}
 
 /// The outbound handler shared by every outbound listener.
 #[derive(Debug)]
@@ -211,6 +225,8 @@ impl Outbound {
         }
         let mut tried = [usize::MAX; MAX_ATTEMPTS];
         let mut last_error = None;
+        let mut app_retries = 0;
+        cluster.health.retry_budget.deposit();
         for attempt in 0..MAX_ATTEMPTS {
             let Some(i) = set.pick(&tried[..attempt], key.key) else {
                 break;
@@ -245,7 +261,11 @@ impl Outbound {
             }
             // A refused call can go elsewhere only if an attempt and an endpoint are left.
             let replayable = attempt + 1 < MAX_ATTEMPTS && set.has_other(&tried[..=attempt]);
-            match proxy::send(lease, guard, req, shape, replayable).await {
+            let retry = (app_retries < MAX_APP_RETRIES).then_some(proxy::RetryPolicy {
+                budget: &cluster.health.retry_budget,
+                metrics: &self.telemetry.metrics,
+            });
+            match proxy::send(lease, guard, req, shape, replayable, retry).await {
                 Ok(mut resp) => {
                     if let Some(c) = key.set_cookie {
                         resp.headers_mut().append(http::header::SET_COOKIE, c);
@@ -253,6 +273,19 @@ impl Outbound {
                     return Ok(resp);
                 }
                 Err(SendError::Failed(e)) => return Err(e),
+                Err(SendError::Retry(r, pushback)) => {
+                    app_retries += 1;
+                    self.telemetry.metrics.retry(RetryOutcome::Retried);
+                    tracing::debug!(service = %cluster.name, endpoint = %endpoint.addr, attempt, "the app failed the call; retrying elsewhere");
+                    req = *r;
+                    req.headers_mut().insert(
+                        "grpc-previous-rpc-attempts",
+                        http::HeaderValue::from(attempt + 1),
+                    );
+                    // The call's own deadline (call::Call::run) bounds this wait.
+                    tokio::time::sleep(pushback.unwrap_or_else(|| retry_backoff(app_retries)))
+                        .await;
+                }
                 Err(SendError::NotSent(r)) => {
                     tracing::debug!(service = %cluster.name, endpoint = %endpoint.addr, attempt, "not processed upstream; failing over");
                     self.telemetry

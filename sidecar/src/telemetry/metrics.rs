@@ -63,8 +63,19 @@ pub struct SidecarMetrics {
     /// Outbound attempts that never reached an app and went to another
     /// endpoint, by [`NotProcessed`] reason.
     transparent_retries: [AtomicU64; 2],
+    /// Retries of calls an app failed, by [`RetryOutcome`].
+    retries: [AtomicU64; 2],
     /// TCP connections of `tcp` services, by direction.
     pub tcp: crate::tcp::TcpMetrics,
+}
+
+/// What became of a call an app failed with a retryable status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// Sent again to another endpoint.
+    Retried = 0,
+    /// Not retried: the service's retry budget was spent.
+    BudgetExhausted = 1,
 }
 
 /// Why an attempt certainly never reached an application.
@@ -121,6 +132,10 @@ impl Direction {
 
 impl SidecarMetrics {
     /// An outbound attempt that never reached an app goes to another endpoint.
+    pub fn retry(&self, outcome: RetryOutcome) {
+        self.retries[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn transparent_retry(&self, why: NotProcessed) {
         self.transparent_retries[why as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -407,6 +422,19 @@ impl SidecarCollector {
             counter(
                 &mut m.encode_family(&l)?,
                 s.transparent_retries[why as usize].load(Ordering::Relaxed),
+            )?;
+        }
+        let mut m = enc.encode_descriptor(
+            "meshwire_retries",
+            "Calls an app failed with UNAVAILABLE before any reply: retried on another endpoint, or not because the retry budget was spent",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, i) in [("retried", 0), ("budget_exhausted", 1)] {
+            let l = [("outcome", outcome)];
+            counter(
+                &mut m.encode_family(&l)?,
+                s.retries[i].load(Ordering::Relaxed),
             )?;
         }
         let mut m = enc.encode_descriptor(

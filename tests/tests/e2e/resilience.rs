@@ -274,6 +274,14 @@ async fn calls_that_never_reached_an_app_go_to_another_endpoint() {
 /// trailers-only, the rest in trailers after a reply message (the case
 /// Envoy misses, envoy#8228). Returns its address and its call count.
 async fn failing_app() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    failing_app_with(false).await
+}
+
+/// [`failing_app`]; with `trailers_only`, every call is failed in its
+/// response headers (the case a retry can take elsewhere).
+async fn failing_app_with(
+    trailers_only: bool,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
     use std::sync::atomic::Ordering;
     let l = tokio::net::TcpListener::bind(localhost()).await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -290,7 +298,7 @@ async fn failing_app() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU
                     let n = counter.fetch_add(1, Ordering::Relaxed);
                     let mut head =
                         http::Response::builder().header("content-type", "application/grpc");
-                    if n.is_multiple_of(2) {
+                    if trailers_only || n.is_multiple_of(2) {
                         head = head
                             .header("grpc-status", "14")
                             .header("grpc-message", "app says no");
@@ -637,4 +645,101 @@ async fn a_new_endpoint_ramps_up_over_the_slow_start_window() {
         );
     }
     load.stop().await;
+}
+
+/// A server sidecar without health checks (so the app's failures reach the
+/// caller, whose outlier detection and retries must handle them).
+async fn unchecked_server_sidecar(app: SocketAddr) -> Sidecar {
+    let mut cfg = SidecarConfig::local();
+    cfg.app = Some(app);
+    cfg.inbound = Some(([127, 0, 0, 1], 0).into());
+    cfg.health.check = meshwire_sidecar::health::HealthCheck::None;
+    Sidecar::start(cfg).await.unwrap()
+}
+
+/// The client sidecar's `meshwire_retries_total{outcome}`.
+async fn retries(admin: SocketAddr, outcome: &str) -> u64 {
+    let text = metrics_text(admin).await;
+    let prefix = format!("meshwire_retries_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str())?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix}in {text}"))
+}
+
+/// An app failing every call with UNAVAILABLE in its response headers,
+/// beside two good ones: each failed call is retried once on another
+/// endpoint (the outlier detector soon ejects the bad one), so the callers
+/// see no failure at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_an_app_fails_with_unavailable_are_retried_elsewhere() {
+    let good: Vec<App> = vec![App::start("echo-0").await, App::start("echo-1").await];
+    let (bad_addr, bad_calls) = failing_app_with(true).await;
+    let mut servers = Vec::new();
+    for a in good.iter().map(|a| a.addr).chain([bad_addr]) {
+        servers.push(unchecked_server_sidecar(a).await);
+    }
+    let eps: Vec<_> = servers
+        .iter()
+        .map(|s| (s.inbound_addr.unwrap(), 1))
+        .collect();
+    let client = client_sidecar(vec![cluster("echo", &eps)]).await;
+    let w = World {
+        apps: good,
+        servers,
+        client,
+    };
+    let load = w.load().await;
+    let t = next_calls(&load, 5000).await;
+    assert_eq!(t.failures(), 0, "{t:?}");
+    let failed_by_app = bad_calls.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(failed_by_app > 0, "the bad app got no call");
+    assert!(
+        retries(w.client.admin_addr, "retried").await >= failed_by_app.min(10),
+        "its failures were retried"
+    );
+    load.stop().await;
+}
+
+/// When every endpoint fails, retries stay within the budget: at most a
+/// fifth of the calls plus 10 a second (and the rest is counted as
+/// budget exhausted), so a failing service is not hammered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_service_gets_no_more_retries_than_the_budget() {
+    let (a, a_calls) = failing_app_with(true).await;
+    let (b, b_calls) = failing_app_with(true).await;
+    let (sa, sb) = (
+        unchecked_server_sidecar(a).await,
+        unchecked_server_sidecar(b).await,
+    );
+    let client = client_sidecar(vec![cluster(
+        "echo",
+        &[(sa.inbound_addr.unwrap(), 1), (sb.inbound_addr.unwrap(), 1)],
+    )])
+    .await;
+    let start = tokio::time::Instant::now();
+    let w = World {
+        apps: Vec::new(),
+        servers: vec![sa, sb],
+        client,
+    };
+    let load = w.load().await;
+    let t = next_calls(&load, 3000).await;
+    let total = load.stop().await;
+    let secs = start.elapsed().as_secs() + 1;
+    assert_eq!(t.ok.len(), 0, "{t:?}");
+    let calls = total.calls() + total.errors.values().sum::<u64>();
+    let retried = retries(w.client.admin_addr, "retried").await;
+    let at_apps = a_calls.load(std::sync::atomic::Ordering::Relaxed)
+        + b_calls.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        retried <= calls / 5 + 10 * secs,
+        "{retried} retries for {calls} calls in {secs} s: over the budget"
+    );
+    // Each call and each retry reached an app once (calls cut short when the
+    // load stopped are in neither count).
+    assert!(
+        at_apps.abs_diff(calls + retried) <= 2 * CALLERS as u64,
+        "{at_apps} calls at the apps for {calls} calls and {retried} retries"
+    );
+    assert!(retries(w.client.admin_addr, "budget_exhausted").await > 0);
 }
