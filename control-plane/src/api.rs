@@ -137,6 +137,15 @@ fn status(e: RegistryError, within: &str) -> Status {
         RegistryError::Store(StoreError::Closed) => {
             Status::unavailable("the control plane is shutting down; nothing was changed")
         }
+        RegistryError::Store(s @ StoreError::Unavailable { .. }) => {
+            Status::unavailable(format!("{s}; nothing was changed"))
+        }
+        RegistryError::Store(s @ StoreError::Unconfirmed { .. }) => {
+            Status::unavailable(s.to_string())
+        }
+        RegistryError::Store(s @ StoreError::Conflict { .. }) => {
+            Status::aborted(format!("{s}; nothing was changed, retry"))
+        }
         RegistryError::Store(s) => Status::internal(format!("store: {s}; nothing was changed")),
     }
 }

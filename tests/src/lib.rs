@@ -5,6 +5,7 @@
 
 #![allow(clippy::print_stderr, missing_docs)]
 
+pub mod etcd;
 pub mod prom;
 
 use std::future::Future;
