@@ -18,21 +18,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
-
-    // etcd's v3 API (the .proto files as etcd publishes them, see
-    // etcd/README.md): clients only, for the control plane's etcd store.
-    const ETCD: &[&str] = &["etcd/api/etcdserverpb/rpc.proto"];
-    for p in [
-        "etcd/api/etcdserverpb/rpc.proto",
-        "etcd/api/mvccpb/kv.proto",
-        "etcd/api/authpb/auth.proto",
-    ] {
-        println!("cargo:rerun-if-changed={p}");
-    }
-    let fds = protox::compile(ETCD, ["."])?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(false)
-        .compile_fds(fds)?;
     Ok(())
 }

@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::net::Acceptor;
 use crate::registry::Registry;
 use crate::telemetry::CpMetrics;
 
@@ -78,18 +79,11 @@ impl AdminState {
 /// Serves the admin pages on `listener` until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
+    let mut acceptor = Acceptor::new("admin");
     loop {
         let (tcp, _) = tokio::select! {
             () = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of descriptors and the like: keep serving once it passes.
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::task::yield_now().await;
-                    continue;
-                }
-            },
+            c = acceptor.accept(&listener) => c,
         };
         let state = state.clone();
         let stop = stop.clone();

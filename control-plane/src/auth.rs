@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tonic::{Request, Status};
 
 use crate::tls::TlsConnectInfo;
@@ -161,6 +161,42 @@ impl tonic::service::Interceptor for RequireToken {
             .inspect_err(|s| {
             tracing::debug!(remote = ?req.remote_addr(), reason = s.message(), "admin call refused");
         })?;
+        Ok(req)
+    }
+}
+
+/// The client side of [`RequireToken`]: adds `authorization: Bearer <token>`
+/// (or nothing) to every call of an admin client (meshctl, the demo, the
+/// benchmarks, the tests).
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// Sends `token`; `None` sends nothing (an admin certificate, or a call
+    /// that is to be refused).
+    pub fn new(token: Option<&str>) -> Result<Self, BadToken> {
+        token
+            .map(|t| format!("Bearer {t}").parse().map_err(|_| BadToken))
+            .transpose()
+            .map(Self)
+    }
+
+    /// Sends this `authorization` value as it is (tests send malformed ones).
+    pub fn header(value: MetadataValue<Ascii>) -> Self {
+        Self(Some(value))
+    }
+}
+
+/// The admin token cannot travel in a header.
+#[derive(Debug, thiserror::Error)]
+#[error("the admin token is not printable ASCII")]
+pub struct BadToken;
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
         Ok(req)
     }
 }

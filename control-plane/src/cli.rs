@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use meshwire_mesh::cli::{parse_duration, wait_for_signal};
 use tracing_subscriber::EnvFilter;
 
 use crate::{ControlPlane, ControlPlaneConfig, ControlPlaneHandle, auth, ca};
@@ -153,10 +154,6 @@ fn admin_cert(
         bundle.display()
     );
     Ok(())
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 500ms, 5s, 1m)"))
 }
 
 /// `--tls-listen`: an address, or `off`.
@@ -346,22 +343,6 @@ pub fn main() -> ExitCode {
             }
         }
     })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-    }
 }
 
 /// Writes the bound address as JSON (a temp file, then rename, so readers

@@ -43,7 +43,7 @@ impl IdentityApi {
         &self,
         f: impl FnOnce(&Ca) -> Result<T, CaError> + Send + 'static,
     ) -> Result<T, Status> {
-        crate::ca::blocking(&self.ca, f).await
+        crate::api::status::ca_call(&self.ca, f).await
     }
 
     fn certificate(&self, issued: &Issued) -> pb::Certificate {

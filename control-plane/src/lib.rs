@@ -40,6 +40,7 @@ pub mod ca;
 pub mod cli;
 pub mod identity_api;
 pub mod meshctl;
+mod net;
 pub mod nodes;
 pub mod publish;
 pub mod registry;
@@ -56,7 +57,6 @@ use std::time::Duration;
 use meshwire_xds::Snapshot;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::AdminApi;
@@ -231,7 +231,7 @@ impl ControlPlane {
                         .map_err(|e| StoreError::Database(format!("opening the store: {e}")))??,
                 )
             }
-            StoreConfig::Etcd(etcd) => Arc::new(EtcdStore::new(etcd)?),
+            StoreConfig::Etcd(etcd) => Arc::new(EtcdStore::new(etcd).await?),
         };
         let registry = match load_registry(&store, &cfg.store).await {
             Ok(r) => r,
@@ -353,7 +353,7 @@ impl ControlPlane {
             .add_service(admin.clone())
             .add_service(ads.clone())
             .add_service(identity.clone())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            .serve_with_incoming_shutdown(net::incoming(listener, "plaintext"), async move {
                 stop.cancelled().await;
             });
         let mut rotator = None;

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use meshwire_mesh::model::{DEFAULT_ACTIVE_REQUEST_BIAS, validate_service_name};
+use meshwire_mesh::model::{DEFAULT_ACTIVE_REQUEST_BIAS, MAX_ENDPOINTS, validate_service_name};
 use meshwire_mesh::{Cluster, Endpoint, LbPolicy, ModelError};
 use meshwire_xds::Snapshot;
 use tokio::sync::{broadcast, watch};
@@ -45,6 +45,10 @@ pub enum RegistryError {
         service: String,
         address: SocketAddr,
     },
+    #[error(
+        "service {service:?} has {max} endpoints, the most a sidecar accepts; remove one first"
+    )]
+    TooManyEndpoints { service: String, max: usize },
     /// The field path is relative to the service or endpoint being changed.
     #[error("{0}")]
     Invalid(#[from] ModelError),
@@ -476,6 +480,13 @@ impl Registry {
                     address: endpoint.address,
                 });
             }
+            // Never commit a service the sidecars would refuse.
+            if c.endpoints.len() >= MAX_ENDPOINTS {
+                return Err(RegistryError::TooManyEndpoints {
+                    service: service.clone(),
+                    max: MAX_ENDPOINTS,
+                });
+            }
             let change = Change::EndpointAdded {
                 service: service.clone(),
                 endpoint: endpoint.clone(),
@@ -800,6 +811,30 @@ mod tests {
         for want in 1..=4 {
             assert_eq!(events.recv().await.unwrap().version, want);
         }
+    }
+
+    #[tokio::test]
+    async fn a_service_never_gets_more_endpoints_than_a_sidecar_accepts() {
+        let (store, reg) = registry().await;
+        reg.create_service(Cluster::new("big")).await.unwrap();
+        for i in 0..MAX_ENDPOINTS {
+            let a = SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8 + 1], 80));
+            reg.add_endpoint("big", Endpoint::new(a)).await.unwrap();
+        }
+        let version = reg.version();
+        let e = reg
+            .add_endpoint("big", Endpoint::new(addr(1)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, RegistryError::TooManyEndpoints { max, .. } if max == MAX_ENDPOINTS),
+            "{e}"
+        );
+        assert_eq!(reg.version(), version, "nothing committed");
+        assert_eq!(store.load().await.unwrap().version, version);
+        // What was committed passes the sidecar-side check.
+        let snap = reg.snapshot();
+        snap.clusters["big"].validate().unwrap();
     }
 
     #[tokio::test]

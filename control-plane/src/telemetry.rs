@@ -26,6 +26,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use meshwire_mesh::grpc::Code;
 use meshwire_xds::server::StreamObserver;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -34,27 +35,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::nodes::NodeRegistry;
-
-/// gRPC status code names, indexed by code (the `code` label).
-const GRPC_CODES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
 
 /// The admin API's gRPC path prefix.
 const API_PREFIX: &str = "/meshwire.admin.v1.MeshAdmin/";
@@ -251,10 +231,9 @@ impl CpMetrics {
             .unwrap_or(UNKNOWN_METHOD)
     }
 
-    fn api_call(&self, method: &'static str, code: u8, took: Option<std::time::Duration>) {
-        let code = GRPC_CODES[usize::from(code.min(16))];
+    fn api_call(&self, method: &'static str, code: Code, took: Option<std::time::Duration>) {
         self.api_calls
-            .get_or_create(&[("method", method), ("code", code)])
+            .get_or_create(&[("method", method), ("code", code.name())])
             .inc();
         if let Some(d) = took {
             self.api_latency
@@ -343,9 +322,8 @@ impl<S: tonic::server::NamedService> tonic::server::NamedService for CountApiCal
     const NAME: &'static str = S::NAME;
 }
 
-fn status_of(headers: &http::HeaderMap) -> Option<u8> {
-    let v = headers.get("grpc-status")?.to_str().ok()?;
-    Some(v.parse::<u8>().map_or(2, |c| c.min(16)))
+fn status_of(headers: &http::HeaderMap) -> Option<Code> {
+    Some(Code::from_bytes(headers.get("grpc-status")?.as_bytes()))
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -404,7 +382,7 @@ struct Call {
 }
 
 impl Call {
-    fn finish(self, code: u8) {
+    fn finish(self, code: Code) {
         let took = self.unary.then(|| self.start.elapsed());
         self.metrics.api_call(self.method, code, took);
     }
@@ -421,7 +399,7 @@ pin_project_lite::pin_project! {
     impl<B> PinnedDrop for CountedBody<B> {
         fn drop(this: Pin<&mut Self>) {
             if let Some(c) = this.project().call.take() {
-                c.finish(1);
+                c.finish(Code::Cancelled);
             }
         }
     }
@@ -439,7 +417,9 @@ impl<B: Body<Data = Bytes>> Body for CountedBody<B> {
         let r = this.inner.poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(f))) => {
-                if let Some(code) = f.trailers_ref().map(|t| status_of(t).unwrap_or(2))
+                if let Some(code) = f
+                    .trailers_ref()
+                    .map(|t| status_of(t).unwrap_or(Code::Unknown))
                     && let Some(c) = this.call.take()
                 {
                     c.finish(code);
@@ -448,7 +428,7 @@ impl<B: Body<Data = Bytes>> Body for CountedBody<B> {
             // A body that ends without a status, or fails, is no success.
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
                 if let Some(c) = this.call.take() {
-                    c.finish(2);
+                    c.finish(Code::Unknown);
                 }
             }
             Poll::Pending => {}

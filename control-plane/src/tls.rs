@@ -11,7 +11,7 @@
 //! access with the admin identity).
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -27,11 +27,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
 use crate::ca::{Ca, CaError};
+use crate::net::Acceptor;
 
-/// A handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A handshake that takes longer than this is dropped (a client on a slow
+/// link needs a few round trips; a silent one holds a slot this long).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshakes in progress at once; more connections wait in the backlog.
 const MAX_HANDSHAKES: usize = 256;
+/// Handshakes in progress from one IP address: one host cannot take every
+/// slot (a connection over the cap is closed at once).
+const MAX_HANDSHAKES_PER_PEER: usize = 16;
 /// Connections handshaken but not yet picked up by the server.
 const ACCEPTED_BACKLOG: usize = 64;
 /// After a failed re-issue, try again this soon.
@@ -193,27 +198,25 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(ACCEPTED_BACKLOG);
     tokio::spawn(async move {
         let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let per_peer = Arc::new(PerPeer::default());
+        let mut acceptor = Acceptor::new("tls");
         loop {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
             };
             let (tcp, remote_addr) = tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off a little.
-                        tracing::warn!(error = %e, "TLS port: accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                c = acceptor.accept(&listener) => c,
+            };
+            let Some(peer_slot) = per_peer.clone().enter(remote_addr.ip()) else {
+                tracing::debug!(remote = %remote_addr, "too many TLS handshakes from this address; closed");
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
             let tx = tx.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _slots = (permit, peer_slot);
                 let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
                     .await
                 {
@@ -241,6 +244,43 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Handshakes in progress per peer address.
+#[derive(Debug, Default)]
+struct PerPeer(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+impl PerPeer {
+    /// A slot for one more handshake from `ip`, or `None` at the cap.
+    fn enter(self: Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        drop(m);
+        Some(PeerSlot { peers: self, ip })
+    }
+}
+
+/// Gives its peer's slot back when the handshake ends, however it ends.
+#[derive(Debug)]
+struct PeerSlot {
+    peers: Arc<PerPeer>,
+    ip: IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.peers.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// A client connector for the TLS port (meshctl, tests): the server's chain

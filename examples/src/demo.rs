@@ -1,6 +1,6 @@
 //! The Meshwire demo (`meshwire-demo`): a live mesh on one machine, no other
 //! software needed. This module is the binary's body, in the library so the
-//! end-to-end tests can run it as a process (`tests/src/bin/mw-demo.rs`).
+//! end-to-end tests run it as a process (`tests/tests/e2e/demo.rs`).
 //!
 //! Everything runs in this one process, so Ctrl-C (or SIGTERM) stops all of
 //! it and leaves nothing behind:
@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use meshwire_control_plane::auth::Bearer;
 use meshwire_control_plane::{ControlPlane, ControlPlaneConfig, ControlPlaneHandle};
 use meshwire_proto::admin::v1 as pb;
 use meshwire_proto::admin::v1::mesh_admin_client::MeshAdminClient;
@@ -57,52 +58,52 @@ pub const SERVICE: &str = "echo";
     name = "meshwire-demo",
     about = "A live Meshwire mesh on this machine: control plane, echo instances with sidecars, a load client"
 )]
-pub struct Args {
+pub(crate) struct Args {
     /// Stop after this long and print a summary (default: run until Ctrl-C).
     #[arg(long, value_parser = humantime::parse_duration)]
-    pub duration: Option<Duration>,
+    pub(crate) duration: Option<Duration>,
     /// Instances of the echo service.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=16))]
-    pub instances: u16,
+    pub(crate) instances: u16,
     /// Service time of a normal instance, in ms.
     #[arg(long, default_value_t = 2)]
-    pub delay_ms: u64,
+    pub(crate) delay_ms: u64,
     /// Service time of the slow instance (echo-0), in ms.
     #[arg(long, default_value_t = 20)]
-    pub slow_delay_ms: u64,
+    pub(crate) slow_delay_ms: u64,
     /// Calls in flight from the load client.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub concurrency: u16,
+    pub(crate) concurrency: u16,
     /// The control plane's address (port taken: any free port).
     #[arg(long, default_value = "127.0.0.1:15010")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// The control plane's TLS port: certificates and the sidecars' xDS
     /// (port taken: any free port).
     #[arg(long, default_value = "127.0.0.1:15012")]
-    pub tls_listen: SocketAddr,
+    pub(crate) tls_listen: SocketAddr,
     /// The control plane's data directory (default: a temporary one, removed at exit).
     #[arg(long)]
-    pub data_dir: Option<PathBuf>,
+    pub(crate) data_dir: Option<PathBuf>,
     /// The client sidecar's outbound address (port taken: any free port).
     #[arg(long, default_value = "127.0.0.1:15001")]
-    pub outbound: SocketAddr,
+    pub(crate) outbound: SocketAddr,
     /// The client sidecar's admin address (port taken: any free port).
     #[arg(long, default_value = "127.0.0.1:15000")]
-    pub admin: SocketAddr,
+    pub(crate) admin: SocketAddr,
     /// `text`: a table refreshed every second; `json`: one JSON object per
     /// line (start-up, every second, summary), for scripts and tests.
     #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    pub(crate) format: Format,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     Text,
     Json,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum DemoError {
+pub(crate) enum DemoError {
     #[error("control plane: {0}")]
     ControlPlane(#[from] meshwire_control_plane::StartError),
     #[error("sidecar: {0}")]
@@ -162,16 +163,6 @@ pub fn main() -> ExitCode {
 // === the mesh ===
 
 type Admin = MeshAdminClient<InterceptedService<Channel, Bearer>>;
-
-#[derive(Clone)]
-struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
 
 /// One echo instance and its sidecar.
 struct Instance {
@@ -305,10 +296,9 @@ async fn start_mesh(args: &Args) -> Result<Mesh, DemoError> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.local_addr))?
         .connect()
         .await?;
-    let token = format!("Bearer {}", cp.admin_token)
-        .parse()
-        .map_err(|_| tonic::Status::internal("the admin token is not printable ASCII"))?;
-    let mut admin: Admin = MeshAdminClient::with_interceptor(channel, Bearer(token));
+    let bearer =
+        Bearer::new(Some(&cp.admin_token)).map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let mut admin: Admin = MeshAdminClient::with_interceptor(channel, bearer);
 
     // A data directory from an earlier run may hold endpoints of processes long gone.
     match admin
@@ -468,11 +458,7 @@ fn endpoint_view(client: &Sidecar) -> BTreeMap<SocketAddr, EndpointView> {
                 EndpointView {
                     weight: e.weight,
                     draining: e.draining,
-                    failures: e
-                        .endpoint
-                        .stats
-                        .failure
-                        .load(std::sync::atomic::Ordering::Relaxed),
+                    failures: e.endpoint.stats.failed(),
                     identity: e.endpoint.identity.clone(),
                 },
             )

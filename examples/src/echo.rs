@@ -59,14 +59,14 @@ impl EchoService {
         }
     }
 
-    pub fn with_delay(mut self, delay: Duration) -> Self {
+    pub(crate) fn with_delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
         self
     }
 
     /// Client streaming takes a permit from `gate` before reading each
     /// message, so whoever adds permits decides how fast the app reads.
-    pub fn with_read_gate(mut self, gate: Arc<Semaphore>) -> Self {
+    pub(crate) fn with_read_gate(mut self, gate: Arc<Semaphore>) -> Self {
         self.read_gate = Some(gate);
         self
     }

@@ -54,7 +54,7 @@ type OutputStream = Pin<Box<dyn Stream<Item = Result<StreamingOutputCallResponse
 
 /// The interop `TestService`.
 #[derive(Debug, Clone, Default)]
-pub struct InteropService;
+pub(crate) struct InteropService;
 
 fn zeros(size: i32) -> Result<Payload, Status> {
     let size = usize::try_from(size)

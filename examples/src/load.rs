@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use meshwire_mesh::grpc::Code;
 use meshwire_proto::example::v1::EchoRequest;
 use meshwire_proto::example::v1::echo_client::EchoClient;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +23,9 @@ pub struct LoadConfig {
     pub rate: Option<f64>,
     /// Deadline of each call (sent as `grpc-timeout`).
     pub timeout: Duration,
+    /// Stop after this many calls in all (`None`: until stopped); a fixed
+    /// count makes instruction-count measurements comparable.
+    pub calls: Option<u64>,
 }
 
 impl Default for LoadConfig {
@@ -30,6 +34,7 @@ impl Default for LoadConfig {
             concurrency: 16,
             rate: None,
             timeout: Duration::from_secs(5),
+            calls: None,
         }
     }
 }
@@ -58,7 +63,7 @@ impl Report {
         self.servers.iter().map(|s| s.calls).sum()
     }
 
-    pub fn error_count(&self) -> u64 {
+    pub(crate) fn error_count(&self) -> u64 {
         self.errors.values().sum()
     }
 
@@ -126,7 +131,7 @@ impl Period {
         }
     }
 
-    fn record(&mut self, result: &Result<String, tonic::Code>, us: u64) {
+    fn record(&mut self, result: &Result<String, Code>, us: u64) {
         match result {
             Ok(server) => {
                 let c = match self.servers.get_mut(server.as_str()) {
@@ -139,7 +144,7 @@ impl Period {
                 c.calls += 1;
                 let _ = c.latency_us.record(us.max(1));
             }
-            Err(code) => *self.errors.entry(code_name(*code).to_owned()).or_insert(0) += 1,
+            Err(code) => *self.errors.entry(code.name().to_owned()).or_insert(0) += 1,
         }
     }
 
@@ -172,6 +177,8 @@ struct Stats {
 pub struct Load {
     stats: Arc<Mutex<Stats>>,
     stop: CancellationToken,
+    /// Cancelled when every caller has stopped (`calls` reached).
+    finished: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -183,7 +190,10 @@ impl Load {
             total: Period::new(),
         }));
         let stop = CancellationToken::new();
+        let finished = CancellationToken::new();
         let conc = cfg.concurrency.max(1);
+        let started = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(conc));
         // Each caller gets an equal part of the rate.
         let every = cfg
             .rate
@@ -195,6 +205,12 @@ impl Load {
                 let stats = stats.clone();
                 let stop = stop.clone();
                 let timeout = cfg.timeout;
+                let (limit, started, running, finished) = (
+                    cfg.calls,
+                    started.clone(),
+                    running.clone(),
+                    finished.clone(),
+                );
                 tokio::spawn(async move {
                     let mut pace = every.map(|d| {
                         let mut i = tokio::time::interval(d);
@@ -202,6 +218,11 @@ impl Load {
                         i
                     });
                     while !stop.is_cancelled() {
+                        if limit.is_some_and(|n| {
+                            started.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= n
+                        }) {
+                            break;
+                        }
                         if let Some(p) = pace.as_mut() {
                             tokio::select! {
                                 _ = p.tick() => {}
@@ -215,20 +236,33 @@ impl Load {
                             .echo(req)
                             .await
                             .map(|r| r.into_inner().server)
-                            .map_err(|s| s.code());
+                            .map_err(|s| Code::from_i32(s.code() as i32));
                         let us = t.elapsed().as_micros() as u64;
                         let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
                         s.window.record(&result, us);
                         s.total.record(&result, us);
                     }
+                    if running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1 {
+                        finished.cancel();
+                    }
                 })
             })
             .collect();
-        Load { stats, stop, tasks }
+        Load {
+            stats,
+            stop,
+            finished,
+            tasks,
+        }
+    }
+
+    /// Resolves once every caller has stopped by itself (`calls` reached).
+    pub async fn finished(&self) {
+        self.finished.cancelled().await;
     }
 
     /// What happened since the last call (or the start), and starts a new window.
-    pub fn take_window(&self) -> Report {
+    pub(crate) fn take_window(&self) -> Report {
         let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         let w = std::mem::replace(&mut s.window, Period::new());
         w.report()
@@ -250,30 +284,6 @@ impl Load {
             let _ = t.await;
         }
         self.total()
-    }
-}
-
-/// The canonical name of a gRPC code (`UNAVAILABLE`).
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

@@ -230,7 +230,10 @@ impl Collector {
 
     /// Serves on `listener`, keeping the latest `max_spans` spans (0: only
     /// count them).
-    pub fn serve_keeping(listener: TcpListener, max_spans: usize) -> std::io::Result<Collector> {
+    pub(crate) fn serve_keeping(
+        listener: TcpListener,
+        max_spans: usize,
+    ) -> std::io::Result<Collector> {
         let addr = listener.local_addr()?;
         let (tx, spans) = watch::channel(Vec::new());
         let state = Arc::new(State {

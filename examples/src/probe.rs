@@ -39,7 +39,7 @@ pub enum ProbeError {
 
 /// What to check.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
+pub(crate) enum Target {
     /// A GET (or POST) that must answer 2xx.
     Http { host: String, path: String },
     /// A TCP connect that must succeed.
@@ -105,7 +105,7 @@ async fn connect(host: &str) -> Result<tokio::net::TcpStream, ProbeError> {
 }
 
 /// One HTTP/1.1 request with an empty body; returns the status and body.
-pub async fn http(
+pub(crate) async fn http(
     method: Method,
     host: &str,
     path: &str,
@@ -142,7 +142,7 @@ pub async fn http(
 
 /// Runs one check, bounded by `limit`; an HTTP check's response body
 /// (empty for the others).
-pub async fn check(
+pub(crate) async fn check(
     target: &Target,
     limit: Duration,
     max_age: Duration,
@@ -229,7 +229,7 @@ pub async fn drain_sidecar(admin: &str, limit: Duration) -> Result<(), ProbeErro
 }
 
 /// Waits, at most `limit`, until `GET http://{admin}/ready` answers 2xx.
-pub async fn wait_ready(admin: &str, limit: Duration) -> Result<(), ProbeError> {
+pub(crate) async fn wait_ready(admin: &str, limit: Duration) -> Result<(), ProbeError> {
     let target = Target::Http {
         host: admin.to_owned(),
         path: "/ready".into(),

@@ -6,7 +6,13 @@
 //! its registry, `meshwire-xds` turns them into Envoy resources and back, and
 //! the sidecar routes and authorizes calls by them; validation lives here,
 //! once, so every path into a `Cluster` ends in the same checks.
+//!
+//! Beside the model: [`grpc::Code`], the typed gRPC status with the one table
+//! of code names every metric and CLI prints, and [`cli`], the helpers the
+//! binaries share (`parse_duration`, `wait_for_signal`).
 
+pub mod cli;
+pub mod grpc;
 pub mod model;
 pub mod policy;
 

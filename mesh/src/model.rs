@@ -10,8 +10,14 @@ use std::time::Duration;
 
 /// Smallest and largest endpoint weight (Envoy's `load_balancing_weight` range
 /// is wider; we keep weights small so the balancer's arithmetic stays exact).
-pub const MIN_WEIGHT: u32 = 1;
-pub const MAX_WEIGHT: u32 = 10_000;
+pub(crate) const MIN_WEIGHT: u32 = 1;
+pub(crate) const MAX_WEIGHT: u32 = 10_000;
+
+/// Most endpoints one service may have: the control plane refuses more, and
+/// a sidecar accepts at most this many by default (`--max-endpoints` may
+/// lower it for one sidecar), so a committed service fits every sidecar
+/// running the defaults.
+pub const MAX_ENDPOINTS: usize = 10_000;
 
 /// Default bias of the weighted least-request picker (see the sidecar's
 /// `balance` module for what it does).
@@ -323,15 +329,14 @@ impl Cluster {
         if let Some(p) = &self.policy {
             p.validate().map_err(|e| e.within("policy"))?;
         }
-        for (i, ep) in self.endpoints.iter().enumerate() {
-            if let Some(id) = &ep.identity
-                && meshwire_tls::SpiffeId::parse(id).is_err()
-            {
-                return Err(ModelError::new(
-                    format!("endpoints[{i}].identity"),
-                    format!("{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"),
-                ));
-            }
+        if self.endpoints.len() > MAX_ENDPOINTS {
+            return Err(ModelError::new(
+                "endpoints",
+                format!(
+                    "{} endpoints; a service has at most {MAX_ENDPOINTS}",
+                    self.endpoints.len()
+                ),
+            ));
         }
         let mut seen = BTreeMap::new();
         for (i, ep) in self.endpoints.iter().enumerate() {
@@ -386,6 +391,14 @@ impl Endpoint {
                     "must be between {MIN_WEIGHT} and {MAX_WEIGHT}, got {}",
                     self.weight
                 ),
+            ));
+        }
+        if let Some(id) = &self.identity
+            && meshwire_tls::SpiffeId::parse(id).is_err()
+        {
+            return Err(ModelError::new(
+                "identity",
+                format!("{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"),
             ));
         }
         if self.address.port() == 0 {
@@ -491,6 +504,19 @@ mod tests {
         c.authority = None;
         c.endpoints = vec![Endpoint::new("0.0.0.0:80".parse().unwrap())];
         assert_eq!(c.validate().unwrap_err().field, "endpoints[0].address");
+
+        // What the control plane checks per endpoint is what a sidecar checks.
+        let mut e = ep(1);
+        e.identity = Some("not-spiffe".into());
+        assert_eq!(e.validate().unwrap_err().field, "identity");
+        c.endpoints = vec![ep(2), e];
+        assert_eq!(c.validate().unwrap_err().field, "endpoints[1].identity");
+        c.endpoints = (1..=MAX_ENDPOINTS + 1)
+            .map(|p| ep(u16::try_from(p).unwrap()))
+            .collect();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "endpoints");
+        assert!(e.reason.contains("at most 10000"), "{e}");
     }
 
     #[test]

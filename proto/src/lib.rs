@@ -4,9 +4,6 @@
 //! - [`example::v1`]: the example `Echo` service used by tests, benches and the demo.
 //! - [`admin::v1`]: the control plane's admin API (`MeshAdmin`), spoken by `meshctl`.
 //! - [`identity::v1`]: certificate issuance and the trust bundle (`Identity`), spoken by sidecars.
-//! - [`etcd`]: etcd's v3 API (KV, Watch, Lease; clients only), for the
-//!   control plane's etcd store — generated here because the `etcd-client`
-//!   crate's build needs a system `protoc`.
 //! - [`grpc_testing`]: the message and service shapes of gRPC's interop test
 //!   suite, so third-party stacks (grpcio) can be run through the mesh.
 
@@ -37,16 +34,4 @@ pub mod identity {
 
 pub mod grpc_testing {
     tonic::include_proto!("grpc.testing");
-}
-
-pub mod etcd {
-    pub mod etcdserverpb {
-        tonic::include_proto!("etcdserverpb");
-    }
-    pub mod mvccpb {
-        tonic::include_proto!("mvccpb");
-    }
-    pub mod authpb {
-        tonic::include_proto!("authpb");
-    }
 }

@@ -91,7 +91,7 @@ impl AdminState {
     /// `/logging` with `log`.
     pub fn with_telemetry(mut self, telemetry: &Telemetry, log: Option<Arc<LogControl>>) -> Self {
         self.metrics = Some(prom::registry(SidecarCollector {
-            routes: self.routes.clone(),
+            outbound: self.routes.clone(),
             app: self.app.clone(),
             xds: self.xds.as_ref().map(|(_, rx)| rx.clone()),
             sidecar: telemetry.metrics.clone(),
@@ -281,6 +281,7 @@ impl AdminState {
                     "warm": s.warm,
                     "versions": { "clusters": s.cds_version, "endpoints": s.eds_version },
                     "warming": s.warming,
+                    "rejected": s.rejected,
                     "last_nack": s.last_nack.as_ref().map(|n| serde_json::json!({
                         "type_url": n.type_url, "version": n.version, "error": n.error,
                     })),
@@ -340,11 +341,18 @@ struct EndpointView {
     /// Calls in flight plus calls waiting for a connection.
     outstanding: usize,
     connections: usize,
+    /// Times the balancer chose it (every attempt).
     requests: u64,
     success: u64,
     failure: u64,
     connect_attempts: u64,
     connect_errors: u64,
+    /// Taken out by outlier detection (or its one probe is in flight).
+    ejected: bool,
+    /// Time left in the current ejection.
+    ejection_remaining_ms: u64,
+    /// Ejections so far.
+    ejections: u64,
 }
 
 impl EndpointView {
@@ -359,11 +367,14 @@ impl EndpointView {
             available: e.pool.is_available(),
             outstanding: e.outstanding(),
             connections: e.pool.connection_count(),
-            requests: r(&e.stats.requests),
-            success: r(&e.stats.success),
-            failure: r(&e.stats.failure),
+            requests: r(&e.stats.picks),
+            success: e.stats.succeeded(),
+            failure: e.stats.failed(),
             connect_attempts: r(&e.pool.stats.connects),
             connect_errors: r(&e.pool.stats.connect_errors),
+            ejected: e.outlier.is_out(),
+            ejection_remaining_ms: e.outlier.remaining().as_millis() as u64,
+            ejections: r(&e.outlier.ejected_total),
         }
     }
 }

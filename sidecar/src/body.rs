@@ -5,7 +5,8 @@
 //! downstream stream has flow-control capacity, and upstream capacity is
 //! released only as data is handed on, so a slow reader slows the writer end
 //! to end. It also carries the call's [`CallGuard`] (the endpoint's outstanding
-//! count ends when the body does) and its deadline.
+//! count ends when the body does), its span and its deadline timer, the same
+//! one that bounded the wait for the response headers ([`crate::call`]).
 //!
 //! [`RequestPipe`] moves a downstream request body onto an upstream HTTP/2
 //! stream, sending only as much as the upstream window allows.
@@ -51,11 +52,14 @@ pub(crate) struct CallState {
     pub(crate) code_without_trailers: u8,
     /// The call's span, when it is traced.
     pub(crate) trace: Option<Box<CallTrace>>,
+    /// The call's status once it ended.
+    pub(crate) code: Option<u8>,
 }
 
 impl CallState {
     /// The call ended with gRPC status `code` (0: success).
     fn finish(&mut self, code: u8) {
+        self.code = Some(code);
         if let Some(mut g) = self.guard.take() {
             g.finish(code);
         }
@@ -116,6 +120,34 @@ impl ResponseBody {
     }
 }
 
+impl ResponseBody {
+    /// Hands the call's deadline timer and span to the response: the timer
+    /// keeps running until the body ends, the span ends with the call. A
+    /// call that already ended (trailers-only) ends its span now.
+    /// Returns the span when this body cannot carry it (not an h2 upstream's).
+    pub(crate) fn hold(
+        &mut self,
+        deadline: Option<Pin<Box<Sleep>>>,
+        trace: Option<Box<CallTrace>>,
+    ) -> Option<Box<CallTrace>> {
+        let Kind::Proxied { state, .. } = &mut self.0 else {
+            return trace;
+        };
+        match state.code {
+            Some(code) => {
+                if let Some(mut t) = trace {
+                    t.finish(code);
+                }
+            }
+            None => {
+                state.deadline = deadline;
+                state.trace = trace;
+            }
+        }
+        None
+    }
+}
+
 /// The status trailers carry (none counts as OK, as before).
 fn trailers_code(t: &HeaderMap) -> u8 {
     t.get(grpc::GRPC_STATUS).map_or(0, grpc::status_code)
@@ -158,6 +190,9 @@ impl Body for ResponseBody {
                     && sleep.as_mut().poll(cx).is_ready()
                 {
                     let grpc = state.grpc;
+                    if let Some(g) = state.guard.as_mut() {
+                        g.no_verdict();
+                    }
                     state.finish(Code::DeadlineExceeded as u8);
                     // The upstream stream is reset (CANCEL) when this body is dropped.
                     return Poll::Ready(Some(if grpc {
@@ -302,7 +337,7 @@ impl Drop for RequestPipe {
         if let Some(ep) = &self.account
             && self.sent > 0
         {
-            ep.metrics
+            ep.stats
                 .request_bytes
                 .fetch_add(self.sent, std::sync::atomic::Ordering::Relaxed);
         }

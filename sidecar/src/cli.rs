@@ -6,6 +6,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use meshwire_mesh::cli::wait_for_signal;
 
 use crate::config::Args;
 use crate::{Sidecar, telemetry};
@@ -77,22 +78,6 @@ pub fn main() -> ExitCode {
             ExitCode::from(3)
         }
     })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-    }
 }
 
 /// Writes the bound addresses as JSON (atomically: a temp file, then rename),

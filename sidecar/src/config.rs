@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use meshwire_mesh::cli::parse_duration;
 use meshwire_mesh::{
     Cluster, Endpoint, HashLb, LbPolicy, Protocol, model::DEFAULT_ACTIVE_REQUEST_BIAS,
 };
@@ -80,7 +81,7 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
     /// Most endpoints one service may have; a larger update is refused (NACK).
-    #[arg(long, env = "MESHWIRE_MAX_ENDPOINTS", default_value_t = 10_000,
+    #[arg(long, env = "MESHWIRE_MAX_ENDPOINTS", default_value_t = meshwire_mesh::model::MAX_ENDPOINTS as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_endpoints: u32,
     /// Once listening, write the bound addresses here as JSON (for port 0).
@@ -138,10 +139,6 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
             "{s:?} is not a number between 0 and 1 (e.g. 0.01 for 1 %)"
         )),
     }
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 500ms, 5s, 1m)"))
 }
 
 impl Args {

@@ -3,6 +3,10 @@
 //!
 //! An `Endpoint` outlives config updates that keep its address, so its
 //! connections and in-flight calls survive a weight change or a push.
+//!
+//! A call's outcome is counted once, here ([`EndpointStats`]), when its
+//! [`CallGuard`] drops; `/clusters` and `/metrics` both read these counters,
+//! and the outlier detector ([`crate::outlier`]) gets the same outcome.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,17 +14,63 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::connect::Connector;
+use crate::outlier::{ClusterHealth, Outcome, Outlier};
 use crate::pool::{H2Settings, Pool};
-use crate::telemetry::metrics::CallMetrics;
+use crate::telemetry::histogram::LatencyHistogram;
 
+/// gRPC status codes counted per endpoint (0..=16).
+const CODES: usize = 17;
+
+/// What the calls to one endpoint did.
 #[derive(Debug, Default)]
 pub struct EndpointStats {
-    /// Calls assigned to this endpoint.
-    pub requests: AtomicU64,
-    /// Calls that finished with `grpc-status: 0` (or a non-error HTTP status).
-    pub success: AtomicU64,
-    /// Calls that finished any other way (error status, reset, sidecar error).
-    pub failure: AtomicU64,
+    /// Times the balancer chose this endpoint (every attempt, failed-over ones too).
+    pub picks: AtomicU64,
+    /// Calls that reached the endpoint, by final gRPC status code (plain HTTP
+    /// calls mapped to a code as gRPC clients do).
+    codes: [AtomicU64; CODES],
+    /// From the pick to the end of the response body.
+    pub latency: LatencyHistogram,
+    /// Request body bytes sent to the endpoint.
+    pub request_bytes: AtomicU64,
+    /// Response body bytes received from it.
+    pub response_bytes: AtomicU64,
+}
+
+impl EndpointStats {
+    fn record(&self, code: u8, took: Duration, request_bytes: u64, response_bytes: u64) {
+        let i = usize::from(code).min(CODES - 1);
+        self.codes[i].fetch_add(1, Ordering::Relaxed);
+        self.latency.observe(took);
+        if request_bytes > 0 {
+            self.request_bytes
+                .fetch_add(request_bytes, Ordering::Relaxed);
+        }
+        if response_bytes > 0 {
+            self.response_bytes
+                .fetch_add(response_bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Finished calls with status `code`.
+    pub fn calls_with(&self, code: u8) -> u64 {
+        self.codes
+            .get(usize::from(code))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Finished calls with `grpc-status: 0` (or a non-error HTTP status).
+    pub fn succeeded(&self) -> u64 {
+        self.calls_with(0)
+    }
+
+    /// Finished calls with any other status (error status, reset, sidecar error).
+    pub fn failed(&self) -> u64 {
+        self.codes[1..]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 #[derive(Debug)]
@@ -32,8 +82,16 @@ pub struct Endpoint {
     outstanding: AtomicUsize,
     pub pool: Arc<Pool>,
     pub stats: EndpointStats,
-    /// Prometheus counters of finished calls (codes, latency, bytes).
-    pub metrics: CallMetrics,
+    /// Ejection state, fed by every call's outcome.
+    pub outlier: Outlier,
+    /// What its cluster's endpoints share (settings, how many are ejected).
+    pub health: Arc<ClusterHealth>,
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.outlier.leave(&self.health);
+    }
 }
 
 impl Endpoint {
@@ -42,6 +100,7 @@ impl Endpoint {
         connector: Connector,
         connect_timeout: Duration,
         settings: Arc<H2Settings>,
+        health: Arc<ClusterHealth>,
     ) -> Arc<Self> {
         Arc::new(Self {
             addr: spec.address,
@@ -50,7 +109,8 @@ impl Endpoint {
             outstanding: AtomicUsize::new(0),
             pool: Pool::new(spec.address, connector, connect_timeout, settings),
             stats: EndpointStats::default(),
-            metrics: CallMetrics::default(),
+            outlier: Outlier::default(),
+            health,
         })
     }
 
@@ -61,13 +121,14 @@ impl Endpoint {
     /// Counts a call against this endpoint until the guard drops.
     pub fn start_call(self: &Arc<Self>) -> CallGuard {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.picks.fetch_add(1, Ordering::Relaxed);
         CallGuard {
             endpoint: self.clone(),
-            ok: false,
             start: std::time::Instant::now(),
             code: None,
             sent: false,
+            not_processed: false,
+            no_verdict: false,
             request_bytes: 0,
             response_bytes: 0,
         }
@@ -79,13 +140,16 @@ impl Endpoint {
 #[derive(Debug)]
 pub struct CallGuard {
     endpoint: Arc<Endpoint>,
-    ok: bool,
-    // For the endpoint's metrics, recorded once when the guard drops.
+    // For the endpoint's counters, recorded once when the guard drops.
     start: std::time::Instant,
     /// The call's gRPC status, once known.
     code: Option<u8>,
     /// The request reached the endpoint (a failed-over attempt is not a call).
     sent: bool,
+    /// The attempt failed without reaching an app (connect failure, refused).
+    not_processed: bool,
+    /// The outcome says nothing about the endpoint (the call's own deadline).
+    no_verdict: bool,
     pub(crate) request_bytes: u64,
     pub(crate) response_bytes: u64,
 }
@@ -93,11 +157,6 @@ pub struct CallGuard {
 impl CallGuard {
     pub fn endpoint(&self) -> &Arc<Endpoint> {
         &self.endpoint
-    }
-
-    /// Marks the call successful; a guard dropped without this counts as a failure.
-    pub fn succeeded(&mut self) {
-        self.ok = true;
     }
 
     /// The request went out to the endpoint: from now on it counts as a call.
@@ -108,9 +167,17 @@ impl CallGuard {
     /// The call ended with gRPC status `code` (0 is success).
     pub(crate) fn finish(&mut self, code: u8) {
         self.code = Some(code);
-        if code == 0 {
-            self.ok = true;
-        }
+    }
+
+    /// This attempt never reached an app (a failure of the endpoint's).
+    pub(crate) fn not_processed(&mut self) {
+        self.sent = false;
+        self.not_processed = true;
+    }
+
+    /// The caller's deadline ended the call: no verdict on the endpoint.
+    pub(crate) fn no_verdict(&mut self) {
+        self.no_verdict = true;
     }
 }
 
@@ -118,16 +185,17 @@ impl Drop for CallGuard {
     fn drop(&mut self) {
         let ep = &self.endpoint;
         ep.outstanding.fetch_sub(1, Ordering::Relaxed);
-        let counter = if self.ok {
-            &ep.stats.success
-        } else {
-            &ep.stats.failure
+        let outcome = match (self.sent, self.code) {
+            _ if self.no_verdict => Outcome::None,
+            (true, Some(code)) => Outcome::Status(code),
+            (false, _) if self.not_processed => Outcome::NotProcessed,
+            _ => Outcome::None,
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        ep.outlier.observe(&ep.health, outcome);
         if self.sent {
             // No outcome: the caller went away (or the call's deadline dropped it).
             let code = self.code.unwrap_or(1);
-            ep.metrics.record(
+            ep.stats.record(
                 code,
                 self.start.elapsed(),
                 self.request_bytes,

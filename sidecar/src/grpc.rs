@@ -108,25 +108,39 @@ pub(crate) fn parse_timeout(v: &HeaderValue) -> Option<Duration> {
     })
 }
 
-/// Encodes a timeout in the finest unit that fits in 8 digits.
+/// Encodes a timeout in the finest unit that fits in 8 digits, formatted in
+/// a stack buffer (this runs once per call with a deadline).
 pub(crate) fn encode_timeout(d: Duration) -> HeaderValue {
     const MAX: u128 = 99_999_999;
     let nanos = d.as_nanos();
     let (value, unit) = if nanos <= MAX {
-        (nanos, 'n')
+        (nanos, b'n')
     } else if nanos / 1_000 <= MAX {
-        (nanos / 1_000, 'u')
+        (nanos / 1_000, b'u')
     } else if nanos / 1_000_000 <= MAX {
-        (nanos / 1_000_000, 'm')
+        (nanos / 1_000_000, b'm')
     } else if nanos / 1_000_000_000 <= MAX {
-        (nanos / 1_000_000_000, 'S')
+        (nanos / 1_000_000_000, b'S')
     } else if nanos / 60_000_000_000 <= MAX {
-        (nanos / 60_000_000_000, 'M')
+        (nanos / 60_000_000_000, b'M')
     } else {
-        ((nanos / 3_600_000_000_000).min(MAX), 'H')
+        ((nanos / 3_600_000_000_000).min(MAX), b'H')
     };
+    // At most 8 digits and the unit.
+    let mut buf = [0u8; 9];
+    let mut at = buf.len() - 1;
+    buf[at] = unit;
+    let mut v = value as u32;
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
     // Digits and a unit letter are always a valid header value.
-    HeaderValue::from_str(&format!("{value}{unit}")).unwrap_or(HeaderValue::from_static("0n"))
+    HeaderValue::from_bytes(&buf[at..]).unwrap_or(HeaderValue::from_static("0n"))
 }
 
 /// Percent-encodes a `grpc-message` as the gRPC spec requires.
@@ -156,6 +170,11 @@ mod tests {
         assert_eq!(parse_timeout(&hv("10x")), None);
         assert_eq!(parse_timeout(&hv("m")), None);
         assert_eq!(parse_timeout(&hv("1.5S")), None);
+        assert_eq!(encode_timeout(Duration::ZERO), "0n");
+        assert_eq!(encode_timeout(Duration::from_millis(250)), "250000u");
+        assert_eq!(encode_timeout(Duration::from_secs(30)), "30000000u");
+        assert_eq!(encode_timeout(Duration::from_secs(86_400 * 3)), "259200S");
+        assert_eq!(encode_timeout(Duration::MAX), "99999999H");
         for d in [
             Duration::from_nanos(1),
             Duration::from_millis(250),

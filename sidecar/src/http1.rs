@@ -40,11 +40,16 @@ pub(crate) fn check_request<B>(req: &Request<B>, protocol: Protocol) -> Result<(
         ));
     }
     if is_upgrade(h) {
-        return Err(ProxyError::BadRequest(if protocol == Protocol::Grpc {
-            "an HTTP/1.1 Upgrade (WebSocket) to a grpc service; declare the service protocol http"
-        } else {
-            "HTTP/1.1 Upgrade (WebSocket) is not carried by this sidecar yet"
-        }));
+        if protocol == Protocol::Grpc {
+            return Err(ProxyError::BadRequest(
+                "an HTTP/1.1 Upgrade (WebSocket) to a grpc service; declare the service protocol http",
+            ));
+        }
+        if !crate::websocket::is_upgrade(req) {
+            return Err(ProxyError::BadRequest(
+                "only the websocket HTTP/1.1 Upgrade is carried",
+            ));
+        }
     }
     Ok(())
 }

@@ -6,27 +6,30 @@
 //! peer sidecar ─▶ inbound listener ─▶ deadline ─▶ lease a stream to the app ─▶ send ─▶ response back
 //! ```
 //! Authorization (`authz`) runs before the lease: a denied call never reaches the app.
+//!
+//! A call the app never saw (the app refuses connections, or turned the
+//! stream away) is refused with RST_STREAM(REFUSED_STREAM), which no app
+//! response can look like: the calling sidecar (or any gRPC client, gRFC A6)
+//! sends it to another endpoint.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use tokio::time::Instant;
 
 use meshwire_mesh::Protocol;
 
 use crate::app_http1::AppHttp;
 use crate::authz::Authz;
 use crate::body::{RequestBody, ResponseBody};
+use crate::call::Call;
 use crate::endpoint::Endpoint;
-use crate::grpc;
 use crate::proxy::{self, CallShape, SendError};
 use crate::respond::ProxyError;
 use crate::server::ConnInfo;
-use crate::telemetry::{CallTrace, Direction, Telemetry};
+use crate::telemetry::{AttemptSpan, Direction, Telemetry};
 
 /// Tries per call: a connection to the app that closed before the request was
 /// written is retried once on a fresh one.
@@ -47,9 +50,12 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
-        let grpc = grpc::is_grpc(req.headers());
-        let version = req.version();
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Result<Response<ResponseBody>, h2::Error> {
+        let call = Call::of(&req, Direction::Inbound);
         let result = if self.authz.allows(
             conn.identity.as_deref(),
             req.uri().path(),
@@ -57,8 +63,17 @@ impl Inbound {
         ) {
             if crate::tcp::is_tcp_connect(&req) {
                 self.tcp(req, conn).await
+            } else if crate::websocket::is_websocket_connect(&req) {
+                if self.authz.protocol() == Protocol::Http {
+                    crate::websocket::inbound(req, self.app.addr, self.app.pool.connect_timeout())
+                        .await
+                } else {
+                    Err(ProxyError::BadRequest(
+                        "a WebSocket to a service that is not protocol http",
+                    ))
+                }
             } else {
-                self.forward(req, grpc, conn).await
+                self.forward(req, call, conn).await
             }
         } else {
             let caller = conn
@@ -72,13 +87,12 @@ impl Inbound {
             })
         };
         match result {
-            Ok(r) => r,
-            Err(e) => {
+            Err(e) if e.not_processed() => {
+                tracing::debug!(error = %e, "refusing a call the app never saw");
                 self.telemetry.metrics.error(Direction::Inbound, e.kind());
-                let mut r = e.into_response(grpc);
-                *r.version_mut() = version;
-                r
+                Err(h2::Error::from(h2::Reason::REFUSED_STREAM))
             }
+            result => Ok(call.respond(result, &self.telemetry)),
         }
     }
 
@@ -106,51 +120,39 @@ impl Inbound {
     async fn forward(
         &self,
         mut req: Request<Incoming>,
-        grpc: bool,
+        call: Call,
         conn: &ConnInfo,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        if self.forwarded_headers && !grpc {
+        if self.forwarded_headers && !call.grpc() {
             crate::http1::add_forwarded(req.headers_mut(), conn.peer.ip(), conn.identity.is_some());
         }
         let timeout = proxy::call_timeout(req.headers(), None);
-        let shape = CallShape {
-            grpc,
-            downstream: req.version(),
-            deadline: timeout.map(|t| Instant::now() + t),
-        };
-        let mut trace = self
+        proxy::prepare_request(&mut req, &http::uri::Scheme::HTTP, None)?;
+        let trace = self
             .telemetry
-            .server_span(req.headers(), req.uri().path(), grpc);
-        let call = self.send_to_app(req, shape, &mut trace);
-        let result = match timeout {
-            Some(t) => tokio::time::timeout(t, call)
-                .await
-                .unwrap_or(Err(ProxyError::DeadlineExceeded(t))),
-            None => call.await,
-        };
-        if let (Err(e), Some(t)) = (&result, trace.as_mut()) {
-            t.finish(e.code() as u8);
-        }
-        result
+            .server_span(req.headers(), req.uri().path(), call.grpc());
+        call.run(timeout, trace, req, |req, shape, span| {
+            self.send_to_app(req, shape, span)
+        })
+        .await
     }
 
     async fn send_to_app(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         shape: CallShape,
-        trace: &mut Option<Box<CallTrace>>,
+        span: Option<AttemptSpan>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        proxy::prepare_request(&mut req, &http::uri::Scheme::HTTP, None)?;
         let mut req = req.map(RequestBody::Incoming);
-        if let Some(t) = trace.as_deref() {
-            t.endpoint(self.app.addr, 1);
-            t.inject(req.headers_mut());
+        if let Some(s) = &span {
+            s.endpoint(self.app.addr, 1);
         }
         if self.authz.protocol() == Protocol::Http && self.http1.speaks().await != AppHttp::H2c {
             let guard = self.app.start_call();
-            return self.http1.send(req, guard, trace).await;
+            // The span ends with the response head (`call::Call::run`).
+            return self.http1.send(req, guard, &mut None).await;
         }
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
             let guard = self.app.start_call();
             let lease = self
                 .app
@@ -158,7 +160,8 @@ impl Inbound {
                 .acquire()
                 .await
                 .map_err(ProxyError::AppUnreachable)?;
-            match proxy::send(lease, guard, req, shape, trace).await {
+            let replayable = attempt + 1 < MAX_ATTEMPTS;
+            match proxy::send(lease, guard, req, shape, replayable).await {
                 Ok(resp) => return Ok(resp),
                 Err(SendError::Failed(e)) => return Err(e),
                 Err(SendError::NotSent(r)) => req = *r,
@@ -190,12 +193,12 @@ impl InboundService {
 
 impl hyper::service::Service<Request<Incoming>> for InboundService {
     type Response = Response<ResponseBody>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Error = h2::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, h2::Error>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let inner = self.inner.clone();
         let conn = self.conn.clone();
-        Box::pin(async move { Ok(inner.handle(req, &conn).await) })
+        Box::pin(async move { inner.handle(req, &conn).await })
     }
 }

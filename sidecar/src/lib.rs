@@ -26,16 +26,20 @@
 //! (`--static-config`) or from the control plane over xDS (`--control-plane`,
 //! through [`meshwire_xds::client`], which ACKs an update once applied and
 //! NACKs one that was rejected); in-process callers can use [`Sidecar::apply`].
-//! It is validated whole, then the route table is swapped atomically;
-//! endpoints that stay keep their connections and in-flight calls.
+//! Every source goes through [`apply::Applier::apply`]: the config is
+//! validated whole, then the route table is swapped atomically (endpoints
+//! that stay keep their connections and in-flight calls) and the local
+//! service's inbound policy is handed to [`authz`].
 //!
 //! Start one in-process with [`Sidecar::start`] (tests bind `127.0.0.1:0` and
 //! read the ports back), or run the `meshwire-sidecar` binary.
 
 pub mod admin;
 pub mod app_http1;
+pub mod apply;
 pub mod authz;
 pub mod body;
+mod call;
 pub mod cli;
 pub mod config;
 pub mod connect;
@@ -45,12 +49,14 @@ pub mod http1;
 pub mod identity;
 pub mod inbound;
 pub mod outbound;
+pub mod outlier;
 pub mod pool;
 pub mod proxy;
 pub mod respond;
 pub mod server;
 pub mod tcp;
 pub mod telemetry;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,6 +69,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{AdminService, AdminState, Phase};
+use crate::apply::Applier;
 use crate::authz::Authz;
 use crate::connect::Connector;
 use crate::endpoint::Endpoint;
@@ -202,6 +209,7 @@ pub struct Sidecar {
     /// Per-service listeners as bound: `(service, address)`.
     pub service_addrs: Vec<(String, SocketAddr)>,
     routes: Arc<Routes>,
+    applier: Arc<Applier>,
     admin: Arc<AdminState>,
     tls: Option<Arc<MeshTls>>,
     gate: Arc<StartGate>,
@@ -233,20 +241,19 @@ impl Sidecar {
         };
         let authz = Authz::new();
         let mesh_connector = tls.clone().map(Connector::mesh).unwrap_or_default();
-        let mut routes =
-            Routes::new(mesh_connector, client.clone()).with_max_endpoints(cfg.max_endpoints);
-        if let Some(svc) = cfg
+        let routes = Arc::new(
+            Routes::new(mesh_connector, client.clone()).with_max_endpoints(cfg.max_endpoints),
+        );
+        let local = cfg
             .service
             .clone()
             .or_else(|| cfg.control_plane.as_ref().map(|cp| cp.service.clone()))
-        {
-            routes = routes.with_local_service(svc, authz.clone());
-        }
-        let routes = Arc::new(routes);
+            .map(|svc| (svc, authz.clone()));
+        let applier = Arc::new(Applier::new(routes.clone(), local));
         if cfg.control_plane.is_some() && !cfg.clusters.is_empty() {
             return Err(StartError::StaticAndControlPlane);
         }
-        routes.apply(&cfg.clusters)?;
+        applier.apply(&cfg.clusters)?;
         for (_, svc) in &cfg.service_listeners {
             if routes.load().get(svc).is_none() {
                 return Err(StartError::UnknownListenerService(svc.clone()));
@@ -260,6 +267,7 @@ impl Sidecar {
                 Connector::default(),
                 cfg.app_connect_timeout,
                 client.clone(),
+                outlier::ClusterHealth::off(),
             )
         });
         let (xds_status_tx, xds_status) = tokio::sync::watch::channel(ClientStatus::default());
@@ -326,7 +334,7 @@ impl Sidecar {
                         ))
                     }),
             };
-            let sink: Arc<dyn ConfigSink> = routes.clone();
+            let sink: Arc<dyn ConfigSink> = applier.clone();
             tokio::spawn(async move {
                 // xDS over mTLS needs our certificate first.
                 if client.tls.is_some()
@@ -346,6 +354,7 @@ impl Sidecar {
                 .map(|(s, l)| (s.clone(), local(l)))
                 .collect(),
             routes,
+            applier,
             admin: admin.clone(),
             tls: tls.clone(),
             gate,
@@ -457,10 +466,18 @@ impl Sidecar {
             admin_stop.cancel();
         });
         tracker.close();
+        tracing::info!(
+            outbound = %sidecar.outbound_addr,
+            inbound = ?sidecar.inbound_addr,
+            admin = %sidecar.admin_addr,
+            services = cfg.clusters.len(),
+            "sidecar listening"
+        );
         // Ready once the certificate is in and the first complete config from
         // the control plane is applied.
         if ready_at_once {
             admin.set_phase(Phase::Ready);
+            tracing::info!("sidecar ready");
         } else {
             let admin = admin.clone();
             let mut status = cfg.control_plane.as_ref().map(|_| xds_status);
@@ -477,17 +494,10 @@ impl Sidecar {
                 if admin.phase() == Phase::Starting {
                     admin.set_phase(Phase::Ready);
                     ready_tx.send_replace(true);
-                    tracing::info!("ready");
+                    tracing::info!("sidecar ready");
                 }
             });
         }
-        tracing::info!(
-            outbound = %sidecar.outbound_addr,
-            inbound = ?sidecar.inbound_addr,
-            admin = %sidecar.admin_addr,
-            services = cfg.clusters.len(),
-            "sidecar ready"
-        );
         Ok(sidecar)
     }
 
@@ -498,7 +508,7 @@ impl Sidecar {
 
     /// Applies a new set of services (validated whole; on error nothing changes).
     pub fn apply(&self, clusters: &[Cluster]) -> Result<(), ModelError> {
-        self.routes.apply(clusters)
+        self.applier.apply(clusters)
     }
 
     pub fn routes(&self) -> &Arc<Routes> {

@@ -2,8 +2,8 @@
 //! (app → peer sidecar) and inbound (peer sidecar → app) sides.
 //!
 //! Headers are rewritten in place (no copies on the HTTP/2 path), bodies are
-//! passed through unbuffered, and the call's deadline follows it into the
-//! response body.
+//! passed through unbuffered. The call's deadline and span are the caller's
+//! ([`crate::call::Call::run`]); they follow the call into the response body.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,7 +19,6 @@ use crate::endpoint::CallGuard;
 use crate::grpc;
 use crate::pool::Lease;
 use crate::respond::ProxyError;
-use crate::telemetry::CallTrace;
 
 /// The deadline of a call: the caller's `grpc-timeout`, capped by the service's
 /// request timeout.
@@ -151,20 +150,22 @@ pub(crate) struct CallShape {
 }
 
 /// Sends the request on the leased stream and wraps the response so the
-/// guard, the lease and the deadline live as long as the response body.
+/// guard and the lease live as long as the response body.
 ///
 /// The request body is piped inside this future while the response headers
 /// are awaited; only a body still streaming when they arrive (client or bidi
 /// streaming) gets a task of its own. A unary call costs no extra task.
 ///
-/// `trace`, the call's span if it is traced, moves into the response body on
-/// success; on an error it stays with the caller, who records the outcome.
+/// `replayable`: another attempt could take the call if this upstream turns
+/// it away unprocessed (GOAWAY, REFUSED_STREAM), so the request head is kept
+/// for it (one `HeaderMap` clone); otherwise nothing is kept and such a
+/// refusal fails the call.
 pub(crate) async fn send(
     lease: Lease,
     mut guard: CallGuard,
     req: Request<RequestBody>,
     shape: CallShape,
-    trace: &mut Option<Box<CallTrace>>,
+    replayable: bool,
 ) -> Result<Response<ResponseBody>, SendError> {
     let (mut parts, body) = req.into_parts();
     set_timeout_header(&mut parts.headers, shape.deadline);
@@ -175,16 +176,20 @@ pub(crate) async fn send(
         .is_err()
     {
         lease.mark_closed();
+        guard.not_processed();
         return Err(SendError::NotSent(Box::new(Request::from_parts(
             parts, body,
         ))));
     }
     // Kept in case the upstream turns the stream away unprocessed.
-    let mut again = Request::new(());
-    *again.method_mut() = parts.method.clone();
-    *again.uri_mut() = parts.uri.clone();
-    *again.version_mut() = parts.version;
-    *again.headers_mut() = parts.headers.clone();
+    let again = replayable.then(|| {
+        let mut again = Request::new(());
+        *again.method_mut() = parts.method.clone();
+        *again.uri_mut() = parts.uri.clone();
+        *again.version_mut() = parts.version;
+        *again.headers_mut() = parts.headers.clone();
+        again
+    });
     let eos = body.is_end_stream();
     guard.sent(true);
     let (mut response, tx) = match sender.send_request(Request::from_parts(parts, ()), eos) {
@@ -219,19 +224,19 @@ pub(crate) async fn send(
             }
             r
         }
-        Err(e) if never_processed(&e) => {
-            guard.sent(false);
+        Err(e) if never_processed(&e) && again.is_some() => {
+            guard.not_processed();
             let replay = match pipe {
                 None => Some(RequestBody::Replay(Default::default())),
                 Some(p) => p.into_replay(REPLAY_WAIT).await,
             };
-            return Err(match replay {
-                Some(body) => {
+            return Err(match (replay, again) {
+                (Some(body), Some(again)) => {
                     tracing::debug!(error = %e, "upstream did not process the call; it can go elsewhere");
                     let (head, ()) = again.into_parts();
                     SendError::NotSent(Box::new(Request::from_parts(head, body)))
                 }
-                None => {
+                _ => {
                     guard.sent(true);
                     failed(&mut guard, ProxyError::from_h2(e))
                 }
@@ -257,16 +262,16 @@ pub(crate) async fn send(
     let state = CallState {
         guard: Some(guard),
         lease: Some(lease),
-        deadline: shape
-            .deadline
-            .map(|d| Box::pin(tokio::time::sleep_until(d))),
+        // Both come from the caller, `call::Call::run`, once this returns.
+        deadline: None,
+        trace: None,
+        code: None,
         grpc: shape.grpc,
         code_without_trailers: if shape.grpc {
             grpc::Code::Unknown as u8
         } else {
             http_code
         },
-        trace: trace.take(),
     };
     Ok(Response::from_parts(
         parts,

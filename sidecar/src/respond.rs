@@ -73,6 +73,12 @@ impl ProxyError {
         }
     }
 
+    /// The call certainly did not reach the application, so the caller may
+    /// send it to another endpoint whatever the method (gRFC A6).
+    pub(crate) fn not_processed(&self) -> bool {
+        matches!(self, ProxyError::AppUnreachable(_) | ProxyError::NotReady)
+    }
+
     pub(crate) fn kind(&self) -> &'static str {
         match self {
             ProxyError::UnknownService(_) => "unknown-service",

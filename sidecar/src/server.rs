@@ -7,7 +7,6 @@
 //! the trust bundle; plaintext only while the local service is permissive.
 //! The handshake runs in the connection's task, never in the accept loop.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,7 +135,7 @@ pub(crate) trait MakeService: Send + Sync + 'static {
     type Service: hyper::service::Service<
             Request<Incoming>,
             Response = Response<ResponseBody>,
-            Error = Infallible,
+            Error: Into<Box<dyn std::error::Error + Send + Sync>>,
             Future: Send + 'static,
         > + Send
         + 'static;
@@ -149,7 +148,7 @@ where
     S: hyper::service::Service<
             Request<Incoming>,
             Response = Response<ResponseBody>,
-            Error = Infallible,
+            Error: Into<Box<dyn std::error::Error + Send + Sync>>,
             Future: Send + 'static,
         > + Send
         + 'static,
@@ -173,6 +172,8 @@ fn builder(protocols: Protocols, s: &ServerSettings) -> auto::Builder<TokioExecu
         .initial_connection_window_size(s.connection_window)
         .max_frame_size(s.max_frame_size)
         .max_header_list_size(s.max_header_list_size)
+        // RFC 8441: WebSocket over HTTP/2 between sidecars.
+        .enable_connect_protocol()
         .keep_alive_interval(s.keepalive_interval)
         .keep_alive_timeout(s.keepalive_timeout)
         .auto_date_header(false);

@@ -10,10 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use meshwire_proto::etcd::etcdserverpb as pb;
-use meshwire_proto::etcd::etcdserverpb::kv_client::KvClient;
+use etcd_client::{CompactionOptions, GetOptions, KvClient};
 use tokio::net::{TcpListener, TcpStream};
-use tonic::transport::Channel;
 
 /// The etcd binary (`MESHWIRE_ETCD_BIN` overrides).
 pub fn etcd_bin() -> PathBuf {
@@ -30,6 +28,18 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Whether the member at `url` answers a linearizable read within 2 s.
+async fn serving(url: &str) -> bool {
+    let read = async {
+        let client = etcd_client::Client::connect([url], None).await.ok()?;
+        client.kv_client().get("health", None).await.ok()
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), read).await,
+        Ok(Some(_))
+    )
 }
 
 /// One etcd member process.
@@ -58,7 +68,25 @@ impl Etcd {
     }
 
     /// `n` members, started together; returns once every member answers.
+    /// etcd cannot bind port 0, so its ports are picked free and released
+    /// first: if another process takes one meanwhile, the members fail to
+    /// bind and the cluster is started again on new ports.
     pub async fn cluster(n: usize) -> Etcd {
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            let mut etcd = Self::spawn(n);
+            match etcd.started().await {
+                Ok(()) => return etcd,
+                Err(log) if attempt < ATTEMPTS && log.contains("address already in use") => {
+                    eprintln!("etcd: a port was taken (attempt {attempt}); new ports");
+                }
+                Err(log) => panic!("etcd did not start:\n{log}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    fn spawn(n: usize) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let mut members: Vec<EtcdMember> = (0..n)
             .map(|i| {
@@ -83,11 +111,35 @@ impl Etcd {
             m.cluster = cluster.clone();
             m.spawn();
         }
-        let etcd = Etcd { members, _dir: dir };
-        for i in 0..n {
-            etcd.wait_member(i).await;
+        Etcd { members, _dir: dir }
+    }
+
+    /// Waits (bounded) until every member serves; `Err(its log)` as soon as
+    /// one has exited.
+    async fn started(&mut self) -> Result<(), String> {
+        let start = tokio::time::Instant::now();
+        for i in 0..self.members.len() {
+            loop {
+                if let Some(c) = self.members[i].child.as_mut()
+                    && let Ok(Some(status)) = c.try_wait()
+                {
+                    return Err(format!(
+                        "member {i} exited ({status}):\n{}",
+                        self.members[i].log()
+                    ));
+                }
+                if serving(&self.url(i)).await {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "etcd member {i} not serving after 30s:\n{}",
+                    self.members[i].log()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
-        etcd
+        Ok(())
     }
 
     /// `http://a,http://b,...`: every member's client URL.
@@ -104,30 +156,17 @@ impl Etcd {
     }
 
     /// A KV client on member `i`.
-    pub async fn kv(&self, i: usize) -> KvClient<Channel> {
-        KvClient::connect(self.url(i))
+    pub async fn kv(&self, i: usize) -> KvClient {
+        etcd_client::Client::connect([self.url(i)], None)
             .await
             .expect("connect to etcd")
+            .kv_client()
     }
 
     /// Waits (bounded) until member `i` serves a linearizable read.
     pub async fn wait_member(&self, i: usize) {
-        let url = self.url(i);
         let start = tokio::time::Instant::now();
-        loop {
-            if let Ok(Ok(mut kv)) =
-                tokio::time::timeout(Duration::from_secs(2), KvClient::connect(url.clone())).await
-                && let Ok(Ok(_)) = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    kv.range(pb::RangeRequest {
-                        key: b"health".to_vec(),
-                        ..Default::default()
-                    }),
-                )
-                .await
-            {
-                return;
-            }
+        while !serving(&self.url(i)).await {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
                 "etcd member {i} not serving after 30s:\n{}",
@@ -156,18 +195,12 @@ impl Etcd {
         let r = self
             .kv(0)
             .await
-            .range(pb::RangeRequest {
-                key: vec![0],
-                range_end: vec![0],
-                keys_only: true,
-                ..Default::default()
-            })
+            .get("", Some(GetOptions::new().with_all_keys().with_keys_only()))
             .await
-            .unwrap()
-            .into_inner();
-        r.kvs
-            .into_iter()
-            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+            .unwrap();
+        r.kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
             .collect()
     }
 
@@ -175,22 +208,15 @@ impl Etcd {
     pub async fn compact(&self) -> i64 {
         let mut kv = self.kv(0).await;
         let rev = kv
-            .range(pb::RangeRequest {
-                key: b"x".to_vec(),
-                ..Default::default()
-            })
+            .get("x", None)
             .await
             .unwrap()
-            .into_inner()
-            .header
+            .header()
             .unwrap()
-            .revision;
-        kv.compact(pb::CompactionRequest {
-            revision: rev,
-            physical: true,
-        })
-        .await
-        .unwrap();
+            .revision();
+        kv.compact(rev, Some(CompactionOptions::new().with_physical()))
+            .await
+            .unwrap();
         rev
     }
 }

@@ -1,6 +1,6 @@
-//! The weighted split, alone in its own test binary: it measures a ratio, so
-//! it must not share the machine with the other (load-heavy) balancing tests
-//! that cargo would run beside it in one binary.
+//! The weighted split, alone in its own test binary (the only one beside
+//! `e2e`): it measures a ratio, so it must not share the machine with the
+//! load-heavy tests that run beside each other in `e2e`.
 
 use std::collections::HashMap;
 

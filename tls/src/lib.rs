@@ -8,7 +8,7 @@
 //! identity that matters is the peer's SPIFFE ID (`spiffe://<trust-domain>/ns/
 //! <namespace>/sa/<service>`), read from its certificate after the handshake
 //! ([`peer_id`]) and compared with the one the control plane pushed for that
-//! endpoint ([`check_peer`]), before a single request byte is sent.
+//! endpoint, before a single request byte is sent.
 //!
 //! A certificate flows: a sidecar makes a key and CSR ([`new_key_and_csr`]),
 //! the control plane's CA signs it, and the sidecar builds its
@@ -431,7 +431,10 @@ impl ServerCertVerifier for BundleVerifier {
 }
 
 /// Checks that a TLS peer is who the control plane said it would be.
-pub fn check_peer(certs: Option<&[CertificateDer<'_>]>, want: &str) -> Result<(), IdentityError> {
+pub(crate) fn check_peer(
+    certs: Option<&[CertificateDer<'_>]>,
+    want: &str,
+) -> Result<(), IdentityError> {
     match peer_id(certs) {
         Some(got) if got == want => Ok(()),
         got => Err(IdentityError::WrongPeer {

@@ -3,13 +3,16 @@
 //! `ClusterLoadAssignment` of each.
 //!
 //! ```text
-//! DiscoveryResponse ─▶ decode + validate every resource ─▶ ConfigSink::apply(whole config)
-//!                      │ ok: ACK (version_info = the version applied)
-//!                      └ error anywhere: NACK with error_detail; nothing changes,
-//!                        the last good config keeps serving
+//! DiscoveryResponse ─▶ decode + validate each resource, ConfigSink::check each cluster
+//!   ─▶ a resource that fails keeps its last good version (none yet: the cluster
+//!      is left out, "rejected") ─▶ ConfigSink::apply(the clusters that passed)
+//!   │ all passed: ACK (version_info = the version applied)
+//!   └ some failed: NACK naming them (error_detail); the others are applied
+//!     all the same, as Envoy does, so one bad service never holds back the rest
 //! ```
 //! A new cluster is held back ("warming") until its endpoints arrive, so it
-//! never serves with an empty endpoint set. If the stream breaks (control
+//! never serves with an empty endpoint set; one whose endpoints were refused
+//! is not waited for (the sidecar becomes ready without it). If the stream breaks (control
 //! plane down or restarting) the sidecar keeps serving what it has and
 //! reconnects with jittered exponential backoff — to the next control plane
 //! of its list, so with several replicas it fails over; on reconnect it
@@ -39,7 +42,7 @@ pub struct ApplyError(pub String);
 
 /// Why one ADS stream ended.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     #[error("bad control-plane address {address:?}: {reason}")]
     Address { address: String, reason: String },
     #[error("connect {address}: {reason}")]
@@ -55,6 +58,14 @@ pub trait ConfigSink: Send + Sync + 'static {
     /// Applies a whole new set of clusters. An error rejects it: nothing
     /// changes, the previous set keeps serving, and the update is NACKed.
     fn apply(&self, clusters: &[Cluster]) -> Result<(), ApplyError>;
+
+    /// Checks one cluster, with its endpoints, as `apply` would, so a cluster
+    /// that fails is left out (or keeps its last good version) instead of
+    /// refusing the whole update. The default accepts every cluster.
+    fn check(&self, cluster: &Cluster) -> Result<(), ApplyError> {
+        let _ = cluster;
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +106,8 @@ pub struct ClientStatus {
     pub applied: Vec<Cluster>,
     /// Clusters known from CDS still waiting for their endpoints.
     pub warming: Vec<String>,
+    /// Clusters left out because their resources were refused, with why.
+    pub rejected: BTreeMap<String, String>,
     pub streams_opened: u64,
     pub last_error: Option<String>,
     /// The control plane of the current (or last) stream.
@@ -160,33 +173,62 @@ struct State {
     applied: Vec<Cluster>,
     /// `applied` was given to the sink (an empty first config still is).
     had_applied: bool,
+    /// Clusters whose endpoints were refused and that have no good ones.
+    rejected: BTreeMap<String, String>,
     had_response: bool,
 }
 
 impl State {
-    /// The clusters that can serve: those whose endpoints are known.
-    fn config(
-        &self,
-        settings: &BTreeMap<String, Cluster>,
-        endpoints: &BTreeMap<String, Vec<Endpoint>>,
-    ) -> Vec<Cluster> {
-        settings
-            .values()
-            .filter_map(|c| {
-                let eps = endpoints.get(&c.name)?;
-                let mut c = c.clone();
-                c.endpoints = eps.clone();
-                Some(c)
-            })
-            .collect()
-    }
-
     fn warming(&self) -> Vec<String> {
         self.settings
             .keys()
-            .filter(|n| !self.endpoints.contains_key(*n))
+            .filter(|n| !self.endpoints.contains_key(*n) && !self.rejected.contains_key(*n))
             .cloned()
             .collect()
+    }
+
+    /// The clusters that can serve (those whose endpoints are known), each
+    /// checked by the sink: one that fails
+    /// falls back to its last good endpoints, or is left out (and marked
+    /// rejected). `endpoints` and `rejected` are updated to match.
+    fn checked_config(
+        &self,
+        sink: &dyn ConfigSink,
+        settings: &BTreeMap<String, Cluster>,
+        endpoints: &mut BTreeMap<String, Vec<Endpoint>>,
+        rejected: &mut BTreeMap<String, String>,
+        errors: &mut Vec<String>,
+    ) -> Vec<Cluster> {
+        let mut out = Vec::with_capacity(settings.len());
+        for c in settings.values() {
+            let Some(eps) = endpoints.get(&c.name) else {
+                continue;
+            };
+            let mut c = c.clone();
+            c.endpoints = eps.clone();
+            let Err(ApplyError(e)) = sink.check(&c) else {
+                rejected.remove(&c.name);
+                out.push(c);
+                continue;
+            };
+            errors.push(format!("cluster {:?}: {e}", c.name));
+            let last_good = self
+                .endpoints
+                .get(&c.name)
+                .filter(|old| **old != c.endpoints)
+                .cloned();
+            if let Some(old) = last_good {
+                c.endpoints = old.clone();
+                if sink.check(&c).is_ok() {
+                    endpoints.insert(c.name.clone(), old);
+                    out.push(c);
+                    continue;
+                }
+            }
+            endpoints.remove(&c.name);
+            rejected.insert(c.name.clone(), e);
+        }
+        out
     }
 }
 
@@ -336,8 +378,10 @@ fn publish(status: &watch::Sender<ClientStatus>, state: &State) {
         s.cds_version = (!state.cds_version.is_empty()).then(|| state.cds_version.clone());
         s.eds_version = (!state.eds_version.is_empty()).then(|| state.eds_version.clone());
         s.applied = state.applied.clone();
-        s.warm = warming.is_empty() && !state.cds_version.is_empty();
+        // A CDS response was taken (wholly or in part: its nonce is kept).
+        s.warm = warming.is_empty() && !state.cds_nonce.is_empty();
         s.warming = warming;
+        s.rejected = state.rejected.clone();
     });
 }
 
@@ -364,6 +408,7 @@ fn on_clusters(
     state: &mut State,
 ) -> Vec<DiscoveryRequest> {
     let mut settings = BTreeMap::new();
+    let mut errors = Vec::new();
     for any in &resp.resources {
         match resources::decode_cluster(any) {
             Ok(c) => {
@@ -374,16 +419,20 @@ fn on_clusters(
                 }
             }
             Err(e) => {
-                let e = e.to_string();
-                record_nack(status, &resp, &e);
-                return vec![nack(&resp, state, &state.cds_version, &e)];
+                // The last good version of this cluster stays, if there is one.
+                if let Some(old) = e.resource_name().and_then(|n| state.settings.get(n)) {
+                    settings.insert(old.name.clone(), old.clone());
+                }
+                errors.push(e.to_string());
             }
         }
     }
     // Endpoints of clusters that are gone are forgotten.
     let mut endpoints = state.endpoints.clone();
     endpoints.retain(|name, _| settings.contains_key(name));
-    let config = state.config(&settings, &endpoints);
+    let mut rejected = state.rejected.clone();
+    rejected.retain(|name, _| settings.contains_key(name));
+    let config = state.checked_config(sink, &settings, &mut endpoints, &mut rejected, &mut errors);
     if let Err(ApplyError(e)) = apply(sink, status, state, &config) {
         record_nack(status, &resp, &e);
         return vec![nack(&resp, state, &state.cds_version, &e)];
@@ -391,17 +440,25 @@ fn on_clusters(
     let names_changed = settings.keys().ne(state.settings.keys());
     state.settings = settings;
     state.endpoints = endpoints;
+    state.rejected = rejected;
     state.applied = config;
     state.had_applied = true;
-    state.cds_version = resp.version_info.clone();
     state.cds_nonce = resp.nonce.clone();
-    publish(status, state);
-    let mut out = vec![DiscoveryRequest {
-        version_info: resp.version_info,
-        type_url: resp.type_url,
-        response_nonce: resp.nonce,
-        ..Default::default()
-    }];
+    let mut out = if errors.is_empty() {
+        state.cds_version = resp.version_info.clone();
+        publish(status, state);
+        vec![DiscoveryRequest {
+            version_info: resp.version_info,
+            type_url: resp.type_url,
+            response_nonce: resp.nonce,
+            ..Default::default()
+        }]
+    } else {
+        let e = errors.join("; ");
+        record_nack(status, &resp, &e);
+        publish(status, state);
+        vec![nack(&resp, state, &state.cds_version, &e)]
+    };
     if names_changed {
         out.push(eds_request(state, state.eds_nonce.clone()));
     }
@@ -415,6 +472,8 @@ fn on_endpoints(
     state: &mut State,
 ) -> Vec<DiscoveryRequest> {
     let mut endpoints = state.endpoints.clone();
+    let mut rejected = state.rejected.clone();
+    let mut errors = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for any in &resp.resources {
         match resources::decode_cla(any) {
@@ -429,22 +488,41 @@ fn on_endpoints(
                 }
             }
             Err(e) => {
-                let e = e.to_string();
-                record_nack(status, &resp, &e);
-                return vec![nack(&resp, state, &state.eds_version, &e)];
+                // The cluster keeps its last good endpoints; without any it
+                // is not waited for.
+                if let Some(name) = e.resource_name()
+                    && state.settings.contains_key(name)
+                    && !endpoints.contains_key(name)
+                {
+                    rejected.insert(name.to_owned(), e.to_string());
+                }
+                errors.push(e.to_string());
             }
         }
     }
-    let config = state.config(&state.settings, &endpoints);
+    let config = state.checked_config(
+        sink,
+        &state.settings,
+        &mut endpoints,
+        &mut rejected,
+        &mut errors,
+    );
     if let Err(ApplyError(e)) = apply(sink, status, state, &config) {
         record_nack(status, &resp, &e);
         return vec![nack(&resp, state, &state.eds_version, &e)];
     }
     state.endpoints = endpoints;
+    state.rejected = rejected;
     state.applied = config;
     state.had_applied = true;
-    state.eds_version = resp.version_info.clone();
     state.eds_nonce = resp.nonce.clone();
+    if !errors.is_empty() {
+        let e = errors.join("; ");
+        record_nack(status, &resp, &e);
+        publish(status, state);
+        return vec![nack(&resp, state, &state.eds_version, &e)];
+    }
+    state.eds_version = resp.version_info.clone();
     publish(status, state);
     vec![DiscoveryRequest {
         version_info: resp.version_info,

@@ -70,8 +70,8 @@ use meshwire_mesh::model::{
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
-pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub(crate) const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub(crate) const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 const TCP_PROXY: &str =
@@ -95,19 +95,19 @@ const MAGLEV_TABLE_SIZE: u64 = 65_537;
 /// `filter_metadata` key for Meshwire's own attributes.
 pub const META: &str = "meshwire";
 /// `filter_metadata` key for an endpoint's user metadata (string values).
-pub const USER_META: &str = "meshwire.metadata";
+pub(crate) const USER_META: &str = "meshwire.metadata";
 
 /// The listener and route names a stock Envoy gets (wildcard LDS).
-pub const ENVOY_LISTENER: &str = "meshwire_outbound";
-pub const ENVOY_ROUTE: &str = "meshwire_outbound";
+pub(crate) const ENVOY_LISTENER: &str = "meshwire_outbound";
+pub(crate) const ENVOY_ROUTE: &str = "meshwire_outbound";
 /// Node metadata key naming the port of Envoy's outbound listener.
-pub const NODE_OUTBOUND_PORT: &str = "meshwire.outbound_port";
-pub const DEFAULT_OUTBOUND_PORT: u32 = 15001;
+pub(crate) const NODE_OUTBOUND_PORT: &str = "meshwire.outbound_port";
+pub(crate) const DEFAULT_OUTBOUND_PORT: u32 = 15001;
 /// Node metadata key: a struct of `service name → local port` for the `tcp`
 /// services a stock Envoy should offer (one listener each).
 pub const NODE_SERVICE_PORTS: &str = "meshwire.service_ports";
 /// Stock Envoy's listener for `tcp` service `name` is `meshwire_tcp_<name>`.
-pub const ENVOY_TCP_LISTENER_PREFIX: &str = "meshwire_tcp_";
+pub(crate) const ENVOY_TCP_LISTENER_PREFIX: &str = "meshwire_tcp_";
 
 /// Why a resource could not be decoded or is invalid.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -129,6 +129,18 @@ pub enum ResourceError {
     WrongType { got: String, want: &'static str },
 }
 
+impl ResourceError {
+    /// The name of the refused resource, when it could be read.
+    pub fn resource_name(&self) -> Option<&str> {
+        match self {
+            ResourceError::Decode { name, .. } | ResourceError::Invalid { name, .. } => {
+                Some(name.as_str()).filter(|n| !n.is_empty())
+            }
+            ResourceError::WrongType { .. } => None,
+        }
+    }
+}
+
 fn invalid(kind: &'static str, name: &str, e: ModelError) -> ResourceError {
     ResourceError::Invalid {
         kind,
@@ -138,7 +150,7 @@ fn invalid(kind: &'static str, name: &str, e: ModelError) -> ResourceError {
     }
 }
 
-pub fn to_any(type_url: &str, msg: &impl Message) -> Any {
+pub(crate) fn to_any(type_url: &str, msg: &impl Message) -> Any {
     Any {
         type_url: type_url.to_owned(),
         value: msg.encode_to_vec(),
@@ -147,7 +159,7 @@ pub fn to_any(type_url: &str, msg: &impl Message) -> Any {
 
 /// A stable content hash, used as a per-resource version and to skip pushes
 /// that would change nothing.
-pub fn content_hash(any: &Any) -> u64 {
+pub(crate) fn content_hash(any: &Any) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     any.type_url.hash(&mut h);
     any.value.hash(&mut h);
@@ -190,29 +202,24 @@ fn num_value(n: f64) -> Value {
     }
 }
 
-fn meta_str<'a>(m: Option<&'a Metadata>, key: &str, field: &str) -> Option<&'a str> {
-    match m?
-        .filter_metadata
+fn meta_kind<'a>(m: Option<&'a Metadata>, key: &str, field: &str) -> Option<&'a value::Kind> {
+    m?.filter_metadata
         .get(key)?
         .fields
         .get(field)?
         .kind
-        .as_ref()?
-    {
+        .as_ref()
+}
+
+fn meta_str<'a>(m: Option<&'a Metadata>, key: &str, field: &str) -> Option<&'a str> {
+    match meta_kind(m, key, field)? {
         value::Kind::StringValue(s) => Some(s),
         _ => None,
     }
 }
 
 fn meta_num(m: Option<&Metadata>, key: &str, field: &str) -> Option<f64> {
-    match m?
-        .filter_metadata
-        .get(key)?
-        .fields
-        .get(field)?
-        .kind
-        .as_ref()?
-    {
+    match meta_kind(m, key, field)? {
         value::Kind::NumberValue(n) => Some(*n),
         _ => None,
     }
@@ -368,7 +375,7 @@ fn decode_lb_policies(p: &LoadBalancingPolicy) -> Result<LbPolicy, String> {
 }
 
 /// The xDS `Cluster` for a service (its endpoints go in the CLA).
-pub fn encode_cluster(c: &Cluster) -> XCluster {
+pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
     let (lb_policy, lb_config) = match c.lb {
         LbPolicy::LeastRequest {
             active_request_bias,
@@ -603,7 +610,7 @@ fn legacy_lb_policy(x: &XCluster) -> Result<LbPolicy, String> {
 
 /// Endpoints grouped by zone (one locality each), weights as
 /// `load_balancing_weight`, draining endpoints `DRAINING`.
-pub fn encode_cla(c: &Cluster) -> ClusterLoadAssignment {
+pub(crate) fn encode_cla(c: &Cluster) -> ClusterLoadAssignment {
     let mut by_zone: BTreeMap<&str, Vec<&Endpoint>> = BTreeMap::new();
     for e in &c.endpoints {
         by_zone
@@ -817,7 +824,7 @@ fn hcm(stat_prefix: &str, route_name: &str) -> HttpConnectionManager {
 
 /// Proxyless gRPC's listener for `xds:///<service>` (gRFC A27): an API
 /// listener whose route configuration is named after the service.
-pub fn grpc_api_listener(service: &str) -> Listener {
+pub(crate) fn grpc_api_listener(service: &str) -> Listener {
     Listener {
         name: service.to_owned(),
         api_listener: Some(ApiListener {
@@ -881,7 +888,7 @@ fn route_to(cluster: &Cluster) -> Route {
 }
 
 /// Proxyless gRPC's route configuration for one service.
-pub fn grpc_route(cluster: &Cluster) -> RouteConfiguration {
+pub(crate) fn grpc_route(cluster: &Cluster) -> RouteConfiguration {
     RouteConfiguration {
         name: cluster.name.clone(),
         virtual_hosts: vec![VirtualHost {
@@ -895,7 +902,7 @@ pub fn grpc_route(cluster: &Cluster) -> RouteConfiguration {
 }
 
 /// Stock Envoy's outbound listener: h2c/HTTP1 on `127.0.0.1:port`, routed by RDS.
-pub fn envoy_listener(port: u32) -> Listener {
+pub(crate) fn envoy_listener(port: u32) -> Listener {
     Listener {
         name: ENVOY_LISTENER.into(),
         address: Some(Address {
@@ -923,7 +930,7 @@ pub fn envoy_listener(port: u32) -> Listener {
 /// `tcp_proxy` that tunnels each connection as an HTTP/2 CONNECT stream to
 /// the service's sidecars (the same carriage Meshwire sidecars use). No idle
 /// timeout: Envoy's default of 1 h cuts long-lived quiet connections (MQTT).
-pub fn envoy_tcp_listener(cluster: &Cluster, port: u32) -> Listener {
+pub(crate) fn envoy_tcp_listener(cluster: &Cluster, port: u32) -> Listener {
     let name = format!("{ENVOY_TCP_LISTENER_PREFIX}{}", cluster.name);
     let proxy = TcpProxy {
         stat_prefix: name.clone(),
@@ -951,7 +958,7 @@ pub fn envoy_tcp_listener(cluster: &Cluster, port: u32) -> Listener {
 
 /// Stock Envoy's routes: one virtual host per HTTP (`grpc`, `http`) service,
 /// matched by authority (`greeter` and `greeter:<any port>`).
-pub fn envoy_route<'a>(clusters: impl Iterator<Item = &'a Cluster>) -> RouteConfiguration {
+pub(crate) fn envoy_route<'a>(clusters: impl Iterator<Item = &'a Cluster>) -> RouteConfiguration {
     RouteConfiguration {
         name: ENVOY_ROUTE.into(),
         virtual_hosts: clusters

@@ -301,37 +301,83 @@ fn control_plane() -> Option<ControlPlane> {
     })
 }
 
-// === State of the World ===
+// === the stream loop, shared by State of the World and Delta ===
 
+/// The parts of a request both variants read the same way.
+struct Head<'a> {
+    node: Option<&'a Node>,
+    type_url: &'a str,
+    response_nonce: &'a str,
+    error: Option<&'a str>,
+}
+
+/// What State of the World and Delta do differently. The stream loop, the
+/// node handshake and the ACK/NACK bookkeeping are [`AdsStream`]'s, once.
+trait Variant: Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    /// Per subscribed type, what the client has been sent.
+    type Sent: Default + Send;
+    /// What one response carries before it gets its version and nonce.
+    type Update;
+    /// For logs.
+    const NAME: &'static str;
+
+    fn head(r: &Self::Request) -> Head<'_>;
+
+    /// Applies a request's subscription changes to `sub`; `Some(force)` to push
+    /// now (`force`: even if nothing changed since the last push).
+    fn subscribe(
+        sub: &mut Sub<Self::Sent>,
+        type_url: &str,
+        first: bool,
+        r: Self::Request,
+    ) -> Option<bool>;
+
+    /// What to send of `items` (the resources the subscription selects), or
+    /// `None` when the client is up to date; records it as sent.
+    fn update(
+        sent: &mut Self::Sent,
+        type_url: &str,
+        items: Vec<(String, Any, u64)>,
+        force: bool,
+    ) -> Option<Self::Update>;
+
+    fn response(u: Self::Update, type_url: &str, version: &str, nonce: &str) -> Self::Response;
+}
+
+/// One subscribed type of one stream.
 #[derive(Debug, Default)]
-struct SotwSub {
+struct Sub<S> {
     interest: Interest,
+    /// The nonce of the last response; only a reply to it is an ACK or NACK.
     nonce: String,
     sent_version: String,
-    sent_hash: Option<u64>,
-    /// Per resource, the content last sent (EDS/RDS may be sent partially).
-    sent: BTreeMap<String, u64>,
+    sent: S,
 }
 
-/// In State of the World, only Listener and Cluster responses must carry every
-/// resource; for the others a response may carry just what changed (xDS
-/// protocol, "Grouping resources into responses"). With 10,000 endpoints a
-/// weight change then costs one CLA per client, not all of them.
-fn partial_updates(type_url: &str) -> bool {
-    type_url == ENDPOINT || type_url == ROUTE
-}
-
-struct SotwStream {
+struct AdsStream<V: Variant> {
     server: AdsServer,
     id: u64,
     node: Option<NodeInfo>,
-    subs: BTreeMap<String, SotwSub>,
+    subs: BTreeMap<String, Sub<V::Sent>>,
     nonce: u64,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Result<V::Response, Status>>,
 }
 
-impl SotwStream {
-    async fn run(mut self, mut incoming: Streaming<DiscoveryRequest>) {
+impl<V: Variant> AdsStream<V> {
+    fn new(server: &AdsServer, tx: mpsc::Sender<Result<V::Response, Status>>) -> Self {
+        Self {
+            server: server.clone(),
+            id: server.next_stream.fetch_add(1, Ordering::Relaxed),
+            node: None,
+            subs: BTreeMap::new(),
+            nonce: 0,
+            tx,
+        }
+    }
+
+    async fn run(mut self, mut incoming: Streaming<V::Request>) {
         let mut snapshots = self.server.snapshots.clone();
         let mut snap = snapshots.borrow_and_update().clone();
         loop {
@@ -343,7 +389,7 @@ impl SotwStream {
                         }
                     }
                     Some(Err(e)) => {
-                        tracing::debug!(stream = self.id, error = %e, "xDS stream error");
+                        tracing::debug!(stream = self.id, variant = V::NAME, error = %e, "xDS stream error");
                         break;
                     }
                     None => break,
@@ -353,15 +399,7 @@ impl SotwStream {
                         break;
                     }
                     snap = snapshots.borrow_and_update().clone();
-                    let types: Vec<String> = self.subs.keys().cloned().collect();
-                    let mut failed = false;
-                    for t in types {
-                        if self.push(&t, &snap, false).await.is_err() {
-                            failed = true;
-                            break;
-                        }
-                    }
-                    if failed {
+                    if self.push_all(&snap).await.is_err() {
                         break;
                     }
                 }
@@ -372,60 +410,56 @@ impl SotwStream {
         }
     }
 
-    async fn on_request(
-        &mut self,
-        r: DiscoveryRequest,
-        snap: &Arc<Snapshot>,
-    ) -> Result<(), StreamClosed> {
-        if self.node.is_none() {
-            let node = r.node.clone().unwrap_or_default();
-            self.server
-                .observer
-                .connected(self.id, &node.id, &node.cluster, &node.user_agent_name);
-            tracing::info!(stream = self.id, node = %node.id, service = %node.cluster, agent = %node.user_agent_name, "xDS stream (SotW)");
-            self.node = Some(NodeInfo::from(&node));
-        }
-        let type_url = r.type_url.clone();
-        let sub = self.subs.entry(type_url.clone()).or_default();
-        let initial = r.response_nonce.is_empty();
-        if !initial {
-            if r.response_nonce != sub.nonce {
-                // A reply to an older response; a newer one is in flight.
-                return Ok(());
-            }
-            match &r.error_detail {
-                Some(st) => {
-                    tracing::warn!(stream = self.id, type_url = %type_url, version = %sub.sent_version, error = %st.message, "NACK");
-                    self.server
-                        .observer
-                        .nacked(self.id, &type_url, &sub.sent_version, &st.message);
-                }
-                None => self
-                    .server
-                    .observer
-                    .acked(self.id, &type_url, &r.version_info),
-            }
-        }
-        let names: BTreeSet<String> = r
-            .resource_names
-            .iter()
-            .filter(|n| *n != "*")
-            .cloned()
-            .collect();
-        let interest = Interest {
-            wildcard: r.resource_names.iter().any(|n| n == "*")
-                || (r.resource_names.is_empty() && wildcard_default(&type_url)),
-            names,
-        };
-        let changed = interest != sub.interest;
-        sub.interest = interest;
-        if initial || changed {
-            self.push(&type_url, snap, true).await?;
+    async fn push_all(&mut self, snap: &Arc<Snapshot>) -> Result<(), StreamClosed> {
+        let types: Vec<String> = self.subs.keys().cloned().collect();
+        for t in types {
+            self.push(&t, snap, false).await?;
         }
         Ok(())
     }
 
-    /// Sends this type's resources if they changed since the last push (or `force`).
+    async fn on_request(
+        &mut self,
+        r: V::Request,
+        snap: &Arc<Snapshot>,
+    ) -> Result<(), StreamClosed> {
+        let head = V::head(&r);
+        if self.node.is_none() {
+            let node = head.node.cloned().unwrap_or_default();
+            self.server
+                .observer
+                .connected(self.id, &node.id, &node.cluster, &node.user_agent_name);
+            tracing::info!(stream = self.id, variant = V::NAME, node = %node.id, service = %node.cluster, agent = %node.user_agent_name, "xDS stream");
+            self.node = Some(NodeInfo::from(&node));
+        }
+        let type_url = head.type_url.to_owned();
+        let first = !self.subs.contains_key(&type_url);
+        let sub = self.subs.entry(type_url.clone()).or_default();
+        if !head.response_nonce.is_empty() {
+            if head.response_nonce != sub.nonce {
+                // A reply to an older response; a newer one is in flight.
+                return Ok(());
+            }
+            match head.error {
+                Some(error) => {
+                    tracing::warn!(stream = self.id, type_url = %type_url, version = %sub.sent_version, error = %error, "NACK");
+                    self.server
+                        .observer
+                        .nacked(self.id, &type_url, &sub.sent_version, error);
+                }
+                None => self
+                    .server
+                    .observer
+                    .acked(self.id, &type_url, &sub.sent_version),
+            }
+        }
+        match V::subscribe(sub, &type_url, first, r) {
+            Some(force) => self.push(&type_url, snap, force).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Sends this type's resources if the client lacks some (or `force`).
     async fn push(
         &mut self,
         type_url: &str,
@@ -437,37 +471,14 @@ impl SotwStream {
         let Some(sub) = self.subs.get_mut(type_url) else {
             return Ok(());
         };
-        let mut items = resources_for(&enc, type_url, &sub.interest, &node);
-        let h = set_hash(&items);
-        if !force && sub.sent_hash == Some(h) {
+        let items = resources_for(&enc, type_url, &sub.interest, &node);
+        let Some(update) = V::update(&mut sub.sent, type_url, items, force) else {
             return Ok(());
-        }
-        if partial_updates(type_url) {
-            let all: BTreeMap<String, u64> =
-                items.iter().map(|(n, _, v)| (n.clone(), *v)).collect();
-            if !force {
-                items.retain(|(n, _, v)| sub.sent.get(n) != Some(v));
-                if items.is_empty() {
-                    // Only removals: the client learns of those from CDS.
-                    sub.sent = all;
-                    sub.sent_hash = Some(h);
-                    return Ok(());
-                }
-            }
-            sub.sent = all;
-        }
+        };
         self.nonce += 1;
         sub.nonce = self.nonce.to_string();
         sub.sent_version = snap.version.to_string();
-        sub.sent_hash = Some(h);
-        let resp = DiscoveryResponse {
-            version_info: sub.sent_version.clone(),
-            resources: items.into_iter().map(|(_, a, _)| a).collect(),
-            type_url: type_url.to_owned(),
-            nonce: sub.nonce.clone(),
-            control_plane: control_plane(),
-            ..Default::default()
-        };
+        let resp = V::response(update, type_url, &sub.sent_version, &sub.nonce);
         self.server
             .observer
             .pushed(self.id, type_url, &sub.sent_version);
@@ -475,104 +486,139 @@ impl SotwStream {
     }
 }
 
-// === Delta ===
+// === State of the World ===
+
+#[derive(Debug)]
+struct Sotw;
 
 #[derive(Debug, Default)]
-struct DeltaSub {
-    interest: Interest,
-    /// Resource versions the client has (or told us it has).
-    known: BTreeMap<String, String>,
-    nonce: String,
-    sent_version: String,
+struct SotwSent {
+    hash: Option<u64>,
+    /// Per resource, the content last sent (EDS/RDS may be sent partially).
+    resources: BTreeMap<String, u64>,
 }
 
-struct DeltaStream {
-    server: AdsServer,
-    id: u64,
-    node: Option<NodeInfo>,
-    subs: BTreeMap<String, DeltaSub>,
-    nonce: u64,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+/// In State of the World, only Listener and Cluster responses must carry every
+/// resource; for the others a response may carry just what changed (xDS
+/// protocol, "Grouping resources into responses"). With 10,000 endpoints a
+/// weight change then costs one CLA per client, not all of them.
+fn partial_updates(type_url: &str) -> bool {
+    type_url == ENDPOINT || type_url == ROUTE
 }
 
-impl DeltaStream {
-    async fn run(mut self, mut incoming: Streaming<DeltaDiscoveryRequest>) {
-        let mut snapshots = self.server.snapshots.clone();
-        let mut snap = snapshots.borrow_and_update().clone();
-        loop {
-            tokio::select! {
-                req = incoming.next() => match req {
-                    Some(Ok(r)) => {
-                        if self.on_request(r, &snap).await.is_err() {
-                            break;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(stream = self.id, error = %e, "xDS delta stream error");
-                        break;
-                    }
-                    None => break,
-                },
-                changed = snapshots.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    snap = snapshots.borrow_and_update().clone();
-                    let types: Vec<String> = self.subs.keys().cloned().collect();
-                    let mut failed = false;
-                    for t in types {
-                        if self.push(&t, &snap).await.is_err() {
-                            failed = true;
-                            break;
-                        }
-                    }
-                    if failed {
-                        break;
-                    }
-                }
-            }
-        }
-        if self.node.is_some() {
-            self.server.observer.disconnected(self.id);
+impl Variant for Sotw {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    type Sent = SotwSent;
+    type Update = Vec<Any>;
+    const NAME: &'static str = "SotW";
+
+    fn head(r: &DiscoveryRequest) -> Head<'_> {
+        Head {
+            node: r.node.as_ref(),
+            type_url: &r.type_url,
+            response_nonce: &r.response_nonce,
+            error: r.error_detail.as_ref().map(|st| st.message.as_str()),
         }
     }
 
-    async fn on_request(
-        &mut self,
-        r: DeltaDiscoveryRequest,
-        snap: &Arc<Snapshot>,
-    ) -> Result<(), StreamClosed> {
-        if self.node.is_none() {
-            let node = r.node.clone().unwrap_or_default();
-            self.server
-                .observer
-                .connected(self.id, &node.id, &node.cluster, &node.user_agent_name);
-            tracing::info!(stream = self.id, node = %node.id, service = %node.cluster, agent = %node.user_agent_name, "xDS stream (delta)");
-            self.node = Some(NodeInfo::from(&node));
+    fn subscribe(
+        sub: &mut Sub<SotwSent>,
+        type_url: &str,
+        _first: bool,
+        r: DiscoveryRequest,
+    ) -> Option<bool> {
+        let interest = Interest {
+            wildcard: r.resource_names.iter().any(|n| n == "*")
+                || (r.resource_names.is_empty() && wildcard_default(type_url)),
+            names: r.resource_names.into_iter().filter(|n| n != "*").collect(),
+        };
+        let changed = interest != sub.interest;
+        sub.interest = interest;
+        // Every request that is not an ACK/NACK asks for the current state.
+        (r.response_nonce.is_empty() || changed).then_some(true)
+    }
+
+    fn update(
+        sent: &mut SotwSent,
+        type_url: &str,
+        mut items: Vec<(String, Any, u64)>,
+        force: bool,
+    ) -> Option<Vec<Any>> {
+        let h = set_hash(&items);
+        if !force && sent.hash == Some(h) {
+            return None;
         }
-        let type_url = r.type_url.clone();
-        let first = !self.subs.contains_key(&type_url);
-        let sub = self.subs.entry(type_url.clone()).or_default();
-        if !r.response_nonce.is_empty() {
-            if r.response_nonce != sub.nonce {
-                return Ok(());
-            }
-            match &r.error_detail {
-                Some(st) => {
-                    tracing::warn!(stream = self.id, type_url = %type_url, version = %sub.sent_version, error = %st.message, "NACK");
-                    self.server
-                        .observer
-                        .nacked(self.id, &type_url, &sub.sent_version, &st.message);
+        sent.hash = Some(h);
+        if partial_updates(type_url) {
+            let all: BTreeMap<String, u64> =
+                items.iter().map(|(n, _, v)| (n.clone(), *v)).collect();
+            let before = std::mem::replace(&mut sent.resources, all);
+            if !force {
+                items.retain(|(n, _, v)| before.get(n) != Some(v));
+                if items.is_empty() {
+                    // Only removals: the client learns of those from CDS.
+                    return None;
                 }
-                None => self
-                    .server
-                    .observer
-                    .acked(self.id, &type_url, &sub.sent_version),
             }
         }
+        Some(items.into_iter().map(|(_, a, _)| a).collect())
+    }
+
+    fn response(
+        resources: Vec<Any>,
+        type_url: &str,
+        version: &str,
+        nonce: &str,
+    ) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version_info: version.to_owned(),
+            resources,
+            type_url: type_url.to_owned(),
+            nonce: nonce.to_owned(),
+            control_plane: control_plane(),
+            ..Default::default()
+        }
+    }
+}
+
+// === Delta ===
+
+#[derive(Debug)]
+struct Delta;
+
+/// What one Delta response carries.
+struct DeltaUpdate {
+    resources: Vec<Resource>,
+    removed: Vec<String>,
+}
+
+impl Variant for Delta {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    /// Resource versions the client has (or told us it has).
+    type Sent = BTreeMap<String, String>;
+    type Update = DeltaUpdate;
+    const NAME: &'static str = "delta";
+
+    fn head(r: &DeltaDiscoveryRequest) -> Head<'_> {
+        Head {
+            node: r.node.as_ref(),
+            type_url: &r.type_url,
+            response_nonce: &r.response_nonce,
+            error: r.error_detail.as_ref().map(|st| st.message.as_str()),
+        }
+    }
+
+    fn subscribe(
+        sub: &mut Sub<Self::Sent>,
+        type_url: &str,
+        first: bool,
+        r: DeltaDiscoveryRequest,
+    ) -> Option<bool> {
         if first {
-            sub.known = r.initial_resource_versions.into_iter().collect();
-            if r.resource_names_subscribe.is_empty() && wildcard_default(&type_url) {
+            sub.sent = r.initial_resource_versions.into_iter().collect();
+            if r.resource_names_subscribe.is_empty() && wildcard_default(type_url) {
                 sub.interest.wildcard = true;
             }
         }
@@ -588,66 +634,65 @@ impl DeltaStream {
                 sub.interest.wildcard = false;
             } else {
                 sub.interest.names.remove(n);
-                sub.known.remove(n);
+                sub.sent.remove(n);
             }
         }
-        self.push(&type_url, snap).await
+        Some(false)
     }
 
-    /// Sends what this client does not have yet, and what it must remove.
-    async fn push(&mut self, type_url: &str, snap: &Arc<Snapshot>) -> Result<(), StreamClosed> {
-        let enc = self.server.encoded(snap);
-        let node = self.node.clone().unwrap_or_default();
-        let Some(sub) = self.subs.get_mut(type_url) else {
-            return Ok(());
-        };
-        let items = resources_for(&enc, type_url, &sub.interest, &node);
-        let current: BTreeMap<&str, (&Any, String)> = items
-            .iter()
-            .map(|(n, a, h)| (n.as_str(), (a, format!("{h:016x}"))))
+    /// What this client does not have yet, and what it must remove.
+    fn update(
+        known: &mut Self::Sent,
+        _type_url: &str,
+        items: Vec<(String, Any, u64)>,
+        _force: bool,
+    ) -> Option<DeltaUpdate> {
+        let current: BTreeMap<String, (Any, String)> = items
+            .into_iter()
+            .map(|(n, a, h)| (n, (a, format!("{h:016x}"))))
             .collect();
-        let mut resources = Vec::new();
-        for (name, (any, version)) in &current {
-            if sub.known.get(*name) != Some(version) {
-                resources.push(Resource {
-                    name: (*name).to_owned(),
-                    version: version.clone(),
-                    resource: Some((*any).clone()),
-                    ..Default::default()
-                });
-            }
-        }
-        let removed: Vec<String> = sub
-            .known
+        let removed: Vec<String> = known
             .keys()
             .filter(|n| !current.contains_key(n.as_str()))
             .cloned()
             .collect();
+        let resources: Vec<Resource> = current
+            .into_iter()
+            .filter(|(name, (_, version))| known.get(name) != Some(version))
+            .map(|(name, (any, version))| Resource {
+                name,
+                version,
+                resource: Some(any),
+                ..Default::default()
+            })
+            .collect();
         if resources.is_empty() && removed.is_empty() {
-            return Ok(());
+            return None;
         }
         for r in &resources {
-            sub.known.insert(r.name.clone(), r.version.clone());
+            known.insert(r.name.clone(), r.version.clone());
         }
         for n in &removed {
-            sub.known.remove(n);
+            known.remove(n);
         }
-        self.nonce += 1;
-        sub.nonce = self.nonce.to_string();
-        sub.sent_version = snap.version.to_string();
-        let resp = DeltaDiscoveryResponse {
-            system_version_info: sub.sent_version.clone(),
-            resources,
+        Some(DeltaUpdate { resources, removed })
+    }
+
+    fn response(
+        u: DeltaUpdate,
+        type_url: &str,
+        version: &str,
+        nonce: &str,
+    ) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            system_version_info: version.to_owned(),
+            resources: u.resources,
             type_url: type_url.to_owned(),
-            removed_resources: removed,
-            nonce: sub.nonce.clone(),
+            removed_resources: u.removed,
+            nonce: nonce.to_owned(),
             control_plane: control_plane(),
             ..Default::default()
-        };
-        self.server
-            .observer
-            .pushed(self.id, type_url, &sub.sent_version);
-        self.tx.send(Ok(resp)).await.map_err(|_| StreamClosed)
+        }
     }
 }
 
@@ -664,15 +709,7 @@ impl AggregatedDiscoveryService for AdsServer {
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<SotwResponses>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let stream = SotwStream {
-            server: self.clone(),
-            id: self.next_stream.fetch_add(1, Ordering::Relaxed),
-            node: None,
-            subs: BTreeMap::new(),
-            nonce: 0,
-            tx,
-        };
-        tokio::spawn(stream.run(req.into_inner()));
+        tokio::spawn(AdsStream::<Sotw>::new(self, tx).run(req.into_inner()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -681,15 +718,7 @@ impl AggregatedDiscoveryService for AdsServer {
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaResponses>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let stream = DeltaStream {
-            server: self.clone(),
-            id: self.next_stream.fetch_add(1, Ordering::Relaxed),
-            node: None,
-            subs: BTreeMap::new(),
-            nonce: 0,
-            tx,
-        };
-        tokio::spawn(stream.run(req.into_inner()));
+        tokio::spawn(AdsStream::<Delta>::new(self, tx).run(req.into_inner()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

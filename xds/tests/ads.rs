@@ -42,6 +42,10 @@ impl Observer {
     fn push(&self, e: String) {
         self.events.lock().unwrap().push(e);
     }
+    /// This exact event.
+    fn saw(&self, event: &str) -> bool {
+        self.events.lock().unwrap().iter().any(|e| e == event)
+    }
     fn has(&self, needle: &str) -> bool {
         self.events
             .lock()
@@ -67,10 +71,13 @@ fn short(t: &str) -> &str {
     t.rsplit('.').next().unwrap_or(t)
 }
 
-/// Records what is applied; rejects clusters named `reject-me`.
+/// Records what is applied; rejects clusters named `reject-me` (the whole
+/// update), and clusters with more than `max_endpoints` (that cluster alone,
+/// through `check`).
 #[derive(Default)]
 struct Sink {
     applied: Mutex<Vec<Vec<Cluster>>>,
+    max_endpoints: Option<usize>,
 }
 
 impl ConfigSink for Sink {
@@ -82,6 +89,16 @@ impl ConfigSink for Sink {
         }
         self.applied.lock().unwrap().push(clusters.to_vec());
         Ok(())
+    }
+
+    fn check(&self, c: &Cluster) -> Result<(), meshwire_xds::client::ApplyError> {
+        match self.max_endpoints {
+            Some(max) if c.endpoints.len() > max => Err(meshwire_xds::client::ApplyError(format!(
+                "{} endpoints, at most {max} here",
+                c.endpoints.len()
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -236,6 +253,58 @@ async fn rejected_update_is_nacked_and_last_good_keeps_serving() {
     })
     .await;
     assert_eq!(s.applied[0].endpoints[0].weight, 2);
+}
+
+/// One service this client refuses (too many endpoints) neither keeps a new
+/// client from becoming ready nor holds back updates of the others.
+#[tokio::test]
+async fn one_refused_cluster_never_blocks_readiness_or_the_others() {
+    let big = |n: u16| cluster("big", &(0..n).map(|i| (3001 + i, 1)).collect::<Vec<_>>());
+    let (addr, tx, obs, _server) =
+        serve(Snapshot::new(1, [cluster("a", &[(1001, 1)]), big(3)])).await;
+    let sink = Arc::new(Sink {
+        max_endpoints: Some(2),
+        ..Default::default()
+    });
+    let (mut status, _client) = start_client(addr, sink.clone());
+
+    let s = wait_for(&mut status, "ready without big", |s| s.warm).await;
+    assert_eq!(s.applied, vec![cluster("a", &[(1001, 1)])]);
+    assert!(s.rejected["big"].contains("3 endpoints"), "{s:?}");
+    assert!(s.warming.is_empty(), "{s:?}");
+    let nack = s.last_nack.expect("the refusal is reported");
+    assert!(nack.error.contains("\"big\""), "{nack:?}");
+    until(&obs, |o| o.has("nack 1 ClusterLoadAssignment 1")).await;
+
+    // A change to `a` reaches the client while `big` is still refused.
+    tx.send(Arc::new(Snapshot::new(
+        2,
+        [cluster("a", &[(1001, 5)]), big(3)],
+    )))
+    .unwrap();
+    let s = wait_for(&mut status, "a's new weight", |s| {
+        s.applied.first().map(|c| c.endpoints[0].weight) == Some(5)
+    })
+    .await;
+    assert_eq!(s.applied.len(), 1);
+
+    // Once `big` fits, it is applied and everything is ACKed.
+    tx.send(Arc::new(Snapshot::new(
+        3,
+        [cluster("a", &[(1001, 5)]), big(2)],
+    )))
+    .unwrap();
+    let s = wait_for(&mut status, "big applied", |s| {
+        s.eds_version.as_deref() == Some("3")
+    })
+    .await;
+    assert_eq!(s.applied.len(), 2);
+    assert!(s.rejected.is_empty(), "{s:?}");
+    for applied in sink.applied.lock().unwrap().iter() {
+        for c in applied {
+            assert!(c.endpoints.len() <= 2, "{c:?} applied over the limit");
+        }
+    }
 }
 
 #[tokio::test]
@@ -438,4 +507,121 @@ async fn sotw_eds_sends_only_changed_assignments() {
     assert_eq!(second.resources.len(), 1, "only the changed assignment");
     let (name, eps) = meshwire_xds::resources::decode_cla(&second.resources[0]).unwrap();
     assert_eq!((name.as_str(), eps[0].weight), ("a", 7));
+}
+
+/// SotW and Delta replies go through the same ACK/NACK path: a NACK or ACK
+/// of the latest response is reported with the version sent under that
+/// nonce, a reply to an older response is ignored.
+#[tokio::test]
+async fn sotw_and_delta_ack_nack_and_ignore_stale_replies_alike() {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+    let nack = |msg: &str| {
+        Some(RpcStatus {
+            message: msg.into(),
+            ..Default::default()
+        })
+    };
+    let node = || {
+        Some(Node {
+            id: "n".into(),
+            ..Default::default()
+        })
+    };
+    let (addr, tx, obs, _server) = serve(Snapshot::new(1, [cluster("a", &[(1001, 1)])])).await;
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+
+    // State of the World: stream 1.
+    let (sotw_tx, rx) = tokio::sync::mpsc::channel(8);
+    sotw_tx
+        .send(DiscoveryRequest {
+            node: node(),
+            type_url: CLUSTER.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut sotw = client
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let s1 = sotw.next().await.unwrap().unwrap();
+
+    // Delta: stream 2.
+    let (delta_tx, rx) = tokio::sync::mpsc::channel(8);
+    delta_tx
+        .send(DeltaDiscoveryRequest {
+            node: node(),
+            type_url: CLUSTER.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut delta = client
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let d1 = delta.next().await.unwrap().unwrap();
+
+    tx.send(Arc::new(Snapshot::new(
+        2,
+        [cluster("a", &[(1001, 1)]), cluster("b", &[(2001, 1)])],
+    )))
+    .unwrap();
+    let s2 = sotw.next().await.unwrap().unwrap();
+    let d2 = delta.next().await.unwrap().unwrap();
+
+    for (nonce, error) in [(&s1.nonce, nack("stale")), (&s2.nonce, nack("bad sotw"))] {
+        sotw_tx
+            .send(DiscoveryRequest {
+                type_url: CLUSTER.into(),
+                response_nonce: nonce.clone(),
+                error_detail: error,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    for (nonce, error) in [(&d1.nonce, nack("stale")), (&d2.nonce, nack("bad delta"))] {
+        delta_tx
+            .send(DeltaDiscoveryRequest {
+                type_url: CLUSTER.into(),
+                response_nonce: nonce.clone(),
+                error_detail: error,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    until(&obs, |o| {
+        o.has("nack 1 Cluster 2 bad sotw") && o.has("nack 2 Cluster 2 bad delta")
+    })
+    .await;
+    assert!(!obs.has("stale"), "a reply to an older response is ignored");
+
+    sotw_tx
+        .send(DiscoveryRequest {
+            type_url: CLUSTER.into(),
+            version_info: s2.version_info.clone(),
+            response_nonce: s2.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    delta_tx
+        .send(DeltaDiscoveryRequest {
+            type_url: CLUSTER.into(),
+            response_nonce: d2.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    until(&obs, |o| {
+        o.saw("ack 1 Cluster 2") && o.saw("ack 2 Cluster 2")
+    })
+    .await;
 }

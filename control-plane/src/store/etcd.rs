@@ -19,10 +19,10 @@
 //! Every replica so holds the same state at the same version; xDS versions
 //! come from it, so they are the same on every replica.
 //!
-//! The etcd v3 API is spoken through the tonic clients generated in
-//! `meshwire_proto::etcd` (the `etcd-client` crate needs a system `protoc` to
-//! build). Each URL gets its own lazily connected channel; a call that cannot
-//! reach one member goes to the next.
+//! The etcd v3 API is spoken through the `etcd-client` crate, one client per
+//! member on its own lazily connected tonic channel: fail-over is ours, so we
+//! know whether a write was sent (a call that cannot reach one member goes
+//! to the next; one that was sent and not answered is reported unconfirmed).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -32,17 +32,14 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use etcd_client::{
+    Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, KvClient, Txn, TxnOp,
+    WatchClient, WatchOptions,
+};
 use futures_util::future::BoxFuture;
-use meshwire_proto::etcd::etcdserverpb as pb;
-use meshwire_proto::etcd::etcdserverpb::kv_client::KvClient;
-use meshwire_proto::etcd::etcdserverpb::watch_client::WatchClient;
-use meshwire_proto::etcd::mvccpb;
-use pb::compare::{CompareResult, CompareTarget, TargetUnion};
-use pb::request_op::Request as Op;
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use super::{Change, EndpointRecord, Loaded, Remote, ServiceRecord, Store, StoreError, assemble};
 
@@ -135,10 +132,19 @@ impl EtcdConfig {
 
 // === the etcd client ===
 
+/// The clients of one member, sharing its channel.
+#[derive(Clone)]
+struct Member {
+    kv: KvClient,
+    /// Asks for etcd's `hasleader`: a member cut off from the leader cancels
+    /// the watch instead of going quiet.
+    watch: WatchClient,
+}
+
 /// One channel per member; calls go to the one that answered last.
 #[derive(Clone)]
 struct Client {
-    channels: Arc<[Channel]>,
+    members: Arc<[Member]>,
     current: Arc<AtomicUsize>,
     names: Arc<str>,
     timeout: Duration,
@@ -152,25 +158,46 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// Whether an error is about reaching etcd (connection refused or lost, no
-/// leader, timeouts) rather than about the request.
-fn unavailable(s: &tonic::Status) -> bool {
-    matches!(
-        s.code(),
-        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
-    ) || (s.code() == tonic::Code::Unknown && !s.message().contains("etcdserver:"))
+/// What a failed call tells about etcd.
+enum Failure {
+    /// Nothing could reach etcd: the request was never sent.
+    NotSent(String),
+    /// etcd (or the link to it) failed after the request was sent.
+    Unavailable(String),
+    /// etcd refused the request itself.
+    Refused(String),
 }
 
-/// Whether the request surely never reached etcd, so another member may be
-/// asked even for a write (one that was sent may have been applied).
-fn never_sent(s: &tonic::Status) -> bool {
-    s.code() == tonic::Code::Unavailable
-        && !s.message().contains("etcdserver:")
-        && (s.message().contains("connect") || s.message().contains("refused"))
+fn failure(e: &etcd_client::Error) -> Failure {
+    let etcd_client::Error::GRpcStatus(s) = e else {
+        return match e {
+            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
+                Failure::NotSent(e.to_string())
+            }
+            _ => Failure::Refused(e.to_string()),
+        };
+    };
+    let from_etcd = s.message().contains("etcdserver:");
+    let unavailable = matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+    ) || (s.code() == tonic::Code::Unknown && !from_etcd);
+    // Only a failed connection proves the request never left.
+    let never_sent = s.code() == tonic::Code::Unavailable
+        && !from_etcd
+        && (s.message().contains("connect") || s.message().contains("refused"));
+    let msg = s.message().to_owned();
+    if never_sent {
+        Failure::NotSent(msg)
+    } else if unavailable {
+        Failure::Unavailable(msg)
+    } else {
+        Failure::Refused(msg)
+    }
 }
 
 impl Client {
-    fn new(cfg: &EtcdConfig) -> Result<Self, StoreError> {
+    async fn new(cfg: &EtcdConfig) -> Result<Self, StoreError> {
         let open = |reason: String| StoreError::Open {
             path: format!("etcd {}", cfg.endpoints.join(",")),
             reason,
@@ -179,7 +206,7 @@ impl Client {
             Some(t) => Some(tls::connector(t).map_err(open)?),
             None => None,
         };
-        let mut channels = Vec::with_capacity(cfg.endpoints.len());
+        let mut members = Vec::with_capacity(cfg.endpoints.len());
         for url in &cfg.endpoints {
             let ep = Endpoint::from_shared(url.clone())
                 .map_err(|e| open(format!("{url}: {e}")))?
@@ -189,13 +216,29 @@ impl Client {
                 .http2_keep_alive_interval(Duration::from_secs(2))
                 .keep_alive_timeout(Duration::from_secs(3))
                 .keep_alive_while_idle(true);
-            channels.push(match &tls {
+            // Our connector does the TLS (tonic's own would need its TLS
+            // feature, which refuses https:// origins on custom connectors).
+            let channel = etcd_client::Channel::Tonic(match &tls {
                 Some(c) => ep.connect_with_connector_lazy(c.clone()),
                 None => ep.connect_lazy(),
             });
+            let client = |options| async {
+                etcd_client::Client::from_channel(channel.clone(), Some(options))
+                    .await
+                    .map_err(|e| open(format!("{url}: {e}")))
+            };
+            let kv = client(ConnectOptions::new())
+                .await?
+                .kv_client()
+                .max_decoding_message_size(256 << 20);
+            let watch = client(ConnectOptions::new().with_require_leader(true))
+                .await?
+                .watch_client()
+                .max_decoding_message_size(256 << 20);
+            members.push(Member { kv, watch });
         }
         Ok(Self {
-            channels: channels.into(),
+            members: members.into(),
             current: Arc::default(),
             names: cfg.endpoints.join(",").into(),
             timeout: cfg.request_timeout,
@@ -216,47 +259,43 @@ impl Client {
         }
     }
 
-    fn kv(&self, i: usize) -> KvClient<Channel> {
-        KvClient::new(self.channels[i].clone()).max_decoding_message_size(256 << 20)
-    }
-
     /// Runs `f` on the current member, then on the others while they cannot
-    /// be reached.
+    /// be reached (a write only while it surely was not sent).
     async fn call<T, F, Fut>(&self, write: bool, f: F) -> Result<T, StoreError>
     where
-        F: Fn(KvClient<Channel>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        F: Fn(KvClient) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let n = self.channels.len();
+        let n = self.members.len();
         let start = self.current.load(Ordering::Relaxed);
         let mut last = String::new();
         for k in 0..n {
             let i = (start + k) % n;
-            match tokio::time::timeout(self.timeout, f(self.kv(i))).await {
+            let outcome = tokio::time::timeout(self.timeout, f(self.members[i].kv.clone())).await;
+            let reason = match outcome {
                 Ok(Ok(r)) => {
                     self.current.store(i, Ordering::Relaxed);
-                    return Ok(r.into_inner());
+                    return Ok(r);
                 }
-                Ok(Err(s)) if never_sent(&s) || (!write && unavailable(&s)) => {
-                    last = s.message().to_owned();
-                }
-                // Sent, but not confirmed: it may still be applied. The
-                // next call tries the next member first.
-                Ok(Err(s)) if write && unavailable(&s) => {
-                    self.current.store((i + 1) % n, Ordering::Relaxed);
-                    return Err(self.unconfirmed(s.message()));
-                }
-                Ok(Err(s)) if unavailable(&s) => return Err(self.unavailable(s.message())),
-                Ok(Err(s)) => {
-                    return Err(StoreError::Database(format!("etcd: {}", s.message())));
-                }
+                Ok(Err(e)) => match failure(&e) {
+                    Failure::NotSent(m) => m,
+                    Failure::Unavailable(m) if !write => m,
+                    // Sent, but not confirmed: it may still be applied. The
+                    // next call tries the next member first.
+                    Failure::Unavailable(m) => {
+                        self.current.store((i + 1) % n, Ordering::Relaxed);
+                        return Err(self.unconfirmed(m));
+                    }
+                    Failure::Refused(m) => return Err(StoreError::Database(format!("etcd: {m}"))),
+                },
                 Err(_) if write => {
                     self.current.store((i + 1) % n, Ordering::Relaxed);
                     return Err(self
                         .unconfirmed(format!("no answer within {:?} (no quorum?)", self.timeout)));
                 }
-                Err(_) => last = format!("no answer within {:?}", self.timeout),
-            }
+                Err(_) => format!("no answer within {:?}", self.timeout),
+            };
+            last = reason;
         }
         Err(self.unavailable(last))
     }
@@ -306,38 +345,29 @@ fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("records serialize to JSON")
 }
 
-fn put(key: Vec<u8>, value: Vec<u8>) -> pb::RequestOp {
-    pb::RequestOp {
-        request: Some(Op::RequestPut(pb::PutRequest {
-            key,
-            value,
-            ..Default::default()
-        })),
-    }
+fn put(key: Vec<u8>, value: Vec<u8>) -> TxnOp {
+    TxnOp::put(key, value, None)
 }
 
-fn delete(key: Vec<u8>, range_end: Vec<u8>) -> pb::RequestOp {
-    pb::RequestOp {
-        request: Some(Op::RequestDeleteRange(pb::DeleteRangeRequest {
-            key,
-            range_end,
-            ..Default::default()
-        })),
-    }
+fn delete(key: Vec<u8>, range_end: Option<Vec<u8>>) -> TxnOp {
+    TxnOp::delete(
+        key,
+        range_end.map(|end| DeleteOptions::new().with_range(end)),
+    )
 }
 
 impl EtcdStore {
     /// Connects lazily: nothing is sent until the first call.
-    pub fn new(cfg: &EtcdConfig) -> Result<Self, StoreError> {
+    pub async fn new(cfg: &EtcdConfig) -> Result<Self, StoreError> {
         Ok(Self {
-            client: Client::new(cfg)?,
+            client: Client::new(cfg).await?,
             prefix: EtcdConfig::normalize_prefix(&cfg.prefix),
             closed: CancellationToken::new(),
             applied: Arc::default(),
         })
     }
 
-    fn ops_for(&self, change: &Change) -> Vec<pb::RequestOp> {
+    fn ops_for(&self, change: &Change) -> Vec<TxnOp> {
         let p = &self.prefix;
         match change {
             Change::ServiceCreated(c) | Change::ServiceUpdated(c) => vec![put(
@@ -349,8 +379,8 @@ impl EtcdStore {
                 let eps = key(p, &format!("{ENDPOINTS}{name}/"));
                 let end = range_end(&eps);
                 vec![
-                    delete(eps, end),
-                    delete(key(p, &format!("{SERVICES}{name}")), Vec::new()),
+                    delete(eps, Some(end)),
+                    delete(key(p, &format!("{SERVICES}{name}")), None),
                 ]
             }
             Change::EndpointAdded { service, endpoint }
@@ -359,7 +389,7 @@ impl EtcdStore {
                 to_json(&EndpointRecord::from(endpoint)),
             )],
             Change::EndpointRemoved { service, address } => {
-                vec![delete(endpoint_key(p, service, address), Vec::new())]
+                vec![delete(endpoint_key(p, service, address), None)]
             }
         }
     }
@@ -371,35 +401,31 @@ async fn load(client: &Client, prefix: &str) -> Result<Loaded, StoreError> {
     let end = range_end(&k);
     let resp = client
         .call(false, |mut kv| {
-            let req = pb::RangeRequest {
-                key: k.clone(),
-                range_end: end.clone(),
-                ..Default::default()
-            };
-            async move { kv.range(req).await }
+            let (k, end) = (k.clone(), end.clone());
+            async move { kv.get(k, Some(GetOptions::new().with_range(end))).await }
         })
         .await?;
-    let revision = resp.header.map(|h| h.revision).unwrap_or(0);
+    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let mut version = 0;
     let mut services = Vec::new();
     let mut endpoints: std::collections::BTreeMap<String, Vec<EndpointRecord>> = Default::default();
-    for kv in resp.kvs {
-        let full = String::from_utf8_lossy(&kv.key).into_owned();
+    for kv in resp.kvs() {
+        let full = String::from_utf8_lossy(kv.key()).into_owned();
         let rel = &full[prefix.len().min(full.len())..];
         let corrupt = |reason: String| StoreError::Corrupt {
             key: full.clone(),
             reason,
         };
         if rel == VERSION_KEY {
-            version = parse_version(&kv.value).map_err(corrupt)?;
+            version = parse_version(kv.value()).map_err(corrupt)?;
         } else if rel.starts_with(SERVICES) {
-            services.push(serde_json::from_slice(&kv.value).map_err(|e| corrupt(e.to_string()))?);
+            services.push(serde_json::from_slice(kv.value()).map_err(|e| corrupt(e.to_string()))?);
         } else if let Some(rest) = rel.strip_prefix(ENDPOINTS) {
             let (service, _) = rest
                 .split_once('/')
                 .ok_or_else(|| corrupt("key has no service".into()))?;
             let rec: EndpointRecord =
-                serde_json::from_slice(&kv.value).map_err(|e| corrupt(e.to_string()))?;
+                serde_json::from_slice(kv.value()).map_err(|e| corrupt(e.to_string()))?;
             endpoints.entry(service.to_owned()).or_default().push(rec);
         } else {
             tracing::debug!(key = %full, "unknown key under the prefix ignored");
@@ -443,43 +469,27 @@ impl Store for EtcdStore {
             let version_key = key(&self.prefix, VERSION_KEY);
             let guard = if base == 0 {
                 // Version 0 is the key not existing yet.
-                pb::Compare {
-                    result: CompareResult::Equal as i32,
-                    target: CompareTarget::Version as i32,
-                    key: version_key.clone(),
-                    target_union: Some(TargetUnion::Version(0)),
-                    ..Default::default()
-                }
+                Compare::version(version_key.clone(), CompareOp::Equal, 0)
             } else {
-                pb::Compare {
-                    result: CompareResult::Equal as i32,
-                    target: CompareTarget::Value as i32,
-                    key: version_key.clone(),
-                    target_union: Some(TargetUnion::Value(base.to_string().into_bytes())),
-                    ..Default::default()
-                }
+                Compare::value(version_key.clone(), CompareOp::Equal, base.to_string())
             };
             let next = base + 1;
             let mut success = self.ops_for(change);
             success.push(put(version_key, next.to_string().into_bytes()));
-            let req = pb::TxnRequest {
-                compare: vec![guard],
-                success,
-                failure: Vec::new(),
-            };
+            let txn = Txn::new().when([guard]).and_then(success);
             let resp = self
                 .client
                 .call(true, |mut kv| {
-                    let req = req.clone();
-                    async move { kv.txn(req).await }
+                    let txn = txn.clone();
+                    async move { kv.txn(txn).await }
                 })
                 .await?;
-            if !resp.succeeded {
+            if !resp.succeeded() {
                 return Err(StoreError::Conflict { base });
             }
             tracing::debug!(
                 version = next,
-                revision = resp.header.map(|h| h.revision).unwrap_or(0),
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0),
                 service = change.service(),
                 "committed to etcd"
             );
@@ -566,7 +576,7 @@ async fn follow(
             WatchEnd::Failed(reason) => {
                 tracing::warn!(revision, member, %reason, "etcd watch broken; resuming");
                 // The next attempt goes to another member.
-                member = (member + 1) % client.channels.len();
+                member = (member + 1) % client.members.len();
             }
         }
         failures = failures.saturating_add(1);
@@ -590,50 +600,34 @@ async fn watch_once(
     applied: &AtomicI64,
 ) -> WatchEnd {
     let k = prefix.as_bytes().to_vec();
-    let create = pb::WatchRequest {
-        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
-            pb::WatchCreateRequest {
-                range_end: range_end(&k),
-                key: k,
-                start_revision: *revision + 1,
-                progress_notify: true,
-                ..Default::default()
-            },
-        )),
-    };
-    // The request side stays open for as long as we watch.
-    let requests = tokio_stream::iter([create]).chain(futures_util::stream::pending());
-    let mut req = tonic::Request::new(requests);
-    // A member cut off from the leader cancels the watch instead of going quiet.
-    req.metadata_mut().insert(
-        "hasleader",
-        tonic::metadata::MetadataValue::from_static("true"),
-    );
-    let mut watch =
-        WatchClient::new(client.channels[member].clone()).max_decoding_message_size(256 << 20);
-    let mut stream = match watch.watch(req).await {
-        Ok(r) => r.into_inner(),
-        Err(s) => return WatchEnd::Failed(s.message().to_owned()),
+    let options = WatchOptions::new()
+        .with_range(range_end(&k))
+        .with_start_revision(*revision + 1)
+        .with_progress_notify();
+    let mut watch = client.members[member].watch.clone();
+    let mut stream = match watch.watch(k, Some(options)).await {
+        Ok(s) => s,
+        Err(e) => return WatchEnd::Failed(e.to_string()),
     };
     loop {
-        let resp = match stream.next().await {
-            Some(Ok(r)) => r,
-            Some(Err(s)) => return WatchEnd::Failed(s.message().to_owned()),
-            None => return WatchEnd::Failed("stream ended".into()),
+        let resp = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return WatchEnd::Failed("stream ended".into()),
+            Err(e) => return WatchEnd::Failed(e.to_string()),
         };
-        if resp.compact_revision > 0 {
-            return WatchEnd::Compacted(resp.compact_revision);
+        if resp.compact_revision() > 0 {
+            return WatchEnd::Compacted(resp.compact_revision());
         }
-        if resp.canceled {
-            return WatchEnd::Failed(format!("watch canceled: {}", resp.cancel_reason));
+        if resp.canceled() {
+            return WatchEnd::Failed(format!("watch canceled: {}", resp.cancel_reason()));
         }
-        if resp.created {
+        if resp.created() {
             tracing::debug!(member, from = *revision + 1, "etcd watch started");
         }
-        let header_rev = resp.header.map(|h| h.revision).unwrap_or(0);
-        for commit in group(prefix, resp.events) {
-            let rev = commit.0;
-            if let Some(remote) = commit.1
+        let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let events: Vec<Ev<'_>> = resp.events().iter().filter_map(Ev::from_etcd).collect();
+        for (rev, remote) in group(prefix, &events) {
+            if let Some(remote) = remote
                 && tx.send(remote).await.is_err()
             {
                 return WatchEnd::Closed;
@@ -642,24 +636,48 @@ async fn watch_once(
             applied.store(rev, Ordering::Relaxed);
         }
         // A progress notification: nothing under the prefix up to here.
-        if header_rev > *revision && !resp.fragment {
+        if header_rev > *revision {
             *revision = header_rev;
             applied.store(header_rev, Ordering::Relaxed);
         }
     }
 }
 
+/// One watch event, as [`group`] reads it.
+#[derive(Debug, Clone, Copy)]
+struct Ev<'a> {
+    put: bool,
+    key: &'a [u8],
+    value: &'a [u8],
+    /// The etcd revision of the write.
+    revision: i64,
+    /// etcd's per-key version: 1 is a new key.
+    version: i64,
+}
+
+impl<'a> Ev<'a> {
+    fn from_etcd(e: &'a etcd_client::Event) -> Option<Self> {
+        let kv = e.kv()?;
+        Some(Ev {
+            put: e.event_type() == EventType::Put,
+            key: kv.key(),
+            value: kv.value(),
+            revision: kv.mod_revision(),
+            version: kv.version(),
+        })
+    }
+}
+
 /// Splits a watch response's events into commits (one etcd revision each),
 /// turned into the changes they make. A revision without our version key was
 /// not written by a control plane and is skipped (logged).
-fn group(prefix: &str, events: Vec<mvccpb::Event>) -> Vec<(i64, Option<Remote>)> {
+fn group(prefix: &str, events: &[Ev<'_>]) -> Vec<(i64, Option<Remote>)> {
     let mut out: Vec<(i64, Option<Remote>)> = Vec::new();
     let mut i = 0;
     while i < events.len() {
-        let rev = events[i].kv.as_ref().map(|k| k.mod_revision).unwrap_or(0);
+        let rev = events[i].revision;
         let mut j = i;
-        while j < events.len() && events[j].kv.as_ref().map(|k| k.mod_revision).unwrap_or(0) == rev
-        {
+        while j < events.len() && events[j].revision == rev {
             j += 1;
         }
         out.push((rev, to_commit(prefix, rev, &events[i..j])));
@@ -668,35 +686,34 @@ fn group(prefix: &str, events: Vec<mvccpb::Event>) -> Vec<(i64, Option<Remote>)>
     out
 }
 
-fn to_commit(prefix: &str, revision: i64, events: &[mvccpb::Event]) -> Option<Remote> {
+fn to_commit(prefix: &str, revision: i64, events: &[Ev<'_>]) -> Option<Remote> {
     let mut version = None;
     let mut changes = Vec::new();
     let mut deleted_services: Vec<String> = Vec::new();
     let mut removed: Vec<(String, std::net::SocketAddr)> = Vec::new();
     for ev in events {
-        let Some(kv) = &ev.kv else { continue };
-        let full = String::from_utf8_lossy(&kv.key);
+        let full = String::from_utf8_lossy(ev.key);
         let Some(rel) = full.strip_prefix(prefix) else {
             continue;
         };
-        let is_put = ev.r#type == mvccpb::event::EventType::Put as i32;
+        let is_put = ev.put;
         let bad = |reason: String| {
             tracing::error!(key = %full, revision, %reason, "unreadable change in etcd skipped");
         };
         if rel == VERSION_KEY {
             if is_put {
-                match parse_version(&kv.value) {
+                match parse_version(ev.value) {
                     Ok(v) => version = Some(v),
                     Err(e) => bad(e),
                 }
             }
         } else if let Some(name) = rel.strip_prefix(SERVICES) {
             if is_put {
-                match serde_json::from_slice::<ServiceRecord>(&kv.value) {
+                match serde_json::from_slice::<ServiceRecord>(ev.value) {
                     Ok(r) => {
                         let c = r.into_cluster();
                         // etcd's per-key version: 1 is a new key.
-                        changes.push(if kv.version == 1 {
+                        changes.push(if ev.version == 1 {
                             Change::ServiceCreated(c)
                         } else {
                             Change::ServiceUpdated(c)
@@ -713,9 +730,9 @@ fn to_commit(prefix: &str, revision: i64, events: &[mvccpb::Event]) -> Option<Re
                 continue;
             };
             if is_put {
-                match serde_json::from_slice::<EndpointRecord>(&kv.value) {
+                match serde_json::from_slice::<EndpointRecord>(ev.value) {
                     Ok(r) => {
-                        let change = if kv.version == 1 {
+                        let change = if ev.version == 1 {
                             Change::EndpointAdded {
                                 service: service.to_owned(),
                                 endpoint: r.into(),
@@ -878,44 +895,35 @@ mod tests {
         assert_eq!(EtcdConfig::normalize_prefix("mesh"), "mesh/");
     }
 
-    fn ev(
-        kind: mvccpb::event::EventType,
-        key: &str,
-        rev: i64,
-        version: i64,
-        value: &[u8],
-    ) -> mvccpb::Event {
-        mvccpb::Event {
-            r#type: kind as i32,
-            kv: Some(mvccpb::KeyValue {
-                key: key.as_bytes().to_vec(),
-                mod_revision: rev,
-                version,
-                value: value.to_vec(),
-                ..Default::default()
-            }),
-            prev_kv: None,
+    fn ev<'a>(put: bool, key: &'a str, revision: i64, version: i64, value: &'a [u8]) -> Ev<'a> {
+        Ev {
+            put,
+            key: key.as_bytes(),
+            value,
+            revision,
+            version,
         }
     }
 
     #[test]
     fn watch_events_become_commits() {
-        use mvccpb::event::EventType::{Delete, Put};
+        const PUT: bool = true;
+        const DELETE: bool = false;
         let ep = to_json(&EndpointRecord::from(&meshwire_mesh::Endpoint::new(
             "10.0.0.1:80".parse().unwrap(),
         )));
         let svc = to_json(&ServiceRecord::from(&meshwire_mesh::Cluster::new("a")));
         let events = vec![
-            ev(Put, "/m/services/a", 5, 1, &svc),
-            ev(Put, "/m/version", 5, 1, b"1"),
-            ev(Put, "/m/endpoints/a/10.0.0.1:80", 6, 1, &ep),
-            ev(Put, "/m/version", 6, 2, b"2"),
-            ev(Delete, "/m/endpoints/a/10.0.0.1:80", 7, 0, b""),
-            ev(Delete, "/m/services/a", 7, 0, b""),
-            ev(Put, "/m/version", 7, 3, b"3"),
-            ev(Put, "/m/stray", 8, 1, b"x"),
+            ev(PUT, "/m/services/a", 5, 1, &svc),
+            ev(PUT, "/m/version", 5, 1, b"1"),
+            ev(PUT, "/m/endpoints/a/10.0.0.1:80", 6, 1, &ep),
+            ev(PUT, "/m/version", 6, 2, b"2"),
+            ev(DELETE, "/m/endpoints/a/10.0.0.1:80", 7, 0, b""),
+            ev(DELETE, "/m/services/a", 7, 0, b""),
+            ev(PUT, "/m/version", 7, 3, b"3"),
+            ev(PUT, "/m/stray", 8, 1, b"x"),
         ];
-        let got = group("/m/", events);
+        let got = group("/m/", &events);
         assert_eq!(got.len(), 4);
         assert!(
             matches!(&got[0].1, Some(Remote::Commit { version: 1, revision: 5, changes }) if matches!(changes[..], [Change::ServiceCreated(_)]))

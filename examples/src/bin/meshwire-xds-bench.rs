@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
+use meshwire_control_plane::auth::Bearer;
 use meshwire_mesh::Cluster;
 use meshwire_proto::admin::v1::mesh_admin_client::MeshAdminClient;
 use meshwire_proto::admin::v1::{
@@ -27,7 +28,6 @@ use meshwire_proto::admin::v1::{
 };
 use meshwire_xds::client::{self, ClientConfig, ClientStatus, ConfigSink};
 use tokio::sync::watch;
-use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -61,17 +61,7 @@ impl ConfigSink for Accept {
     }
 }
 
-type Admin = MeshAdminClient<InterceptedService<Channel, Auth>>;
-
-#[derive(Clone)]
-struct Auth(MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut().insert("authorization", self.0.clone());
-        Ok(r)
-    }
-}
+type Admin = MeshAdminClient<InterceptedService<Channel, Bearer>>;
 
 struct Cp {
     child: Child,
@@ -151,8 +141,8 @@ async fn main() -> anyhow::Result<()> {
     let channel = tonic::transport::Endpoint::from_shared(server.clone())?
         .connect()
         .await?;
-    let auth = Auth(format!("Bearer {}", token.trim()).parse()?);
-    let mut admin: Admin = MeshAdminClient::with_interceptor(channel, auth);
+    let mut admin: Admin =
+        MeshAdminClient::with_interceptor(channel, Bearer::new(Some(token.trim()))?);
 
     // Populate: services, then endpoints (each an API call, as an operator would).
     let t = Instant::now();

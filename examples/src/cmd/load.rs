@@ -36,6 +36,9 @@ struct Args {
     /// Stop after this long and print a summary (default: until SIGTERM/SIGINT).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
+    /// Stop after this many calls in all and print a summary.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    calls: Option<u64>,
     /// Before calling, wait until the sidecar whose admin port this is reports ready.
     #[arg(long)]
     wait_ready: Option<String>,
@@ -120,6 +123,7 @@ pub async fn main() -> ExitCode {
             concurrency: usize::from(args.concurrency),
             rate: args.rate,
             timeout: args.timeout,
+            calls: args.calls,
         },
     );
     let started = Instant::now();
@@ -128,6 +132,7 @@ pub async fn main() -> ExitCode {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            () = load.finished() => break,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

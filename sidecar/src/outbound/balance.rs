@@ -24,7 +24,11 @@
 //!   a key is balanced by least request.
 //!
 //! Draining endpoints get no calls; endpoints backing off after failed
-//! connects are skipped while any other can be used.
+//! connects, and endpoints the outlier detector ejected, are skipped while
+//! any other can be used (past the ejection share: panic mode, all count).
+//! An ejected endpoint whose time is up takes exactly one call, the probe.
+//! Recent consecutive failures count as outstanding calls, so an endpoint
+//! that fails fast never looks like the least loaded one.
 
 use std::sync::{Arc, Mutex};
 
@@ -32,6 +36,7 @@ use meshwire_mesh::LbPolicy;
 
 use super::hash::{self, BoundedLoad, HashTable};
 use crate::endpoint::Endpoint;
+use crate::outlier::{Admit, ClusterHealth};
 
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -60,11 +65,12 @@ struct Hashing {
 pub struct EndpointSet {
     entries: Vec<Entry>,
     picker: Picker,
+    health: Arc<ClusterHealth>,
     hashing: Option<Hashing>,
 }
 
 impl EndpointSet {
-    pub fn new(entries: Vec<Entry>, lb: LbPolicy) -> Self {
+    pub fn new(entries: Vec<Entry>, lb: LbPolicy, health: Arc<ClusterHealth>) -> Self {
         let equal = entries.windows(2).all(|w| w[0].weight == w[1].weight);
         let stride = |bias| Picker::Stride {
             bias,
@@ -107,6 +113,7 @@ impl EndpointSet {
             entries,
             picker,
             hashing,
+            health,
         }
     }
 
@@ -129,6 +136,11 @@ impl EndpointSet {
     /// already failed this call). `None` when nothing can take it. `key` is
     /// the call's hash key, for consistent-hash sets.
     pub fn pick(&self, exclude: &[usize], key: Option<u64>) -> Option<usize> {
+        if self.health.any_ejected()
+            && let Some(i) = self.probe(exclude)
+        {
+            return Some(i);
+        }
         if let (Some(h), Some(key)) = (&self.hashing, key) {
             return self.pick_hash(h, key, exclude);
         }
@@ -141,11 +153,37 @@ impl EndpointSet {
         }
     }
 
+    /// Whether an endpoint outside `exclude` could still take a call.
+    pub fn has_other(&self, exclude: &[usize]) -> bool {
+        (0..self.entries.len()).any(|i| !self.entries[i].draining && !exclude.contains(&i))
+    }
+
+    /// An ejected endpoint whose ejection is over, claimed as the one probe.
+    fn probe(&self, exclude: &[usize]) -> Option<usize> {
+        (0..self.entries.len()).find(|&i| {
+            let e = &self.entries[i];
+            // A probe only once the pool can connect again.
+            !e.draining
+                && !exclude.contains(&i)
+                && e.endpoint.outlier.is_out()
+                && e.endpoint.pool.is_available()
+                && e.endpoint.outlier.admit() == Admit::Probe
+        })
+    }
+
     /// The one "may this endpoint take a call" check every picker uses
     /// (hashing included): not draining, not backing off, not already tried.
     fn usable(&self, i: usize, exclude: &[usize]) -> bool {
         let e = &self.entries[i];
-        !e.draining && e.endpoint.pool.is_available() && !exclude.contains(&i)
+        !e.draining
+            && e.endpoint.pool.is_available()
+            && !exclude.contains(&i)
+            && (!e.endpoint.outlier.is_out() || self.health.panic())
+    }
+
+    /// Outstanding calls plus recent consecutive failures.
+    fn load(&self, i: usize) -> usize {
+        self.entries[i].endpoint.outstanding()
     }
 
     fn pick_hash(&self, h: &Hashing, key: u64, exclude: &[usize]) -> Option<usize> {
@@ -174,7 +212,7 @@ impl EndpointSet {
     fn last_resort(&self, exclude: &[usize]) -> Option<usize> {
         (0..self.entries.len())
             .filter(|&i| !self.entries[i].draining && !exclude.contains(&i))
-            .min_by_key(|&i| self.entries[i].endpoint.outstanding())
+            .min_by_key(|&i| self.load(i))
     }
 
     fn pick_p2c(&self, exclude: &[usize]) -> Option<usize> {
@@ -195,15 +233,12 @@ impl EndpointSet {
             b += 1;
         }
         match (self.usable(a, exclude), self.usable(b, exclude)) {
-            (true, true) => {
-                let out = |i: usize| self.entries[i].endpoint.outstanding();
-                Some(if out(b) < out(a) { b } else { a })
-            }
+            (true, true) => Some(if self.load(b) < self.load(a) { b } else { a }),
             (true, false) => Some(a),
             (false, true) => Some(b),
             (false, false) => (0..n)
                 .filter(|&i| self.usable(i, exclude))
-                .min_by_key(|&i| self.entries[i].endpoint.outstanding())
+                .min_by_key(|&i| self.load(i))
                 .or_else(|| self.last_resort(exclude)),
         }
     }
@@ -227,7 +262,7 @@ impl EndpointSet {
         }
         let e = &self.entries[best];
         let w = f64::from(e.weight);
-        let load = 1.0 + e.endpoint.outstanding() as f64 / w;
+        let load = 1.0 + self.load(best) as f64 / w;
         let effective = if bias == 0.0 {
             w
         } else if bias == 1.0 {
@@ -259,6 +294,8 @@ mod tests {
 
     fn set(weights: &[u32], lb: LbPolicy) -> EndpointSet {
         let settings = Arc::new(H2Settings::default());
+        let health = ClusterHealth::new(crate::outlier::OutlierSettings::default());
+        health.update(Default::default(), weights.len());
         let entries = weights
             .iter()
             .enumerate()
@@ -270,13 +307,14 @@ mod tests {
                         Connector::default(),
                         Duration::from_secs(1),
                         settings.clone(),
+                        health.clone(),
                     ),
                     weight: w,
                     draining: false,
                 }
             })
             .collect();
-        EndpointSet::new(entries, lb)
+        EndpointSet::new(entries, lb, health)
     }
 
     /// Returns each endpoint's share of `calls` calls, in percent.

@@ -24,17 +24,19 @@ use http::uri::Scheme;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use crate::body::{RequestBody, ResponseBody};
-use crate::grpc;
+use crate::call::Call;
 use crate::proxy::{self, CallShape, SendError};
 use crate::respond::ProxyError;
-use crate::telemetry::{CallTrace, Direction, Telemetry};
+use crate::telemetry::metrics::NotProcessed;
+use crate::telemetry::{AttemptSpan, Direction, Telemetry};
 use route::{ClusterState, Routes};
 
-/// Attempts per call: the first pick and up to two fail-overs, made only when
-/// nothing was sent (connect failures, a connection closed under us).
+/// Attempts per call: the first pick and up to two fail-overs to other
+/// endpoints, made only when the call certainly never reached an app
+/// (connect failures, a connection closed under us, GOAWAY, REFUSED_STREAM
+/// from a peer sidecar whose app is down), whatever the method (gRFC A6).
 const MAX_ATTEMPTS: usize = 3;
 
 /// The outbound handler shared by every outbound listener.
@@ -141,24 +143,16 @@ impl Outbound {
         fixed: Option<&str>,
         peer: Option<IpAddr>,
     ) -> Response<ResponseBody> {
-        let grpc = grpc::is_grpc(req.headers());
-        let version = req.version();
-        match self.proxy(req, fixed, grpc, peer).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.telemetry.metrics.error(Direction::Outbound, e.kind());
-                let mut r = e.into_response(grpc);
-                *r.version_mut() = version;
-                r
-            }
-        }
+        let call = Call::of(&req, Direction::Outbound);
+        let result = self.proxy(req, fixed, call, peer).await;
+        call.respond(result, &self.telemetry)
     }
 
     async fn proxy(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         fixed: Option<&str>,
-        grpc: bool,
+        call: Call,
         peer: Option<IpAddr>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         if let Some(gate) = &self.gate {
@@ -178,39 +172,38 @@ impl Outbound {
                 .ok_or_else(|| ProxyError::UnknownService(name.to_owned()))?
         };
         crate::http1::check_request(&req, cluster.protocol)?;
-        let timeout = proxy::call_timeout(req.headers(), cluster.request_timeout);
-        let shape = CallShape {
-            grpc,
-            downstream: req.version(),
-            deadline: timeout.map(|t| Instant::now() + t),
-        };
-        let mut trace =
-            self.telemetry
-                .client_span(req.headers(), &cluster.name, req.uri().path(), grpc);
-        let key = hash::call_key(&cluster.hash_policy, req.headers(), peer, grpc);
-        let call = self.dispatch(&cluster, req, shape, key, &mut trace);
-        let result = match timeout {
-            Some(t) => tokio::time::timeout(t, call)
-                .await
-                .unwrap_or(Err(ProxyError::DeadlineExceeded(t))),
-            None => call.await,
-        };
-        // On success the span went with the response body.
-        if let (Err(e), Some(t)) = (&result, trace.as_mut()) {
-            t.finish(e.code() as u8);
+        if crate::websocket::is_upgrade(&req) {
+            let authority = fixed.map_or_else(
+                || {
+                    proxy::request_authority(&req)
+                        .map(proxy::host_of)
+                        .unwrap_or(&cluster.name)
+                        .to_owned()
+                },
+                str::to_owned,
+            );
+            return crate::websocket::outbound(req, &cluster, &authority).await;
         }
-        result
+        let timeout = proxy::call_timeout(req.headers(), cluster.request_timeout);
+        proxy::prepare_request(&mut req, &self.scheme, cluster.authority.as_ref())?;
+        let trace =
+            self.telemetry
+                .client_span(req.headers(), &cluster.name, req.uri().path(), call.grpc());
+        let key = hash::call_key(&cluster.hash_policy, req.headers(), peer, call.grpc());
+        call.run(timeout, trace, req, |req, shape, span| {
+            self.dispatch(&cluster, req, shape, key, span)
+        })
+        .await
     }
 
     async fn dispatch(
         &self,
         cluster: &ClusterState,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         shape: CallShape,
         key: hash::CallKey,
-        trace: &mut Option<Box<CallTrace>>,
+        span: Option<AttemptSpan>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        proxy::prepare_request(&mut req, &self.scheme, cluster.authority.as_ref())?;
         let mut req = req.map(RequestBody::Incoming);
         let set = cluster.endpoints.load_full();
         if set.is_empty() {
@@ -225,20 +218,29 @@ impl Outbound {
             tried[attempt] = i;
             let endpoint = &set.entries()[i].endpoint;
             // Counted from here: waiting for a connection is outstanding work.
-            let guard = endpoint.start_call();
+            let mut guard = endpoint.start_call();
             let lease = match endpoint.pool.acquire().await {
                 Ok(l) => l,
                 Err(e) => {
+                    // Backing off is the pool's own verdict (the endpoint is
+                    // already skipped while unavailable), not a new failure.
+                    if !matches!(e, crate::connect::ConnectError::BackingOff { .. }) {
+                        guard.not_processed();
+                    }
                     tracing::debug!(service = %cluster.name, endpoint = %endpoint.addr, error = %e, attempt, "failing over");
+                    self.telemetry
+                        .metrics
+                        .transparent_retry(NotProcessed::Connect);
                     last_error = Some(e);
                     continue;
                 }
             };
-            if let Some(t) = trace.as_deref() {
-                t.endpoint(endpoint.addr, attempt + 1);
-                t.inject(req.headers_mut());
+            if let Some(s) = &span {
+                s.endpoint(endpoint.addr, attempt + 1);
             }
-            match proxy::send(lease, guard, req, shape, trace).await {
+            // A refused call can go elsewhere only if an attempt and an endpoint are left.
+            let replayable = attempt + 1 < MAX_ATTEMPTS && set.has_other(&tried[..=attempt]);
+            match proxy::send(lease, guard, req, shape, replayable).await {
                 Ok(mut resp) => {
                     if let Some(c) = key.set_cookie {
                         resp.headers_mut().append(http::header::SET_COOKIE, c);
@@ -247,7 +249,10 @@ impl Outbound {
                 }
                 Err(SendError::Failed(e)) => return Err(e),
                 Err(SendError::NotSent(r)) => {
-                    tracing::debug!(service = %cluster.name, endpoint = %endpoint.addr, attempt, "connection closed before send; failing over");
+                    tracing::debug!(service = %cluster.name, endpoint = %endpoint.addr, attempt, "not processed upstream; failing over");
+                    self.telemetry
+                        .metrics
+                        .transparent_retry(NotProcessed::Refused);
                     req = *r;
                 }
             }

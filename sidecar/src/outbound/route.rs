@@ -1,7 +1,7 @@
 //! The outbound route table: service name → cluster, swapped atomically on
 //! every config change.
 //!
-//! Applying a new config diffs endpoints by address: an endpoint that stays
+//! Each update diffs endpoints by address: an endpoint that stays
 //! keeps its [`Endpoint`] (connections, outstanding count, counters), so a
 //! weight change or an unrelated push drops nothing in flight. Removed
 //! endpoints leave the table; their connections close once the calls still
@@ -17,10 +17,11 @@ use http::uri::Authority;
 use meshwire_mesh::{Cluster, HashSource, LbPolicy, ModelError, Protocol};
 
 use super::balance::{EndpointSet, Entry};
-use crate::authz::{Authz, LocalPolicy};
 use crate::connect::Connector;
 use crate::endpoint::Endpoint;
+use crate::outlier::{ClusterHealth, OutlierSettings};
 use crate::pool::H2Settings;
+use crate::telemetry::metrics::EndpointSource;
 
 /// One service as the outbound side runs it.
 #[derive(Debug)]
@@ -35,6 +36,8 @@ pub struct ClusterState {
     /// Parsed once: the `:authority` to send upstream, if rewritten.
     pub authority: Option<Authority>,
     pub endpoints: ArcSwap<EndpointSet>,
+    /// Outlier detection state shared by its endpoints; kept across updates.
+    pub health: Arc<ClusterHealth>,
 }
 
 impl ClusterState {
@@ -79,12 +82,11 @@ pub struct Routes {
     /// Most endpoints one service may have here: bounds this sidecar's memory
     /// whatever a control plane sends.
     max_endpoints: usize,
-    /// The service this sidecar belongs to, and where its inbound policy goes.
-    local: Option<(String, Arc<Authz>)>,
 }
 
 /// Default for [`Routes::with_max_endpoints`].
-pub const DEFAULT_MAX_ENDPOINTS: usize = 10_000;
+/// The model's limit, which the control plane enforces too.
+pub const DEFAULT_MAX_ENDPOINTS: usize = meshwire_mesh::model::MAX_ENDPOINTS;
 
 impl Routes {
     pub fn new(connector: Connector, settings: Arc<H2Settings>) -> Self {
@@ -93,14 +95,7 @@ impl Routes {
             connector,
             settings,
             max_endpoints: DEFAULT_MAX_ENDPOINTS,
-            local: None,
         }
-    }
-
-    /// Each applied config hands `service`'s policy and permissive flag to `authz`.
-    pub fn with_local_service(mut self, service: String, authz: Arc<Authz>) -> Self {
-        self.local = Some((service, authz));
-        self
     }
 
     /// The mesh hop is mutual TLS.
@@ -117,24 +112,31 @@ impl Routes {
         self.table.load()
     }
 
+    /// What one cluster must pass to be applied here: the model's checks and
+    /// this sidecar's endpoint limit.
+    pub fn check(&self, c: &Cluster) -> Result<(), ModelError> {
+        c.validate()?;
+        if c.endpoints.len() > self.max_endpoints {
+            return Err(ModelError::new(
+                "endpoints",
+                format!(
+                    "service {:?} has {} endpoints; this sidecar allows at most {} (--max-endpoints)",
+                    c.name,
+                    c.endpoints.len(),
+                    self.max_endpoints
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Replaces the whole set of clusters. Validates everything first, so an
-    /// invalid config changes nothing.
-    pub fn apply(&self, clusters: &[Cluster]) -> Result<(), ModelError> {
+    /// invalid config changes nothing. Called by [`crate::apply::Applier`].
+    pub fn update(&self, clusters: &[Cluster]) -> Result<(), ModelError> {
         let mut seen = HashMap::new();
         for (i, c) in clusters.iter().enumerate() {
-            c.validate()
+            self.check(c)
                 .map_err(|e| e.within(&format!("services[{i}]")))?;
-            if c.endpoints.len() > self.max_endpoints {
-                return Err(ModelError::new(
-                    format!("services[{i}].endpoints"),
-                    format!(
-                        "service {:?} has {} endpoints; this sidecar allows at most {} (--max-endpoints)",
-                        c.name,
-                        c.endpoints.len(),
-                        self.max_endpoints
-                    ),
-                ));
-            }
             if let Some(first) = seen.insert(c.name.as_str(), i) {
                 return Err(ModelError::new(
                     format!("services[{i}].name"),
@@ -156,7 +158,12 @@ impl Routes {
                         .collect()
                 })
                 .unwrap_or_default();
-            let set = Arc::new(self.build_set(c, &keep));
+            let health = prev.map_or_else(
+                || ClusterHealth::new(OutlierSettings::default()),
+                |p| p.health.clone(),
+            );
+            health.update(OutlierSettings::default(), c.endpoints.len());
+            let set = Arc::new(self.build_set(c, &keep, &health));
             let state = match prev {
                 // Same settings: swap the endpoints in place, so calls that
                 // already hold this cluster see the change too.
@@ -177,23 +184,21 @@ impl Routes {
                         .as_deref()
                         .and_then(|a| Authority::try_from(a).ok()),
                     endpoints: ArcSwap::new(set),
+                    health,
                 }),
             };
             next.clusters.insert(state.name.clone(), state);
         }
         self.table.store(Arc::new(next));
-        if let Some((name, authz)) = &self.local {
-            let local = clusters.iter().find(|c| &c.name == name);
-            authz.store(LocalPolicy {
-                protocol: local.map(|c| c.protocol).unwrap_or_default(),
-                permissive: local.is_some_and(|c| c.permissive),
-                policy: local.and_then(|c| c.policy.clone()),
-            });
-        }
         Ok(())
     }
 
-    fn build_set(&self, c: &Cluster, keep: &HashMap<SocketAddr, Arc<Endpoint>>) -> EndpointSet {
+    fn build_set(
+        &self,
+        c: &Cluster,
+        keep: &HashMap<SocketAddr, Arc<Endpoint>>,
+        health: &Arc<ClusterHealth>,
+    ) -> EndpointSet {
         let entries = c
             .endpoints
             .iter()
@@ -209,6 +214,7 @@ impl Routes {
                         self.connector.expecting(spec.identity.as_deref()),
                         c.connect_timeout,
                         self.settings.clone(),
+                        health.clone(),
                     ),
                 };
                 Entry {
@@ -218,7 +224,7 @@ impl Routes {
                 }
             })
             .collect();
-        EndpointSet::new(entries, c.lb)
+        EndpointSet::new(entries, c.lb, health.clone())
     }
 }
 
@@ -231,9 +237,13 @@ fn hash_policy(c: &Cluster) -> Vec<HashSource> {
     }
 }
 
-impl meshwire_xds::client::ConfigSink for Routes {
-    fn apply(&self, clusters: &[Cluster]) -> Result<(), meshwire_xds::client::ApplyError> {
-        Routes::apply(self, clusters).map_err(|e| meshwire_xds::client::ApplyError(e.to_string()))
+impl EndpointSource for Routes {
+    fn for_each_endpoint(&self, f: &mut dyn FnMut(&Arc<str>, &Arc<Endpoint>)) {
+        for c in self.load().clusters() {
+            for e in c.endpoints.load().entries() {
+                f(&c.name, &e.endpoint);
+            }
+        }
     }
 }
 
@@ -258,12 +268,12 @@ mod tests {
     #[test]
     fn unchanged_endpoints_are_kept_across_updates() {
         let r = routes();
-        r.apply(&[cluster("a", &[(1, 1), (2, 1)])]).unwrap();
+        r.update(&[cluster("a", &[(1, 1), (2, 1)])]).unwrap();
         let before = r.load().get("a").unwrap().clone();
         let ep1 = before.endpoints.load().entries()[0].endpoint.clone();
         let _call = ep1.start_call();
 
-        r.apply(&[cluster("a", &[(1, 5), (3, 1)])]).unwrap();
+        r.update(&[cluster("a", &[(1, 5), (3, 1)])]).unwrap();
         let after = r.load().get("a").unwrap().clone();
         assert!(
             Arc::ptr_eq(&before, &after),
@@ -283,14 +293,14 @@ mod tests {
     #[test]
     fn invalid_config_changes_nothing() {
         let r = routes();
-        r.apply(&[cluster("a", &[(1, 1)])]).unwrap();
+        r.update(&[cluster("a", &[(1, 1)])]).unwrap();
         let err = r
-            .apply(&[cluster("a", &[(1, 1)]), cluster("b", &[(2, 0)])])
+            .update(&[cluster("a", &[(1, 1)]), cluster("b", &[(2, 0)])])
             .unwrap_err();
         assert_eq!(err.field, "services[1].endpoints[0].weight");
         assert!(r.load().get("b").is_none());
         let err = r
-            .apply(&[cluster("a", &[]), cluster("a", &[])])
+            .update(&[cluster("a", &[]), cluster("a", &[])])
             .unwrap_err();
         assert_eq!(err.field, "services[1].name");
         assert_eq!(
@@ -303,9 +313,9 @@ mod tests {
     fn endpoint_limit_rejects_the_whole_update() {
         let r = Routes::new(Connector::default(), Arc::new(H2Settings::default()))
             .with_max_endpoints(2);
-        r.apply(&[cluster("a", &[(1, 1), (2, 1)])]).unwrap();
+        r.update(&[cluster("a", &[(1, 1), (2, 1)])]).unwrap();
         let err = r
-            .apply(&[cluster("a", &[(1, 1), (2, 1), (3, 1)])])
+            .update(&[cluster("a", &[(1, 1), (2, 1), (3, 1)])])
             .unwrap_err();
         assert_eq!(err.field, "services[0].endpoints");
         assert!(err.reason.contains("at most 2"), "{err}");
@@ -318,7 +328,7 @@ mod tests {
     #[test]
     fn lookup_ignores_case() {
         let r = routes();
-        r.apply(&[cluster("greeter", &[])]).unwrap();
+        r.update(&[cluster("greeter", &[])]).unwrap();
         assert!(r.load().get("Greeter").is_some());
         assert!(r.load().get("other").is_none());
     }

@@ -1,18 +1,18 @@
 //! Prometheus metrics of the sidecar, served on the admin port's `/metrics`.
 //!
-//! Nothing here is looked up per call. Each [`Endpoint`] owns its
-//! [`CallMetrics`] (plain atomics, created with the endpoint), so a call does a
-//! few relaxed atomic adds when it ends and nothing else: no label hashing,
+//! Nothing here is looked up per call. Each [`Endpoint`] owns its counters
+//! (`EndpointStats`: plain atomics, created with the endpoint), so a call does
+//! a few relaxed atomic adds when it ends and nothing else: no label hashing,
 //! no string formatting, no lock. Labels are produced only when `/metrics` is
-//! scraped, by walking the live route table ([`SidecarCollector`]); an
-//! endpoint removed from the config leaves the output with it, so label
-//! cardinality is bounded by the configuration (clusters × endpoints × 17
-//! gRPC codes), never by requests.
+//! scraped ([`SidecarCollector`]), from the endpoints an [`EndpointSource`]
+//! lists (the sidecar hands it its live route table); an endpoint removed
+//! from the config leaves the output with it, so label cardinality is bounded
+//! by the configuration (clusters × endpoints × 17 gRPC codes), never by
+//! requests.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use meshwire_xds::client::ClientStatus;
 use prometheus_client::collector::Collector;
@@ -23,7 +23,6 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::endpoint::Endpoint;
-use crate::outbound::route::Routes;
 
 /// gRPC status code names, indexed by code (the `grpc_code` label).
 pub const GRPC_CODES: [&str; 17] = [
@@ -46,86 +45,6 @@ pub const GRPC_CODES: [&str; 17] = [
     "UNAUTHENTICATED",
 ];
 
-/// Upper bounds of the latency histogram's buckets, in microseconds
-/// (100 µs to 10 s; a last bucket takes the rest).
-const LATENCY_BOUNDS_US: [u64; 16] = [
-    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
-    1_000_000, 2_500_000, 5_000_000, 10_000_000,
-];
-
-/// A lock-free histogram with fixed buckets (per-bucket counts; the encoder
-/// makes them cumulative).
-#[derive(Debug, Default)]
-pub struct LatencyHistogram {
-    buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
-    sum_us: AtomicU64,
-}
-
-impl LatencyHistogram {
-    pub fn observe(&self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let i = LATENCY_BOUNDS_US.partition_point(|&b| b < us);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
-    }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
-    }
-
-    fn encode(&self, enc: &mut MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let mut buckets = [(0.0, 0u64); LATENCY_BOUNDS_US.len() + 1];
-        for (i, b) in buckets.iter_mut().enumerate() {
-            let bound = LATENCY_BOUNDS_US
-                .get(i)
-                .map_or(f64::INFINITY, |&us| us as f64 / 1e6);
-            *b = (bound, self.buckets[i].load(Ordering::Relaxed));
-        }
-        let count = buckets.iter().map(|b| b.1).sum();
-        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        enc.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
-    }
-}
-
-/// What the calls to one endpoint did; owned by the [`Endpoint`].
-#[derive(Debug, Default)]
-pub struct CallMetrics {
-    /// Finished calls by gRPC status code (plain HTTP calls are mapped to a
-    /// code as gRPC clients do).
-    codes: [AtomicU64; 17],
-    /// From the pick to the end of the response body.
-    pub latency: LatencyHistogram,
-    /// Request body bytes sent to the endpoint.
-    pub request_bytes: AtomicU64,
-    /// Response body bytes received from it.
-    pub response_bytes: AtomicU64,
-}
-
-impl CallMetrics {
-    /// Records one finished call.
-    pub fn record(&self, code: u8, took: Duration, request_bytes: u64, response_bytes: u64) {
-        let i = usize::from(code).min(16);
-        self.codes[i].fetch_add(1, Ordering::Relaxed);
-        self.latency.observe(took);
-        if request_bytes > 0 {
-            self.request_bytes
-                .fetch_add(request_bytes, Ordering::Relaxed);
-        }
-        if response_bytes > 0 {
-            self.response_bytes
-                .fetch_add(response_bytes, Ordering::Relaxed);
-        }
-    }
-
-    /// Finished calls with status `code`.
-    pub fn calls_with(&self, code: u8) -> u64 {
-        self.codes
-            .get(usize::from(code))
-            .map_or(0, |c| c.load(Ordering::Relaxed))
-    }
-}
-
 /// Sidecar-wide counters (not per endpoint).
 #[derive(Debug, Default)]
 pub struct SidecarMetrics {
@@ -141,8 +60,31 @@ pub struct SidecarMetrics {
     pub spans_dropped_export_failed: AtomicU64,
     /// Calls sampled for tracing, by direction.
     pub calls_sampled: [AtomicU64; 2],
+    /// Outbound attempts that never reached an app and went to another
+    /// endpoint, by [`NotProcessed`] reason.
+    transparent_retries: [AtomicU64; 2],
     /// TCP connections of `tcp` services, by direction.
     pub tcp: crate::tcp::TcpMetrics,
+}
+
+/// Why an attempt certainly never reached an application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum NotProcessed {
+    /// No connection to the endpoint (connect, TLS or identity failure, backing off).
+    Connect = 0,
+    /// The peer turned the stream away: REFUSED_STREAM (its app is down or
+    /// refused it), or a GOAWAY / closed connection before the call was taken.
+    Refused = 1,
+}
+
+impl NotProcessed {
+    fn as_str(self) -> &'static str {
+        match self {
+            NotProcessed::Connect => "connect",
+            NotProcessed::Refused => "refused",
+        }
+    }
 }
 
 /// The `kind` label of `meshwire_sidecar_errors_total` (see `respond::ProxyError::kind`).
@@ -176,6 +118,11 @@ impl Direction {
 }
 
 impl SidecarMetrics {
+    /// An outbound attempt that never reached an app goes to another endpoint.
+    pub fn transparent_retry(&self, why: NotProcessed) {
+        self.transparent_retries[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn error(&self, direction: Direction, kind: &str) {
         if let Some(i) = ERROR_KINDS.iter().position(|k| *k == kind) {
             self.errors[direction as usize][i].fetch_add(1, Ordering::Relaxed);
@@ -185,10 +132,16 @@ impl SidecarMetrics {
 
 // === the collector ===
 
+/// Where a scrape finds the outbound endpoints to report.
+pub trait EndpointSource: Send + Sync + std::fmt::Debug {
+    /// Calls `f` with every endpoint and the name of its cluster.
+    fn for_each_endpoint(&self, f: &mut dyn FnMut(&Arc<str>, &Arc<Endpoint>));
+}
+
 /// Produces every sidecar metric at scrape time from the live state.
 #[derive(Debug)]
 pub struct SidecarCollector {
-    pub routes: Arc<Routes>,
+    pub outbound: Arc<dyn EndpointSource>,
     pub app: Option<Arc<Endpoint>>,
     pub xds: Option<watch::Receiver<ClientStatus>>,
     pub sidecar: Arc<SidecarMetrics>,
@@ -241,18 +194,15 @@ where
 
 impl SidecarCollector {
     fn rows(&self) -> Vec<Row> {
-        let table = self.routes.load();
         let mut rows = Vec::new();
-        for c in table.clusters() {
-            for e in c.endpoints.load().entries() {
-                rows.push(Row {
-                    direction: Direction::Outbound.as_str(),
-                    cluster: c.name.clone(),
-                    endpoint: e.endpoint.addr.to_string(),
-                    ep: e.endpoint.clone(),
-                });
-            }
-        }
+        self.outbound.for_each_endpoint(&mut |cluster, ep| {
+            rows.push(Row {
+                direction: Direction::Outbound.as_str(),
+                cluster: cluster.clone(),
+                endpoint: ep.addr.to_string(),
+                ep: ep.clone(),
+            });
+        });
         rows.sort_by(|a, b| (&a.cluster, &a.endpoint).cmp(&(&b.cluster, &b.endpoint)));
         if let Some(app) = &self.app {
             rows.push(Row {
@@ -276,7 +226,7 @@ impl SidecarCollector {
         )?;
         for r in &rows {
             for (code, name) in GRPC_CODES.iter().enumerate() {
-                let n = r.ep.metrics.calls_with(code as u8);
+                let n = r.ep.stats.calls_with(code as u8);
                 if n == 0 {
                     continue;
                 }
@@ -292,7 +242,7 @@ impl SidecarCollector {
             "Call latency from the endpoint pick to the end of the response",
             MetricType::Histogram,
             &rows,
-            |f, r| r.ep.metrics.latency.encode(f),
+            |f, r| r.ep.stats.latency.encode(f),
             Row::labels,
         )?;
         family(
@@ -310,7 +260,7 @@ impl SidecarCollector {
             "Times the balancer chose the endpoint (every attempt)",
             MetricType::Counter,
             &rows,
-            |f, r| counter(f, r.ep.stats.requests.load(Ordering::Relaxed)),
+            |f, r| counter(f, r.ep.stats.picks.load(Ordering::Relaxed)),
             Row::labels,
         )?;
         family(
@@ -342,11 +292,29 @@ impl SidecarCollector {
         )?;
         family(
             enc,
+            "meshwire_outlier_ejections",
+            "Times outlier detection ejected the endpoint (consecutive failures)",
+            MetricType::Counter,
+            &rows,
+            |f, r| counter(f, r.ep.outlier.ejected_total.load(Ordering::Relaxed)),
+            Row::labels,
+        )?;
+        family(
+            enc,
+            "meshwire_outlier_ejected",
+            "1 while the endpoint is ejected (or its probe is in flight)",
+            MetricType::Gauge,
+            &rows,
+            |f, r| f.encode_gauge(&u64::from(r.ep.outlier.is_out())),
+            Row::labels,
+        )?;
+        family(
+            enc,
             "meshwire_request_body_bytes",
             "Request body bytes sent to the endpoint",
             MetricType::Counter,
             &rows,
-            |f, r| counter(f, r.ep.metrics.request_bytes.load(Ordering::Relaxed)),
+            |f, r| counter(f, r.ep.stats.request_bytes.load(Ordering::Relaxed)),
             Row::labels,
         )?;
         family(
@@ -355,7 +323,7 @@ impl SidecarCollector {
             "Response body bytes received from the endpoint",
             MetricType::Counter,
             &rows,
-            |f, r| counter(f, r.ep.metrics.response_bytes.load(Ordering::Relaxed)),
+            |f, r| counter(f, r.ep.stats.response_bytes.load(Ordering::Relaxed)),
             Row::labels,
         )?;
         Ok(())
@@ -424,6 +392,19 @@ impl SidecarCollector {
             let l = [("direction", d.as_str())];
             let v = t.active[d as usize].load(Ordering::Relaxed).max(0) as u64;
             m.encode_family(&l)?.encode_gauge(&v)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "meshwire_transparent_retries",
+            "Outbound attempts that never reached an app (the call goes on to another endpoint if one is left), by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for why in [NotProcessed::Connect, NotProcessed::Refused] {
+            let l = [("reason", why.as_str())];
+            counter(
+                &mut m.encode_family(&l)?,
+                s.transparent_retries[why as usize].load(Ordering::Relaxed),
+            )?;
         }
         let mut m = enc.encode_descriptor(
             "meshwire_trace_calls_sampled",
@@ -529,21 +510,3 @@ pub fn render(reg: &Registry) -> String {
 
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_buckets_and_sum() {
-        let h = LatencyHistogram::default();
-        h.observe(Duration::from_micros(50));
-        h.observe(Duration::from_micros(100));
-        h.observe(Duration::from_millis(3));
-        h.observe(Duration::from_secs(60));
-        assert_eq!(h.count(), 4);
-        assert_eq!(h.buckets[0].load(Ordering::Relaxed), 2, "<= 100 µs");
-        assert_eq!(h.buckets[5].load(Ordering::Relaxed), 1, "<= 5 ms");
-        assert_eq!(h.buckets[16].load(Ordering::Relaxed), 1, "+Inf");
-    }
-}

@@ -7,6 +7,7 @@
 //! `Endpoint`); tracing costs nothing when it is off and a header check or a
 //! random number per call when a call is not sampled.
 
+pub mod histogram;
 pub mod metrics;
 pub mod trace;
 
@@ -18,7 +19,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 pub use metrics::{Direction, SidecarMetrics};
-pub use trace::{CallTrace, TraceConfig, TraceError, Tracer};
+pub use trace::{AttemptSpan, CallTrace, TraceConfig, TraceError, Tracer};
 
 /// What the data path uses to count and trace calls.
 #[derive(Debug, Default)]

@@ -361,19 +361,10 @@ impl CallTrace {
         }
     }
 
-    /// The endpoint chosen for this attempt (1-based).
-    pub fn endpoint(&self, addr: SocketAddr, attempt: usize) {
-        self.span
-            .set_attribute("network.peer.address", addr.ip().to_string());
-        self.span
-            .set_attribute("network.peer.port", i64::from(addr.port()));
-        self.span
-            .set_attribute("meshwire.endpoint", addr.to_string());
-        self.span.set_attribute("meshwire.attempt", attempt as i64);
-        if attempt > 1 {
-            self.span
-                .set_attribute("http.request.resend_count", attempt as i64 - 1);
-        }
+    /// A handle that records each attempt's endpoint on this span; the
+    /// attempts run while the call (not the attempt) owns the span.
+    pub fn attempts(&self) -> AttemptSpan {
+        AttemptSpan(self.span.clone())
     }
 
     /// Records the call's gRPC status and ends the span.
@@ -406,6 +397,24 @@ impl CallTrace {
 
     pub fn span_id(&self) -> SpanId {
         self.span_id
+    }
+}
+
+/// Records the endpoint each attempt of a traced call went to.
+#[derive(Debug, Clone)]
+pub struct AttemptSpan(tracing::Span);
+
+impl AttemptSpan {
+    /// The endpoint chosen for this attempt (1-based).
+    pub fn endpoint(&self, addr: SocketAddr, attempt: usize) {
+        let span = &self.0;
+        span.set_attribute("network.peer.address", addr.ip().to_string());
+        span.set_attribute("network.peer.port", i64::from(addr.port()));
+        span.set_attribute("meshwire.endpoint", addr.to_string());
+        span.set_attribute("meshwire.attempt", attempt as i64);
+        if attempt > 1 {
+            span.set_attribute("http.request.resend_count", attempt as i64 - 1);
+        }
     }
 }
 

@@ -1,0 +1,132 @@
+//! The domain's errors as gRPC statuses: registry errors (field paths as in
+//! the request), CA errors, for the admin API and the Identity service.
+
+use std::sync::Arc;
+
+use meshwire_mesh::ModelError;
+use tonic::Status;
+
+use crate::ca::{Ca, CaError};
+use crate::registry::RegistryError;
+use crate::store::StoreError;
+
+pub(super) fn invalid(e: ModelError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+pub(super) fn required(field: &str) -> Status {
+    invalid(ModelError::new(field, "is required"))
+}
+
+/// The model names the bias `lb.active_request_bias`; the API has it flat.
+pub(super) fn api_field(mut e: ModelError) -> ModelError {
+    if e.field == "lb.active_request_bias" {
+        e.field = "active_request_bias".into();
+    }
+    if e.field == "lb.balance_factor" {
+        e.field = "hash_balance_factor".into();
+    }
+    e
+}
+
+/// Maps a registry error; `within` prefixes field paths of invalid values
+/// (`service`, `endpoint` or nothing).
+pub(super) fn status(e: RegistryError, within: &str) -> Status {
+    match e {
+        RegistryError::ServiceNotFound(_) | RegistryError::EndpointNotFound { .. } => {
+            Status::not_found(e.to_string())
+        }
+        RegistryError::ServiceExists(_) | RegistryError::EndpointExists { .. } => {
+            Status::already_exists(e.to_string())
+        }
+        RegistryError::TooManyEndpoints { .. } => Status::failed_precondition(e.to_string()),
+        RegistryError::Invalid(m) => {
+            let m = api_field(m);
+            invalid(if within.is_empty() {
+                m
+            } else {
+                m.within(within)
+            })
+        }
+        RegistryError::Store(StoreError::Closed) => {
+            Status::unavailable("the control plane is shutting down; nothing was changed")
+        }
+        RegistryError::Store(s @ StoreError::Unavailable { .. }) => {
+            Status::unavailable(format!("{s}; nothing was changed"))
+        }
+        RegistryError::Store(s @ StoreError::Unconfirmed { .. }) => {
+            Status::unavailable(s.to_string())
+        }
+        RegistryError::Store(s @ StoreError::Conflict { .. }) => {
+            Status::aborted(format!("{s}; nothing was changed, retry"))
+        }
+        RegistryError::Store(s) => Status::internal(format!("store: {s}; nothing was changed")),
+    }
+}
+
+/// A CA error as the caller should see it: its own mistakes (a bad token or
+/// CSR, an unknown root) by their codes, the rest as INTERNAL.
+pub(crate) fn ca_error(e: CaError) -> Status {
+    match &e {
+        CaError::BadToken => Status::unauthenticated(e.to_string()),
+        CaError::BadCsr(_) | CaError::InvalidArgument(_) | CaError::AmbiguousRoot(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        CaError::UnknownRoot(_) => Status::not_found(e.to_string()),
+        CaError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+        CaError::File { .. } | CaError::Identity(_) | CaError::Rcgen(_) | CaError::Task(_) => {
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+/// Runs a CA operation off the async workers ([`crate::ca::blocking`]), its
+/// error as a gRPC status.
+pub(crate) async fn ca_call<T: Send + 'static>(
+    ca: &Arc<Ca>,
+    f: impl FnOnce(&Ca) -> Result<T, CaError> + Send + 'static,
+) -> Result<T, Status> {
+    crate::ca::blocking(ca, f).await.map_err(ca_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_errors_become_grpc_codes() {
+        use tonic::Code;
+        let s = status(RegistryError::ServiceNotFound("x".into()), "");
+        assert_eq!(s.code(), Code::NotFound);
+        let s = status(RegistryError::ServiceExists("x".into()), "");
+        assert_eq!(s.code(), Code::AlreadyExists);
+        let s = status(
+            RegistryError::Invalid(ModelError::new("lb.active_request_bias", "bad")),
+            "service",
+        );
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::InvalidArgument, "service.active_request_bias: bad")
+        );
+        let s = status(RegistryError::Store(StoreError::Closed), "");
+        assert_eq!(s.code(), Code::Unavailable);
+    }
+
+    #[test]
+    fn ca_errors_become_grpc_codes() {
+        use tonic::Code;
+        let code = |e: CaError| ca_error(e).code();
+        assert_eq!(code(CaError::BadToken), Code::Unauthenticated);
+        assert_eq!(code(CaError::BadCsr("x".into())), Code::InvalidArgument);
+        assert_eq!(
+            code(CaError::AmbiguousRoot("ab".into())),
+            Code::InvalidArgument
+        );
+        assert_eq!(code(CaError::UnknownRoot("ab".into())), Code::NotFound);
+        assert_eq!(
+            code(CaError::FailedPrecondition("x".into())),
+            Code::FailedPrecondition
+        );
+        assert_eq!(code(CaError::Rcgen("x".into())), Code::Internal);
+    }
+}

@@ -1,0 +1,430 @@
+//! Outlier detection at the caller, per endpoint: consecutive failures eject
+//! an endpoint for a while (exponential backoff with jitter), then exactly
+//! one probe call decides whether it comes back.
+//!
+//! ```text
+//! healthy ──N consecutive failures──▶ ejected (base × 2^k, jittered, ≤ max)
+//!    ▲                                   │ time's up: the next pick takes it as the probe
+//!    └────────── probe succeeds ◀── probing (no other call) ──probe fails──▶ ejected (k + 1)
+//! ```
+//! A failure is a gRPC status in the failure set (`UNAVAILABLE`, `INTERNAL`,
+//! `UNKNOWN`, `DATA_LOSS` by default), read from trailers-only responses and
+//! from trailers after data alike, a connect failure, or a call the peer
+//! refused unprocessed. The balancer never picks an ejected endpoint unless
+//! more than the cluster's share would be out (panic mode: all count again),
+//! and counts recent failures as load, so a fast-failing endpoint does not
+//! look idle between ejections.
+//!
+//! Everything is a few relaxed atomics on the call path; time comes from
+//! `tokio::time::Instant`, so the tests run in virtual time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::time::Instant;
+
+/// Settings of one cluster's detector.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierSettings {
+    /// Consecutive failures that eject an endpoint (0: detection off).
+    pub consecutive_failures: u32,
+    /// First ejection; doubled for each further one in a row.
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    /// Most endpoints ejected at once, in percent of the cluster.
+    pub max_ejection_percent: u32,
+    /// gRPC codes counted as failures, as a bit set (bit `c` for code `c`).
+    pub failure_codes: u32,
+}
+
+/// `UNAVAILABLE`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS`.
+pub const DEFAULT_FAILURE_CODES: u32 = 1 << 14 | 1 << 13 | 1 << 2 | 1 << 15;
+
+impl Default for OutlierSettings {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(60),
+            max_ejection_percent: 50,
+            failure_codes: DEFAULT_FAILURE_CODES,
+        }
+    }
+}
+
+impl OutlierSettings {
+    pub fn is_failure(&self, code: u8) -> bool {
+        code < 32 && self.failure_codes & (1 << code) != 0
+    }
+}
+
+const HEALTHY: u8 = 0;
+const EJECTED: u8 = 1;
+const PROBING: u8 = 2;
+
+/// One endpoint's detector state.
+#[derive(Debug)]
+pub struct Outlier {
+    state: AtomicU8,
+    consecutive: AtomicU32,
+    /// Ejections in a row (the backoff exponent); reset by a good probe.
+    ejections: AtomicU32,
+    /// Ejected until this many µs after `epoch`.
+    until_us: AtomicU64,
+    epoch: Instant,
+    /// Ejections so far (for `/metrics`).
+    pub ejected_total: AtomicU64,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Self {
+            state: AtomicU8::new(HEALTHY),
+            consecutive: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            until_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+            ejected_total: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Whether the balancer may send a call to an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Yes,
+    /// Yes, as the one probe after an ejection (claimed by the caller).
+    Probe,
+    No,
+}
+
+impl Outlier {
+    fn now_us(&self) -> u64 {
+        Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_micros() as u64
+    }
+
+    /// Ejected (or probing) now: it should get no ordinary calls.
+    pub fn is_out(&self) -> bool {
+        self.state.load(Ordering::Relaxed) != HEALTHY
+    }
+
+    /// Failures since the last success. Not counted as load: an endpoint
+    /// that failed and came back would then never be picked at low
+    /// concurrency, so never succeed again; ejection takes a failing one out.
+    pub fn consecutive_failures(&self) -> usize {
+        self.consecutive.load(Ordering::Relaxed) as usize
+    }
+
+    /// Time left in the current ejection (zero if not ejected).
+    pub fn remaining(&self) -> Duration {
+        if self.state.load(Ordering::Relaxed) != EJECTED {
+            return Duration::ZERO;
+        }
+        let left = self
+            .until_us
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.now_us());
+        Duration::from_micros(left)
+    }
+
+    /// May this call go here? Past its ejection, the first caller to ask
+    /// becomes the probe; everyone else keeps away until it answers.
+    pub fn admit(&self) -> Admit {
+        match self.state.load(Ordering::Relaxed) {
+            HEALTHY => Admit::Yes,
+            EJECTED if self.now_us() >= self.until_us.load(Ordering::Relaxed) => {
+                match self.state.compare_exchange(
+                    EJECTED,
+                    PROBING,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => Admit::Probe,
+                    Err(_) => Admit::No,
+                }
+            }
+            _ => Admit::No,
+        }
+    }
+
+    /// Gives back a probe that was claimed but never sent (the pick went
+    /// elsewhere): the next caller may probe.
+    pub fn release_probe(&self) {
+        let _ = self
+            .state
+            .compare_exchange(PROBING, EJECTED, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// A call finished well: the endpoint is healthy again.
+    pub fn success(&self) {
+        self.consecutive.store(0, Ordering::Relaxed);
+        if self.state.load(Ordering::Relaxed) == PROBING {
+            self.ejections.store(0, Ordering::Relaxed);
+            self.state.store(HEALTHY, Ordering::Relaxed);
+            tracing::info!("outlier probe succeeded; endpoint back");
+        }
+    }
+
+    /// A call failed. `may_eject` says whether the cluster's share allows one
+    /// more ejection. Returns true if this ejected the endpoint.
+    pub fn failure(&self, s: &OutlierSettings, may_eject: impl FnOnce() -> bool) -> bool {
+        let n = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        let probing = self.state.load(Ordering::Relaxed) == PROBING;
+        let trip = probing
+            || (s.consecutive_failures > 0
+                && n >= s.consecutive_failures
+                && self.state.load(Ordering::Relaxed) == HEALTHY);
+        if !trip || (!probing && !may_eject()) {
+            return false;
+        }
+        let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let full = s.base_ejection.saturating_mul(1 << k).min(s.max_ejection);
+        // ±10 % jitter, so endpoints ejected together do not return together.
+        let time = full
+            .mul_f64(0.9 + fastrand::f64() * 0.2)
+            .min(s.max_ejection);
+        self.until_us
+            .store(self.now_us() + time.as_micros() as u64, Ordering::Relaxed);
+        self.state.store(EJECTED, Ordering::Relaxed);
+        self.consecutive.store(0, Ordering::Relaxed);
+        self.ejected_total.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+/// What one cluster's endpoints share: the settings and how many are out.
+#[derive(Debug)]
+pub struct ClusterHealth {
+    settings: ArcSwap<OutlierSettings>,
+    /// A copy of the failure codes, read on every call's end.
+    failure_codes: AtomicU32,
+    /// Endpoints in the cluster now.
+    members: AtomicUsize,
+    /// Endpoints ejected (or probing) now.
+    ejected: AtomicUsize,
+}
+
+impl ClusterHealth {
+    pub fn new(settings: OutlierSettings) -> Arc<Self> {
+        Arc::new(Self {
+            failure_codes: AtomicU32::new(settings.failure_codes),
+            settings: ArcSwap::from_pointee(settings),
+            members: AtomicUsize::new(0),
+            ejected: AtomicUsize::new(0),
+        })
+    }
+
+    /// Detection off (the local app behind the inbound side).
+    pub fn off() -> Arc<Self> {
+        Self::new(OutlierSettings {
+            consecutive_failures: 0,
+            ..OutlierSettings::default()
+        })
+    }
+
+    pub fn update(&self, settings: OutlierSettings, members: usize) {
+        self.failure_codes
+            .store(settings.failure_codes, Ordering::Relaxed);
+        self.settings.store(Arc::new(settings));
+        self.members.store(members, Ordering::Relaxed);
+    }
+
+    /// Whether any endpoint is out (one load; the pick scans only then).
+    pub fn any_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Relaxed) > 0
+    }
+
+    /// More endpoints out than the share allows (members changed since):
+    /// the balancer then ignores ejections (panic mode).
+    pub fn panic(&self) -> bool {
+        let s = self.settings.load();
+        let out = self.ejected.load(Ordering::Relaxed);
+        out > 0
+            && out * 100 > s.max_ejection_percent as usize * self.members.load(Ordering::Relaxed)
+    }
+
+    fn is_failure(&self, code: u8) -> bool {
+        code < 32 && self.failure_codes.load(Ordering::Relaxed) & (1 << code) != 0
+    }
+
+    /// One more ejection stays within the share (never the last endpoints).
+    fn may_eject(&self) -> bool {
+        let s = self.settings.load();
+        let members = self.members.load(Ordering::Relaxed);
+        (self.ejected.load(Ordering::Relaxed) + 1) * 100
+            <= s.max_ejection_percent as usize * members
+    }
+}
+
+/// How a call ended, for the detector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Finished with this gRPC status.
+    Status(u8),
+    /// Never reached the app: connect failure, or refused unprocessed.
+    NotProcessed,
+    /// No verdict on the endpoint (the caller went away first).
+    None,
+}
+
+impl Outlier {
+    /// Feeds one call's outcome to the detector.
+    pub fn observe(&self, health: &ClusterHealth, outcome: Outcome) {
+        let failed = match outcome {
+            Outcome::Status(code) => health.is_failure(code),
+            Outcome::NotProcessed => true,
+            Outcome::None => {
+                self.release_probe();
+                return;
+            }
+        };
+        if failed {
+            let s = **health.settings.load();
+            let was_out = self.is_out();
+            if self.failure(&s, || health.may_eject()) {
+                if !was_out {
+                    health.ejected.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::info!(consecutive = s.consecutive_failures, remaining = ?self.remaining(), "outlier ejected");
+            }
+        } else if self.consecutive_failures() > 0 || self.is_out() {
+            let was_out = self.is_out();
+            self.success();
+            if was_out && !self.is_out() {
+                health.ejected.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The endpoint leaves its cluster: it no longer counts as ejected there.
+    pub fn leave(&self, health: &ClusterHealth) {
+        if self.is_out() {
+            health.ejected.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The detector in virtual time (`tokio::time::pause`).
+
+    use super::*;
+
+    const UNAVAILABLE: Outcome = Outcome::Status(14);
+    const OK: Outcome = Outcome::Status(0);
+
+    fn cluster(members: usize) -> Arc<ClusterHealth> {
+        let h = ClusterHealth::new(OutlierSettings::default());
+        h.update(OutlierSettings::default(), members);
+        h
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_eject_then_one_probe_decides() {
+        let h = cluster(3);
+        let o = Outlier::default();
+        for _ in 0..4 {
+            o.observe(&h, UNAVAILABLE);
+        }
+        assert!(!o.is_out(), "4 < 5 consecutive");
+        o.observe(&h, OK);
+        for _ in 0..4 {
+            o.observe(&h, UNAVAILABLE);
+        }
+        assert!(!o.is_out(), "a success in between resets the count");
+        o.observe(&h, UNAVAILABLE);
+        assert!(o.is_out() && h.any_ejected());
+        assert_eq!(o.admit(), Admit::No, "ejected");
+        let first = o.remaining();
+        assert!(
+            first >= Duration::from_millis(900) && first <= Duration::from_millis(1100),
+            "{first:?}"
+        );
+
+        tokio::time::advance(first).await;
+        assert_eq!(o.admit(), Admit::Probe, "time's up: one probe");
+        assert_eq!(o.admit(), Admit::No, "exactly one");
+        // The probe fails: ejected again, for about twice as long.
+        o.observe(&h, UNAVAILABLE);
+        let second = o.remaining();
+        assert!(
+            second >= Duration::from_millis(1800) && second <= Duration::from_millis(2200),
+            "{second:?}"
+        );
+        tokio::time::advance(second).await;
+        assert_eq!(o.admit(), Admit::Probe);
+        // A probe with no verdict (the caller left) frees the slot for another.
+        o.observe(&h, Outcome::None);
+        assert_eq!(o.admit(), Admit::Probe);
+        o.observe(&h, OK);
+        assert!(
+            !o.is_out() && !h.any_ejected(),
+            "a good probe brings it back"
+        );
+        assert_eq!(o.admit(), Admit::Yes);
+        assert_eq!(o.ejected_total.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_up_to_the_cap() {
+        let h = cluster(2);
+        let o = Outlier::default();
+        let mut last = Duration::ZERO;
+        for round in 0..10 {
+            if round == 0 {
+                for _ in 0..5 {
+                    o.observe(&h, UNAVAILABLE);
+                }
+            } else {
+                tokio::time::advance(last).await;
+                assert_eq!(o.admit(), Admit::Probe);
+                o.observe(&h, Outcome::NotProcessed);
+            }
+            last = o.remaining();
+            assert!(last <= Duration::from_secs(60), "round {round}: {last:?}");
+        }
+        assert!(
+            last >= Duration::from_secs(54),
+            "capped near 60 s: {last:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_more_than_the_share_nor_the_last_endpoint() {
+        let h = cluster(4);
+        let eps: Vec<Outlier> = (0..4).map(|_| Outlier::default()).collect();
+        for o in &eps {
+            for _ in 0..5 {
+                o.observe(&h, UNAVAILABLE);
+            }
+        }
+        let out = eps.iter().filter(|o| o.is_out()).count();
+        assert_eq!(out, 2, "50 % of 4");
+        assert!(!h.panic());
+        // The cluster shrinks under the ejected ones: past the share, panic mode.
+        h.update(OutlierSettings::default(), 3);
+        assert!(h.panic());
+
+        let lone = cluster(1);
+        let o = Outlier::default();
+        for _ in 0..50 {
+            o.observe(&lone, UNAVAILABLE);
+        }
+        assert!(!o.is_out(), "the last endpoint is never ejected");
+    }
+
+    #[test]
+    fn failure_codes() {
+        let h = cluster(2);
+        for code in [2, 13, 14, 15] {
+            assert!(h.is_failure(code), "{code}");
+        }
+        for code in [0, 1, 3, 4, 5, 7, 8, 12, 16] {
+            assert!(!h.is_failure(code), "{code}");
+        }
+    }
+}

@@ -1,5 +1,0 @@
-//! The control-plane binary, built inside the test package so tests can run it.
-
-fn main() -> std::process::ExitCode {
-    meshwire_control_plane::cli::main()
-}

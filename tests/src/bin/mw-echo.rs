@@ -1,5 +1,0 @@
-//! `echo`, built inside the test package so tests (and their container images) can run it.
-
-fn main() -> std::process::ExitCode {
-    meshwire_examples::cmd::echo_server::main()
-}

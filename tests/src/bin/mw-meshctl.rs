@@ -1,5 +1,0 @@
-//! `meshctl`, built inside the test package so tests can run it.
-
-fn main() -> std::process::ExitCode {
-    meshwire_control_plane::meshctl::main()
-}
