@@ -400,6 +400,7 @@ impl ControlPlane {
             };
             tokio::spawn(admin::serve(l, state, admin_stop.clone()))
         });
+        registry.announce(local_addr);
         tracing::info!(
             listen = %local_addr,
             tls_listen = ?tls_addr,

@@ -701,6 +701,21 @@ impl Registry {
     pub fn store_description(&self) -> String {
         self.store.describe()
     }
+
+    /// On a shared store: announces this replica, listening on `address`
+    /// (see [`Store::announce`]).
+    pub fn announce(&self, address: SocketAddr) {
+        self.store.announce(crate::store::Presence {
+            id: format!("{:08x}", fastrand::u32(..)),
+            address: address.to_string(),
+            version: self.versions(),
+        });
+    }
+
+    /// The replicas sharing the store, `None` on a store of our own.
+    pub async fn replicas(&self) -> Result<Option<crate::store::Replicas>, StoreError> {
+        self.store.replicas().await
+    }
 }
 
 /// The changes that turn `old` into `new`, service by service.

@@ -103,8 +103,17 @@ pub(super) enum Command {
     Ca(CaCmd),
     /// The sidecars connected over xDS and what they ACKed.
     Status,
+    /// The control plane itself: its replicas on etcd and the leader.
+    #[command(subcommand)]
+    Cp(CpCmd),
     /// Print every change as it is committed (until Ctrl-C).
     Watch,
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum CpCmd {
+    /// The replicas sharing the store, the leader, and the etcd revision each has applied.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]

@@ -19,6 +19,14 @@
 //! Every replica so holds the same state at the same version; xDS versions
 //! come from it, so they are the same on every replica.
 //!
+//! Presence and leadership (`presence`): each replica holds an etcd lease
+//! (TTL [`LEASE_TTL`], kept alive every third of it) and, on it,
+//! `replicas/<id>` → JSON [`ReplicaRecord`] (address, applied revision,
+//! version) and, if nobody holds it, `leader` → its id (a Txn that creates
+//! the key only if it does not exist). A replica that dies loses its lease, so
+//! its keys vanish and another one takes `leader` within the TTL plus one
+//! keep-alive period. These keys carry no version: the watch skips them.
+//!
 //! The etcd v3 API is spoken through the `etcd-client` crate, one client per
 //! member on its own lazily connected tonic channel: fail-over is ours, so we
 //! know whether a write was sent (a call that cannot reach one member goes
@@ -33,20 +41,28 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use etcd_client::{
-    Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, KvClient, Txn, TxnOp,
-    WatchClient, WatchOptions,
+    Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, KvClient,
+    LeaseClient, PutOptions, Txn, TxnOp, WatchClient, WatchOptions,
 };
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
-use super::{Change, EndpointRecord, Loaded, Remote, ServiceRecord, Store, StoreError, assemble};
+use super::{
+    Change, EndpointRecord, Loaded, Presence, Remote, ReplicaRecord, Replicas, ServiceRecord,
+    Store, StoreError, assemble,
+};
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/meshwire/";
 
 const VERSION_KEY: &str = "version";
+const REPLICAS: &str = "replicas/";
+const LEADER_KEY: &str = "leader";
+
+/// How long a dead replica stays listed (and leader).
+pub const LEASE_TTL: Duration = Duration::from_secs(5);
 const SERVICES: &str = "services/";
 const ENDPOINTS: &str = "endpoints/";
 
@@ -136,6 +152,7 @@ impl EtcdConfig {
 #[derive(Clone)]
 struct Member {
     kv: KvClient,
+    lease: LeaseClient,
     /// Asks for etcd's `hasleader`: a member cut off from the leader cancels
     /// the watch instead of going quiet.
     watch: WatchClient,
@@ -227,15 +244,14 @@ impl Client {
                     .await
                     .map_err(|e| open(format!("{url}: {e}")))
             };
-            let kv = client(ConnectOptions::new())
-                .await?
-                .kv_client()
-                .max_decoding_message_size(256 << 20);
+            let plain = client(ConnectOptions::new()).await?;
+            let kv = plain.kv_client().max_decoding_message_size(256 << 20);
+            let lease = plain.lease_client();
             let watch = client(ConnectOptions::new().with_require_leader(true))
                 .await?
                 .watch_client()
                 .max_decoding_message_size(256 << 20);
-            members.push(Member { kv, watch });
+            members.push(Member { kv, lease, watch });
         }
         Ok(Self {
             members: members.into(),
@@ -322,6 +338,8 @@ pub struct EtcdStore {
     closed: CancellationToken,
     /// The last revision the watch delivered (for `describe`).
     applied: Arc<AtomicI64>,
+    /// This replica's id, once announced.
+    me: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -364,6 +382,7 @@ impl EtcdStore {
             prefix: EtcdConfig::normalize_prefix(&cfg.prefix),
             closed: CancellationToken::new(),
             applied: Arc::default(),
+            me: std::sync::OnceLock::new(),
         })
     }
 
@@ -510,6 +529,55 @@ impl Store for EtcdStore {
         Some(rx)
     }
 
+    fn announce(&self, me: Presence) {
+        if self.me.set(me.id.clone()).is_err() {
+            return;
+        }
+        tokio::spawn(presence(
+            self.client.clone(),
+            self.prefix.clone(),
+            me,
+            self.applied.clone(),
+            self.closed.clone(),
+        ));
+    }
+
+    fn replicas(&self) -> BoxFuture<'_, Result<Option<Replicas>, StoreError>> {
+        Box::pin(async move {
+            let k = key(&self.prefix, REPLICAS);
+            let end = range_end(&k);
+            let listed = self
+                .client
+                .call(false, |mut kv| {
+                    let (k, end) = (k.clone(), end.clone());
+                    async move { kv.get(k, Some(GetOptions::new().with_range(end))).await }
+                })
+                .await?;
+            let leader_key = key(&self.prefix, LEADER_KEY);
+            let leader = self
+                .client
+                .call(false, |mut kv| {
+                    let k = leader_key.clone();
+                    async move { kv.get(k, None).await }
+                })
+                .await?;
+            let mut replicas: Vec<ReplicaRecord> = listed
+                .kvs()
+                .iter()
+                .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+                .collect();
+            replicas.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok(Some(Replicas {
+                me: self.me.get().cloned().unwrap_or_default(),
+                replicas,
+                leader: leader
+                    .kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+            }))
+        })
+    }
+
     fn describe(&self) -> String {
         format!(
             "etcd:{} prefix {} revision {}",
@@ -625,7 +693,12 @@ async fn watch_once(
             tracing::debug!(member, from = *revision + 1, "etcd watch started");
         }
         let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let events: Vec<Ev<'_>> = resp.events().iter().filter_map(Ev::from_etcd).collect();
+        let events: Vec<Ev<'_>> = resp
+            .events()
+            .iter()
+            .filter_map(Ev::from_etcd)
+            .filter(|e| !is_presence(prefix, e.key))
+            .collect();
         for (rev, remote) in group(prefix, &events) {
             if let Some(remote) = remote
                 && tx.send(remote).await.is_err()
@@ -639,6 +712,117 @@ async fn watch_once(
         if header_rev > *revision {
             *revision = header_rev;
             applied.store(header_rev, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A replica's presence or the leader key: no configuration in them.
+fn is_presence(prefix: &str, key: &[u8]) -> bool {
+    key.strip_prefix(prefix.as_bytes())
+        .is_some_and(|rel| rel.starts_with(REPLICAS.as_bytes()) || rel == LEADER_KEY.as_bytes())
+}
+
+// === presence and leadership ===
+
+/// Keeps this replica announced and campaigns for leadership until the
+/// store closes; see the module docs.
+async fn presence(
+    client: Client,
+    prefix: String,
+    me: Presence,
+    applied: Arc<AtomicI64>,
+    closed: CancellationToken,
+) {
+    let mut failures = 0u32;
+    loop {
+        let member = client.current.load(Ordering::Relaxed) % client.members.len();
+        let result = tokio::select! {
+            () = closed.cancelled() => return,
+            r = present_once(&client.members[member], &prefix, &me, &applied, &closed) => r,
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(member, error = %e, "etcd lease lost; announcing again");
+                // The next attempt goes to another member.
+                let _ = client.current.compare_exchange(
+                    member,
+                    (member + 1) % client.members.len(),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+        }
+        failures = failures.saturating_add(1);
+        let exp = BACKOFF_BASE.saturating_mul(1 << failures.min(6).saturating_sub(1));
+        let delay = exp.min(BACKOFF_MAX).mul_f64(0.5 + fastrand::f64() * 0.5);
+        tokio::select! {
+            () = closed.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One lease: announce, keep alive, campaign, until an error (or close:
+/// then the lease is revoked so the others take over at once).
+async fn present_once(
+    member: &Member,
+    prefix: &str,
+    me: &Presence,
+    applied: &AtomicI64,
+    closed: &CancellationToken,
+) -> Result<(), etcd_client::Error> {
+    let mut lease = member.lease.clone();
+    let mut kv = member.kv.clone();
+    let ttl = i64::try_from(LEASE_TTL.as_secs()).unwrap_or(5);
+    let id = lease.grant(ttl, None).await?.id();
+    let (mut keeper, mut acks) = lease.keep_alive(id).await?;
+    let on_lease = || Some(PutOptions::new().with_lease(id));
+    let mine = key(prefix, &format!("{REPLICAS}{}", me.id));
+    let leader = key(prefix, LEADER_KEY);
+    let mut tick = tokio::time::interval(LEASE_TTL / 3);
+    let mut announced = None;
+    let mut leading = false;
+    loop {
+        tokio::select! {
+            () = closed.cancelled() => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), lease.revoke(id)).await;
+                return Ok(());
+            }
+            _ = tick.tick() => {}
+        }
+        keeper.keep_alive().await?;
+        match acks.message().await? {
+            Some(r) if r.ttl() > 0 => {}
+            _ => {
+                return Err(etcd_client::Error::LeaseKeepAliveError(
+                    "lease expired".into(),
+                ));
+            }
+        }
+        let record = ReplicaRecord {
+            id: me.id.clone(),
+            address: me.address.clone(),
+            revision: applied.load(Ordering::Relaxed),
+            version: *me.version.borrow(),
+        };
+        if announced.as_ref() != Some(&record) {
+            kv.put(mine.clone(), to_json(&record), on_lease()).await?;
+            announced = Some(record);
+        }
+        if !leading {
+            // Takes the key only if nobody holds it.
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    leader.clone(),
+                    CompareOp::Equal,
+                    0,
+                )])
+                .and_then([TxnOp::put(leader.clone(), me.id.clone(), on_lease())]);
+            if kv.txn(txn).await?.succeeded() {
+                leading = true;
+                tracing::info!(replica = %me.id, lease = id, "elected leader");
+            }
         }
     }
 }
@@ -946,5 +1130,14 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(got[3], (8, None));
+    }
+
+    #[test]
+    fn presence_keys_are_not_configuration() {
+        assert!(is_presence("/m/", b"/m/leader"));
+        assert!(is_presence("/m/", b"/m/replicas/0a1b2c3d"));
+        assert!(!is_presence("/m/", b"/m/version"));
+        assert!(!is_presence("/m/", b"/m/services/leader"));
+        assert!(!is_presence("/m/", b"/other/leader"));
     }
 }

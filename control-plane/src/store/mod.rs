@@ -56,6 +56,16 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         None
     }
 
+    /// For a shared store: announces this replica while it runs (a key on a
+    /// lease) and campaigns for leadership. Nothing for other stores.
+    fn announce(&self, _me: Presence) {}
+
+    /// For a shared store: the live replicas and the leader. `None` for a
+    /// store this process alone writes.
+    fn replicas(&self) -> BoxFuture<'_, Result<Option<Replicas>, StoreError>> {
+        Box::pin(async { Ok(None) })
+    }
+
     /// Where the store is (`redb:<path>`, `etcd:<urls>`), and for a shared
     /// store the revision it has applied; for `meshctl cp status` and logs.
     fn describe(&self) -> String;
@@ -63,6 +73,37 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Releases the underlying database (file locks, connections); later
     /// calls fail with [`StoreError::Closed`].
     fn close(&self);
+}
+
+/// What a replica announces about itself.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    /// Unique per process.
+    pub id: String,
+    /// Its `--listen` address.
+    pub address: String,
+    /// Its configuration version.
+    pub version: tokio::sync::watch::Receiver<u64>,
+}
+
+/// One replica as announced in the shared store.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaRecord {
+    pub id: String,
+    pub address: String,
+    pub revision: i64,
+    pub version: u64,
+}
+
+/// The replicas of a shared store.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Replicas {
+    /// This replica's id.
+    pub me: String,
+    /// By id.
+    pub replicas: Vec<ReplicaRecord>,
+    /// The leader's id, if one is elected.
+    pub leader: Option<String>,
 }
 
 /// The state of a store as loaded.

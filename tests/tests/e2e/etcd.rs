@@ -657,6 +657,8 @@ async fn writes_follow_etcd_quorum_and_serving_never_stops() {
     let mut cb = b.client().await;
     api::create_service(&mut ca, "greeter").await;
     api::add_endpoint(&mut ca, "greeter", ep(1), 1).await;
+    // b checks its writes against its own state: let it have a's first.
+    wait_version(&mut cb, 2).await;
 
     // One member down (the first in everyone's list): writes continue. A
     // write in flight to the killed member may come back unconfirmed (it
@@ -777,4 +779,104 @@ async fn write_until_confirmed(a: &mut Admin, addr: SocketAddr) -> u64 {
             }
         }
     }
+}
+
+/// `meshctl --server <servers> --output json cp status`, parsed.
+async fn cp_status(servers: String) -> serde_json::Value {
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(meshwire_tests::bins::MESHCTL)
+            .args(["--server", &servers, "--token", TOKEN, "--output", "json"])
+            .args(["cp", "status"])
+            .env_remove("MESHCTL_SERVER")
+            .env_remove("MESHWIRE_ADMIN_TOKEN")
+            .output()
+            .expect("run meshctl")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "meshctl cp status: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// Polls `meshctl cp status` through `servers` until `done` holds (bounded).
+async fn cp_status_until(
+    servers: &str,
+    limit: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = tokio::time::Instant::now();
+    loop {
+        let s = cp_status(servers.to_owned()).await;
+        if done(&s) {
+            return s;
+        }
+        assert!(start.elapsed() < limit, "cp status never got there: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `meshctl cp status` lists both replicas with the version and revision
+/// each applied and exactly one leader; the leader killed with SIGKILL,
+/// the survivor is elected within the lease TTL + 2 s and the dead one
+/// drops out of the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cp_status_lists_replicas_and_a_new_leader_follows_a_killed_one() {
+    let etcd = Etcd::start().await;
+    let (mut a, _da) = replica(&etcd.urls(), "/mesh/").await;
+    let (mut b, _db) = replica(&etcd.urls(), "/mesh/").await;
+    let mut ca = a.client().await;
+    let v = api::create_service(&mut ca, "greeter").await;
+
+    let both = format!("{},{}", a.url(), b.url());
+    let s = cp_status_until(&both, Duration::from_secs(10), |s| {
+        let r = s["replicas"].as_array().unwrap();
+        r.len() == 2
+            && r.iter()
+                .all(|r| r["version"] == v && r["revision"].as_i64() > Some(0))
+            && r.iter().filter(|r| r["leader"] == true).count() == 1
+    })
+    .await;
+    assert!(s["store"].as_str().unwrap().starts_with("etcd:"), "{s}");
+    // meshctl asked the first server: a.
+    let answered: Vec<_> = s["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["answered"] == true)
+        .collect();
+    assert_eq!(answered.len(), 1, "{s}");
+    assert_eq!(answered[0]["address"], a.addr.to_string(), "{s}");
+
+    // Kill the leader; the other one takes over.
+    let leader = s["leader"].as_str().unwrap().to_owned();
+    let leader_addr = s["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == leader.as_str())
+        .unwrap()["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (dead, survivor) = if leader_addr == a.addr.to_string() {
+        (&mut a, b.url())
+    } else {
+        (&mut b, a.url())
+    };
+    dead.signal("KILL");
+    dead.wait_exit(Duration::from_secs(5)).await;
+    let killed = tokio::time::Instant::now();
+    let limit = meshwire_control_plane::store::etcd::LEASE_TTL + Duration::from_secs(2);
+    let s = cp_status_until(&survivor, limit, |s| {
+        let r = s["replicas"].as_array().unwrap();
+        r.len() == 1 && r[0]["leader"] == true && s["leader"] != leader.as_str()
+    })
+    .await;
+    assert!(killed.elapsed() <= limit, "{:?}", killed.elapsed());
+    assert_eq!(s["leader"], s["replica"], "{s}");
 }
