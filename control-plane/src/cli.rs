@@ -62,6 +62,26 @@ pub struct Args {
     /// Where the configuration database and the admin token live (created if missing).
     #[arg(long, env = "MESHWIRE_DATA_DIR", default_value = "./meshwire-data")]
     pub data_dir: PathBuf,
+    /// Keep the configuration in etcd instead of the embedded database, shared by every
+    /// replica started with the same --etcd and --etcd-prefix: client URLs of the members,
+    /// comma-separated (`http://10.0.0.1:2379,http://10.0.0.2:2379`).
+    #[arg(long, env = "MESHWIRE_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Every key this mesh writes to etcd is under it; meshes sharing one etcd need different ones.
+    #[arg(long, env = "MESHWIRE_ETCD_PREFIX", default_value = crate::store::etcd::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// The CA (PEM) that signed etcd's serving certificates; the --etcd URLs are then https://.
+    #[arg(long, env = "MESHWIRE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd's --client-cert-auth.
+    #[arg(long, env = "MESHWIRE_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(long, env = "MESHWIRE_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// Longest wait for etcd on one call; a write not answered by then is refused as UNAVAILABLE.
+    #[arg(long, env = "MESHWIRE_ETCD_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub etcd_timeout: Duration,
     /// Once listening, write `{"listen": "ip:port", "tls": "ip:port" | null, "admin": "ip:port", "pid": N}` here (for port 0).
     #[arg(long, env = "MESHWIRE_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
@@ -164,6 +184,21 @@ fn ca_config(args: &Args) -> ca::CaConfig {
     }
 }
 
+fn etcd_config(args: &Args) -> Option<crate::store::EtcdConfig> {
+    if args.etcd.is_empty() {
+        return None;
+    }
+    let mut c = crate::store::EtcdConfig::new(args.etcd.clone());
+    c.prefix = crate::store::EtcdConfig::normalize_prefix(&args.etcd_prefix);
+    c.request_timeout = args.etcd_timeout;
+    c.tls = args.etcd_ca.as_ref().map(|ca| crate::store::etcd::EtcdTls {
+        ca: ca.clone(),
+        cert: args.etcd_cert.clone(),
+        key: args.etcd_key.clone(),
+    });
+    Some(c)
+}
+
 /// Checks what clap cannot; the error names the flag.
 fn check(args: &Args) -> Result<(), String> {
     if args.cert_lifetime < ca::MIN_CERT_LIFETIME {
@@ -186,10 +221,18 @@ fn check(args: &Args) -> Result<(), String> {
             return Err(format!("--tls-name {n:?}: not a DNS name or IP address"));
         }
     }
+    if let Some(etcd) = etcd_config(args) {
+        etcd.check()?;
+    } else if args.etcd_ca.is_some() {
+        return Err("--etcd-ca: only with --etcd".into());
+    }
     for (flag, path) in [
         ("--ca-cert", &args.ca_cert),
         ("--ca-key", &args.ca_key),
         ("--ca-bundle", &args.ca_bundle),
+        ("--etcd-ca", &args.etcd_ca),
+        ("--etcd-cert", &args.etcd_cert),
+        ("--etcd-key", &args.etcd_key),
     ] {
         if let Some(p) = path
             && !p.is_file()
@@ -249,6 +292,9 @@ pub fn main() -> ExitCode {
         cfg.tls_names = args.tls_names.clone();
     }
     cfg.ca = ca_config(&args);
+    if let Some(etcd) = etcd_config(&args) {
+        cfg.store = crate::StoreConfig::Etcd(etcd);
+    }
 
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -65,7 +65,7 @@ use crate::ca::{Ca, CaConfig, CaError};
 use crate::identity_api::IdentityApi;
 use crate::nodes::NodeRegistry;
 use crate::registry::Registry;
-use crate::store::{RedbStore, Store, StoreError};
+use crate::store::{EtcdConfig, EtcdStore, RedbStore, Store, StoreError};
 use crate::telemetry::{CountApiCalls, CpMetrics, XdsObserver};
 
 /// The database file's name inside the data directory.
@@ -93,6 +93,19 @@ pub struct ControlPlaneConfig {
     pub tls_names: Vec<String>,
     /// The mesh CA: trust domain, certificate lifetime, user-supplied CA.
     pub ca: CaConfig,
+    /// Where the configuration lives: the embedded database in `data_dir`
+    /// (default), or etcd, shared with other replicas.
+    pub store: StoreConfig,
+}
+
+/// Where the mesh configuration is kept.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum StoreConfig {
+    /// `<data_dir>/meshwire.redb`: one control plane.
+    #[default]
+    Embedded,
+    /// etcd: any number of interchangeable replicas.
+    Etcd(EtcdConfig),
 }
 
 impl ControlPlaneConfig {
@@ -115,6 +128,7 @@ impl ControlPlaneConfig {
             tls_listen: Some(Self::DEFAULT_TLS_LISTEN),
             tls_names: tls::default_names(),
             ca: CaConfig::default(),
+            store: StoreConfig::Embedded,
         }
     }
 
@@ -208,15 +222,18 @@ impl ControlPlane {
             }
             None => auth::load_or_create(&dir)?,
         };
-        let store: Arc<dyn Store> = {
-            let path = dir.join(DB_FILE);
-            Arc::new(
-                tokio::task::spawn_blocking(move || RedbStore::open(&path))
-                    .await
-                    .map_err(|e| StoreError::Database(format!("opening the store: {e}")))??,
-            )
+        let store: Arc<dyn Store> = match &cfg.store {
+            StoreConfig::Embedded => {
+                let path = dir.join(DB_FILE);
+                Arc::new(
+                    tokio::task::spawn_blocking(move || RedbStore::open(&path))
+                        .await
+                        .map_err(|e| StoreError::Database(format!("opening the store: {e}")))??,
+                )
+            }
+            StoreConfig::Etcd(etcd) => Arc::new(EtcdStore::new(etcd).await?),
         };
-        let registry = match Registry::load(store.clone()).await {
+        let registry = match load_registry(&store, &cfg.store).await {
             Ok(r) => r,
             Err(e) => {
                 store.close();
@@ -383,11 +400,13 @@ impl ControlPlane {
             };
             tokio::spawn(admin::serve(l, state, admin_stop.clone()))
         });
+        registry.announce(local_addr);
         tracing::info!(
             listen = %local_addr,
             tls_listen = ?tls_addr,
             admin = ?admin_addr,
             data_dir = %dir.display(),
+            store = %registry.store_description(),
             version = registry.version(),
             "control plane ready"
         );
@@ -487,6 +506,29 @@ impl ControlPlaneHandle {
     pub async fn stop(mut self) -> Result<(), ServeError> {
         self.shutdown();
         self.wait().await
+    }
+}
+
+/// Loads the configuration. etcd that cannot be reached yet (replicas and
+/// etcd started together) is waited for, with jittered backoff and a log
+/// line per attempt naming etcd; nothing is served until the state is
+/// loaded, so no sidecar ever gets an empty configuration from us.
+async fn load_registry(
+    store: &Arc<dyn Store>,
+    cfg: &StoreConfig,
+) -> Result<Arc<Registry>, StoreError> {
+    let mut failures = 0u32;
+    loop {
+        match Registry::load(store.clone()).await {
+            Err(e @ StoreError::Unavailable { .. }) if matches!(cfg, StoreConfig::Etcd(_)) => {
+                failures = failures.saturating_add(1);
+                let exp = Duration::from_millis(200).saturating_mul(1 << failures.min(5));
+                let wait = exp.mul_f64(0.5 + fastrand::f64() * 0.5);
+                tracing::warn!(error = %e, retry_in = ?wait, attempt = failures, "etcd unreachable at start; not serving until the configuration is loaded");
+                tokio::time::sleep(wait).await;
+            }
+            r => return r,
+        }
     }
 }
 

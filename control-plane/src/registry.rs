@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,10 +19,15 @@ use meshwire_mesh::{Cluster, Endpoint, LbPolicy, ModelError};
 use meshwire_xds::Snapshot;
 use tokio::sync::{broadcast, watch};
 
-use crate::store::{Change, Store, StoreError};
+use crate::store::{Change, Remote, Store, StoreError};
 
 /// How many events a slow watcher may fall behind before it is cut off.
 const EVENT_BACKLOG: usize = 4096;
+
+/// How often a change is re-checked after losing a race with another replica.
+const CONFLICT_RETRIES: u32 = 8;
+/// How long we wait for the other replica's commit to reach us.
+const CONFLICT_CATCH_UP: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -281,6 +287,7 @@ pub struct Registry {
     state: Mutex<State>,
     versions: watch::Sender<u64>,
     events: broadcast::Sender<Arc<Event>>,
+    revision: AtomicI64,
 }
 
 impl std::fmt::Debug for Registry {
@@ -307,7 +314,8 @@ impl Registry {
             endpoints = clusters.values().map(|c| c.endpoints.len()).sum::<usize>(),
             "configuration loaded"
         );
-        Ok(Arc::new(Self {
+        let follow = store.follow(loaded.revision);
+        let reg = Arc::new(Self {
             store,
             writer: tokio::sync::Mutex::new(()),
             versions: watch::channel(loaded.version).0,
@@ -316,7 +324,20 @@ impl Registry {
                 clusters,
             }),
             events: broadcast::channel(EVENT_BACKLOG).0,
-        }))
+            revision: AtomicI64::new(loaded.revision),
+        });
+        if let Some(mut rx) = follow {
+            // Ends when the store closes (its sender goes away); holds only
+            // a weak reference so the registry can be dropped.
+            let weak = Arc::downgrade(&reg);
+            tokio::spawn(async move {
+                while let Some(remote) = rx.recv().await {
+                    let Some(reg) = weak.upgrade() else { break };
+                    reg.apply_remote(remote);
+                }
+            });
+        }
+        Ok(reg)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -390,13 +411,13 @@ impl Registry {
         service.validate()?;
         self.mutate(move |st| {
             if st.clusters.contains_key(&service.name) {
-                return Err(RegistryError::ServiceExists(service.name));
+                return Err(RegistryError::ServiceExists(service.name.clone()));
             }
             let info = ServiceInfo {
                 settings: service.clone(),
                 endpoints: 0,
             };
-            Ok(Plan::Commit(Change::ServiceCreated(service), info))
+            Ok(Plan::Commit(Change::ServiceCreated(service.clone()), info))
         })
         .await
     }
@@ -438,6 +459,7 @@ impl Registry {
                 .map(|e| e.address)
                 .collect();
             let n = endpoints.len();
+            let name = name.clone();
             Ok(Plan::Commit(Change::ServiceDeleted { name, endpoints }, n))
         })
         .await
@@ -454,22 +476,22 @@ impl Registry {
             let c = st.cluster(&service)?;
             if find(c, endpoint.address).is_ok() {
                 return Err(RegistryError::EndpointExists {
-                    service,
+                    service: service.clone(),
                     address: endpoint.address,
                 });
             }
             // Never commit a service the sidecars would refuse.
             if c.endpoints.len() >= MAX_ENDPOINTS {
                 return Err(RegistryError::TooManyEndpoints {
-                    service,
+                    service: service.clone(),
                     max: MAX_ENDPOINTS,
                 });
             }
-            let ep = endpoint.clone();
-            Ok(Plan::Commit(
-                Change::EndpointAdded { service, endpoint },
-                ep,
-            ))
+            let change = Change::EndpointAdded {
+                service: service.clone(),
+                endpoint: endpoint.clone(),
+            };
+            Ok(Plan::Commit(change, endpoint.clone()))
         })
         .await
     }
@@ -497,7 +519,7 @@ impl Registry {
             let ep = next.clone();
             Ok(Plan::Commit(
                 Change::EndpointUpdated {
-                    service,
+                    service: service.clone(),
                     endpoint: next,
                 },
                 ep,
@@ -514,6 +536,7 @@ impl Registry {
         let service = service.to_owned();
         self.mutate(move |st| {
             st.endpoint(&service, address)?;
+            let service = service.clone();
             Ok(Plan::Commit(
                 Change::EndpointRemoved { service, address },
                 (),
@@ -523,43 +546,224 @@ impl Registry {
         .map(|(v, ())| v)
     }
 
-    /// Runs one mutation to its end in a task of its own (see the module docs).
+    /// Runs one mutation to its end in a task of its own (see the module
+    /// docs). On a shared store another replica may commit between our check
+    /// and our commit: then we wait until its change has reached us and
+    /// check again against the new state.
     async fn mutate<R, F>(self: &Arc<Self>, plan: F) -> Result<(u64, R), RegistryError>
     where
         R: Send + 'static,
-        F: FnOnce(&State) -> Result<Plan<R>, RegistryError> + Send + 'static,
+        F: Fn(&State) -> Result<Plan<R>, RegistryError> + Send + Sync + 'static,
     {
         let this = self.clone();
-        tokio::spawn(async move { this.mutate_now(plan).await })
-            .await
-            .map_err(|e| StoreError::Database(format!("mutation task failed: {e}")))?
+        tokio::spawn(async move {
+            let mut attempt = 0;
+            loop {
+                match this.mutate_now(&plan).await {
+                    Err(RegistryError::Store(StoreError::Conflict { base }))
+                        if attempt < CONFLICT_RETRIES =>
+                    {
+                        attempt += 1;
+                        tracing::debug!(
+                            base,
+                            attempt,
+                            "another replica committed first; re-checking"
+                        );
+                        let mut versions = this.versions();
+                        // The watch brings the other commit within
+                        // milliseconds; if it does not, answer with the conflict.
+                        let caught_up = tokio::time::timeout(
+                            CONFLICT_CATCH_UP,
+                            versions.wait_for(|v| *v > base),
+                        )
+                        .await;
+                        if !matches!(caught_up, Ok(Ok(_))) {
+                            return Err(StoreError::Conflict { base }.into());
+                        }
+                    }
+                    r => return r,
+                }
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Database(format!("mutation task failed: {e}")))?
     }
 
-    async fn mutate_now<R, F>(&self, plan: F) -> Result<(u64, R), RegistryError>
+    async fn mutate_now<R, F>(&self, plan: &F) -> Result<(u64, R), RegistryError>
     where
-        F: FnOnce(&State) -> Result<Plan<R>, RegistryError>,
+        F: Fn(&State) -> Result<Plan<R>, RegistryError>,
     {
         let _writer = self.writer.lock().await;
-        let planned = plan(&self.lock())?;
+        let (base, planned) = {
+            let st = self.lock();
+            (st.version, plan(&st)?)
+        };
         let (change, result) = match planned {
-            Plan::Unchanged(r) => return Ok((self.version(), r)),
+            Plan::Unchanged(r) => return Ok((base, r)),
             Plan::Commit(change, r) => (change, r),
         };
-        let version = self.store.commit(&change).await.inspect_err(|e| {
-            tracing::error!(service = change.service(), error = %e, "commit failed; nothing changed");
+        let version = self.store.commit(base, &change).await.inspect_err(|e| {
+            if !matches!(e, StoreError::Conflict { .. }) {
+                tracing::error!(service = change.service(), error = %e, "commit failed; nothing changed");
+            }
         })?;
         {
             let mut st = self.lock();
-            debug_assert!(version > st.version, "store versions must increase");
-            st.apply(&change);
-            st.version = version;
-            tracing::debug!(version, service = change.service(), "committed");
-            // A send error only means nobody is watching.
-            let _ = self.events.send(Arc::new(Event { version, change }));
+            // On a shared store the watch may have applied our own commit
+            // already; it is the same change at the same version.
+            if version > st.version {
+                st.apply(&change);
+                st.version = version;
+                tracing::debug!(version, service = change.service(), "committed");
+                // A send error only means nobody is watching.
+                let _ = self.events.send(Arc::new(Event { version, change }));
+            }
         }
-        self.versions.send_replace(version);
+        self.versions.send_if_modified(|v| {
+            let newer = version > *v;
+            if newer {
+                *v = version;
+            }
+            newer
+        });
         Ok((version, result))
     }
+
+    /// Applies what a shared store reports: one commit (ours, already
+    /// applied, or another replica's), or a whole new state after etcd
+    /// compacted the history we missed — swapped in at once, announced as
+    /// the differences, so no endpoint is ever missing in between.
+    pub fn apply_remote(&self, remote: Remote) {
+        let version = {
+            let mut st = self.lock();
+            match remote {
+                Remote::Commit {
+                    version,
+                    revision,
+                    changes,
+                } => {
+                    self.revision.store(revision, Ordering::Relaxed);
+                    if version <= st.version {
+                        return;
+                    }
+                    for change in changes {
+                        st.apply(&change);
+                        let _ = self.events.send(Arc::new(Event { version, change }));
+                    }
+                    st.version = version;
+                    tracing::debug!(version, revision, "applied a commit from the store");
+                    version
+                }
+                Remote::Reset(loaded) => {
+                    self.revision.store(loaded.revision, Ordering::Relaxed);
+                    let next: BTreeMap<String, Cluster> = loaded
+                        .clusters
+                        .into_iter()
+                        .map(|mut c| {
+                            c.endpoints.sort_by_key(|e| e.address);
+                            (c.name.clone(), c)
+                        })
+                        .collect();
+                    let changes = diff(&st.clusters, &next);
+                    tracing::info!(
+                        version = loaded.version,
+                        revision = loaded.revision,
+                        changes = changes.len(),
+                        "state re-listed from the store"
+                    );
+                    st.clusters = next;
+                    st.version = st.version.max(loaded.version);
+                    for change in changes {
+                        let _ = self.events.send(Arc::new(Event {
+                            version: st.version,
+                            change,
+                        }));
+                    }
+                    st.version
+                }
+            }
+        };
+        self.versions.send_if_modified(|v| {
+            let newer = version > *v;
+            if newer {
+                *v = version;
+            }
+            newer
+        });
+    }
+
+    /// The store's revision last applied (etcd; 0 otherwise).
+    pub fn revision(&self) -> i64 {
+        self.revision.load(Ordering::Relaxed)
+    }
+
+    /// Where the state is kept (`redb:<path>`, `etcd:<urls>`).
+    pub fn store_description(&self) -> String {
+        self.store.describe()
+    }
+
+    /// On a shared store: announces this replica, listening on `address`
+    /// (see [`Store::announce`]).
+    pub fn announce(&self, address: SocketAddr) {
+        self.store.announce(crate::store::Presence {
+            id: format!("{:08x}", fastrand::u32(..)),
+            address: address.to_string(),
+            version: self.versions(),
+        });
+    }
+
+    /// The replicas sharing the store, `None` on a store of our own.
+    pub async fn replicas(&self) -> Result<Option<crate::store::Replicas>, StoreError> {
+        self.store.replicas().await
+    }
+}
+
+/// The changes that turn `old` into `new`, service by service.
+fn diff(old: &BTreeMap<String, Cluster>, new: &BTreeMap<String, Cluster>) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (name, o) in old {
+        if !new.contains_key(name) {
+            out.push(Change::ServiceDeleted {
+                name: name.clone(),
+                endpoints: o.endpoints.iter().map(|e| e.address).collect(),
+            });
+        }
+    }
+    for (name, n) in new {
+        let Some(o) = old.get(name) else {
+            out.push(Change::ServiceCreated(settings(n)));
+            out.extend(n.endpoints.iter().map(|e| Change::EndpointAdded {
+                service: name.clone(),
+                endpoint: e.clone(),
+            }));
+            continue;
+        };
+        if settings(o) != settings(n) {
+            out.push(Change::ServiceUpdated(settings(n)));
+        }
+        for e in &o.endpoints {
+            if find(n, e.address).is_err() {
+                out.push(Change::EndpointRemoved {
+                    service: name.clone(),
+                    address: e.address,
+                });
+            }
+        }
+        for e in &n.endpoints {
+            match find(o, e.address) {
+                Ok(i) if o.endpoints[i] == *e => {}
+                Ok(_) => out.push(Change::EndpointUpdated {
+                    service: name.clone(),
+                    endpoint: e.clone(),
+                }),
+                Err(_) => out.push(Change::EndpointAdded {
+                    service: name.clone(),
+                    endpoint: e.clone(),
+                }),
+            }
+        }
+    }
+    out
 }
 
 /// Checks a service name given in a request (`field` names it).

@@ -303,7 +303,10 @@ impl AdminState {
                 let s = status.borrow();
                 serde_json::json!({
                     "type": "xds",
-                    "control_plane": server,
+                    // The replica of the current (or last) stream, and all configured.
+                    "control_plane": s.server.clone().unwrap_or_else(|| server.clone()),
+                    "control_planes": server,
+                    "applies": s.applies,
                     "connected": s.connected,
                     "warm": s.warm,
                     "versions": { "clusters": s.cds_version, "endpoints": s.eds_version },

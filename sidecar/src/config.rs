@@ -55,7 +55,9 @@ pub struct Args {
     /// YAML file listing the services this sidecar can call (no control plane).
     #[arg(long, env = "MESHWIRE_STATIC_CONFIG", conflicts_with = "control_plane")]
     pub static_config: Option<PathBuf>,
-    /// The control plane to take config from over xDS, e.g. `http://10.0.0.2:15010`.
+    /// The control plane to take config from over xDS, e.g. `http://10.0.0.2:15010`; several
+    /// replicas comma-separated (`https://cp-a:15012,https://cp-b:15012`): one is used, the
+    /// next on failure, and certificates are renewed through any of them.
     #[arg(long, env = "MESHWIRE_CONTROL_PLANE", requires = "service")]
     pub control_plane: Option<String>,
     /// The service this sidecar belongs to (its xDS node cluster).
@@ -231,14 +233,25 @@ impl Args {
             cfg.trace = Some(trace);
         }
         if let Some(server) = self.control_plane.clone() {
-            let uri: http::Uri = server
-                .parse()
-                .map_err(|e| ConfigError::Flag(format!("--control-plane {server:?}: {e}")))?;
-            if uri.scheme().is_none() || uri.authority().is_none() {
+            let mut schemes = std::collections::BTreeSet::new();
+            let urls: Vec<&str> = server.split(',').map(str::trim).collect();
+            for url in &urls {
+                let uri: http::Uri = url
+                    .parse()
+                    .map_err(|e| ConfigError::Flag(format!("--control-plane {url:?}: {e}")))?;
+                if uri.scheme().is_none() || uri.authority().is_none() {
+                    return Err(ConfigError::Flag(format!(
+                        "--control-plane {url:?}: write it as https://HOST:15012 (or http://HOST:15010 without mTLS)"
+                    )));
+                }
+                schemes.insert(uri.scheme_str().unwrap_or_default().to_owned());
+            }
+            if schemes.len() > 1 {
                 return Err(ConfigError::Flag(format!(
-                    "--control-plane {server:?}: write it as https://HOST:15012 (or http://HOST:15010 without mTLS)"
+                    "--control-plane {server:?}: all https:// or all http://, not both"
                 )));
             }
+            let server = urls.join(",");
             let service = self.service.clone().unwrap_or_default();
             meshwire_mesh::model::validate_service_name(&service)
                 .map_err(|e| ConfigError::Flag(format!("--service: {}", e.reason)))?;

@@ -143,11 +143,24 @@ pub enum IdentitySource {
 /// Where the sidecar gets its config over xDS.
 #[derive(Debug, Clone)]
 pub struct ControlPlaneConfig {
-    /// e.g. `http://127.0.0.1:15010`.
+    /// e.g. `http://127.0.0.1:15010`; several control-plane replicas
+    /// comma-separated: the sidecar uses one and fails over to the next.
     pub server: String,
     /// The service this sidecar belongs to.
     pub service: String,
     pub node_id: String,
+}
+
+impl ControlPlaneConfig {
+    /// The replicas' URLs, in order.
+    pub fn servers(&self) -> Vec<String> {
+        self.server
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 impl SidecarConfig {
@@ -328,7 +341,7 @@ impl Sidecar {
         let xds = cfg.control_plane.as_ref().map(|cp| {
             let tls = tls.clone();
             let client = xds_client::ClientConfig {
-                server: cp.server.clone(),
+                servers: cp.servers(),
                 node_id: cp.node_id.clone(),
                 service: cp.service.clone(),
                 user_agent: "meshwire-sidecar".into(),

@@ -17,6 +17,7 @@ pub mod backends;
 pub mod bins;
 pub mod clients;
 pub mod control_plane;
+pub mod etcd;
 pub mod peers;
 pub mod process;
 pub mod prom;

@@ -14,8 +14,11 @@
 //! never serves with an empty endpoint set; one whose endpoints were refused
 //! is not waited for (the sidecar becomes ready without it). If the stream breaks (control
 //! plane down or restarting) the sidecar keeps serving what it has and
-//! reconnects with jittered exponential backoff; on reconnect it resubscribes
-//! and the control plane sends the current state again.
+//! reconnects with jittered exponential backoff — to the next control plane
+//! of its list, so with several replicas it fails over; on reconnect it
+//! resubscribes and the control plane sends the current state again. A
+//! response identical to what is applied (the same state from another
+//! replica) is ACKed without touching the sink: nothing is rebuilt.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -67,8 +70,9 @@ pub trait ConfigSink: Send + Sync + 'static {
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The control plane, e.g. `http://127.0.0.1:15010`.
-    pub server: String,
+    /// The control-plane replicas, e.g. `http://127.0.0.1:15010`; the client
+    /// uses one at a time and moves to the next when its stream breaks.
+    pub servers: Vec<String>,
     pub node_id: String,
     /// The service this sidecar belongs to (`node.cluster`).
     pub service: String,
@@ -106,6 +110,11 @@ pub struct ClientStatus {
     pub rejected: BTreeMap<String, String>,
     pub streams_opened: u64,
     pub last_error: Option<String>,
+    /// The control plane of the current (or last) stream.
+    pub server: Option<String>,
+    /// Configurations handed to the sink (a response equal to the applied
+    /// config is not).
+    pub applies: u64,
 }
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -119,18 +128,28 @@ pub async fn run(
 ) {
     let mut state = State::default();
     let mut failures = 0u32;
+    let mut current = 0usize;
     loop {
-        status.send_modify(|s| s.streams_opened += 1);
-        match stream_once(&cfg, &*sink, &status, &mut state).await {
+        let Some(server) = cfg.servers.get(current % cfg.servers.len().max(1)) else {
+            tracing::error!("no control plane configured");
+            return;
+        };
+        status.send_modify(|s| {
+            s.streams_opened += 1;
+            s.server = Some(server.clone());
+        });
+        match stream_once(&cfg, server, &*sink, &status, &mut state).await {
             Ok(()) => {
-                tracing::warn!(server = %cfg.server, "xDS stream closed by the control plane")
+                tracing::warn!(%server, "xDS stream closed by the control plane")
             }
             Err(e) => {
-                tracing::warn!(server = %cfg.server, error = %e, "xDS stream failed; keeping the current config");
+                tracing::warn!(%server, error = %e, "xDS stream failed; keeping the current config");
                 status.send_modify(|s| s.last_error = Some(e.to_string()));
             }
         }
         status.send_modify(|s| s.connected = false);
+        // The next attempt goes to the next replica.
+        current = current.wrapping_add(1);
         if state.had_response {
             failures = 0;
         }
@@ -152,6 +171,8 @@ struct State {
     cds_nonce: String,
     eds_nonce: String,
     applied: Vec<Cluster>,
+    /// `applied` was given to the sink (an empty first config still is).
+    had_applied: bool,
     /// Clusters whose endpoints were refused and that have no good ones.
     rejected: BTreeMap<String, String>,
     had_response: bool,
@@ -213,18 +234,19 @@ impl State {
 
 async fn stream_once(
     cfg: &ClientConfig,
+    server: &str,
     sink: &dyn ConfigSink,
     status: &watch::Sender<ClientStatus>,
     state: &mut State,
 ) -> Result<(), ClientError> {
     // Our connector does the TLS: tonic sees a plain `http` origin.
-    let origin = match cfg.server.strip_prefix("https://") {
+    let origin = match server.strip_prefix("https://") {
         Some(rest) if cfg.tls.is_some() => format!("http://{rest}"),
-        _ => cfg.server.clone(),
+        _ => server.to_owned(),
     };
     let endpoint = tonic::transport::Endpoint::from_shared(origin)
         .map_err(|e| ClientError::Address {
-            address: cfg.server.clone(),
+            address: server.to_owned(),
             reason: e.to_string(),
         })?
         .connect_timeout(cfg.connect_timeout)
@@ -239,13 +261,13 @@ async fn stream_once(
         )
         .await
         .map_err(|_| ClientError::Connect {
-            address: cfg.server.clone(),
+            address: server.to_owned(),
             reason: "timed out".into(),
         })?,
         None => endpoint.connect().await,
     }
     .map_err(|e| ClientError::Connect {
-        address: cfg.server.clone(),
+        address: server.to_owned(),
         reason: e.to_string(),
     })?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel)
@@ -280,7 +302,7 @@ async fn stream_once(
         s.connected = true;
         s.last_error = None;
     });
-    tracing::info!(server = %cfg.server, node = %cfg.node_id, "xDS stream open");
+    tracing::info!(%server, node = %cfg.node_id, "xDS stream open");
     while let Some(resp) = responses.next().await {
         let resp = resp?;
         state.had_response = true;
@@ -363,6 +385,22 @@ fn publish(status: &watch::Sender<ClientStatus>, state: &State) {
     });
 }
 
+/// Hands `config` to the sink unless it is what is applied already (the
+/// same state again, e.g. from another replica after a failover).
+fn apply(
+    sink: &dyn ConfigSink,
+    status: &watch::Sender<ClientStatus>,
+    state: &State,
+    config: &[Cluster],
+) -> Result<(), ApplyError> {
+    if state.had_applied && state.applied.as_slice() == config {
+        return Ok(());
+    }
+    sink.apply(config)?;
+    status.send_modify(|s| s.applies += 1);
+    Ok(())
+}
+
 fn on_clusters(
     resp: DiscoveryResponse,
     sink: &dyn ConfigSink,
@@ -395,7 +433,7 @@ fn on_clusters(
     let mut rejected = state.rejected.clone();
     rejected.retain(|name, _| settings.contains_key(name));
     let config = state.checked_config(sink, &settings, &mut endpoints, &mut rejected, &mut errors);
-    if let Err(ApplyError(e)) = sink.apply(&config) {
+    if let Err(ApplyError(e)) = apply(sink, status, state, &config) {
         record_nack(status, &resp, &e);
         return vec![nack(&resp, state, &state.cds_version, &e)];
     }
@@ -404,6 +442,7 @@ fn on_clusters(
     state.endpoints = endpoints;
     state.rejected = rejected;
     state.applied = config;
+    state.had_applied = true;
     state.cds_nonce = resp.nonce.clone();
     let mut out = if errors.is_empty() {
         state.cds_version = resp.version_info.clone();
@@ -468,13 +507,14 @@ fn on_endpoints(
         &mut rejected,
         &mut errors,
     );
-    if let Err(ApplyError(e)) = sink.apply(&config) {
+    if let Err(ApplyError(e)) = apply(sink, status, state, &config) {
         record_nack(status, &resp, &e);
         return vec![nack(&resp, state, &state.eds_version, &e)];
     }
     state.endpoints = endpoints;
     state.rejected = rejected;
     state.applied = config;
+    state.had_applied = true;
     state.eds_nonce = resp.nonce.clone();
     if !errors.is_empty() {
         let e = errors.join("; ");

@@ -154,7 +154,7 @@ fn start_client(
 ) -> (watch::Receiver<ClientStatus>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(ClientStatus::default());
     let cfg = ClientConfig {
-        server: format!("http://{addr}"),
+        servers: vec![format!("http://{addr}")],
         node_id: "node-1".into(),
         service: "caller".into(),
         user_agent: "meshwire-sidecar".into(),

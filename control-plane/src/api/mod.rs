@@ -348,6 +348,34 @@ impl MeshAdmin for AdminApi {
             nodes: self.nodes.list().iter().map(node_pb).collect(),
         }))
     }
+
+    async fn control_plane_status(
+        &self,
+        _req: Request<pb::ControlPlaneStatusRequest>,
+    ) -> Result<Response<pb::ControlPlaneStatusResponse>, Status> {
+        let store = self.registry.store_description();
+        let replicas = self
+            .registry
+            .replicas()
+            .await
+            .map_err(|e| status(e.into(), ""))?
+            .unwrap_or_default();
+        Ok(Response::new(pb::ControlPlaneStatusResponse {
+            store,
+            replica_id: replicas.me,
+            replicas: replicas
+                .replicas
+                .into_iter()
+                .map(|r| pb::Replica {
+                    id: r.id,
+                    address: r.address,
+                    revision: r.revision,
+                    version: r.version,
+                })
+                .collect(),
+            leader: replicas.leader.unwrap_or_default(),
+        }))
+    }
 }
 
 impl AdminApi {

@@ -62,6 +62,15 @@ pub(super) fn status(e: RegistryError, within: &str) -> Status {
         RegistryError::Store(StoreError::Closed) => {
             Status::unavailable("the control plane is shutting down; nothing was changed")
         }
+        RegistryError::Store(s @ StoreError::Unavailable { .. }) => {
+            bounded(Code::Unavailable, format!("{s}; nothing was changed"))
+        }
+        RegistryError::Store(s @ StoreError::Unconfirmed { .. }) => {
+            bounded(Code::Unavailable, s.to_string())
+        }
+        RegistryError::Store(s @ StoreError::Conflict { .. }) => {
+            bounded(Code::Aborted, format!("{s}; nothing was changed, retry"))
+        }
         RegistryError::Store(s) => {
             bounded(Code::Internal, format!("store: {s}; nothing was changed"))
         }

@@ -14,15 +14,17 @@ use meshwire_proto::admin::v1 as pb;
     after_help = "Exit codes: 0 done, 1 the control plane refused the request, 2 bad usage, 3 cannot reach the control plane."
 )]
 pub(crate) struct Cli {
-    /// The control plane's address.
+    /// The control plane's address; several replicas repeated or comma-separated: the
+    /// first that answers is used.
     #[arg(
         long,
         env = "MESHCTL_SERVER",
         default_value = "http://127.0.0.1:15010",
+        value_delimiter = ',',
         global = true,
         help_heading = "Global options"
     )]
-    pub(super) server: String,
+    pub(super) server: Vec<String>,
     /// The admin token (default: <data-dir>/admin.token).
     #[arg(
         long,
@@ -101,8 +103,17 @@ pub(super) enum Command {
     Ca(CaCmd),
     /// The sidecars connected over xDS and what they ACKed.
     Status,
+    /// The control plane itself: its replicas on etcd and the leader.
+    #[command(subcommand)]
+    Cp(CpCmd),
     /// Print every change as it is committed (until Ctrl-C).
     Watch,
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum CpCmd {
+    /// The replicas sharing the store, the leader, and the etcd revision each has applied.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]

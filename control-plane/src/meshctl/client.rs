@@ -49,8 +49,20 @@ fn token(cli: &Cli) -> Result<Option<String>, Failure> {
     }
 }
 
+/// Connects to the first `--server` that answers.
 pub(super) async fn connect(cli: &Cli) -> Result<Client, Failure> {
-    let tls = cli.server.starts_with("https://");
+    let mut last = None;
+    for server in &cli.server {
+        match connect_to(cli, server).await {
+            Err(e @ Failure::Connect { .. }) => last = Some(e),
+            r => return r,
+        }
+    }
+    Err(last.unwrap_or_else(|| Failure::Usage("--server: give at least one".into())))
+}
+
+async fn connect_to(cli: &Cli, server_arg: &str) -> Result<Client, Failure> {
+    let tls = server_arg.starts_with("https://");
     // An admin certificate replaces the token, unless one is given explicitly.
     let token = if tls && cli.cert.is_some() && cli.token.as_ref().is_none_or(|t| t.is_empty()) {
         None
@@ -66,26 +78,25 @@ pub(super) async fn connect(cli: &Cli) -> Result<Client, Failure> {
         None => None,
     };
     let server = if tls {
-        with_default_port(&cli.server)?
+        with_default_port(server_arg)?
     } else {
-        cli.server.clone()
+        server_arg.to_owned()
     };
     let endpoint = tonic::transport::Endpoint::from_shared(server)
-        .map_err(|e| Failure::Usage(format!("--server {:?}: {}", cli.server, chain(&e))))?
+        .map_err(|e| Failure::Usage(format!("--server {server_arg:?}: {}", chain(&e))))?
         .connect_timeout(cli.timeout);
     let connected = if tls {
         endpoint.connect_with_connector(tls_connector(cli)?).await
     } else {
         if cli.cert.is_some() {
             return Err(Failure::Usage(format!(
-                "--cert needs an https:// --server (the control plane's TLS port, default 15012), not {:?}",
-                cli.server
+                "--cert needs an https:// --server (the control plane's TLS port, default 15012), not {server_arg:?}"
             )));
         }
         endpoint.connect().await
     };
     let channel = connected.map_err(|e| Failure::Connect {
-        server: cli.server.clone(),
+        server: server_arg.to_owned(),
         reason: chain(&e),
     })?;
     Ok(MeshAdminClient::with_interceptor(channel, Bearer(bearer)))

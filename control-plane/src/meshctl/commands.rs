@@ -7,8 +7,8 @@ use tonic::Request;
 
 use super::Failure;
 use super::args::{
-    CaCmd, Cli, Command, EndpointCmd, Lb, Output, PolicyCmd, ProtocolArg, ServiceCmd, ServiceOpts,
-    TokenCmd,
+    CaCmd, Cli, Command, CpCmd, EndpointCmd, Lb, Output, PolicyCmd, ProtocolArg, ServiceCmd,
+    ServiceOpts, TokenCmd,
 };
 use super::client::{Client, connect, req};
 use super::output::{
@@ -32,6 +32,14 @@ pub(super) async fn run(cli: Cli) -> Result<(), Failure> {
                 .await?
                 .into_inner();
             out.status(&s);
+            Ok(())
+        }
+        Command::Cp(CpCmd::Status) => {
+            let s = client
+                .control_plane_status(req(&cli, pb::ControlPlaneStatusRequest {}))
+                .await?
+                .into_inner();
+            out.cp_status(&s);
             Ok(())
         }
         Command::Watch => {

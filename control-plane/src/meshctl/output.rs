@@ -422,6 +422,68 @@ impl Printer {
         self.print(&out);
     }
 
+    pub(super) fn cp_status(&self, s: &pb::ControlPlaneStatusResponse) {
+        if self.json {
+            let replicas: Vec<Value> = s
+                .replicas
+                .iter()
+                .map(|r| {
+                    json!({
+                        "id": r.id,
+                        "address": r.address,
+                        "revision": r.revision,
+                        "version": r.version,
+                        "leader": r.id == s.leader,
+                        "answered": r.id == s.replica_id,
+                    })
+                })
+                .collect();
+            self.print_json(&json!({
+                "store": s.store,
+                "replica": s.replica_id,
+                "leader": s.leader,
+                "replicas": replicas,
+            }));
+            return;
+        }
+        let mut out = format!("store {}\n", s.store);
+        if s.replica_id.is_empty() {
+            out.push_str("one control plane (embedded store): no replicas, no leader election\n");
+            self.print(&out);
+            return;
+        }
+        out.push_str(&format!(
+            "leader {}\n\n",
+            if s.leader.is_empty() {
+                "none elected"
+            } else {
+                &s.leader
+            }
+        ));
+        let rows: Vec<Vec<String>> = s
+            .replicas
+            .iter()
+            .map(|r| {
+                let mut id = r.id.clone();
+                if r.id == s.replica_id {
+                    id.push_str(" (answered)");
+                }
+                vec![
+                    id,
+                    r.address.clone(),
+                    r.revision.to_string(),
+                    r.version.to_string(),
+                    if r.id == s.leader { "yes" } else { "no" }.to_owned(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["REPLICA", "ADDRESS", "REVISION", "VERSION", "LEADER"],
+            &rows,
+        ));
+        self.print(&out);
+    }
+
     pub(super) fn status(&self, s: &pb::StatusResponse) {
         if self.json {
             let nodes: Vec<Value> = s

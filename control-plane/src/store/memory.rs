@@ -87,11 +87,16 @@ impl Store for MemoryStore {
             Ok(Loaded {
                 version: st.version,
                 clusters: st.clusters.values().cloned().collect(),
+                revision: 0,
             })
         })
     }
 
-    fn commit<'a>(&'a self, change: &'a Change) -> BoxFuture<'a, Result<u64, StoreError>> {
+    fn commit<'a>(
+        &'a self,
+        _base: u64,
+        change: &'a Change,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move {
             if self.closed.load(Ordering::SeqCst) {
                 return Err(StoreError::Closed);
@@ -108,5 +113,9 @@ impl Store for MemoryStore {
 
     fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
+    }
+
+    fn describe(&self) -> String {
+        "memory".into()
     }
 }

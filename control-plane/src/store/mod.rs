@@ -1,14 +1,19 @@
-//! Where the mesh configuration is kept: a small [`Store`] trait (so an etcd
-//! store can be added later) and its default, embedded implementation on
-//! `redb` ([`RedbStore`]), plus an in-memory one for tests ([`MemoryStore`]).
+//! Where the mesh configuration is kept: a small [`Store`] trait, its
+//! default, embedded implementation on `redb` ([`RedbStore`]), the shared one
+//! on etcd for several control-plane replicas ([`EtcdStore`]), and an
+//! in-memory one for tests ([`MemoryStore`]).
 //!
 //! The store sees one [`Change`] at a time, already validated against the
-//! current state by the [`crate::registry::Registry`], and writes only what
-//! that change touches (one endpoint row, one service row, ...) in one
-//! transaction together with the new version. Records are our own serde types
+//! current state (at version `base`) by the [`crate::registry::Registry`],
+//! and writes only what that change touches (one endpoint row, one service
+//! row, ...) in one transaction together with the new version. A shared store
+//! commits only if its version still is `base` (else [`StoreError::Conflict`]:
+//! another replica wrote first) and tells every replica what the others
+//! committed ([`Store::follow`]). Records are our own serde types
 //! ([`ServiceRecord`], [`EndpointRecord`]) so the on-disk format does not move
 //! when the model does.
 
+pub mod etcd;
 mod memory;
 mod redb;
 
@@ -19,27 +24,86 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use meshwire_mesh::{Cluster, Endpoint, LbPolicy};
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
+pub use self::etcd::{EtcdConfig, EtcdStore};
 pub use self::memory::MemoryStore;
 pub use self::redb::RedbStore;
 
 /// A store of services and endpoints with a version that strictly increases
 /// with every commit, also across restarts.
 ///
-/// There is one writer: the registry serializes commits, so implementations
-/// need not detect concurrent writers of their own.
+/// Within one control plane the registry serializes commits; a store shared
+/// by several (etcd) detects the others' commits by comparing versions.
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Everything stored and the version of the last commit (0 when empty).
     fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>>;
 
-    /// Writes one change in one transaction together with the next version,
-    /// and returns that version. When it returns `Ok` the change is durable;
-    /// on `Err` nothing of it was written.
-    fn commit<'a>(&'a self, change: &'a Change) -> BoxFuture<'a, Result<u64, StoreError>>;
+    /// Writes one change, validated against the state at version `base`, in
+    /// one transaction together with the next version, and returns that
+    /// version. When it returns `Ok` the change is durable; on `Err` nothing
+    /// of it was written ([`StoreError::Conflict`]: the store is past `base`).
+    fn commit<'a>(
+        &'a self,
+        base: u64,
+        change: &'a Change,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// For a store shared by several control planes: from the revision of
+    /// the state `load` returned on, everything committed (by anyone, in
+    /// order), until `close`. `None` for a store this process alone writes.
+    fn follow(&self, _revision: i64) -> Option<mpsc::Receiver<Remote>> {
+        None
+    }
+
+    /// For a shared store: announces this replica while it runs (a key on a
+    /// lease) and campaigns for leadership. Nothing for other stores.
+    fn announce(&self, _me: Presence) {}
+
+    /// For a shared store: the live replicas and the leader. `None` for a
+    /// store this process alone writes.
+    fn replicas(&self) -> BoxFuture<'_, Result<Option<Replicas>, StoreError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Where the store is (`redb:<path>`, `etcd:<urls>`), and for a shared
+    /// store the revision it has applied; for `meshctl cp status` and logs.
+    fn describe(&self) -> String;
 
     /// Releases the underlying database (file locks, connections); later
     /// calls fail with [`StoreError::Closed`].
     fn close(&self);
+}
+
+/// What a replica announces about itself.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    /// Unique per process.
+    pub id: String,
+    /// Its `--listen` address.
+    pub address: String,
+    /// Its configuration version.
+    pub version: tokio::sync::watch::Receiver<u64>,
+}
+
+/// One replica as announced in the shared store.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaRecord {
+    pub id: String,
+    pub address: String,
+    pub revision: i64,
+    pub version: u64,
+}
+
+/// The replicas of a shared store.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Replicas {
+    /// This replica's id.
+    pub me: String,
+    /// By id.
+    pub replicas: Vec<ReplicaRecord>,
+    /// The leader's id, if one is elected.
+    pub leader: Option<String>,
 }
 
 /// The state of a store as loaded.
@@ -48,6 +112,23 @@ pub struct Loaded {
     pub version: u64,
     /// Every service with its endpoints (sorted by address).
     pub clusters: Vec<Cluster>,
+    /// The etcd revision this state is at (0 for other stores).
+    pub revision: i64,
+}
+
+/// What a shared store reports from [`Store::follow`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Remote {
+    /// One commit (by this or another replica): the changes in it, and the
+    /// version it made.
+    Commit {
+        version: u64,
+        revision: i64,
+        changes: Vec<Change>,
+    },
+    /// The whole state, when the history since the last commit seen is gone
+    /// (etcd compacted it): the registry switches to it in one step.
+    Reset(Loaded),
 }
 
 /// One committed change. Service changes carry the service's settings only
@@ -99,6 +180,20 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("the store is closed")]
     Closed,
+    /// The shared store moved past the version the change was checked against.
+    #[error(
+        "another control-plane replica changed the configuration first (version {base} is no longer current)"
+    )]
+    Conflict { base: u64 },
+    /// etcd cannot be reached (or has no quorum); nothing was written.
+    #[error("etcd is unavailable ({endpoints}): {reason}")]
+    Unavailable { endpoints: String, reason: String },
+    /// The write reached etcd but was not confirmed (etcd lost quorum or
+    /// the connection mid-call): it may still be applied when etcd recovers.
+    #[error(
+        "etcd did not confirm the write ({endpoints}): {reason}; it may still be applied once etcd recovers, check before retrying"
+    )]
+    Unconfirmed { endpoints: String, reason: String },
 }
 
 // === records ===

@@ -141,6 +141,7 @@ impl RedbStore {
         Ok(Loaded {
             version,
             clusters: assemble(services, endpoints)?,
+            revision: 0,
         })
     }
 
@@ -227,7 +228,12 @@ impl Store for RedbStore {
         })
     }
 
-    fn commit<'a>(&'a self, change: &'a Change) -> BoxFuture<'a, Result<u64, StoreError>> {
+    /// `base` is not checked: the file lock makes this process the only writer.
+    fn commit<'a>(
+        &'a self,
+        _base: u64,
+        change: &'a Change,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
         let ops = ops_for(change);
         Box::pin(async move {
             let db = self.db()?;
@@ -245,6 +251,10 @@ impl Store for RedbStore {
         {
             tracing::debug!(path = %self.path.display(), "store closed");
         }
+    }
+
+    fn describe(&self) -> String {
+        format!("redb:{}", self.path.display())
     }
 }
 
@@ -278,24 +288,27 @@ mod tests {
         c.lb = LbPolicy::RoundRobin;
         assert_eq!(
             store
-                .commit(&Change::ServiceCreated(c.clone()))
+                .commit(0, &Change::ServiceCreated(c.clone()))
                 .await
                 .unwrap(),
             1
         );
-        assert_eq!(store.commit(&added("greeter", 2, 5)).await.unwrap(), 2);
-        assert_eq!(store.commit(&added("greeter", 1, 1)).await.unwrap(), 3);
+        assert_eq!(store.commit(0, &added("greeter", 2, 5)).await.unwrap(), 2);
+        assert_eq!(store.commit(0, &added("greeter", 1, 1)).await.unwrap(), 3);
         let updated = Endpoint::new(addr(2)).with_weight(9);
         store
-            .commit(&Change::EndpointUpdated {
-                service: "greeter".into(),
-                endpoint: updated.clone(),
-            })
+            .commit(
+                0,
+                &Change::EndpointUpdated {
+                    service: "greeter".into(),
+                    endpoint: updated.clone(),
+                },
+            )
             .await
             .unwrap();
         store.close();
         assert!(matches!(
-            store.commit(&added("greeter", 3, 1)).await,
+            store.commit(0, &added("greeter", 3, 1)).await,
             Err(StoreError::Closed)
         ));
         drop(store);
@@ -308,15 +321,18 @@ mod tests {
 
         // Deleting the service removes its endpoint rows in the same commit.
         let v = store
-            .commit(&Change::ServiceDeleted {
-                name: "greeter".into(),
-                endpoints: vec![addr(1), addr(2)],
-            })
+            .commit(
+                0,
+                &Change::ServiceDeleted {
+                    name: "greeter".into(),
+                    endpoints: vec![addr(1), addr(2)],
+                },
+            )
             .await
             .unwrap();
         assert_eq!(v, 5);
         store
-            .commit(&Change::ServiceCreated(Cluster::new("greeter")))
+            .commit(0, &Change::ServiceCreated(Cluster::new("greeter")))
             .await
             .unwrap();
         drop(store);

@@ -207,7 +207,7 @@ async fn main() -> anyhow::Result<()> {
         while clients.len() < n {
             let (tx, rx) = watch::channel(ClientStatus::default());
             let cfg = ClientConfig {
-                server: server.clone(),
+                servers: vec![server.clone()],
                 node_id: format!("bench-{}", clients.len()),
                 service: "bench".into(),
                 user_agent: "meshwire-xds-bench".into(),

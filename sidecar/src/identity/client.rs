@@ -5,7 +5,8 @@
 //! server is verified by a trust bundle file or a pinned root fingerprint
 //! (the sidecar has no certificate yet). Renewals and the trust-bundle watch
 //! run over mutual TLS with the certificate being renewed. Failures are
-//! retried with jittered backoff; the current certificate keeps serving.
+//! retried with jittered backoff, on the next control-plane replica when
+//! several are given; the current certificate keeps serving.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -39,7 +40,8 @@ pub enum Bootstrap {
 
 #[derive(Debug, Clone)]
 pub struct IdentityClientConfig {
-    /// The control plane's TLS address, `https://HOST:15012`.
+    /// The control plane's TLS address, `https://HOST:15012`; several
+    /// replicas comma-separated, tried in turn.
     pub server: String,
     /// From `meshctl token create --service NAME`.
     pub join_token: String,
@@ -82,13 +84,24 @@ impl IdentityClientError {
     }
 }
 
+impl IdentityClientConfig {
+    /// The replicas' URLs, in order.
+    pub fn servers(&self) -> Vec<&str> {
+        self.server
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+}
+
 fn channel(
     cfg: &IdentityClientConfig,
+    server: &str,
     connector: TlsConnector,
 ) -> Result<Channel, IdentityClientError> {
-    let bad = |why: &str| IdentityClientError::Address(cfg.server.clone(), why.to_owned());
-    let rest = cfg
-        .server
+    let bad = |why: &str| IdentityClientError::Address(server.to_owned(), why.to_owned());
+    let rest = server
         .strip_prefix("https://")
         .ok_or_else(|| bad("must start with https:// (certificates are only issued over TLS)"))?;
     // Our connector does the TLS: tonic sees a plain origin.
@@ -118,8 +131,28 @@ fn install(
     )
 }
 
-/// The first certificate, for the join token.
+/// The first certificate, for the join token: from the first replica that
+/// answers (a refused token is not offered to the others).
 pub async fn issue(cfg: &IdentityClientConfig, tls: &MeshTls) -> Result<(), IdentityClientError> {
+    let mut last = IdentityClientError::Address(cfg.server.clone(), "no URL".into());
+    for server in cfg.servers() {
+        match issue_from(cfg, server, tls).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_permanent() => return Err(e),
+            Err(e) => {
+                tracing::warn!(%server, error = %e, "no certificate from this control plane; trying the next");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+async fn issue_from(
+    cfg: &IdentityClientConfig,
+    server: &str,
+    tls: &MeshTls,
+) -> Result<(), IdentityClientError> {
     let config = match &cfg.bootstrap {
         Bootstrap::Bundle(b) => meshwire_tls::client_config(None, b)?,
         Bootstrap::Fingerprint(fp) => meshwire_tls::pinned_client_config(fp)?,
@@ -128,7 +161,7 @@ pub async fn issue(cfg: &IdentityClientConfig, tls: &MeshTls) -> Result<(), Iden
         config: Arc::new(ArcSwap::new(config)),
         expect: Some(CONTROL_PLANE_PATH.to_owned()),
     };
-    let mut client = IdentityClient::new(channel(cfg, connector)?);
+    let mut client = IdentityClient::new(channel(cfg, server, connector)?);
     let (key, csr_pem) = meshwire_tls::new_key_and_csr()?;
     let cert = client
         .issue(pb::IssueRequest {
@@ -175,8 +208,15 @@ pub async fn run(cfg: IdentityClientConfig, tls: Arc<MeshTls>, shutdown: Cancell
         .as_deref()
         .and_then(|id| meshwire_tls::SpiffeId::parse(id).ok())
         .map(|id| format!("spiffe://{}{CONTROL_PLANE_PATH}", id.trust_domain()));
-    let ch = match channel(&cfg, tls.control_plane_connector(expect)) {
-        Ok(c) => c,
+    let connector = tls.control_plane_connector(expect);
+    let chs: Result<Vec<Channel>, _> = cfg
+        .servers()
+        .into_iter()
+        .map(|s| channel(&cfg, s, connector.clone()))
+        .collect();
+    let chs: Arc<[Channel]> = match chs {
+        Ok(c) if !c.is_empty() => c.into(),
+        Ok(_) => return,
         Err(e) => {
             tracing::error!(error = %e, "identity channel");
             return;
@@ -185,8 +225,8 @@ pub async fn run(cfg: IdentityClientConfig, tls: Arc<MeshTls>, shutdown: Cancell
     let renew_now = Arc::new(Notify::new());
     tokio::select! {
         () = shutdown.cancelled() => {}
-        () = renew_loop(ch.clone(), tls.clone(), renew_now.clone()) => {}
-        () = watch_bundle(ch, tls, renew_now) => {}
+        () = renew_loop(chs.clone(), tls.clone(), renew_now.clone()) => {}
+        () = watch_bundle(chs, tls, renew_now) => {}
     }
 }
 
@@ -217,8 +257,9 @@ fn renew_delay(
     after.saturating_sub(elapsed)
 }
 
-async fn renew_loop(ch: Channel, tls: Arc<MeshTls>, renew_now: Arc<Notify>) {
-    let mut client = IdentityClient::new(ch);
+/// Renews before expiry; a failed renewal is retried on the next replica.
+async fn renew_loop(chs: Arc<[Channel]>, tls: Arc<MeshTls>, renew_now: Arc<Notify>) {
+    let mut at = 0usize;
     loop {
         let Some(cur) = tls.current() else { return };
         tokio::select! {
@@ -229,6 +270,7 @@ async fn renew_loop(ch: Channel, tls: Arc<MeshTls>, renew_now: Arc<Notify>) {
         }
         let mut failures = 0u32;
         loop {
+            let mut client = IdentityClient::new(chs[at % chs.len()].clone());
             match renew(&mut client, &tls).await {
                 Ok(()) => {
                     tls.renewals
@@ -239,6 +281,7 @@ async fn renew_loop(ch: Channel, tls: Arc<MeshTls>, renew_now: Arc<Notify>) {
                     failures += 1;
                     tls.renew_failures
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    at = at.wrapping_add(1);
                     let wait = backoff(failures);
                     tracing::warn!(error = %e, retry_in = ?wait, "certificate renewal failed; the current one keeps serving");
                     tokio::time::sleep(wait).await;
@@ -261,10 +304,11 @@ async fn renew(
     Ok(())
 }
 
-async fn watch_bundle(ch: Channel, tls: Arc<MeshTls>, renew_now: Arc<Notify>) {
-    let mut client = IdentityClient::new(ch);
+async fn watch_bundle(chs: Arc<[Channel]>, tls: Arc<MeshTls>, renew_now: Arc<Notify>) {
     let mut failures = 0u32;
     loop {
+        // After a failure, the next replica.
+        let mut client = IdentityClient::new(chs[failures as usize % chs.len()].clone());
         match client
             .watch_trust_bundle(pb::WatchTrustBundleRequest {})
             .await
