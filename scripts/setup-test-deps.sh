@@ -52,6 +52,8 @@ missing_pkgs=()
 [ -x /usr/sbin/mosquitto ] || missing_pkgs+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || missing_pkgs+=(mosquitto-clients)
 command -v curl >/dev/null 2>&1 || missing_pkgs+=(curl)
+# openssl: the gateway tests make an RSA key for RS256 JWTs with it.
+command -v openssl >/dev/null 2>&1 || missing_pkgs+=(openssl)
 if [ "${#missing_pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing ${missing_pkgs[*]} with apt-get"

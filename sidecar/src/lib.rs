@@ -44,6 +44,7 @@ pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod endpoint;
+pub mod gateway;
 pub mod grpc;
 pub mod http1;
 pub mod identity;
@@ -117,6 +118,8 @@ pub struct SidecarConfig {
     pub startup_wait: Duration,
     /// Add `x-forwarded-for` / `forwarded` to HTTP requests reaching the app.
     pub forwarded_headers: bool,
+    /// The edge-gateway role: public TLS listeners routing into the mesh.
+    pub gateway: Option<Arc<gateway::GatewayConfig>>,
 }
 
 /// Where the sidecar's certificate comes from.
@@ -159,6 +162,7 @@ impl SidecarConfig {
             service: None,
             startup_wait: Duration::from_secs(10),
             forwarded_headers: true,
+            gateway: None,
         }
     }
 
@@ -185,6 +189,10 @@ pub enum StartError {
     StaticAndControlPlane,
     #[error("tracing: {0}")]
     Trace(#[from] TraceError),
+    #[error("gateway route {route:?}: no service named {service:?} in the static config")]
+    UnknownGatewayService { route: String, service: String },
+    #[error("gateway access log: {0}")]
+    AccessLog(std::io::Error),
 }
 
 /// A running sidecar. Dropping it does not stop it; call [`Sidecar::shutdown`].
@@ -195,6 +203,8 @@ pub struct Sidecar {
     pub admin_addr: SocketAddr,
     /// Per-service listeners as bound: `(service, address)`.
     pub service_addrs: Vec<(String, SocketAddr)>,
+    /// The gateway's public listeners as bound (none unless a gateway).
+    pub gateway_addrs: Vec<SocketAddr>,
     routes: Arc<Routes>,
     applier: Arc<Applier>,
     admin: Arc<AdminState>,
@@ -246,6 +256,16 @@ impl Sidecar {
                 return Err(StartError::UnknownListenerService(svc.clone()));
             }
         }
+        if let Some(g) = cfg.gateway.as_ref().filter(|_| cfg.control_plane.is_none()) {
+            for r in &g.routes.routes {
+                if routes.load().get(&r.service).is_none() {
+                    return Err(StartError::UnknownGatewayService {
+                        route: r.name.to_string(),
+                        service: r.service.to_string(),
+                    });
+                }
+            }
+        }
 
         let app = cfg.app.map(|addr| {
             let spec = meshwire_mesh::Endpoint::new(addr);
@@ -259,17 +279,19 @@ impl Sidecar {
         });
         let (xds_status_tx, xds_status) = tokio::sync::watch::channel(ClientStatus::default());
         let telemetry = Arc::new(Telemetry::start(cfg.trace.as_ref())?);
-        let admin = Arc::new(
-            AdminState::new(
-                routes.clone(),
-                app.clone(),
-                cfg.control_plane
-                    .as_ref()
-                    .map(|cp| (cp.server.clone(), xds_status.clone())),
-            )
-            .with_telemetry(&telemetry, cfg.log_control.clone())
-            .with_identity(tls.clone()),
-        );
+        let mut admin = AdminState::new(
+            routes.clone(),
+            app.clone(),
+            cfg.control_plane
+                .as_ref()
+                .map(|cp| (cp.server.clone(), xds_status.clone())),
+        )
+        .with_telemetry(&telemetry, cfg.log_control.clone())
+        .with_identity(tls.clone());
+        if let Some(g) = &cfg.gateway {
+            admin = admin.with_collector(Box::new(gateway::metrics::GatewayCollector::new(g)));
+        }
+        let admin = Arc::new(admin);
 
         // Bind everything before serving anything, so a bad address fails start-up whole.
         let outbound_l = bind("outbound", cfg.outbound).await?;
@@ -281,6 +303,10 @@ impl Sidecar {
         let mut service_ls = Vec::new();
         for (addr, svc) in &cfg.service_listeners {
             service_ls.push((svc.clone(), bind(format!("service {svc}"), *addr).await?));
+        }
+        let mut gateway_ls = Vec::new();
+        for l in cfg.gateway.iter().flat_map(|g| &g.listeners) {
+            gateway_ls.push(bind("gateway", l.address).await?);
         }
         let local = |l: &TcpListener| l.local_addr().expect("bound socket has an address");
 
@@ -340,6 +366,7 @@ impl Sidecar {
                 .iter()
                 .map(|(s, l)| (s.clone(), local(l)))
                 .collect(),
+            gateway_addrs: gateway_ls.iter().map(local).collect(),
             routes,
             applier,
             admin: admin.clone(),
@@ -382,6 +409,18 @@ impl Sidecar {
             shutdown.clone(),
             &tracker,
         );
+        if let Some(g) = &cfg.gateway {
+            gateway::start(
+                g,
+                gateway_ls,
+                outbound.clone(),
+                &cfg.server,
+                shutdown.clone(),
+                &tracker,
+            )
+            .await
+            .map_err(StartError::AccessLog)?;
+        }
         for (svc, l) in service_ls {
             let ob = outbound.clone();
             let name: Arc<str> = Arc::from(svc.as_str());

@@ -48,6 +48,8 @@ pub enum Transport {
         tls: Arc<MeshTls>,
         authz: Arc<Authz>,
     },
+    /// The gateway's public TLS (no client certificate; see `gateway::tls`).
+    Public(Arc<rustls::ServerConfig>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,8 +76,15 @@ impl Transport {
         &self,
         tcp: TcpStream,
     ) -> Result<(MeshIo, Option<Arc<str>>), AcceptError> {
-        let Transport::Mesh { tls, authz } = self else {
-            return Ok((MeshIo::Plain(tcp), None));
+        let (tls, authz) = match self {
+            Transport::Plain => return Ok((MeshIo::Plain(tcp), None)),
+            Transport::Public(cfg) => {
+                let stream = tokio_rustls::TlsAcceptor::from(cfg.clone())
+                    .accept(tcp)
+                    .await?;
+                return Ok((MeshIo::Server(Box::new(stream)), None));
+            }
+            Transport::Mesh { tls, authz } => (tls, authz),
         };
         if authz.permissive() {
             let mut first = [0u8; 1];

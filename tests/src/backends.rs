@@ -31,7 +31,7 @@ pub async fn dead_addr() -> SocketAddr {
 /// - `/reset/after/<reason>`: response headers and one message, then (once the
 ///   client sends a request message, proving it got them) RST_STREAM,
 /// - anything else: 200 with a JSON body describing the request as received
-///   (`authority`, `path`, `headers`), for checking what the sidecar forwards.
+///   (`authority`, `path`, `query`, `headers`), for checking what the sidecar forwards.
 ///
 /// `<reason>` is `cancel`, `internal` or `refused`.
 pub async fn raw_h2_app() -> (SocketAddr, tokio::task::JoinHandle<()>) {
@@ -79,6 +79,7 @@ pub async fn raw_h2_app() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                             let info = serde_json::json!({
                                 "authority": req.uri().authority().map(|a| a.to_string()),
                                 "path": path,
+                                "query": req.uri().query(),
                                 "version": format!("{:?}", req.version()),
                                 "headers": headers,
                             });

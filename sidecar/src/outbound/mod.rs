@@ -137,7 +137,9 @@ impl Outbound {
         self
     }
 
-    async fn handle(
+    /// One call, start to end: route, balance, send; errors become responses.
+    /// `fixed` names the service (per-service ports, the gateway's routes).
+    pub(crate) async fn handle(
         &self,
         req: Request<Incoming>,
         fixed: Option<&str>,

@@ -13,6 +13,7 @@ mod compose;
 mod control_plane_api;
 mod demo;
 mod envoy_interop;
+mod gateway;
 mod grpc_proxyless;
 mod hardening;
 mod hashing;
