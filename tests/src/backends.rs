@@ -88,8 +88,10 @@ pub async fn raw_h2_app() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                                 .header("x-app", "raw")
                                 .body(())
                                 .unwrap();
-                            let mut body = respond.send_response(resp, false).unwrap();
-                            let _ = body.send_data(Bytes::from(info.to_string()), true);
+                            // The caller may have reset the stream already.
+                            if let Ok(mut body) = respond.send_response(resp, false) {
+                                let _ = body.send_data(Bytes::from(info.to_string()), true);
+                            }
                         }
                     });
                 }

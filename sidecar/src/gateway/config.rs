@@ -542,3 +542,129 @@ impl GatewayConfig {
             .map_err(invalid)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory with a certificate pair (`c.pem`, `c.key`) and a JWKS.
+    fn dir() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let ca = meshwire_tls::testing::TestCa::new("t");
+        let creds = ca.leaf("spiffe://t/ns/default/sa/gw");
+        std::fs::write(
+            d.path().join("c.pem"),
+            meshwire_tls::to_pem("CERTIFICATE", &creds.chain[0]),
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join("c.key"),
+            meshwire_tls::to_pem("PRIVATE KEY", creds.key.secret_der()),
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join("jwks.json"),
+            r#"{"keys":[{"kty":"oct","alg":"HS256","kid":"h","k":"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"}]}"#,
+        )
+        .unwrap();
+        d
+    }
+
+    const BASE: &str = "listeners:\n  - address: 127.0.0.1:0\n    certificates: [{cert: c.pem, key: c.key, server_names: [api.test]}]\njwt_providers:\n  - {name: main, jwks_file: jwks.json}\n";
+
+    fn check(d: &tempfile::TempDir, routes: &str) -> Result<GatewayConfig, (String, String)> {
+        GatewayFile::parse(&format!("{BASE}{routes}"))?.compile(d.path())
+    }
+
+    #[test]
+    fn a_good_file_compiles() {
+        let d = dir();
+        let g = check(
+            &d,
+            "routes:\n  - {name: a, hosts: [API.test], path_prefix: /v1/./x/, service: web, methods: [get], jwt: {provider: main}, ip: {allow: [10.0.0.0/8, 192.0.2.1]}, rate_limits: [{key: subject, rate: 5/s}]}\n  - {name: b, service: web}\n",
+        )
+        .unwrap();
+        let r = &g.routes.routes[0];
+        assert_eq!(r.hosts, ["api.test"]);
+        assert_eq!(r.prefix, "/v1/x/", "prefixes are normalised like paths");
+        assert_eq!(r.methods, [Method::GET]);
+        assert!(r.jwt.as_ref().unwrap().required, "required by default");
+        assert_eq!(
+            g.routes.owned_headers,
+            [HeaderName::from_static("x-jwt-subject")]
+        );
+        assert_eq!(
+            g.routes.find("api.test", "/v1/x/y").unwrap().name.as_ref(),
+            "a"
+        );
+        assert_eq!(
+            g.routes.find("api.test", "/v1/xy").unwrap().name.as_ref(),
+            "b"
+        );
+        assert_eq!(
+            g.routes.find("other", "/v1/x/y").unwrap().name.as_ref(),
+            "b"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let d = dir();
+        let field = |routes: &str| check(&d, routes).unwrap_err().0;
+        assert_eq!(
+            field("routes:\n  - {name: a, service: web, jwt: {provider: nope}}\n"),
+            "routes[0].jwt.provider"
+        );
+        assert_eq!(
+            field("routes:\n  - {name: a, service: web, ip: {deny: [10.0.0.0/33]}}\n"),
+            "routes[0].ip.deny[0]"
+        );
+        assert_eq!(
+            field(
+                "routes:\n  - {name: a, service: web, rate_limits: [{key: client_ip, rate: 5/d}]}\n"
+            ),
+            "routes[0].rate_limits[0]"
+        );
+        assert_eq!(
+            field(
+                "routes:\n  - {name: a, service: web, rate_limits: [{key: subject, rate: 5/s}]}\n"
+            ),
+            "routes[0].rate_limits[0].key"
+        );
+        assert_eq!(
+            field("routes:\n  - {name: a, service: web}\n  - {name: a, service: web}\n"),
+            "routes[1].name"
+        );
+        assert_eq!(
+            field("routes:\n  - {name: a, service: web, hosts: [\"a b\"]}\n"),
+            "routes[0].hosts[0]"
+        );
+        assert_eq!(
+            field("routes:\n  - {name: a, service: web, path_prefix: \"/a%2Fb\"}\n"),
+            "routes[0].path_prefix"
+        );
+        assert_eq!(
+            field("routes:\n  - {name: a, service: web, wieght: 1}\n"),
+            "routes[0].wieght"
+        );
+        assert_eq!(field("routes: []\n"), "routes");
+        let e = GatewayFile::parse(
+            "listeners:\n  - address: 127.0.0.1:0\n    certificates: [{cert: missing.pem, key: c.key}]\nroutes:\n  - {name: a, service: web}\n",
+        )
+        .unwrap()
+        .compile(d.path())
+        .unwrap_err();
+        assert_eq!(e.0, "listeners[0].certificates[0].cert");
+        assert!(e.1.contains("missing.pem"), "{e:?}");
+        let e = GatewayFile::parse(
+            "listeners:\n  - address: 127.0.0.1:0\n    certificates: [{cert: c.pem, key: c.key}]\nroutes:\n  - {name: a, service: web}\n",
+        )
+        .unwrap()
+        .compile(d.path())
+        .unwrap_err();
+        assert_eq!(
+            e.0, "listeners[0].certificates[0].server_names",
+            "a SPIFFE-only certificate names no host"
+        );
+    }
+}

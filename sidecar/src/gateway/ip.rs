@@ -26,6 +26,24 @@ pub struct ClientAddr {
     /// The full chain a trusted proxy reported plus the peer; for an
     /// untrusted peer, the peer alone.
     pub forwarded_for: String,
+    /// The peer is a trusted proxy (its `forwarded` header is kept too).
+    pub via_proxy: bool,
+    pub peer: IpAddr,
+}
+
+impl ClientAddr {
+    /// The RFC 7239 `forwarded` value to send upstream: the trusted proxy's
+    /// (`prev`) with this hop appended, or this hop alone.
+    pub fn forwarded(&self, prev: Option<&str>) -> String {
+        let node = match self.peer {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("\"[{ip}]\""),
+        };
+        match prev.filter(|p| self.via_proxy && !p.is_empty()) {
+            Some(p) => format!("{p}, for={node};proto=https"),
+            None => format!("for={node};proto=https"),
+        }
+    }
 }
 
 impl TrustedProxies {
@@ -39,6 +57,8 @@ impl TrustedProxies {
             return ClientAddr {
                 ip: peer,
                 forwarded_for: peer.to_string(),
+                via_proxy: false,
+                peer,
             };
         }
         // All x-forwarded-for lines, in order, as one list.
@@ -62,7 +82,12 @@ impl TrustedProxies {
             forwarded_for.push_str(", ");
         }
         forwarded_for.push_str(&peer.to_string());
-        ClientAddr { ip, forwarded_for }
+        ClientAddr {
+            ip,
+            forwarded_for,
+            via_proxy: true,
+            peer,
+        }
     }
 }
 
@@ -121,6 +146,15 @@ mod tests {
         };
         let c = two.client(ip("10.1.1.1"), &h(&["203.0.113.5", "198.51.100.1"]));
         assert_eq!(c.ip, ip("203.0.113.5"));
+        assert_eq!(
+            c.forwarded(Some("for=203.0.113.5")),
+            "for=203.0.113.5, for=10.1.1.1;proto=https"
+        );
+        let spoofed = t.client(ip("192.0.2.9"), &h(&[]));
+        assert_eq!(
+            spoofed.forwarded(Some("for=1.2.3.4")),
+            "for=192.0.2.9;proto=https"
+        );
         let c = t.client(ip("10.1.1.1"), &h(&[]));
         assert_eq!(c.ip, ip("10.1.1.1"), "no header: the peer");
         let c = t.client(ip("10.1.1.1"), &h(&["garbage"]));

@@ -21,7 +21,7 @@
 //!   6. gateway-owned headers removed (x-jwt-subject, claim headers), then the
 //!      route's JWT (jwt::Provider::verify): required/optional, 401 + WWW-Authenticate
 //!   7. rate limits (ratelimit::RateLimits: route / client IP / subject), 429 + Retry-After
-//!   8. upstream headers set: subject, claims, x-forwarded-for, x-forwarded-proto; the
+//!   8. upstream headers set: subject, claims, x-forwarded-for, forwarded, x-forwarded-proto; the
 //!      normalised path replaces the request's
 //!   ─▶ outbound::Outbound::handle(service = the route's): deadline, least-request pick,
 //!      pooled HTTP/2 mTLS connection ──▶ the service's sidecar ──▶ the app
@@ -430,11 +430,24 @@ impl Gateway {
                 if let Some(en) = entry.as_mut() {
                     en.identity = a.subject.as_deref().map(str::to_owned);
                 }
+                let limit = req.extensions().get::<crate::body::BodyLimit>().cloned();
                 let resp = self
                     .outbound
                     .handle(req, Some(&a.route.service), Some(client.ip))
                     .await;
-                (Some(a.route), resp)
+                match limit {
+                    // The body grew past the limit while streaming: the
+                    // upstream stream was reset, the caller gets 413.
+                    Some(l) if l.exceeded.load(Ordering::Relaxed) => {
+                        let e = GatewayError::BodyTooLarge(l.max);
+                        a.route.stats.rejected[e.index()].fetch_add(1, Ordering::Relaxed);
+                        if let Some(en) = entry.as_mut() {
+                            en.rejected = Some(e.kind());
+                        }
+                        (Some(a.route), e.into_response(grpc_call, version))
+                    }
+                    _ => (Some(a.route), resp),
+                }
             }
         };
         let (parts, body) = resp.into_parts();
@@ -487,8 +500,19 @@ impl Gateway {
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            if declared.is_some_and(|n| n > max) {
-                return Err(fail(GatewayError::BodyTooLarge(max)));
+            match declared {
+                Some(n) if n > max => return Err(fail(GatewayError::BodyTooLarge(max))),
+                // hyper and h2 hold a body to its declared length.
+                Some(_) => {}
+                // Unknown length (chunked, or HTTP/2 without content-length):
+                // counted as it streams (body::RequestPipe).
+                None if !req.body().is_end_stream() => {
+                    req.extensions_mut().insert(crate::body::BodyLimit {
+                        max,
+                        exceeded: Default::default(),
+                    });
+                }
+                None => {}
             }
         }
         if !route.methods.is_empty() && !route.methods.contains(req.method()) {
@@ -534,6 +558,10 @@ impl Gateway {
         let h = req.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&client.forwarded_for) {
             h.insert("x-forwarded-for", v);
+        }
+        let fwd = client.forwarded(h.get(header::FORWARDED).and_then(|v| v.to_str().ok()));
+        if let Ok(v) = HeaderValue::from_str(&fwd) {
+            h.insert(header::FORWARDED, v);
         }
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         if path != req.uri().path() {

@@ -524,7 +524,16 @@ async fn tls_sni_http1_h2_and_grpc_through_the_gateway_into_the_mesh() {
             .curl(
                 WEB_HOST,
                 "/hello?q=1",
-                &[&args[..], &["-H", "x-forwarded-for: 192.0.2.66"]].concat(),
+                &[
+                    &args[..],
+                    &[
+                        "-H",
+                        "x-forwarded-for: 192.0.2.66",
+                        "-H",
+                        "forwarded: for=192.0.2.66",
+                    ],
+                ]
+                .concat(),
             )
             .await;
         assert_eq!(status, 200, "{args:?}: {text}");
@@ -543,6 +552,11 @@ async fn tls_sni_http1_h2_and_grpc_through_the_gateway_into_the_mesh() {
         assert!(
             xff.starts_with("127.0.0.1") && !xff.contains("192.0.2.66"),
             "an untrusted client's x-forwarded-for is replaced: {xff}"
+        );
+        let fwd = h["forwarded"].as_str().unwrap();
+        assert!(
+            fwd.starts_with("for=127.0.0.1;proto=https") && !fwd.contains("192.0.2.66"),
+            "and so is its forwarded: {fwd}"
         );
     }
 
@@ -958,6 +972,29 @@ async fn malformed_requests_and_path_spellings_are_refused() {
         .curl(WEB_HOST, "/upload", &["--data-binary", &"z".repeat(500)])
         .await;
     assert_eq!(status, 200, "within max_body_bytes");
+    // Chunked (no Content-Length): counted as it streams.
+    let chunked = [
+        "--http1.1",
+        "-H",
+        "transfer-encoding: chunked",
+        "--data-binary",
+    ];
+    let (status, text) = rig
+        .curl(
+            WEB_HOST,
+            "/upload",
+            &[&chunked[..], &[&"z".repeat(5000)]].concat(),
+        )
+        .await;
+    assert_eq!(status, 413, "chunked past the limit: {text}");
+    let (status, text) = rig
+        .curl(
+            WEB_HOST,
+            "/upload",
+            &[&chunked[..], &[&"z".repeat(500)]].concat(),
+        )
+        .await;
+    assert_eq!(status, 200, "chunked within the limit: {text}");
     let (status, text) = rig.curl(WEB_HOST, "/x", &["-X", "DELETE"]).await;
     assert_eq!(status, 405, "{text}");
     assert!(
@@ -975,7 +1012,7 @@ async fn malformed_requests_and_path_spellings_are_refused() {
         "{m}"
     );
     assert!(
-        m.contains("meshwire_gateway_rejected_total{route=\"web\",reason=\"body-too-large\"} 1"),
+        m.contains("meshwire_gateway_rejected_total{route=\"web\",reason=\"body-too-large\"} 2"),
         "{m}"
     );
 }
