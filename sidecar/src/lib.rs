@@ -31,6 +31,11 @@
 //! that stay keep their connections and in-flight calls) and the local
 //! service's inbound policy is handed to [`authz`].
 //!
+//! With a [`gateway`] config (`--gateway`) the sidecar is also the mesh's
+//! edge gateway: public TLS listeners whose requests, once admitted (routes,
+//! JWT, IP rules, rate limits, request limits), take the outbound path above
+//! with the gateway's own identity.
+//!
 //! Start one in-process with [`Sidecar::start`] (tests bind `127.0.0.1:0` and
 //! read the ports back), or run the `meshwire-sidecar` binary.
 

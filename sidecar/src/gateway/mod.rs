@@ -477,15 +477,18 @@ impl Gateway {
     ) -> Result<Admitted, (Option<Arc<Route>>, GatewayError)> {
         let rs = &self.routes;
         check_limits(req, &rs.limits).map_err(|e| (None, e))?;
-        let path = path::normalize(req.uri().path(), rs.escaped_slashes)
-            .map_err(|e| (None, GatewayError::BadRequest(e.to_string())))?
-            .into_owned();
-        if let Some(en) = entry.as_deref_mut() {
-            en.path.clone_from(&path);
+        // `Some` only when the request's spelling was not canonical.
+        let rewritten = match path::normalize(req.uri().path(), rs.escaped_slashes) {
+            Ok(std::borrow::Cow::Borrowed(_)) => None,
+            Ok(std::borrow::Cow::Owned(p)) => Some(p),
+            Err(e) => return Err((None, GatewayError::BadRequest(e.to_string()))),
+        };
+        if let (Some(en), Some(p)) = (entry.as_deref_mut(), &rewritten) {
+            en.path.clone_from(p);
         }
         let host = host_of(req);
         let route = rs
-            .find(&host, &path)
+            .find(&host, rewritten.as_deref().unwrap_or(req.uri().path()))
             .cloned()
             .ok_or((None, GatewayError::NoRoute))?;
         if let Some(en) = entry {
@@ -564,7 +567,7 @@ impl Gateway {
             h.insert(header::FORWARDED, v);
         }
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        if path != req.uri().path() {
+        if let Some(path) = rewritten {
             let mut parts = req.uri().clone().into_parts();
             let pq = match req.uri().query() {
                 Some(q) => format!("{path}?{q}"),
