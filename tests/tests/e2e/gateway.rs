@@ -5,7 +5,8 @@
 //! server sidecar processes, whose policy admits the gateway only.
 //!
 //! Apps: `web` (protocol http) is an h2c app that answers with the request
-//! as it arrived (path, headers), `echo` (grpc) the example echo service.
+//! as it arrived (path, headers), `echo` (grpc) the example echo service,
+//! `chat` (http) a WebSocket echo server.
 
 #![allow(clippy::print_stderr)] // the measured rate and reload figures
 
@@ -241,6 +242,11 @@ routes:
     service: web
     jwt: {provider: main}
     rate_limits: [{key: subject, rate: 20/s, burst: 5}]
+  - name: chat
+    hosts: [api.test]
+    path_prefix: /chat
+    service: chat
+    jwt: {provider: main}
   - name: other
     hosts: ["*.other.test", other.test]
     service: web
@@ -261,11 +267,16 @@ impl Rig {
         let mesh = TestCa::new("test.local");
         let (web_addr, web_app) = raw_h2_app().await;
         let echo_app = echo("echo-1").await;
+        let chat_app = websocket_echo().await;
 
         // Server sidecars: each admits the gateway's identity only.
         let mut servers = Vec::new();
         let mut inbound = std::collections::HashMap::new();
-        for (svc, protocol, app) in [("web", "http", web_addr), ("echo", "grpc", echo_app.addr)] {
+        for (svc, protocol, app) in [
+            ("web", "http", web_addr),
+            ("echo", "grpc", echo_app.addr),
+            ("chat", "http", chat_app),
+        ] {
             let sub = d.join(svc);
             std::fs::create_dir(&sub).unwrap();
             let files = mesh_files(&mesh, &sub, svc);
@@ -324,11 +335,13 @@ jwt_providers:
         )
         .unwrap();
         let services = format!(
-            "services:\n  - name: web\n    protocol: http\n    endpoints:\n      - address: {}\n        identity: {}\n  - name: echo\n    endpoints:\n      - address: {}\n        identity: {}\n",
+            "services:\n  - name: web\n    protocol: http\n    endpoints:\n      - address: {}\n        identity: {}\n  - name: echo\n    endpoints:\n      - address: {}\n        identity: {}\n  - name: chat\n    protocol: http\n    endpoints:\n      - address: {}\n        identity: {}\n",
             inbound["web"],
             spiffe("web"),
             inbound["echo"],
-            spiffe("echo")
+            spiffe("echo"),
+            inbound["chat"],
+            spiffe("chat")
         );
         let gsub = d.join("gw");
         std::fs::create_dir(&gsub).unwrap();
@@ -1015,4 +1028,52 @@ async fn malformed_requests_and_path_spellings_are_refused() {
         m.contains("meshwire_gateway_rejected_total{route=\"web\",reason=\"body-too-large\"} 2"),
         "{m}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_through_the_gateway_with_a_token() {
+    use futures_util::{SinkExt, StreamExt};
+    use jsonwebtoken::Algorithm as A;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let rig = Rig::start().await;
+    let request = |token: Option<&str>| {
+        let mut req = format!("wss://{WEB_HOST}/chat/room")
+            .into_client_request()
+            .unwrap();
+        if let Some(t) = token {
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        req
+    };
+
+    // No token: the upgrade is refused with 401.
+    let io = rig.tls(lo(1), WEB_HOST, &[b"http/1.1"]).await;
+    match tokio_tungstenite::client_async(request(None), io).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("expected 401, got {other:?}"),
+    }
+
+    // With one: frames both ways through TLS, the gateway, mTLS and the chat sidecar.
+    let t = token(&rig.keys.ed, A::EdDSA, "ed", "carol", serde_json::json!({}));
+    let io = rig.tls(lo(1), WEB_HOST, &[b"http/1.1"]).await;
+    let (mut ws, resp) = tokio_tungstenite::client_async(request(Some(&t)), io)
+        .await
+        .expect("upgrade through the gateway");
+    assert_eq!(resp.status(), 101);
+    let big: Vec<u8> = (0..(256u32 << 10)).map(|i| (i % 251) as u8).collect();
+    for _ in 0..3 {
+        ws.send(Message::binary(big.clone())).await.unwrap();
+        match ws.next().await.unwrap().unwrap() {
+            Message::Binary(b) => assert!(b[..] == big[..], "256 KiB frame intact"),
+            other => panic!("{other:?}"),
+        }
+    }
+    ws.send(Message::text("hello edge")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("hello edge")
+    );
+    ws.close(None).await.unwrap();
 }
