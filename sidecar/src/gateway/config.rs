@@ -38,7 +38,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::ip::{IpRules, TrustedProxies};
-use super::jwt::Provider;
+use super::jwt::{KeySource, Provider};
 use super::path::EscapedSlashes;
 use super::ratelimit::{Limit, LimitKey, RateLimits};
 use super::tls::{CertSource, CertStore};
@@ -112,7 +112,12 @@ pub struct JwtProviderFile {
     pub issuer: Option<String>,
     #[serde(default)]
     pub audiences: Vec<String>,
-    pub jwks_file: PathBuf,
+    /// The keys: a JWKS file (reloaded on change) or an `http://` URL on
+    /// loopback (fetched every `jwks_refresh`); exactly one.
+    pub jwks_file: Option<PathBuf>,
+    pub jwks_url: Option<String>,
+    #[serde(default = "refresh_default", with = "humantime_serde")]
+    pub jwks_refresh: Duration,
     #[serde(default = "skew_default", with = "humantime_serde")]
     pub clock_skew: Duration,
     #[serde(default = "subject_header_default")]
@@ -122,6 +127,31 @@ pub struct JwtProviderFile {
     pub claim_headers: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub forward_token: bool,
+}
+
+fn refresh_default() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// A JWKS URL must be plain HTTP to a loopback address.
+fn jwks_url(field: &str, s: &str) -> Result<http::Uri, Invalid> {
+    let uri: http::Uri = s.parse().map_err(|e| bad(field, format!("{s:?}: {e}")))?;
+    let loopback = match uri.host() {
+        Some("localhost") => true,
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    };
+    if uri.scheme_str() != Some("http") || !loopback {
+        return Err(bad(
+            field,
+            format!("{s:?}: write it as http://127.0.0.1:PORT/PATH (loopback only)"),
+        ));
+    }
+    Ok(uri)
 }
 
 fn skew_default() -> Duration {
@@ -385,12 +415,30 @@ impl GatewayFile {
                     ))
                 })
                 .collect::<Result<Vec<_>, Invalid>>()?;
+            let source = match (&p.jwks_file, &p.jwks_url) {
+                (Some(file), None) => KeySource::File(at(file)),
+                (None, Some(url)) => {
+                    if p.jwks_refresh < Duration::from_secs(1) {
+                        return Err(bad(format!("{f}.jwks_refresh"), "at least 1s"));
+                    }
+                    KeySource::Url {
+                        url: jwks_url(&format!("{f}.jwks_url"), url)?,
+                        refresh: p.jwks_refresh,
+                    }
+                }
+                _ => {
+                    return Err(bad(
+                        format!("{f}.jwks_file"),
+                        "give exactly one of jwks_file and jwks_url",
+                    ));
+                }
+            };
             let provider = Provider::new(
                 p.name.clone(),
                 p.issuer.clone(),
                 p.audiences.clone(),
                 p.clock_skew,
-                at(&p.jwks_file),
+                source,
                 subject,
                 claims,
                 p.forward_token,
@@ -648,6 +696,22 @@ mod tests {
             "routes[0].wieght"
         );
         assert_eq!(field("routes: []\n"), "routes");
+        let provider = |p: &str| {
+            GatewayFile::parse(&format!(
+                "listeners:\n  - address: 127.0.0.1:0\n    certificates: [{{cert: c.pem, key: c.key, server_names: [a.test]}}]\njwt_providers:\n  - {p}\nroutes:\n  - {{name: a, service: web}}\n"
+            ))
+            .unwrap()
+            .compile(d.path())
+            .map(|_| ())
+            .unwrap_err()
+        };
+        let e = provider("{name: m, jwks_url: \"https://issuer.example.com/jwks\"}");
+        assert_eq!(e.0, "jwt_providers[0].jwks_url");
+        assert!(e.1.contains("loopback"), "{e:?}");
+        let e = provider("{name: m, jwks_file: jwks.json, jwks_url: \"http://127.0.0.1:1/j\"}");
+        assert_eq!(e.0, "jwt_providers[0].jwks_file");
+        let e = provider("{name: m, jwks_file: jwks.json, clock_skew: 1h}");
+        assert_eq!(e.0, "jwt_providers[0].clock_skew");
         let e = GatewayFile::parse(
             "listeners:\n  - address: 127.0.0.1:0\n    certificates: [{cert: missing.pem, key: c.key}]\nroutes:\n  - {name: a, service: web}\n",
         )

@@ -1,11 +1,14 @@
-//! JWT authentication: bearer tokens verified against a JWKS file (RS256,
-//! ES256, EdDSA, HS256), with issuer, audience and expiry (plus a bounded
-//! clock skew) checked by `jsonwebtoken`.
+//! JWT authentication: bearer tokens verified against a JWKS (RS256, ES256,
+//! EdDSA, HS256) from a file or an `http://` URL on loopback (an issuer's
+//! sidecar or agent), with issuer, audience and expiry (plus a bounded clock
+//! skew) checked by `jsonwebtoken`.
 //!
 //! A verified token yields the subject and the claims the provider names;
 //! the gateway passes them upstream in headers it sets itself (and removes
-//! from every request first, so a client cannot send them). The JWKS file is
-//! reloaded when it changes, like the certificates.
+//! from every request first, so a client cannot send them). A JWKS file is
+//! reloaded when it changes, like the certificates; a URL is fetched at
+//! start and every `jwks_refresh` (until the first fetch, tokens fail as
+//! signed by an unknown key).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,7 +30,12 @@ pub enum JwksError {
     Parse { path: PathBuf, reason: String },
     #[error("{path}: no usable key (RS256, ES256, EdDSA or HS256)")]
     NoKeys { path: PathBuf },
+    #[error("{url}: {reason}")]
+    Fetch { url: String, reason: String },
 }
+
+/// Longest JWKS document fetched from a URL.
+const MAX_JWKS_BYTES: usize = 1 << 20;
 
 /// Why a request's token was refused (the `error_description` of the
 /// `WWW-Authenticate` challenge).
@@ -98,7 +106,12 @@ fn load_keys(path: &Path) -> Result<Vec<Key>, JwksError> {
         path: path.to_owned(),
         source,
     })?;
-    let set: JwkSet = serde_json::from_str(&text).map_err(|e| JwksError::Parse {
+    parse_keys(&text, path)
+}
+
+/// `path`: where the document came from (a file, or a URL as a path), for errors.
+fn parse_keys(text: &str, path: &Path) -> Result<Vec<Key>, JwksError> {
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| JwksError::Parse {
         path: path.to_owned(),
         reason: e.to_string(),
     })?;
@@ -147,9 +160,20 @@ pub struct Provider {
     pub claim_headers: Vec<(String, HeaderName)>,
     /// Pass the `Authorization` header on (off: the token stays at the edge).
     pub forward_token: bool,
-    jwks_file: PathBuf,
+    source: KeySource,
     keys: ArcSwap<Vec<Key>>,
     stamp: std::sync::Mutex<Option<(SystemTime, u64)>>,
+}
+
+/// Where a provider's keys come from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    File(PathBuf),
+    /// `http://` on loopback, fetched every `refresh`.
+    Url {
+        url: http::Uri,
+        refresh: Duration,
+    },
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
@@ -164,13 +188,15 @@ impl Provider {
         issuer: Option<String>,
         audiences: Vec<String>,
         clock_skew: Duration,
-        jwks_file: PathBuf,
+        source: KeySource,
         subject_header: HeaderName,
         claim_headers: Vec<(String, HeaderName)>,
         forward_token: bool,
     ) -> Result<Self, JwksError> {
-        let st = stamp(&jwks_file);
-        let keys = load_keys(&jwks_file)?;
+        let (st, keys) = match &source {
+            KeySource::File(f) => (stamp(f), load_keys(f)?),
+            KeySource::Url { .. } => (None, Vec::new()),
+        };
         Ok(Self {
             name,
             issuer,
@@ -179,15 +205,56 @@ impl Provider {
             subject_header,
             claim_headers,
             forward_token,
-            jwks_file,
+            source,
             keys: ArcSwap::from_pointee(keys),
             stamp: std::sync::Mutex::new(st),
         })
     }
 
+    pub fn source(&self) -> &KeySource {
+        &self.source
+    }
+
+    /// Fetches the JWKS from its URL and installs it; on error the current
+    /// keys stay.
+    pub async fn fetch(&self, client: &JwksClient) -> Result<usize, JwksError> {
+        use http_body_util::BodyExt;
+        let KeySource::Url { url, .. } = &self.source else {
+            return Ok(0);
+        };
+        let err = |reason: String| JwksError::Fetch {
+            url: url.to_string(),
+            reason,
+        };
+        let req = http::Request::get(url.clone())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|e| err(e.to_string()))?;
+        let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+            .await
+            .map_err(|_| err("timed out".into()))?
+            .map_err(|e| err(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(err(format!("answered {}", resp.status())));
+        }
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_JWKS_BYTES);
+        let body = tokio::time::timeout(Duration::from_secs(5), body.collect())
+            .await
+            .map_err(|_| err("timed out reading the body".into()))?
+            .map_err(|e| err(e.to_string()))?
+            .to_bytes();
+        let text = std::str::from_utf8(&body).map_err(|e| err(e.to_string()))?;
+        let keys = parse_keys(text, Path::new(&url.to_string()))?;
+        let n = keys.len();
+        self.keys.store(Arc::new(keys));
+        Ok(n)
+    }
+
     /// Reloads the JWKS if the file changed; a bad file keeps the old keys.
     pub fn reload_if_changed(&self) -> bool {
-        let now = stamp(&self.jwks_file);
+        let KeySource::File(file) = &self.source else {
+            return false;
+        };
+        let now = stamp(file);
         {
             let mut seen = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
             if *seen == now {
@@ -195,7 +262,7 @@ impl Provider {
             }
             *seen = now;
         }
-        match load_keys(&self.jwks_file) {
+        match load_keys(file) {
             Ok(k) => {
                 tracing::info!(provider = %self.name, keys = k.len(), "JWKS reloaded");
                 self.keys.store(Arc::new(k));
@@ -302,6 +369,41 @@ impl Provider {
             }
         }
     }
+}
+
+/// The HTTP client of JWKS fetches (plain HTTP: the URL is on loopback).
+pub type JwksClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+/// Fetches `p`'s JWKS now and then every refresh period (every second
+/// while failing) until `stop`.
+pub fn spawn_fetch(p: Arc<Provider>, stop: tokio_util::sync::CancellationToken) {
+    let KeySource::Url { refresh, .. } = p.source().clone() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let client: JwksClient =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        loop {
+            let wait = match p.fetch(&client).await {
+                Ok(n) => {
+                    tracing::info!(provider = %p.name, keys = n, "JWKS fetched");
+                    refresh
+                }
+                Err(e) => {
+                    tracing::warn!(provider = %p.name, error = %e, "JWKS fetch failed; keeping the current keys");
+                    Duration::from_secs(1).min(refresh)
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    });
 }
 
 /// The bearer token of a request, if any (`Authorization: Bearer <token>`).

@@ -677,6 +677,9 @@ pub fn spawn_background(cfg: &GatewayConfig, stop: tokio_util::sync::Cancellatio
         cfg.reload_interval,
         stop.clone(),
     );
+    for p in &cfg.providers {
+        jwt::spawn_fetch(p.clone(), stop.clone());
+    }
     let providers = cfg.providers.clone();
     let routes = cfg.routes.clone();
     let every = cfg.reload_interval;
