@@ -36,6 +36,9 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// The peer's SPIFFE ID, from its client certificate (mesh TLS only).
     pub identity: Option<Arc<str>>,
+    /// The client's address as a trusted proxy stated it (PROXY protocol,
+    /// gateway listeners only).
+    pub source: Option<SocketAddr>,
 }
 
 /// How a listener's connections are secured.
@@ -48,8 +51,9 @@ pub enum Transport {
         tls: Arc<MeshTls>,
         authz: Arc<Authz>,
     },
-    /// The gateway's public TLS (no client certificate; see `gateway::tls`).
-    Public(Arc<rustls::ServerConfig>),
+    /// The gateway's public TLS (no client certificate; see `gateway::tls`),
+    /// after a PROXY v2 header from trusted proxies.
+    Public(Arc<crate::gateway::proxy_protocol::PublicTls>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,23 +70,18 @@ pub enum AcceptError {
 
 impl Transport {
     /// The peek (permissive mode) and the handshake share one time limit.
-    async fn accept(&self, tcp: TcpStream) -> Result<(MeshIo, Option<Arc<str>>), AcceptError> {
+    async fn accept(&self, tcp: TcpStream) -> Result<Accepted, AcceptError> {
         tokio::time::timeout(HANDSHAKE_TIMEOUT, self.accept_inner(tcp))
             .await
             .map_err(|_| AcceptError::Timeout(HANDSHAKE_TIMEOUT))?
     }
 
-    async fn accept_inner(
-        &self,
-        tcp: TcpStream,
-    ) -> Result<(MeshIo, Option<Arc<str>>), AcceptError> {
+    async fn accept_inner(&self, tcp: TcpStream) -> Result<Accepted, AcceptError> {
         let (tls, authz) = match self {
-            Transport::Plain => return Ok((MeshIo::Plain(tcp), None)),
-            Transport::Public(cfg) => {
-                let stream = tokio_rustls::TlsAcceptor::from(cfg.clone())
-                    .accept(tcp)
-                    .await?;
-                return Ok((MeshIo::Server(Box::new(stream)), None));
+            Transport::Plain => return Ok((MeshIo::Plain(tcp), None, None)),
+            Transport::Public(public) => {
+                let (stream, source) = public.accept(tcp).await?;
+                return Ok((MeshIo::Server(Box::new(stream)), None, source));
             }
             Transport::Mesh { tls, authz } => (tls, authz),
         };
@@ -92,7 +91,7 @@ impl Transport {
                 return Err(AcceptError::Closed);
             }
             if first[0] != TLS_HANDSHAKE_RECORD {
-                return Ok((MeshIo::Plain(tcp), None));
+                return Ok((MeshIo::Plain(tcp), None, None));
             }
         }
         let state = tls.current().ok_or(AcceptError::NoIdentity)?;
@@ -100,9 +99,13 @@ impl Transport {
             .accept(tcp)
             .await?;
         let identity = meshwire_tls::peer_id(stream.get_ref().1.peer_certificates()).map(Arc::from);
-        Ok((MeshIo::Server(Box::new(stream)), identity))
+        Ok((MeshIo::Server(Box::new(stream)), identity, None))
     }
 }
+
+/// An accepted connection: its stream, the peer's SPIFFE ID (mesh TLS), the
+/// client address a trusted proxy stated (PROXY protocol).
+type Accepted = (MeshIo, Option<Arc<str>>, Option<SocketAddr>);
 
 /// HTTP/2 server settings of the data-plane listeners.
 #[derive(Debug, Clone)]
@@ -242,14 +245,18 @@ pub(crate) fn spawn(
                 shutdown.clone(),
             );
             conns.spawn(async move {
-                let (io, identity) = match transport.accept(tcp).await {
+                let (io, identity, source) = match transport.accept(tcp).await {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::debug!(listener = name, %peer, error = %e, "connection refused");
                         return;
                     }
                 };
-                let svc = make.make(&ConnInfo { peer, identity });
+                let svc = make.make(&ConnInfo {
+                    peer,
+                    identity,
+                    source,
+                });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
                 tokio::pin!(conn);
                 let r = tokio::select! {

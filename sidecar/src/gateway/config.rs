@@ -94,6 +94,9 @@ pub struct ListenerFile {
     /// `["1.2", "1.3"]` (default both).
     #[serde(default)]
     pub tls_versions: Vec<String>,
+    /// Peers in `trusted_proxies.cidrs` send a PROXY protocol v2 header first.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -345,6 +348,18 @@ impl GatewayFile {
         if self.listeners.is_empty() {
             return Err(bad("listeners", "give at least one listener"));
         }
+        let trusted = match &self.trusted_proxies {
+            None => TrustedProxies::default(),
+            Some(t) => {
+                if t.hops == 0 {
+                    return Err(bad("trusted_proxies.hops", "must be at least 1"));
+                }
+                TrustedProxies {
+                    cidrs: cidrs("trusted_proxies.cidrs", &t.cidrs)?,
+                    hops: t.hops,
+                }
+            }
+        };
         let mut listeners = Vec::new();
         for (i, l) in self.listeners.iter().enumerate() {
             let f = format!("listeners[{i}]");
@@ -384,10 +399,23 @@ impl GatewayFile {
             let tls = store
                 .server_config(&versions)
                 .map_err(|e| bad(format!("{f}.tls_versions"), e))?;
+            if l.proxy_protocol && trusted.cidrs.is_empty() {
+                return Err(bad(
+                    format!("{f}.proxy_protocol"),
+                    "needs trusted_proxies.cidrs (who may send the header)",
+                ));
+            }
             listeners.push(Listener {
                 address: l.address,
                 store,
-                tls,
+                public: Arc::new(super::proxy_protocol::PublicTls {
+                    tls,
+                    proxies: if l.proxy_protocol {
+                        trusted.cidrs.clone()
+                    } else {
+                        Vec::new()
+                    },
+                }),
             });
         }
 
@@ -454,18 +482,6 @@ impl GatewayFile {
             provider_list.push(provider);
         }
 
-        let trusted = match &self.trusted_proxies {
-            None => TrustedProxies::default(),
-            Some(t) => {
-                if t.hops == 0 {
-                    return Err(bad("trusted_proxies.hops", "must be at least 1"));
-                }
-                TrustedProxies {
-                    cidrs: cidrs("trusted_proxies.cidrs", &t.cidrs)?,
-                    hops: t.hops,
-                }
-            }
-        };
         let base_limits = limits("limits", &self.limits, &Limits::default())?;
 
         let mut routes = Vec::new();
@@ -710,6 +726,13 @@ mod tests {
         assert!(e.1.contains("loopback"), "{e:?}");
         let e = provider("{name: m, jwks_file: jwks.json, jwks_url: \"http://127.0.0.1:1/j\"}");
         assert_eq!(e.0, "jwt_providers[0].jwks_file");
+        let e = GatewayFile::parse(
+            "listeners:\n  - address: 127.0.0.1:0\n    proxy_protocol: true\n    certificates: [{cert: c.pem, key: c.key, server_names: [a.test]}]\nroutes:\n  - {name: a, service: web}\n",
+        )
+        .unwrap()
+        .compile(d.path())
+        .unwrap_err();
+        assert_eq!(e.0, "listeners[0].proxy_protocol");
         let e = provider("{name: m, jwks_file: jwks.json, clock_skew: 1h}");
         assert_eq!(e.0, "jwt_providers[0].clock_skew");
         let e = GatewayFile::parse(

@@ -9,14 +9,16 @@
 //!
 //! # One request
 //! ```text
-//! client ──TLS 1.2/1.3 (certificate by SNI: tls::CertStore, reloaded on change)──▶
+//! client ──[PROXY v2 header from a trusted L4 proxy: proxy_protocol]──
+//!   TLS 1.2/1.3 (certificate by SNI: tls::CertStore, reloaded on change)──▶
 //!   public listener (server::Transport::Public; ALPN h2 or http/1.1, gRPC over h2)
 //!   Gateway::handle, in this order, each step answering on its own when it refuses:
 //!   1. limits: header count and bytes (431), URI length (414)
 //!   2. path::normalize: //, /./, /../, %2F, escape case → one spelling (400)
 //!   3. Routes::find: host (exact > *.domain > any), longest path prefix (404)
 //!   4. route limits again, Content-Length against max_body_bytes (413), method (405)
-//!   5. client IP: the peer, or x-forwarded-for from trusted proxies (ip::TrustedProxies);
+//!   5. client IP: the peer (or the PROXY header's source), or x-forwarded-for from
+//!      trusted proxies (ip::TrustedProxies);
 //!      route CIDR rules (403)
 //!   6. gateway-owned headers removed (x-jwt-subject, claim headers), then the
 //!      route's JWT (jwt::Provider::verify): required/optional, 401 + WWW-Authenticate
@@ -38,6 +40,7 @@ pub mod jwt;
 pub mod log;
 pub mod metrics;
 pub mod path;
+pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod tls;
 
@@ -67,7 +70,7 @@ pub use config::{GatewayConfig, GatewayConfigError};
 pub struct Listener {
     pub address: SocketAddr,
     pub store: Arc<tls::CertStore>,
-    pub tls: Arc<rustls::ServerConfig>,
+    pub public: Arc<proxy_protocol::PublicTls>,
 }
 
 /// Request limits (the gateway's, or a route's).
@@ -388,11 +391,20 @@ impl Gateway {
         &self.routes
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> Response<ResponseBody> {
         let start = Instant::now();
         let grpc_call = grpc::is_grpc(req.headers());
         let version = req.version();
-        let client = self.routes.trusted.client(peer.ip(), req.headers());
+        // Behind an L4 proxy (PROXY protocol) the stated source is the peer.
+        let client = self
+            .routes
+            .trusted
+            .client(source.unwrap_or(peer).ip(), req.headers());
         let mut entry = self.access_log.as_ref().map(|_| log::Entry {
             time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
             client: client.ip.to_string(),
@@ -587,11 +599,17 @@ impl Gateway {
 pub struct GatewayService {
     gateway: Arc<Gateway>,
     peer: SocketAddr,
+    /// The client's address from a trusted proxy's PROXY header.
+    source: Option<SocketAddr>,
 }
 
 impl GatewayService {
-    pub fn new(gateway: Arc<Gateway>, peer: SocketAddr) -> Self {
-        Self { gateway, peer }
+    pub fn new(gateway: Arc<Gateway>, peer: SocketAddr, source: Option<SocketAddr>) -> Self {
+        Self {
+            gateway,
+            peer,
+            source,
+        }
     }
 }
 
@@ -602,7 +620,7 @@ impl hyper::service::Service<Request<Incoming>> for GatewayService {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move { Ok(this.gateway.handle(req, this.peer).await) })
+        Box::pin(async move { Ok(this.gateway.handle(req, this.peer, this.source).await) })
     }
 }
 
@@ -729,8 +747,8 @@ pub(crate) async fn start(
             listener,
             crate::server::Protocols::Http1AndHttp2,
             settings,
-            crate::server::Transport::Public(l.tls.clone()),
-            move |c: &crate::server::ConnInfo| GatewayService::new(g.clone(), c.peer),
+            crate::server::Transport::Public(l.public.clone()),
+            move |c: &crate::server::ConnInfo| GatewayService::new(g.clone(), c.peer, c.source),
             shutdown.clone(),
             tracker,
         );

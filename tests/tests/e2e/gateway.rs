@@ -361,6 +361,9 @@ listeners:
     certificates:
       - {{cert: api.pem, key: api.key}}
       - {{cert: other.pem, key: other.key}}
+  - address: 127.0.0.1:0
+    certificates: [{{cert: api.pem, key: api.key}}]
+    proxy_protocol: true
 reload_interval: 100ms
 access_log: access.log
 limits: {{max_headers: 40, max_uri_length: 2048}}
@@ -402,7 +405,7 @@ jwt_providers:
         let mut args = identity_args(&files, &config, "gateway");
         args.extend(["--gateway", gw.to_str().unwrap()]);
         let gateway = SidecarProcess::spawn(&args, &[]).await;
-        assert_eq!(gateway.addrs.gateway.len(), 1, "{:?}", gateway.addrs);
+        assert_eq!(gateway.addrs.gateway.len(), 2, "{:?}", gateway.addrs);
         Rig {
             _web_app: web_app,
             _echo_app: echo_app,
@@ -492,6 +495,25 @@ jwt_providers:
             )
             .await
             .unwrap()
+    }
+
+    /// TLS to the PROXY-protocol listener from `local`, after `header`.
+    async fn tls_after(
+        &self,
+        local: IpAddr,
+        header: &[u8],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        use tokio::io::AsyncWriteExt;
+        let sock = TcpSocket::new_v4()?;
+        sock.bind(SocketAddr::new(local, 0))?;
+        let mut tcp = sock.connect(self.gateway.addrs.gateway[1]).await?;
+        tcp.write_all(header).await?;
+        TlsConnector::from(self.tls_client(&[b"http/1.1"]))
+            .connect(
+                rustls::pki_types::ServerName::try_from(WEB_HOST).unwrap(),
+                tcp,
+            )
+            .await
     }
 
     /// An HTTP/1.1 keep-alive connection over TLS from `local`.
@@ -1150,4 +1172,63 @@ async fn websocket_through_the_gateway_with_a_token() {
         Message::text("hello edge")
     );
     ws.close(None).await.unwrap();
+}
+
+/// A PROXY protocol v2 header saying the client is `client`.
+fn proxy_header(client: [u8; 4]) -> Vec<u8> {
+    use ppp::v2::{Builder, Command, IPv4, Protocol, Version};
+    Builder::with_addresses(
+        Version::Two | Command::Proxy,
+        Protocol::Stream,
+        IPv4::new(client, [127, 0, 0, 1], 40000, 443),
+    )
+    .build()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_v2_from_trusted_proxies_only() {
+    let rig = Rig::start().await;
+    let http1 = |io: tokio_rustls::client::TlsStream<tokio::net::TcpStream>| async move {
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        send
+    };
+    // 127.0.0.3 is a trusted proxy: the header names the client.
+    let mut send = http1(
+        rig.tls_after(lo(3), &proxy_header([127, 0, 0, 2]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        get(&mut send, "/ip/x", &[]).await.0,
+        403,
+        "the stated client is denied"
+    );
+    let mut send = http1(
+        rig.tls_after(lo(3), &proxy_header([198, 51, 100, 9]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    let (status, _, body) = get(&mut send, "/ip/x", &[("x-forwarded-for", "127.0.0.9")]).await;
+    assert_eq!(status, 200);
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let xff = seen["headers"]["x-forwarded-for"].as_str().unwrap();
+    assert!(
+        xff.starts_with("198.51.100.9") && !xff.contains("127.0.0.9"),
+        "the client behind an L4 proxy is not trusted with x-forwarded-for: {xff}"
+    );
+    // Any other peer cannot state an address: its header breaks TLS.
+    assert!(
+        rig.tls_after(lo(1), &proxy_header([198, 51, 100, 9]))
+            .await
+            .is_err(),
+        "an untrusted peer's PROXY header is refused"
+    );
+    // And the trusted proxy must send one.
+    assert!(rig.tls_after(lo(3), &[]).await.is_err());
 }
