@@ -157,6 +157,13 @@ mod tests {
     }
 
     #[test]
+    fn a_route_limit_is_one_bucket_for_everyone() {
+        let l = RateLimits(vec![Limit::new(LimitKey::Route, "1/h", Some(1)).unwrap()]);
+        assert!(l.check("192.0.2.1".parse().unwrap(), None).is_ok());
+        assert!(l.check("192.0.2.2".parse().unwrap(), None).is_err());
+    }
+
+    #[test]
     fn buckets_are_per_caller() {
         let l = RateLimits(vec![Limit::new(LimitKey::Subject, "1/h", Some(2)).unwrap()]);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
