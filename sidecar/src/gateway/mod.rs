@@ -30,11 +30,15 @@
 //!   response streams back; AccessBody writes the access-log line and counts the
 //!   route's metrics when the response ends
 //! ```
+//! gRPC-Web requests (binary) become gRPC on the way in and the trailers a
+//! final body frame on the way out (`grpc_web`).
+//!
 //! gRPC callers get the same refusals as trailers-only responses:
 //! `UNAUTHENTICATED`, `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED`,
 //! `UNIMPLEMENTED` (no route), `INVALID_ARGUMENT` (malformed).
 
 pub mod config;
+pub mod grpc_web;
 pub mod ip;
 pub mod jwt;
 pub mod log;
@@ -399,6 +403,7 @@ impl Gateway {
     ) -> Response<ResponseBody> {
         let start = Instant::now();
         let grpc_call = grpc::is_grpc(req.headers());
+        let grpc_web = grpc_web::is_grpc_web(req.headers());
         let version = req.version();
         // Behind an L4 proxy (PROXY protocol) the stated source is the peer.
         let client = self
@@ -413,6 +418,7 @@ impl Gateway {
             host: host_of(&req),
             path: req.uri().path().to_owned(),
             protocol: match version {
+                _ if grpc_web => "grpc-web",
                 Version::HTTP_2 if grpc_call => "grpc",
                 Version::HTTP_2 => "h2",
                 Version::HTTP_10 => "http/1.0",
@@ -443,6 +449,9 @@ impl Gateway {
                     en.identity = a.subject.as_deref().map(str::to_owned);
                 }
                 let limit = req.extensions().get::<crate::body::BodyLimit>().cloned();
+                if grpc_web {
+                    grpc_web::request_to_grpc(req.headers_mut());
+                }
                 let resp = self
                     .outbound
                     .handle(req, Some(&a.route.service), Some(client.ip))
@@ -462,7 +471,10 @@ impl Gateway {
                 }
             }
         };
-        let (parts, body) = resp.into_parts();
+        let (mut parts, body) = resp.into_parts();
+        if grpc_web {
+            grpc_web::response_to_web(&mut parts.headers);
+        }
         if let Some(en) = entry.as_mut() {
             en.status = parts.status.as_u16();
             en.grpc_status = parts.headers.get(grpc::GRPC_STATUS).map(grpc::status_code);
@@ -476,7 +488,12 @@ impl Gateway {
             entry,
             log: self.access_log.clone(),
         };
-        Response::from_parts(parts, ResponseBody::boxed(watched))
+        let mut body = ResponseBody::boxed(watched);
+        if grpc_web {
+            // Outside the access body, which so still sees the trailers' status.
+            body = ResponseBody::boxed(grpc_web::WebBody(body));
+        }
+        Response::from_parts(parts, body)
     }
 
     /// Steps 1–8 of the module docs; the error carries the route when one matched.

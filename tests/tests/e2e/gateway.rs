@@ -1232,3 +1232,59 @@ async fn proxy_protocol_v2_from_trusted_proxies_only() {
     // And the trusted proxy must send one.
     assert!(rig.tls_after(lo(3), &[]).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_from_a_browser_style_client() {
+    let rig = Rig::start().await;
+    // One Echo call as a browser's gRPC-Web client sends it, over HTTP/1.1.
+    let frame = rig.dir.path().join("request.bin");
+    std::fs::write(&frame, grpc_frame(&EchoRequest::default())).unwrap();
+    let out = rig.dir.path().join("response.bin");
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--http1.1", "-D", "-", "--cacert"])
+        .arg(rig.ca_file())
+        .arg("--resolve")
+        .arg(format!("{WEB_HOST}:{}:127.0.0.1", rig.port()))
+        .args([
+            "-H",
+            "content-type: application/grpc-web+proto",
+            "-H",
+            "x-grpc-web: 1",
+            "--data-binary",
+        ])
+        .arg(format!("@{}", frame.display()))
+        .arg("-o")
+        .arg(&out)
+        .arg(rig.url(WEB_HOST, "/meshwire.example.v1.Echo/Echo"));
+    let res = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let head = String::from_utf8_lossy(&res.stdout).to_ascii_lowercase();
+    assert!(res.status.success(), "{head}");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        // The service said application/grpc: gRPC-Web's same (proto) format.
+        head.contains("content-type: application/grpc-web\r\n"),
+        "{head}"
+    );
+    // The reply message, then the trailers as the final frame (flag 0x80).
+    let body = std::fs::read(&out).unwrap();
+    assert_eq!(body[0], 0, "a message frame first: {body:?}");
+    let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
+    let reply: meshwire_tests::EchoReply = prost::Message::decode(&body[5..5 + len]).unwrap();
+    assert_eq!(reply.server, "echo-1");
+    let trailer = &body[5 + len..];
+    assert_eq!(trailer[0], 0x80, "{trailer:?}");
+    let text = String::from_utf8_lossy(&trailer[5..]).into_owned();
+    assert!(text.contains("grpc-status:0\r\n"), "{text:?}");
+    eventually(
+        "the gRPC-Web access-log line",
+        Duration::from_secs(5),
+        || async {
+            rig.access_log()
+                .iter()
+                .any(|l| l["protocol"] == "grpc-web" && l["grpc_status"] == 0)
+        },
+    )
+    .await;
+}
