@@ -58,6 +58,8 @@ command -v curl >/dev/null 2>&1 || missing_pkgs+=(curl)
 # etcd for the etcd-store tests (MESHWIRE_ETCD_BIN may point elsewhere).
 etcd="${MESHWIRE_ETCD_BIN:-/usr/bin/etcd}"
 [ -x "$etcd" ] || [ -n "${MESHWIRE_ETCD_BIN:-}" ] || missing_pkgs+=(etcd-server)
+# openssl: the gateway tests make an RSA key for RS256 JWTs with it.
+command -v openssl >/dev/null 2>&1 || missing_pkgs+=(openssl)
 if [ "${#missing_pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing ${missing_pkgs[*]} with apt-get"

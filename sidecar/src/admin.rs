@@ -117,6 +117,14 @@ impl AdminState {
         self
     }
 
+    /// Adds `c`'s metrics to `/metrics` (after [`AdminState::with_telemetry`]).
+    pub fn with_collector(mut self, c: Box<dyn prometheus_client::collector::Collector>) -> Self {
+        if let Some(reg) = self.metrics.as_mut() {
+            reg.register_collector(c);
+        }
+        self
+    }
+
     /// Cancelled when `POST /drain` asks for a graceful drain.
     pub fn drain_requested(&self) -> &tokio_util::sync::CancellationToken {
         &self.drain

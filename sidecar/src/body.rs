@@ -273,6 +273,18 @@ pub(crate) const REPLAY_LIMIT: usize = 64 << 10;
 pub(crate) enum RequestBody {
     Incoming(Incoming),
     Replay(Replay),
+    /// The caller's stream with a size limit (the gateway's
+    /// `max_body_bytes` for a body of unknown length), enforced by the pipe.
+    Limited(Incoming, BodyLimit),
+}
+
+/// A request body's size limit; `exceeded` tells the caller (the gateway,
+/// which then answers 413) that the pipe stopped the body and reset the
+/// upstream stream.
+#[derive(Debug, Clone)]
+pub(crate) struct BodyLimit {
+    pub(crate) max: u64,
+    pub(crate) exceeded: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug, Default)]
@@ -285,14 +297,14 @@ pub(crate) struct Replay {
 impl RequestBody {
     pub(crate) fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Incoming(b) => b.is_end_stream(),
+            RequestBody::Incoming(b) | RequestBody::Limited(b, _) => b.is_end_stream(),
             RequestBody::Replay(r) => r.data.is_empty() && r.trailers.is_none(),
         }
     }
 
     pub(crate) fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Incoming(b) => b.size_hint(),
+            RequestBody::Incoming(b) | RequestBody::Limited(b, _) => b.size_hint(),
             RequestBody::Replay(r) => {
                 SizeHint::with_exact(r.data.iter().map(|d| d.len() as u64).sum())
             }
@@ -304,7 +316,7 @@ impl RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self {
-            RequestBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Incoming(b) | RequestBody::Limited(b, _) => Pin::new(b).poll_frame(cx),
             RequestBody::Replay(r) => Poll::Ready(match r.data.pop_front() {
                 Some(d) => Some(Ok(Frame::data(d))),
                 None => r.trailers.take().map(|t| Ok(Frame::trailers(t))),
@@ -327,6 +339,8 @@ pub(crate) struct RequestPipe {
     read_all: bool,
     /// Body bytes sent upstream so far.
     pub(crate) sent: u64,
+    /// The body's size limit, and what was read against it.
+    limit: Option<(BodyLimit, u64)>,
     /// Where `sent` is counted when the pipe outlives the call's send (a
     /// streaming request body); unary bodies are counted by the caller.
     pub(crate) account: Option<std::sync::Arc<crate::endpoint::Endpoint>>,
@@ -346,7 +360,12 @@ impl Drop for RequestPipe {
 
 impl RequestPipe {
     pub(crate) fn new(body: RequestBody, tx: h2::SendStream<Bytes>) -> Self {
+        let limit = match &body {
+            RequestBody::Limited(_, l) => Some((l.clone(), 0)),
+            _ => None,
+        };
         Self {
+            limit,
             body,
             tx,
             pending: None,
@@ -369,6 +388,9 @@ impl RequestPipe {
             match tokio::time::timeout_at(deadline, next).await.ok()? {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
+                        if self.over_limit(data.len()) {
+                            return None;
+                        }
                         self.remember(&data);
                         self.read_all = self.body.is_end_stream();
                     }
@@ -384,6 +406,23 @@ impl RequestPipe {
             }
         }
         self.record.take().map(RequestBody::Replay)
+    }
+
+    /// Counts `n` more bytes against the limit; past it, marks the limit
+    /// exceeded and resets the upstream stream.
+    fn over_limit(&mut self, n: usize) -> bool {
+        let Some((limit, read)) = self.limit.as_mut() else {
+            return false;
+        };
+        *read += n as u64;
+        if *read <= limit.max {
+            return false;
+        }
+        limit
+            .exceeded
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.tx.send_reset(h2::Reason::CANCEL);
+        true
     }
 
     fn remember(&mut self, data: &Bytes) {
@@ -442,6 +481,9 @@ impl Future for RequestPipe {
             match this.body.poll_next(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) if !data.is_empty() => {
+                        if this.over_limit(data.len()) {
+                            return Poll::Ready(());
+                        }
                         this.remember(&data);
                         this.pending = Some(data);
                     }

@@ -93,6 +93,7 @@ fn write_addr_file(path: &std::path::Path, s: &Sidecar) -> std::io::Result<()> {
         "inbound": s.inbound_addr.map(|a| a.to_string()),
         "admin": s.admin_addr.to_string(),
         "services": services,
+        "gateway": s.gateway_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "pid": std::process::id(),
     });
     let tmp = path.with_extension("tmp");

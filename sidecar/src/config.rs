@@ -55,6 +55,11 @@ pub struct Args {
     /// YAML file listing the services this sidecar can call (no control plane).
     #[arg(long, env = "MESHWIRE_STATIC_CONFIG", conflicts_with = "control_plane")]
     pub static_config: Option<PathBuf>,
+    /// Run as the edge gateway too: public TLS listeners and routes from this
+    /// YAML file (see `gateway::config`); services come from
+    /// `--static-config` or the control plane as usual.
+    #[arg(long, env = "MESHWIRE_GATEWAY")]
+    pub gateway: Option<PathBuf>,
     /// The control plane to take config from over xDS, e.g. `http://10.0.0.2:15010`; several
     /// replicas comma-separated (`https://cp-a:15012,https://cp-b:15012`): one is used, the
     /// next on failure, and certificates are renewed through any of them.
@@ -211,6 +216,11 @@ impl Args {
         cfg.max_endpoints = self.max_endpoints as usize;
         cfg.service_listeners = file.listeners();
         cfg.clusters = file.clusters();
+        if let Some(p) = &self.gateway {
+            let g = crate::gateway::GatewayConfig::load(p)
+                .map_err(|e| ConfigError::Flag(format!("--gateway {e}")))?;
+            cfg.gateway = Some(std::sync::Arc::new(g));
+        }
         // An empty variable (as container specs leave them) means unset.
         if let Some(endpoint) = self.otlp_endpoint.clone().filter(|e| !e.is_empty()) {
             let uri: http::Uri = endpoint

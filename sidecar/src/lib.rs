@@ -31,6 +31,11 @@
 //! that stay keep their connections and in-flight calls) and the local
 //! service's inbound policy is handed to [`authz`].
 //!
+//! With a [`gateway`] config (`--gateway`) the sidecar is also the mesh's
+//! edge gateway: public TLS listeners whose requests, once admitted (routes,
+//! JWT, IP rules, rate limits, request limits), take the outbound path above
+//! with the gateway's own identity.
+//!
 //! Start one in-process with [`Sidecar::start`] (tests bind `127.0.0.1:0` and
 //! read the ports back), or run the `meshwire-sidecar` binary.
 
@@ -44,6 +49,7 @@ pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod endpoint;
+pub mod gateway;
 pub mod grpc;
 pub mod health;
 pub mod http1;
@@ -129,6 +135,8 @@ pub struct SidecarConfig {
     pub app_queue_timeout: Duration,
     /// New and recovered endpoints ramp up over this window (zero: off).
     pub slow_start: Duration,
+    /// The edge-gateway role: public TLS listeners routing into the mesh.
+    pub gateway: Option<Arc<gateway::GatewayConfig>>,
 }
 
 /// Where the sidecar's certificate comes from.
@@ -189,6 +197,7 @@ impl SidecarConfig {
             max_app_calls: 0,
             app_queue_timeout: Duration::from_millis(100),
             slow_start: Duration::ZERO,
+            gateway: None,
         }
     }
 
@@ -215,6 +224,10 @@ pub enum StartError {
     StaticAndControlPlane,
     #[error("tracing: {0}")]
     Trace(#[from] TraceError),
+    #[error("gateway route {route:?}: no service named {service:?} in the static config")]
+    UnknownGatewayService { route: String, service: String },
+    #[error("gateway access log: {0}")]
+    AccessLog(std::io::Error),
 }
 
 /// A running sidecar. Dropping it does not stop it; call [`Sidecar::shutdown`].
@@ -225,6 +238,8 @@ pub struct Sidecar {
     pub admin_addr: SocketAddr,
     /// Per-service listeners as bound: `(service, address)`.
     pub service_addrs: Vec<(String, SocketAddr)>,
+    /// The gateway's public listeners as bound (none unless a gateway).
+    pub gateway_addrs: Vec<SocketAddr>,
     routes: Arc<Routes>,
     applier: Arc<Applier>,
     admin: Arc<AdminState>,
@@ -279,6 +294,16 @@ impl Sidecar {
                 return Err(StartError::UnknownListenerService(svc.clone()));
             }
         }
+        if let Some(g) = cfg.gateway.as_ref().filter(|_| cfg.control_plane.is_none()) {
+            for r in &g.routes.routes {
+                if routes.load().get(&r.service).is_none() {
+                    return Err(StartError::UnknownGatewayService {
+                        route: r.name.to_string(),
+                        service: r.service.to_string(),
+                    });
+                }
+            }
+        }
 
         let app = cfg.app.map(|addr| {
             let spec = meshwire_mesh::Endpoint::new(addr);
@@ -293,18 +318,20 @@ impl Sidecar {
         let (xds_status_tx, xds_status) = tokio::sync::watch::channel(ClientStatus::default());
         let telemetry = Arc::new(Telemetry::start(cfg.trace.as_ref())?);
         let app_health = health::AppHealth::new();
-        let admin = Arc::new(
-            AdminState::new(
-                routes.clone(),
-                app.clone(),
-                cfg.control_plane
-                    .as_ref()
-                    .map(|cp| (cp.server.clone(), xds_status.clone())),
-            )
-            .with_app_health(app.as_ref().map(|_| app_health.clone()))
-            .with_telemetry(&telemetry, cfg.log_control.clone())
-            .with_identity(tls.clone()),
-        );
+        let mut admin = AdminState::new(
+            routes.clone(),
+            app.clone(),
+            cfg.control_plane
+                .as_ref()
+                .map(|cp| (cp.server.clone(), xds_status.clone())),
+        )
+        .with_app_health(app.as_ref().map(|_| app_health.clone()))
+        .with_telemetry(&telemetry, cfg.log_control.clone())
+        .with_identity(tls.clone());
+        if let Some(g) = &cfg.gateway {
+            admin = admin.with_collector(Box::new(gateway::metrics::GatewayCollector::new(g)));
+        }
+        let admin = Arc::new(admin);
 
         // Bind everything before serving anything, so a bad address fails start-up whole.
         let outbound_l = bind("outbound", cfg.outbound).await?;
@@ -316,6 +343,10 @@ impl Sidecar {
         let mut service_ls = Vec::new();
         for (addr, svc) in &cfg.service_listeners {
             service_ls.push((svc.clone(), bind(format!("service {svc}"), *addr).await?));
+        }
+        let mut gateway_ls = Vec::new();
+        for l in cfg.gateway.iter().flat_map(|g| &g.listeners) {
+            gateway_ls.push(bind("gateway", l.address).await?);
         }
         let local = |l: &TcpListener| l.local_addr().expect("bound socket has an address");
 
@@ -375,6 +406,7 @@ impl Sidecar {
                 .iter()
                 .map(|(s, l)| (s.clone(), local(l)))
                 .collect(),
+            gateway_addrs: gateway_ls.iter().map(local).collect(),
             routes,
             applier,
             admin: admin.clone(),
@@ -417,6 +449,18 @@ impl Sidecar {
             shutdown.clone(),
             &tracker,
         );
+        if let Some(g) = &cfg.gateway {
+            gateway::start(
+                g,
+                gateway_ls,
+                outbound.clone(),
+                &cfg.server,
+                shutdown.clone(),
+                &tracker,
+            )
+            .await
+            .map_err(StartError::AccessLog)?;
+        }
         for (svc, l) in service_ls {
             let ob = outbound.clone();
             let name: Arc<str> = Arc::from(svc.as_str());

@@ -53,6 +53,9 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// The peer's SPIFFE ID, from its client certificate (mesh TLS only).
     pub identity: Option<Arc<str>>,
+    /// The client's address as a trusted proxy stated it (PROXY protocol,
+    /// gateway listeners only).
+    pub source: Option<SocketAddr>,
 }
 
 /// How a listener's connections are secured.
@@ -65,6 +68,9 @@ pub enum Transport {
         tls: Arc<MeshTls>,
         authz: Arc<Authz>,
     },
+    /// The gateway's public TLS (no client certificate; see `gateway::tls`),
+    /// after a PROXY v2 header from trusted proxies.
+    Public(Arc<crate::gateway::proxy_protocol::PublicTls>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,18 +87,20 @@ pub enum AcceptError {
 
 impl Transport {
     /// The peek (permissive mode) and the handshake share one time limit.
-    async fn accept(&self, tcp: TcpStream) -> Result<(MeshIo, Option<Arc<str>>), AcceptError> {
+    async fn accept(&self, tcp: TcpStream) -> Result<Accepted, AcceptError> {
         tokio::time::timeout(HANDSHAKE_TIMEOUT, self.accept_inner(tcp))
             .await
             .map_err(|_| AcceptError::Timeout(HANDSHAKE_TIMEOUT))?
     }
 
-    async fn accept_inner(
-        &self,
-        tcp: TcpStream,
-    ) -> Result<(MeshIo, Option<Arc<str>>), AcceptError> {
-        let Transport::Mesh { tls, authz } = self else {
-            return Ok((MeshIo::Plain(tcp), None));
+    async fn accept_inner(&self, tcp: TcpStream) -> Result<Accepted, AcceptError> {
+        let (tls, authz) = match self {
+            Transport::Plain => return Ok((MeshIo::Plain(tcp), None, None)),
+            Transport::Public(public) => {
+                let (stream, source) = public.accept(tcp).await?;
+                return Ok((MeshIo::Server(Box::new(stream)), None, source));
+            }
+            Transport::Mesh { tls, authz } => (tls, authz),
         };
         if authz.permissive() {
             let mut first = [0u8; 1];
@@ -100,7 +108,7 @@ impl Transport {
                 return Err(AcceptError::Closed);
             }
             if first[0] != TLS_HANDSHAKE_RECORD {
-                return Ok((MeshIo::Plain(tcp), None));
+                return Ok((MeshIo::Plain(tcp), None, None));
             }
         }
         let state = tls.current().ok_or(AcceptError::NoIdentity)?;
@@ -108,9 +116,13 @@ impl Transport {
             .accept(tcp)
             .await?;
         let identity = meshwire_tls::peer_id(stream.get_ref().1.peer_certificates()).map(Arc::from);
-        Ok((MeshIo::Server(Box::new(stream)), identity))
+        Ok((MeshIo::Server(Box::new(stream)), identity, None))
     }
 }
+
+/// An accepted connection: its stream, the peer's SPIFFE ID (mesh TLS), the
+/// client address a trusted proxy stated (PROXY protocol).
+type Accepted = (MeshIo, Option<Arc<str>>, Option<SocketAddr>);
 
 /// HTTP/2 server settings of the data-plane listeners.
 #[derive(Debug, Clone)]
@@ -261,7 +273,7 @@ pub(crate) fn spawn(
                 shutdown.clone(),
             );
             conns.spawn(async move {
-                let (io, identity) = match transport.accept(tcp).await {
+                let (io, identity, source) = match transport.accept(tcp).await {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::debug!(listener = name, %peer, error = %e, "connection refused");
@@ -270,7 +282,11 @@ pub(crate) fn spawn(
                 };
                 let activity = Arc::new(ConnActivity::new());
                 let svc = Tracked {
-                    inner: make.make(&ConnInfo { peer, identity }),
+                    inner: make.make(&ConnInfo {
+                        peer,
+                        identity,
+                        source,
+                    }),
                     activity: activity.clone(),
                 };
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);

@@ -31,7 +31,7 @@ pub async fn dead_addr() -> SocketAddr {
 /// - `/reset/after/<reason>`: response headers and one message, then (once the
 ///   client sends a request message, proving it got them) RST_STREAM,
 /// - anything else: 200 with a JSON body describing the request as received
-///   (`authority`, `path`, `headers`), for checking what the sidecar forwards.
+///   (`authority`, `path`, `query`, `headers`), for checking what the sidecar forwards.
 ///
 /// `<reason>` is `cancel`, `internal` or `refused`.
 pub async fn raw_h2_app() -> (SocketAddr, tokio::task::JoinHandle<()>) {
@@ -79,6 +79,7 @@ pub async fn raw_h2_app() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                             let info = serde_json::json!({
                                 "authority": req.uri().authority().map(|a| a.to_string()),
                                 "path": path,
+                                "query": req.uri().query(),
                                 "version": format!("{:?}", req.version()),
                                 "headers": headers,
                             });
@@ -87,8 +88,10 @@ pub async fn raw_h2_app() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                                 .header("x-app", "raw")
                                 .body(())
                                 .unwrap();
-                            let mut body = respond.send_response(resp, false).unwrap();
-                            let _ = body.send_data(Bytes::from(info.to_string()), true);
+                            // The caller may have reset the stream already.
+                            if let Ok(mut body) = respond.send_response(resp, false) {
+                                let _ = body.send_data(Bytes::from(info.to_string()), true);
+                            }
                         }
                     });
                 }
@@ -120,4 +123,35 @@ pub async fn refusing_h2_app() -> (SocketAddr, std::sync::Arc<std::sync::atomic:
         }
     });
     (addr, seen)
+}
+
+/// A tokio-tungstenite echo server: text and binary frames back, pings
+/// answered, a close echoed with its code.
+pub async fn websocket_echo() -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() || m.is_binary() {
+                        if ws.send(m).await.is_err() {
+                            return;
+                        }
+                    } else if m.is_close() {
+                        // tungstenite has queued the echoed close; flush it.
+                        let _ = ws.flush().await;
+                    }
+                }
+            });
+        }
+    });
+    addr
 }

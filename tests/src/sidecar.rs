@@ -86,6 +86,8 @@ pub struct Addrs {
     pub inbound: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub services: Vec<(String, SocketAddr)>,
+    /// The gateway's public listeners (`--gateway`), in file order.
+    pub gateway: Vec<SocketAddr>,
 }
 
 /// A real `meshwire-sidecar` process; killed on drop if still running.
@@ -165,6 +167,10 @@ fn read_addrs(path: &Path) -> Option<Addrs> {
                     .filter_map(|(k, a)| Some((k.clone(), a.as_str()?.parse().ok()?)))
                     .collect()
             })
+            .unwrap_or_default(),
+        gateway: v["gateway"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|s| s.as_str()?.parse().ok()).collect())
             .unwrap_or_default(),
     })
 }

@@ -151,7 +151,9 @@ impl Outbound {
         self
     }
 
-    async fn handle(
+    /// One call, start to end: route, balance, send; errors become responses.
+    /// `fixed` names the service (per-service ports, the gateway's routes).
+    pub(crate) async fn handle(
         &self,
         req: Request<Incoming>,
         fixed: Option<&str>,
@@ -213,12 +215,16 @@ impl Outbound {
     async fn dispatch(
         &self,
         cluster: &ClusterState,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         shape: CallShape,
         key: hash::CallKey,
         span: Option<AttemptSpan>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let mut req = req.map(RequestBody::Incoming);
+        // The gateway's size limit for a body of unknown length.
+        let mut req = match req.extensions_mut().remove::<crate::body::BodyLimit>() {
+            Some(limit) => req.map(|b| RequestBody::Limited(b, limit)),
+            None => req.map(RequestBody::Incoming),
+        };
         let set = cluster.endpoints.load_full();
         if set.is_empty() {
             return Err(ProxyError::NoEndpoints(cluster.name.to_string()));

@@ -14,6 +14,7 @@ mod control_plane_api;
 mod demo;
 mod envoy_interop;
 mod etcd;
+mod gateway;
 mod grpc_proxyless;
 mod hardening;
 mod hashing;

@@ -1083,37 +1083,6 @@ async fn server_first_tcp_half_close_failover_and_policy() {
 
 // === WebSocket ===
 
-/// A tokio-tungstenite echo server: text and binary frames back, pings
-/// answered, a close echoed with its code.
-async fn websocket_echo() -> SocketAddr {
-    use futures_util::{SinkExt, StreamExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = l.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
-                    return;
-                };
-                while let Some(Ok(m)) = ws.next().await {
-                    if m.is_text() || m.is_binary() {
-                        if ws.send(m).await.is_err() {
-                            return;
-                        }
-                    } else if m.is_close() {
-                        // tungstenite has queued the echoed close; flush it.
-                        let _ = ws.flush().await;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_over_extended_connect_through_the_mtls_pair() {
     use futures_util::{SinkExt, StreamExt};
