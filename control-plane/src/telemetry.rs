@@ -85,6 +85,8 @@ pub struct CpMetrics {
     nodes: Arc<NodeRegistry>,
     connected: Gauge,
     version: Gauge,
+    /// The version of the snapshot the xDS streams serve now.
+    published_version: Gauge,
     published: Counter,
     streams: Counter,
     pushes: Family<TypeLabel, Counter>,
@@ -105,6 +107,7 @@ impl CpMetrics {
         let mut registry = Registry::default();
         let connected = Gauge::default();
         let version = Gauge::default();
+        let published_version = Gauge::default();
         let published = Counter::default();
         let streams = Counter::default();
         let pushes = Family::<TypeLabel, Counter>::default();
@@ -124,6 +127,11 @@ impl CpMetrics {
             "meshwire_cp_config_version",
             "The committed configuration version",
             version.clone(),
+        );
+        registry.register(
+            "meshwire_cp_published_version",
+            "The configuration version the xDS streams serve (trails the committed one by at most the coalescing window)",
+            published_version.clone(),
         );
         registry.register(
             "meshwire_cp_snapshots_published",
@@ -178,6 +186,7 @@ impl CpMetrics {
             nodes,
             connected,
             version,
+            published_version,
             published,
             streams,
             pushes,
@@ -207,6 +216,8 @@ impl CpMetrics {
     /// A snapshot of `version` is about to be published.
     pub fn snapshot_published(&self, version: u64) {
         self.published.inc();
+        self.published_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
         let mut p = lock(&self.published_at);
         if p.len() == PUBLISHED_KEPT {
             p.pop_front();

@@ -50,6 +50,38 @@ pub struct ControlPlaneProcess {
 }
 
 impl ControlPlaneProcess {
+    /// Waits until the xDS streams serve the committed version (snapshots are
+    /// published coalesced), so a sidecar started now gets every change
+    /// made so far in its first push.
+    pub async fn published(&self) {
+        let admin = self.admin;
+        crate::wait::eventually(
+            "the last change is published",
+            Duration::from_secs(10),
+            || async move {
+                let Ok((_, _, body)) = crate::clients::http1_get(admin, "cp", "/metrics").await
+                else {
+                    return false;
+                };
+                let text = String::from_utf8_lossy(&body);
+                let gauge = |name: &str| {
+                    text.lines().find_map(|l| {
+                        l.strip_prefix(name)?
+                            .strip_prefix(' ')?
+                            .trim()
+                            .parse::<u64>()
+                            .ok()
+                    })
+                };
+                matches!(
+                    (gauge("meshwire_cp_config_version"), gauge("meshwire_cp_published_version")),
+                    (Some(c), Some(p)) if p >= c
+                )
+            },
+        )
+        .await;
+    }
+
     /// Starts `meshwire-control-plane` on `127.0.0.1:0` with `data_dir`.
     pub async fn spawn(data_dir: &Path) -> Self {
         Self::spawn_with(data_dir, None, &[]).await

@@ -307,6 +307,9 @@ async fn a_service_one_sidecar_refuses_blocks_neither_its_start_nor_other_servic
         )
         .await;
     }
+    // Its first push must hold all three endpoints, or "big" would be
+    // accepted with two and refused later (keeping the last good version).
+    cp.published().await;
 
     let url = cp.url();
     let sc = SidecarProcess::spawn(
