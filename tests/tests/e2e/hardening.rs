@@ -864,3 +864,108 @@ async fn a_client_cancelling_most_of_its_calls_is_sent_away() {
     let (status, _) = raw_grpc_call(inbound, "/meshwire.example.v1.Echo/Echo", &[]).await;
     assert_eq!(status, "0");
 }
+
+// === defect 11: ACKs of older responses ===
+
+/// A node that ACKs a response after a newer one was pushed (pushes
+/// outpacing it): the control plane's status shows that ACKed version, then
+/// the newer one, and never goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_acks_of_older_responses() {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    const CDS: &str = meshwire_xds::resources::CLUSTER;
+
+    let data = data_dir();
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
+    let mut admin = cp.client().await;
+    api::create_service(&mut admin, "one").await;
+    let mut ads = AggregatedDiscoveryServiceClient::connect(cp.url())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let request = |version: &str, nonce: &str| DiscoveryRequest {
+        node: Some(Node {
+            id: "slow-acker".into(),
+            cluster: "edge".into(),
+            ..Default::default()
+        }),
+        type_url: CDS.into(),
+        version_info: version.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    };
+    tx.send(request("", "")).await.unwrap();
+    let mut responses = ads
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(10), responses.message())
+            .await
+            .expect("a CDS response within 10 s")
+            .unwrap()
+            .expect("a response")
+    };
+    let first = next().await;
+    // A change pushed before the node answers the first response.
+    api::create_service(&mut admin, "two").await;
+    let second = next().await;
+    assert_ne!(first.nonce, second.nonce);
+
+    let acked = || {
+        let mut admin = admin.clone();
+        async move {
+            let status = admin
+                .status(pb::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            status
+                .nodes
+                .iter()
+                .find(|n| n.node_id == "slow-acker")
+                .and_then(|n| n.acked.get(CDS).cloned())
+        }
+    };
+    tx.send(request(&first.version_info, &first.nonce))
+        .await
+        .unwrap();
+    eventually("the older ACK to show", Duration::from_secs(10), || async {
+        acked().await.as_deref() == Some(first.version_info.as_str())
+    })
+    .await;
+    tx.send(request(&second.version_info, &second.nonce))
+        .await
+        .unwrap();
+    eventually("the newer ACK to show", Duration::from_secs(10), || async {
+        acked().await.as_deref() == Some(second.version_info.as_str())
+    })
+    .await;
+    // A late duplicate of the older ACK changes nothing; the next request
+    // (a NACK of the newest response) is taken after it, in order.
+    tx.send(request(&first.version_info, &first.nonce))
+        .await
+        .unwrap();
+    let mut nack = request(&first.version_info, &second.nonce);
+    nack.error_detail = Some(Default::default());
+    tx.send(nack).await.unwrap();
+    eventually("the NACK to show", Duration::from_secs(10), || {
+        let mut admin = admin.clone();
+        async move {
+            let status = admin
+                .status(pb::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            status
+                .nodes
+                .iter()
+                .any(|n| n.node_id == "slow-acker" && n.last_nack.is_some())
+        }
+    })
+    .await;
+    assert_eq!(acked().await.as_deref(), Some(second.version_info.as_str()));
+}
