@@ -231,11 +231,11 @@ impl Sidecar {
         let routes = Arc::new(
             Routes::new(mesh_connector, client.clone()).with_max_endpoints(cfg.max_endpoints),
         );
-        let local = cfg
+        let local_service = cfg
             .service
             .clone()
-            .or_else(|| cfg.control_plane.as_ref().map(|cp| cp.service.clone()))
-            .map(|svc| (svc, authz.clone()));
+            .or_else(|| cfg.control_plane.as_ref().map(|cp| cp.service.clone()));
+        let local = local_service.clone().map(|svc| (svc, authz.clone()));
         let applier = Arc::new(Applier::new(routes.clone(), local));
         if cfg.control_plane.is_some() && !cfg.clusters.is_empty() {
             return Err(StartError::StaticAndControlPlane);
@@ -300,6 +300,7 @@ impl Sidecar {
             tokio::spawn(identity::client::run(
                 icfg.clone(),
                 tls.clone(),
+                local_service.clone(),
                 shutdown.clone(),
             ));
         }

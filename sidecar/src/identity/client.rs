@@ -55,6 +55,10 @@ pub enum IdentityClientError {
     Rpc { code: tonic::Code, message: String },
     #[error("{0}")]
     Identity(#[from] IdentityError),
+    #[error(
+        "the join token is for {issued}, but this sidecar runs --service {service}: create a token with `meshctl token create --service {service}` (the certificate is not used)"
+    )]
+    WrongService { issued: String, service: String },
 }
 
 impl From<tonic::Status> for IdentityClientError {
@@ -72,6 +76,7 @@ impl IdentityClientError {
         matches!(
             self,
             IdentityClientError::Address(..)
+                | IdentityClientError::WrongService { .. }
                 | IdentityClientError::Rpc {
                     code: tonic::Code::Unauthenticated
                         | tonic::Code::InvalidArgument
@@ -118,8 +123,13 @@ fn install(
     )
 }
 
-/// The first certificate, for the join token.
-pub async fn issue(cfg: &IdentityClientConfig, tls: &MeshTls) -> Result<(), IdentityClientError> {
+/// The first certificate, for the join token; refused unless it is for
+/// `service` (when given: the sidecar's `--service`).
+pub async fn issue(
+    cfg: &IdentityClientConfig,
+    tls: &MeshTls,
+    service: Option<&str>,
+) -> Result<(), IdentityClientError> {
     let config = match &cfg.bootstrap {
         Bootstrap::Bundle(b) => meshwire_tls::client_config(None, b)?,
         Bootstrap::Fingerprint(fp) => meshwire_tls::pinned_client_config(fp)?,
@@ -137,18 +147,32 @@ pub async fn issue(cfg: &IdentityClientConfig, tls: &MeshTls) -> Result<(), Iden
         })
         .await?
         .into_inner();
+    if let Some(service) = service
+        && !cert.spiffe_id.ends_with(&format!("/sa/{service}"))
+    {
+        return Err(IdentityClientError::WrongService {
+            issued: cert.spiffe_id,
+            service: service.to_owned(),
+        });
+    }
     install(tls, key, cert)?;
     Ok(())
 }
 
-/// Gets the first certificate (retrying while it makes sense), then keeps it
-/// renewed and the trust bundle current until `shutdown`.
-pub async fn run(cfg: IdentityClientConfig, tls: Arc<MeshTls>, shutdown: CancellationToken) {
+/// Gets the first certificate (retrying while it makes sense; one for
+/// another service than `service` is refused), then keeps it renewed and the
+/// trust bundle current until `shutdown`.
+pub async fn run(
+    cfg: IdentityClientConfig,
+    tls: Arc<MeshTls>,
+    service: Option<String>,
+    shutdown: CancellationToken,
+) {
     let mut failures = 0u32;
     loop {
         let r = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = issue(&cfg, &tls) => r,
+            r = issue(&cfg, &tls, service.as_deref()) => r,
         };
         match r {
             Ok(()) => break,

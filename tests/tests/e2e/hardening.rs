@@ -969,3 +969,109 @@ async fn status_shows_acks_of_older_responses() {
     .await;
     assert_eq!(acked().await.as_deref(), Some(second.version_info.as_str()));
 }
+
+// === defect 16: meshctl input ===
+
+/// `--request-timeout 999999999h` is refused, naming the field and the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_request_timeout_is_refused() {
+    let data = data_dir();
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
+    let (url, dir) = (cp.url(), data.path().to_owned());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(meshwire_tests::bins::MESHCTL.path())
+            .args(["--server", &url, "--data-dir"])
+            .arg(&dir)
+            .args([
+                "service",
+                "create",
+                "echo",
+                "--request-timeout",
+                "999999999h",
+            ])
+            .env_remove("MESHWIRE_ADMIN_TOKEN")
+            .env_remove("MESHCTL_SERVER")
+            .output()
+            .expect("run meshctl")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("INVALID_ARGUMENT: service.request_timeout: must be at most 24h"),
+        "{stderr}"
+    );
+    let mut admin = cp.client().await;
+    let list = admin
+        .list_services(pb::ListServicesRequest {})
+        .await
+        .unwrap();
+    assert!(list.into_inner().services.is_empty(), "nothing committed");
+}
+
+/// A sidecar started with `--service interop` and a join token for `echo`
+/// refuses the certificate, says why, and never becomes ready as `sa/echo`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_for_another_service_is_refused() {
+    let data = data_dir();
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
+    let mut admin = cp.client().await;
+    api::create_service(&mut admin, "echo").await;
+    api::create_service(&mut admin, "interop").await;
+    let token = admin
+        .create_join_token(pb::CreateJoinTokenRequest {
+            service: "echo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let bundle = data.path().join("bundle.pem");
+    let ca = admin
+        .get_ca(pb::GetCaRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    std::fs::write(&bundle, ca.trust_bundle_pem).unwrap();
+    let tls = cp.tls_url();
+    let sc = SidecarProcess::spawn(
+        &[
+            "--control-plane",
+            &tls,
+            "--service",
+            "interop",
+            "--join-token",
+            &token,
+            "--trust-bundle",
+            bundle.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    eventually(
+        "the refusal to be logged",
+        Duration::from_secs(15),
+        || async { sc.log().contains("the join token is for spiffe://") },
+    )
+    .await;
+    assert!(
+        sc.log()
+            .contains("/sa/echo, but this sidecar runs --service interop"),
+        "{}",
+        tail(&sc.log())
+    );
+    let (status, _, _) = http1_get(sc.addrs.admin, "localhost", "/ready")
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "not ready");
+    let certs: serde_json::Value = serde_json::from_slice(
+        &http1_get(sc.addrs.admin, "localhost", "/certs")
+            .await
+            .unwrap()
+            .2,
+    )
+    .unwrap();
+    assert!(certs["spiffe_id"].is_null(), "{certs}");
+}
