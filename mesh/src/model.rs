@@ -23,6 +23,10 @@ pub const MAX_ENDPOINTS: usize = 10_000;
 /// `balance` module for what it does).
 pub const DEFAULT_ACTIVE_REQUEST_BIAS: f64 = 2.0;
 
+/// Longest `request_timeout` a service may have: a bound, not a typo's
+/// 999999999h (omit it for none).
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// Why a cluster or endpoint was rejected; `field` names the offending field
 /// as a path (e.g. `endpoints[2].weight`).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -300,6 +304,15 @@ impl Cluster {
             return Err(ModelError::new(
                 "request_timeout",
                 "must be greater than zero (omit it for no timeout)",
+            ));
+        }
+        if self
+            .request_timeout
+            .is_some_and(|t| t > MAX_REQUEST_TIMEOUT)
+        {
+            return Err(ModelError::new(
+                "request_timeout",
+                "must be at most 24h (omit it for no timeout)",
             ));
         }
         if let LbPolicy::LeastRequest {

@@ -85,7 +85,8 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
 /// Parses `grpc-timeout` (`1*8DIGIT` followed by a unit `H M S m u n`);
 /// `None` for anything else (a sign, more digits, another unit), which the
 /// caller refuses as gRPC servers do (`proxy::call_timeout`).
-pub(crate) fn parse_timeout(v: &HeaderValue) -> Option<Duration> {
+#[doc(hidden)]
+pub fn parse_timeout(v: &HeaderValue) -> Option<Duration> {
     let b = v.as_bytes();
     if b.len() < 2 || b.len() > 9 {
         return None;
@@ -111,7 +112,8 @@ pub(crate) fn parse_timeout(v: &HeaderValue) -> Option<Duration> {
 
 /// Encodes a timeout in the finest unit that fits in 8 digits, formatted in
 /// a stack buffer (this runs once per call with a deadline).
-pub(crate) fn encode_timeout(d: Duration) -> HeaderValue {
+#[doc(hidden)]
+pub fn encode_timeout(d: Duration) -> HeaderValue {
     const MAX: u128 = 99_999_999;
     let nanos = d.as_nanos();
     let (value, unit) = if nanos <= MAX {

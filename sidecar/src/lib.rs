@@ -279,11 +279,11 @@ impl Sidecar {
                 .with_max_requests(cfg.max_requests_per_service)
                 .with_slow_start(cfg.slow_start),
         );
-        let local = cfg
+        let local_service = cfg
             .service
             .clone()
-            .or_else(|| cfg.control_plane.as_ref().map(|cp| cp.service.clone()))
-            .map(|svc| (svc, authz.clone()));
+            .or_else(|| cfg.control_plane.as_ref().map(|cp| cp.service.clone()));
+        let local = local_service.clone().map(|svc| (svc, authz.clone()));
         let applier = Arc::new(Applier::new(routes.clone(), local));
         if cfg.control_plane.is_some() && !cfg.clusters.is_empty() {
             return Err(StartError::StaticAndControlPlane);
@@ -366,6 +366,7 @@ impl Sidecar {
             tokio::spawn(identity::client::run(
                 icfg.clone(),
                 tls.clone(),
+                local_service.clone(),
                 shutdown.clone(),
             ));
         }

@@ -112,20 +112,21 @@ pub(crate) const ENVOY_TCP_LISTENER_PREFIX: &str = "meshwire_tcp_";
 /// Why a resource could not be decoded or is invalid.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ResourceError {
-    #[error("{kind} {name:?}: cannot decode: {reason}")]
+    // The name is quoted bounded (`grpc::shown`): NACKs echo it.
+    #[error("{kind} {}: cannot decode: {reason}", meshwire_mesh::grpc::shown(name))]
     Decode {
         kind: &'static str,
         name: String,
         reason: String,
     },
-    #[error("{kind} {name:?}: {field}: {reason}")]
+    #[error("{kind} {}: {field}: {reason}", meshwire_mesh::grpc::shown(name))]
     Invalid {
         kind: &'static str,
         name: String,
         field: String,
         reason: String,
     },
-    #[error("unexpected type {got}, want {want}")]
+    #[error("unexpected type {}, want {want}", meshwire_mesh::grpc::shown(got))]
     WrongType { got: String, want: &'static str },
 }
 
@@ -1005,6 +1006,47 @@ mod tests {
             }],
         });
         c
+    }
+
+    /// The fuzz seeds (`fuzz/corpus/xds_resources/`, first byte: 0 a
+    /// Cluster, 1 a CLA) must decode; `--ignored` writes them anew.
+    #[test]
+    fn fuzz_seeds_decode() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/xds_resources");
+        let mut hashed = cluster();
+        hashed.lb = LbPolicy::RingHash(HashLb {
+            balance_factor: Some(1.25),
+        });
+        hashed.hash_policy = vec![HashSource::Header("x-user".into()), HashSource::SourceIp];
+        let seeds = [
+            ("cluster", [0u8], encode_cluster(&cluster()).encode_to_vec()),
+            ("cluster-hash", [0], encode_cluster(&hashed).encode_to_vec()),
+            ("cla", [1], encode_cla(&cluster()).encode_to_vec()),
+        ];
+        for (name, kind, bytes) in seeds {
+            let path = dir.join(name);
+            let data = [&kind[..], &bytes].concat();
+            if std::env::var_os("WRITE_FUZZ_SEEDS").is_some() {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &data).unwrap();
+            }
+            let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let value = stored[1..].to_vec();
+            if stored[0] == 0 {
+                decode_cluster(&Any {
+                    type_url: CLUSTER.into(),
+                    value,
+                })
+                .unwrap();
+            } else {
+                decode_cla(&Any {
+                    type_url: ENDPOINT.into(),
+                    value,
+                })
+                .unwrap();
+            }
+        }
     }
 
     #[test]

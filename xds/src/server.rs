@@ -346,14 +346,35 @@ trait Variant: Send + 'static {
     fn response(u: Self::Update, type_url: &str, version: &str, nonce: &str) -> Self::Response;
 }
 
+/// Responses per type whose version an ACK for an older nonce still names.
+const RECENT_NONCES: usize = 16;
+
 /// One subscribed type of one stream.
 #[derive(Debug, Default)]
 struct Sub<S> {
     interest: Interest,
-    /// The nonce of the last response; only a reply to it is an ACK or NACK.
+    /// The nonce of the last response; only a reply to it is a NACK.
     nonce: String,
     sent_version: String,
+    /// The last responses' nonces and versions, oldest first (bounded).
+    recent: std::collections::VecDeque<(String, String)>,
+    /// The newest version ACKed on this stream.
+    acked: Option<u64>,
     sent: S,
+}
+
+impl<S> Sub<S> {
+    /// Records an ACK of the response `nonce`, if it is one of the recent
+    /// ones and newer than what was ACKed; returns its version then.
+    fn ack(&mut self, nonce: &str) -> Option<String> {
+        let (_, version) = self.recent.iter().find(|(n, _)| n == nonce)?;
+        let v = version.parse::<u64>().ok()?;
+        if self.acked.is_some_and(|a| a >= v) {
+            return None;
+        }
+        self.acked = Some(v);
+        Some(version.clone())
+    }
 }
 
 struct AdsStream<V: Variant> {
@@ -436,21 +457,28 @@ impl<V: Variant> AdsStream<V> {
         let first = !self.subs.contains_key(&type_url);
         let sub = self.subs.entry(type_url.clone()).or_default();
         if !head.response_nonce.is_empty() {
-            if head.response_nonce != sub.nonce {
-                // A reply to an older response; a newer one is in flight.
-                return Ok(());
-            }
+            let current = head.response_nonce == sub.nonce;
             match head.error {
-                Some(error) => {
+                Some(error) if current => {
                     tracing::warn!(stream = self.id, type_url = %type_url, version = %sub.sent_version, error = %error, "NACK");
                     self.server
                         .observer
                         .nacked(self.id, &type_url, &sub.sent_version, error);
                 }
-                None => self
-                    .server
-                    .observer
-                    .acked(self.id, &type_url, &sub.sent_version),
+                // A NACK of an older response: a newer one is in flight.
+                Some(_) => {}
+                // An ACK of an older response still says the client applied
+                // that version: recorded, so status shows progress while
+                // pushes follow each other faster than the client answers.
+                None => {
+                    if let Some(version) = sub.ack(head.response_nonce) {
+                        self.server.observer.acked(self.id, &type_url, &version);
+                    }
+                }
+            }
+            if !current {
+                // Its subscription changes are stale too (the xDS protocol).
+                return Ok(());
             }
         }
         match V::subscribe(sub, &type_url, first, r) {
@@ -479,6 +507,11 @@ impl<V: Variant> AdsStream<V> {
         sub.nonce = self.nonce.to_string();
         sub.sent_version = snap.version.to_string();
         tracing::debug!(stream = self.id, type_url, version = %sub.sent_version, nonce = %sub.nonce, force, "push");
+        if sub.recent.len() == RECENT_NONCES {
+            sub.recent.pop_front();
+        }
+        sub.recent
+            .push_back((sub.nonce.clone(), sub.sent_version.clone()));
         let resp = V::response(update, type_url, &sub.sent_version, &sub.nonce);
         self.server
             .observer
@@ -721,5 +754,23 @@ impl AggregatedDiscoveryService for AdsServer {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(AdsStream::<Delta>::new(self, tx).run(req.into_inner()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_of_older_responses_count_and_never_go_back() {
+        let mut sub = Sub::<()>::default();
+        for (nonce, version) in [("1", "5"), ("2", "6"), ("3", "7")] {
+            sub.recent.push_back((nonce.into(), version.into()));
+        }
+        sub.nonce = "3".into();
+        assert_eq!(sub.ack("1").as_deref(), Some("5"), "stale, still applied");
+        assert_eq!(sub.ack("3").as_deref(), Some("7"));
+        assert_eq!(sub.ack("2"), None, "never back to an older version");
+        assert_eq!(sub.ack("9"), None, "unknown nonce");
     }
 }

@@ -57,6 +57,10 @@ pub enum IdentityClientError {
     Rpc { code: tonic::Code, message: String },
     #[error("{0}")]
     Identity(#[from] IdentityError),
+    #[error(
+        "the join token is for {issued}, but this sidecar runs --service {service}: create a token with `meshctl token create --service {service}` (the certificate is not used)"
+    )]
+    WrongService { issued: String, service: String },
 }
 
 impl From<tonic::Status> for IdentityClientError {
@@ -74,6 +78,7 @@ impl IdentityClientError {
         matches!(
             self,
             IdentityClientError::Address(..)
+                | IdentityClientError::WrongService { .. }
                 | IdentityClientError::Rpc {
                     code: tonic::Code::Unauthenticated
                         | tonic::Code::InvalidArgument
@@ -132,11 +137,16 @@ fn install(
 }
 
 /// The first certificate, for the join token: from the first replica that
-/// answers (a refused token is not offered to the others).
-pub async fn issue(cfg: &IdentityClientConfig, tls: &MeshTls) -> Result<(), IdentityClientError> {
+/// answers (a refused token is not offered to the others); refused unless it
+/// is for `service` (when given: the sidecar's `--service`).
+pub async fn issue(
+    cfg: &IdentityClientConfig,
+    tls: &MeshTls,
+    service: Option<&str>,
+) -> Result<(), IdentityClientError> {
     let mut last = IdentityClientError::Address(cfg.server.clone(), "no URL".into());
     for server in cfg.servers() {
-        match issue_from(cfg, server, tls).await {
+        match issue_from(cfg, server, tls, service).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_permanent() => return Err(e),
             Err(e) => {
@@ -152,6 +162,7 @@ async fn issue_from(
     cfg: &IdentityClientConfig,
     server: &str,
     tls: &MeshTls,
+    service: Option<&str>,
 ) -> Result<(), IdentityClientError> {
     let config = match &cfg.bootstrap {
         Bootstrap::Bundle(b) => meshwire_tls::client_config(None, b)?,
@@ -170,18 +181,32 @@ async fn issue_from(
         })
         .await?
         .into_inner();
+    if let Some(service) = service
+        && !cert.spiffe_id.ends_with(&format!("/sa/{service}"))
+    {
+        return Err(IdentityClientError::WrongService {
+            issued: cert.spiffe_id,
+            service: service.to_owned(),
+        });
+    }
     install(tls, key, cert)?;
     Ok(())
 }
 
-/// Gets the first certificate (retrying while it makes sense), then keeps it
-/// renewed and the trust bundle current until `shutdown`.
-pub async fn run(cfg: IdentityClientConfig, tls: Arc<MeshTls>, shutdown: CancellationToken) {
+/// Gets the first certificate (retrying while it makes sense; one for
+/// another service than `service` is refused), then keeps it renewed and the
+/// trust bundle current until `shutdown`.
+pub async fn run(
+    cfg: IdentityClientConfig,
+    tls: Arc<MeshTls>,
+    service: Option<String>,
+    shutdown: CancellationToken,
+) {
     let mut failures = 0u32;
     loop {
         let r = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = issue(&cfg, &tls) => r,
+            r = issue(&cfg, &tls, service.as_deref()) => r,
         };
         match r {
             Ok(()) => break,

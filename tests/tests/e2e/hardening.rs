@@ -867,3 +867,214 @@ async fn a_client_cancelling_most_of_its_calls_is_sent_away() {
     let (status, _) = raw_grpc_call(inbound, "/meshwire.example.v1.Echo/Echo", &[]).await;
     assert_eq!(status, "0");
 }
+
+// === defect 11: ACKs of older responses ===
+
+/// A node that ACKs a response after a newer one was pushed (pushes
+/// outpacing it): the control plane's status shows that ACKed version, then
+/// the newer one, and never goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_acks_of_older_responses() {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    const CDS: &str = meshwire_xds::resources::CLUSTER;
+
+    let data = data_dir();
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
+    let mut admin = cp.client().await;
+    api::create_service(&mut admin, "one").await;
+    let mut ads = AggregatedDiscoveryServiceClient::connect(cp.url())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let request = |version: &str, nonce: &str| DiscoveryRequest {
+        node: Some(Node {
+            id: "slow-acker".into(),
+            cluster: "edge".into(),
+            ..Default::default()
+        }),
+        type_url: CDS.into(),
+        version_info: version.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    };
+    tx.send(request("", "")).await.unwrap();
+    let mut responses = ads
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(10), responses.message())
+            .await
+            .expect("a CDS response within 10 s")
+            .unwrap()
+            .expect("a response")
+    };
+    let first = next().await;
+    // A change pushed before the node answers the first response.
+    api::create_service(&mut admin, "two").await;
+    let second = next().await;
+    assert_ne!(first.nonce, second.nonce);
+
+    let acked = || {
+        let mut admin = admin.clone();
+        async move {
+            let status = admin
+                .status(pb::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            status
+                .nodes
+                .iter()
+                .find(|n| n.node_id == "slow-acker")
+                .and_then(|n| n.acked.get(CDS).cloned())
+        }
+    };
+    tx.send(request(&first.version_info, &first.nonce))
+        .await
+        .unwrap();
+    eventually("the older ACK to show", Duration::from_secs(10), || async {
+        acked().await.as_deref() == Some(first.version_info.as_str())
+    })
+    .await;
+    tx.send(request(&second.version_info, &second.nonce))
+        .await
+        .unwrap();
+    eventually("the newer ACK to show", Duration::from_secs(10), || async {
+        acked().await.as_deref() == Some(second.version_info.as_str())
+    })
+    .await;
+    // A late duplicate of the older ACK changes nothing; the next request
+    // (a NACK of the newest response) is taken after it, in order.
+    tx.send(request(&first.version_info, &first.nonce))
+        .await
+        .unwrap();
+    let mut nack = request(&first.version_info, &second.nonce);
+    nack.error_detail = Some(Default::default());
+    tx.send(nack).await.unwrap();
+    eventually("the NACK to show", Duration::from_secs(10), || {
+        let mut admin = admin.clone();
+        async move {
+            let status = admin
+                .status(pb::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            status
+                .nodes
+                .iter()
+                .any(|n| n.node_id == "slow-acker" && n.last_nack.is_some())
+        }
+    })
+    .await;
+    assert_eq!(acked().await.as_deref(), Some(second.version_info.as_str()));
+}
+
+// === defect 16: meshctl input ===
+
+/// `--request-timeout 999999999h` is refused, naming the field and the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_request_timeout_is_refused() {
+    let data = data_dir();
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
+    let (url, dir) = (cp.url(), data.path().to_owned());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(meshwire_tests::bins::MESHCTL.path())
+            .args(["--server", &url, "--data-dir"])
+            .arg(&dir)
+            .args([
+                "service",
+                "create",
+                "echo",
+                "--request-timeout",
+                "999999999h",
+            ])
+            .env_remove("MESHWIRE_ADMIN_TOKEN")
+            .env_remove("MESHCTL_SERVER")
+            .output()
+            .expect("run meshctl")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("INVALID_ARGUMENT: service.request_timeout: must be at most 24h"),
+        "{stderr}"
+    );
+    let mut admin = cp.client().await;
+    let list = admin
+        .list_services(pb::ListServicesRequest {})
+        .await
+        .unwrap();
+    assert!(list.into_inner().services.is_empty(), "nothing committed");
+}
+
+/// A sidecar started with `--service interop` and a join token for `echo`
+/// refuses the certificate, says why, and never becomes ready as `sa/echo`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_for_another_service_is_refused() {
+    let data = data_dir();
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
+    let mut admin = cp.client().await;
+    api::create_service(&mut admin, "echo").await;
+    api::create_service(&mut admin, "interop").await;
+    let token = admin
+        .create_join_token(pb::CreateJoinTokenRequest {
+            service: "echo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let bundle = data.path().join("bundle.pem");
+    let ca = admin
+        .get_ca(pb::GetCaRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    std::fs::write(&bundle, ca.trust_bundle_pem).unwrap();
+    let tls = cp.tls_url();
+    let sc = SidecarProcess::spawn(
+        &[
+            "--control-plane",
+            &tls,
+            "--service",
+            "interop",
+            "--join-token",
+            &token,
+            "--trust-bundle",
+            bundle.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    eventually(
+        "the refusal to be logged",
+        Duration::from_secs(15),
+        || async { sc.log().contains("the join token is for spiffe://") },
+    )
+    .await;
+    assert!(
+        sc.log()
+            .contains("/sa/echo, but this sidecar runs --service interop"),
+        "{}",
+        tail(&sc.log())
+    );
+    let (status, _, _) = http1_get(sc.addrs.admin, "localhost", "/ready")
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "not ready");
+    let certs: serde_json::Value = serde_json::from_slice(
+        &http1_get(sc.addrs.admin, "localhost", "/certs")
+            .await
+            .unwrap()
+            .2,
+    )
+    .unwrap();
+    assert!(certs["spiffe_id"].is_null(), "{certs}");
+}
