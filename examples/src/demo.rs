@@ -170,8 +170,78 @@ struct Instance {
     delay: Duration,
     /// Its sidecar's inbound listener: the endpoint address in the mesh.
     address: SocketAddr,
-    app: EchoHandle,
+    /// `None` while killed (`kill NAME` on stdin).
+    app: Option<EchoHandle>,
+    /// Where the app listens (it comes back there on `heal NAME`).
+    app_addr: SocketAddr,
     sidecar: Sidecar,
+}
+
+/// A fault typed on the demo's standard input, to break an instance live
+/// and watch the mesh route around it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// Its app says NOT_SERVING on grpc.health.v1 (its sidecar stops taking calls).
+    Fail(String),
+    /// Its app stops at once: connections dropped, port closed.
+    Kill(String),
+    /// Serving again (restarted on its port if it was killed).
+    Heal(String),
+}
+
+impl Fault {
+    pub(crate) fn parse(line: &str) -> Result<Fault, String> {
+        let mut words = line.split_whitespace();
+        let (Some(verb), Some(name), None) = (words.next(), words.next(), words.next()) else {
+            return Err(format!(
+                "{line:?}: type `fail NAME`, `kill NAME` or `heal NAME`"
+            ));
+        };
+        let name = name.to_owned();
+        match verb {
+            "fail" => Ok(Fault::Fail(name)),
+            "kill" => Ok(Fault::Kill(name)),
+            "heal" => Ok(Fault::Heal(name)),
+            _ => Err(format!(
+                "{verb:?}: type `fail NAME`, `kill NAME` or `heal NAME`"
+            )),
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Fault::Fail(n) | Fault::Kill(n) | Fault::Heal(n) => n,
+        }
+    }
+
+    fn verb(&self) -> &'static str {
+        match self {
+            Fault::Fail(_) => "fail",
+            Fault::Kill(_) => "kill",
+            Fault::Heal(_) => "heal",
+        }
+    }
+}
+
+/// Lines typed on stdin, as they come (bounded: typing is slow). Read on a
+/// thread of its own, not the runtime's blocking pool: a read that never
+/// returns must not hold up the runtime's shutdown on Ctrl-C.
+fn read_faults() -> tokio::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let spawned = std::thread::Builder::new()
+        .name("demo-stdin".into())
+        .spawn(move || {
+            for l in std::io::stdin().lock().lines().map_while(Result::ok) {
+                if !l.trim().is_empty() && tx.blocking_send(l).is_err() {
+                    break;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot read faults from stdin");
+    }
+    rx
 }
 
 struct Mesh {
@@ -359,7 +429,8 @@ async fn start_mesh(args: &Args) -> Result<Mesh, DemoError> {
             name,
             delay,
             address,
-            app,
+            app_addr: app.addr,
+            app: Some(app),
             sidecar,
         });
     }
@@ -400,6 +471,62 @@ async fn start_mesh(args: &Args) -> Result<Mesh, DemoError> {
 }
 
 impl Mesh {
+    /// Breaks or mends an instance; what happened, for the output.
+    async fn apply(&mut self, fault: &Fault) -> Result<String, String> {
+        let Some(i) = self.instances.iter_mut().find(|i| i.name == fault.name()) else {
+            let names: Vec<&str> = self.instances.iter().map(|i| i.name.as_str()).collect();
+            return Err(format!(
+                "no instance {:?} (there are {})",
+                fault.name(),
+                names.join(", ")
+            ));
+        };
+        match fault {
+            Fault::Fail(_) => match &i.app {
+                Some(app) => {
+                    app.set_serving(false).await;
+                    Ok(format!(
+                        "{} says NOT_SERVING: its sidecar refuses new calls, callers go elsewhere",
+                        i.name
+                    ))
+                }
+                None => Err(format!("{} is killed; `heal {}` first", i.name, i.name)),
+            },
+            Fault::Kill(_) => match i.app.take() {
+                Some(app) => {
+                    app.abort();
+                    Ok(format!(
+                        "{} killed: its port is closed, its sidecar refuses new calls",
+                        i.name
+                    ))
+                }
+                None => Err(format!("{} is already killed", i.name)),
+            },
+            Fault::Heal(_) => match &i.app {
+                Some(app) => {
+                    app.set_serving(true).await;
+                    Ok(format!("{} serving again", i.name))
+                }
+                None => {
+                    let l = tokio::net::TcpListener::bind(i.app_addr)
+                        .await
+                        .map_err(|e| {
+                            format!("{} cannot listen on {} again: {e}", i.name, i.app_addr)
+                        })?;
+                    i.app = Some(echo::serve_with(
+                        l,
+                        &i.name,
+                        EchoOptions {
+                            delay: i.delay,
+                            ..Default::default()
+                        },
+                    ));
+                    Ok(format!("{} restarted on {}", i.name, i.app_addr))
+                }
+            },
+        }
+    }
+
     async fn stop(self) {
         self.client.shutdown();
         for i in &self.instances {
@@ -410,7 +537,9 @@ impl Mesh {
             i.sidecar.wait().await;
         }
         for i in self.instances {
-            i.app.stop().await;
+            if let Some(app) = i.app {
+                app.stop().await;
+            }
         }
         if let Err(e) = self.cp.stop().await {
             tracing::warn!(error = %e, "control plane stopped with an error");
@@ -823,6 +952,11 @@ fn intro(mesh: &Mesh, args: &Args) -> String {
         s.push_str(&format!("  {ctl} {cmd}\n      # {why}\n"));
     }
     s.push_str(&format!(
+        "\nBreak an instance live: type `fail {n}` (NOT_SERVING), `kill {n}` (the app stops) or \
+         `heal {n}` here, then Enter;\nthe mesh routes around it and the load sees no failed call.\n",
+        n = fast.name
+    ));
+    s.push_str(&format!(
         "  curl -s http://{}/clusters     # what the client sidecar's balancer sees\n",
         mesh.client.admin_addr
     ));
@@ -856,7 +990,8 @@ async fn run(args: Args) -> Result<(), DemoError> {
     let mut int = signal(SignalKind::interrupt()).map_err(DemoError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(DemoError::Signals)?;
 
-    let mesh = start_mesh(&args).await?;
+    let mut mesh = start_mesh(&args).await?;
+    let mut faults = read_faults();
     let last_change = Arc::new(Mutex::new(None::<Change>));
     let watcher = watch_changes(&mesh, last_change.clone());
     let channel = crate::load::channel(&mesh.client.outbound_addr.to_string(), SERVICE)?;
@@ -903,6 +1038,29 @@ async fn run(args: Args) -> Result<(), DemoError> {
             _ = tick.tick() => {}
             _ = int.recv() => break,
             _ = term.recv() => break,
+            Some(line) = faults.recv() => {
+                let fault = Fault::parse(&line);
+                let result = match &fault {
+                    Ok(f) => mesh.apply(f).await,
+                    Err(e) => Err(e.clone()),
+                };
+                match args.format {
+                    Format::Text => match &result {
+                        Ok(what) => println!("fault: {what}"),
+                        Err(e) => println!("fault not applied: {e}"),
+                    },
+                    Format::Json => println!(
+                        "{}",
+                        serde_json::json!({
+                            "fault": fault.as_ref().map(Fault::verb).ok(),
+                            "instance": fault.as_ref().map(Fault::name).ok(),
+                            "ok": result.is_ok(),
+                            "message": result.unwrap_or_else(|e| e),
+                        })
+                    ),
+                }
+                continue;
+            }
         }
         let report = load.take_window();
         let views = endpoint_view(&mesh.client);

@@ -18,6 +18,8 @@ use meshwire_tests::bins::MESHCTL;
 struct Demo {
     child: Child,
     lines: mpsc::Receiver<String>,
+    /// Its standard input: faults typed as a user would (`kill echo-1`).
+    stdin: std::process::ChildStdin,
 }
 
 impl Demo {
@@ -38,12 +40,13 @@ impl Demo {
                 "8",
             ])
             .args(extra)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn the demo");
         let out = child.stdout.take().expect("piped stdout");
+        let stdin = child.stdin.take().expect("piped stdin");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for l in BufReader::new(out).lines().map_while(Result::ok) {
@@ -52,7 +55,24 @@ impl Demo {
                 }
             }
         });
-        Demo { child, lines }
+        Demo {
+            child,
+            lines,
+            stdin,
+        }
+    }
+
+    /// Types `line` on its standard input and returns its answer to it.
+    fn type_line(&mut self, line: &str) -> Value {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").expect("write to the demo's stdin");
+        self.stdin.flush().expect("flush");
+        loop {
+            let v = self.next();
+            if v.get("fault").is_some() {
+                return v;
+            }
+        }
     }
 
     /// The next line (bounded wait), parsed.
@@ -355,5 +375,50 @@ fn ctrl_c_stops_everything_and_prints_the_summary() {
             std::net::TcpStream::connect(addr).is_err(),
             "the control plane still listens on {addr}"
         );
+    }
+}
+
+/// The demo's live faults, typed on its stdin: `kill` (the app stops, its
+/// port closes), `fail` (NOT_SERVING) and `heal` each take effect within a
+/// second or two and the load sees no failed call while the others serve.
+#[test]
+fn faults_typed_on_stdin_are_routed_around_without_a_failed_call() {
+    let mut demo = Demo::start(&["--instances", "3", "--slow-delay-ms", "2"]);
+    demo.next();
+    demo.tick();
+    let bad = demo.type_line("explode echo-1");
+    assert_eq!(bad["ok"], false, "{bad}");
+    let unknown = demo.type_line("kill echo-9");
+    assert!(
+        unknown["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("echo-0, echo-1, echo-2")),
+        "{unknown}"
+    );
+    for (fault, name) in [("kill", "echo-1"), ("fail", "echo-2")] {
+        let r = demo.type_line(&format!("{fault} {name}"));
+        assert_eq!(r["ok"], true, "{r}");
+        // The second that was running may still count calls from before.
+        demo.tick();
+        let mut quiet = 0;
+        for _ in 0..10 {
+            let t = demo.tick();
+            assert_eq!(t["load_errors"], 0, "after {fault} {name}: {t}");
+            if calls(std::slice::from_ref(&t), name) == 0 {
+                quiet += 1;
+                if quiet == 2 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(quiet, 2, "{name} kept getting calls after `{fault}`");
+        let r = demo.type_line(&format!("heal {name}"));
+        assert_eq!(r["ok"], true, "{r}");
+        let back = (0..10).any(|_| {
+            let t = demo.tick();
+            assert_eq!(t["load_errors"], 0, "after heal {name}: {t}");
+            calls(std::slice::from_ref(&t), name) > 0
+        });
+        assert!(back, "{name} took no calls within 10 s of `heal`");
     }
 }
