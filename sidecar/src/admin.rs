@@ -270,6 +270,10 @@ impl AdminState {
         ClustersView {
             clusters,
             app: self.app.as_ref().map(|a| EndpointView::new(a, 1, false)),
+            app_health: self.app_health.as_ref().map(|h| AppHealthView {
+                healthy: h.is_healthy(),
+                changes: h.changes(),
+            }),
         }
     }
 }
@@ -419,6 +423,16 @@ struct ClustersView {
     clusters: Vec<ClusterView>,
     /// The local app behind the inbound listener.
     app: Option<EndpointView>,
+    /// Whether the app passes its health check (new calls are refused while
+    /// it does not), and how often that changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app_health: Option<AppHealthView>,
+}
+
+#[derive(Debug, Serialize)]
+struct AppHealthView {
+    healthy: bool,
+    changes: u64,
 }
 
 #[derive(Debug, Serialize)]

@@ -481,10 +481,15 @@ async fn an_app_that_says_not_serving_gets_no_calls_until_it_serves_again() {
     assert!(!out.ok.contains_key("echo-1"), "{out:?}");
     let metrics = metrics_text(w.servers[1].admin_addr).await;
     assert!(metrics.contains("meshwire_app_healthy 0"), "{metrics}");
+    let clusters = admin_json(w.servers[1].admin_addr, "/clusters").await;
+    assert_eq!(clusters["app_health"]["healthy"], false, "{clusters}");
 
     w.apps[1].signal("USR2");
     until_it_serves_again(&load, "echo-1", Duration::from_secs(2) + CHECK_SLACK).await;
     assert_eq!(ready_status(&w, 1).await, 200);
+    let clusters = admin_json(w.servers[1].admin_addr, "/clusters").await;
+    assert_eq!(clusters["app_health"]["healthy"], true, "{clusters}");
+    assert_eq!(clusters["app_health"]["changes"], 2, "{clusters}");
     load.stop().await;
 }
 
