@@ -81,6 +81,10 @@ pub enum AcceptError {
     Timeout(Duration),
     #[error("closed before sending anything")]
     Closed,
+    #[error("the client certificate has no SPIFFE ID")]
+    NoPeerIdentity,
+    #[error("the client certificate's SPIFFE ID {0} is from another trust domain")]
+    ForeignTrustDomain(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -115,8 +119,22 @@ impl Transport {
         let stream = tokio_rustls::TlsAcceptor::from(state.server.clone())
             .accept(tcp)
             .await?;
-        let identity = meshwire_tls::peer_id(stream.get_ref().1.peer_certificates()).map(Arc::from);
-        Ok((MeshIo::Server(Box::new(stream)), identity, None))
+        // The chain is the mesh CA's, but a policy can only name SPIFFE IDs:
+        // a certificate without one, or from another trust domain, is no
+        // mesh workload and must not reach authorization as "some caller".
+        let peer = meshwire_tls::peer_id(stream.get_ref().1.peer_certificates())
+            .ok_or(AcceptError::NoPeerIdentity)?;
+        let domain =
+            |id: &str| meshwire_tls::SpiffeId::parse(id).map(|i| i.trust_domain().to_owned());
+        let ours = state.cert.spiffe_id.as_deref().map(domain);
+        if !matches!((domain(&peer), ours), (Ok(p), Some(Ok(o))) if p == o) {
+            return Err(AcceptError::ForeignTrustDomain(peer));
+        }
+        Ok((
+            MeshIo::Server(Box::new(stream)),
+            Some(Arc::from(peer)),
+            None,
+        ))
     }
 }
 

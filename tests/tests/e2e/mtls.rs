@@ -363,3 +363,72 @@ async fn calls_made_during_start_up_wait_for_the_first_config() {
     assert_eq!(r.server, "b-0");
     assert_eq!(sc.waiting_at_start(), 0);
 }
+
+/// On a permissive service a plaintext caller has no identity to match
+/// against a deny naming sources: it is denied too (fail closed), so turning
+/// TLS off on the caller's side is no way around the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_caller_cannot_slip_past_a_deny_on_a_permissive_service() {
+    let ca = TestCa::new("mesh");
+    let app = echo("b-0").await;
+    let policy = Policy {
+        default_action: Action::Allow,
+        rules: vec![rule(Action::Deny, &[&id("batch")], &[], &[])],
+    };
+    let b = server(
+        &ca,
+        "b",
+        app.addr,
+        Some(with_policy("b", Some(policy), true)),
+    )
+    .await;
+    let inbound = b.inbound_addr.unwrap();
+    let batch = client(
+        Some(identity_of(&ca, "batch")),
+        "b",
+        inbound,
+        Some(&id("b")),
+    )
+    .await;
+    let web = client(Some(identity_of(&ca, "web")), "b", inbound, Some(&id("b"))).await;
+    let plain = client(None, "b", inbound, None).await;
+    echo_client(web.outbound_addr, "b")
+        .await
+        .echo(EchoRequest::default())
+        .await
+        .unwrap();
+    let before = calls(&app);
+    for (who, sc) in [("batch", &batch), ("plaintext", &plain)] {
+        let e = echo_client(sc.outbound_addr, "b")
+            .await
+            .echo(EchoRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{who}: {e:?}");
+    }
+    assert_eq!(calls(&app), before, "no denied call reached the app");
+}
+
+/// A certificate chained to the mesh's root but without a SPIFFE ID, or with
+/// one from another trust domain, is no mesh workload: the inbound refuses
+/// the connection after the handshake, and the app sees nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_without_a_spiffe_id_or_from_another_trust_domain_are_refused() {
+    let ca = TestCa::new("mesh");
+    let app = echo("b-0").await;
+    let b = server(&ca, "b", app.addr, Some(with_policy("b", None, false))).await;
+    let inbound = b.inbound_addr.unwrap();
+    assert_eq!(
+        raw_tls_call(inbound, Some(&ca.leaf(&id("a"))), &ca.bundle()).await,
+        Ok(200)
+    );
+    let before = calls(&app);
+    for leaf in [
+        "spiffe://other.example/ns/default/sa/a",
+        "https://workload.example/a",
+    ] {
+        let got = raw_tls_call(inbound, Some(&ca.leaf(leaf)), &ca.bundle()).await;
+        assert!(got.is_err(), "{leaf}: {got:?}");
+    }
+    assert_eq!(calls(&app), before, "no refused caller reached the app");
+}
