@@ -31,6 +31,12 @@ pub struct Args {
     /// The plaintext port: the admin API (token) and xDS.
     #[arg(long, env = "MESHWIRE_CP_LISTEN", default_value = "0.0.0.0:15010")]
     pub listen: SocketAddr,
+    /// Also serve xDS to clients without a mesh certificate (the plaintext
+    /// port, and TLS without a client certificate): for local Envoy or
+    /// proxyless gRPC experiments. Off: anyone reaching the port would get
+    /// every service's endpoints and policies.
+    #[arg(long, env = "MESHWIRE_CP_PLAINTEXT_XDS")]
+    pub plaintext_xds: bool,
     /// The TLS port: certificate issuance (Identity), xDS and the admin API; `off` for none.
     #[arg(long, env = "MESHWIRE_CP_TLS_LISTEN", default_value = "0.0.0.0:15012", value_parser = parse_tls_listen)]
     pub tls_listen: TlsListen,
@@ -288,6 +294,7 @@ pub fn main() -> ExitCode {
     cfg.admin_token = admin_token;
     cfg.shutdown_timeout = args.shutdown_timeout;
     cfg.tls_listen = args.tls_listen.0;
+    cfg.plaintext_xds = args.plaintext_xds;
     if !args.tls_names.is_empty() {
         cfg.tls_names = args.tls_names.clone();
     }

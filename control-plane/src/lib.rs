@@ -12,11 +12,13 @@
 //! ```
 //!
 //! # Ports
-//! - plaintext (`--listen`, 15010): the admin API (bearer token) and xDS; the
-//!   Identity service only answers FAILED_PRECONDITION there.
+//! - plaintext (`--listen`, 15010): the admin API (bearer token); the
+//!   Identity service only answers FAILED_PRECONDITION there, and so does xDS
+//!   unless `--plaintext-xds` ([`ControlPlaneConfig::plaintext_xds`]).
 //! - TLS 1.3 (`--tls-listen`, 15012, [`tls`]): Identity (certificate issuance,
-//!   renewal, the trust bundle), xDS and the admin API (token, or a client
-//!   certificate with the admin identity).
+//!   renewal, the trust bundle), xDS (to clients with a mesh certificate;
+//!   UNAUTHENTICATED without one, unless `--plaintext-xds`) and the admin API
+//!   (token, or a client certificate with the admin identity).
 //! - admin HTTP (`--admin`, 15011, [`admin`], [`telemetry`]): `/live`,
 //!   `/ready` and Prometheus `/metrics` (no token).
 //!
@@ -58,6 +60,7 @@ use meshwire_xds::Snapshot;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::api::AdminApi;
 use crate::auth::TokenError;
@@ -96,6 +99,11 @@ pub struct ControlPlaneConfig {
     /// Where the configuration lives: the embedded database in `data_dir`
     /// (default), or etcd, shared with other replicas.
     pub store: StoreConfig,
+    /// Serve xDS to anonymous clients: on the plaintext port, and on the TLS
+    /// port without a client certificate. Off by default: xDS holds every
+    /// service's endpoints, identities and policies, and a stream registers a
+    /// node under the id it claims. For local Envoy / proxyless experiments.
+    pub plaintext_xds: bool,
 }
 
 /// Where the mesh configuration is kept.
@@ -129,6 +137,7 @@ impl ControlPlaneConfig {
             tls_names: tls::default_names(),
             ca: CaConfig::default(),
             store: StoreConfig::Embedded,
+            plaintext_xds: false,
         }
     }
 
@@ -139,6 +148,8 @@ impl ControlPlaneConfig {
             tls_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             tls_names: vec!["localhost".into(), "127.0.0.1".into()],
             admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            // Tests' Envoy and grpcio peers connect without certificates.
+            plaintext_xds: true,
             ..Self::new(data_dir)
         }
     }
@@ -349,9 +360,21 @@ impl ControlPlane {
         let ads = xds_server::ads_service(snapshots.clone(), observer);
         let identity = IdentityApi::new(ca.clone(), shutdown.clone()).into_service();
         let stop = shutdown.clone();
+        let anonymous_xds = cfg.plaintext_xds;
         let plain = tonic::transport::Server::builder()
             .add_service(admin.clone())
-            .add_service(ads.clone())
+            .add_service(InterceptedService::new(
+                ads.clone(),
+                move |req: tonic::Request<()>| {
+                    if anonymous_xds {
+                        Ok(req)
+                    } else {
+                        Err(tonic::Status::failed_precondition(
+                            "xDS is served over TLS with a mesh certificate (the TLS port, default 15012); start the control plane with --plaintext-xds to serve it here",
+                        ))
+                    }
+                },
+            ))
             .add_service(identity.clone())
             .serve_with_incoming_shutdown(net::incoming(listener, "plaintext"), async move {
                 stop.cancelled().await;
@@ -370,7 +393,22 @@ impl ControlPlane {
                 Some(
                     tonic::transport::Server::builder()
                         .add_service(admin)
-                        .add_service(ads)
+                        .add_service(InterceptedService::new(
+                            ads,
+                            move |req: tonic::Request<()>| {
+                                let has_id = req
+                                    .extensions()
+                                    .get::<tls::TlsConnectInfo>()
+                                    .is_some_and(|i| i.peer_id.is_some());
+                                if anonymous_xds || has_id {
+                                    Ok(req)
+                                } else {
+                                    Err(tonic::Status::unauthenticated(
+                                        "xDS needs a client certificate from the mesh CA (or --plaintext-xds on the control plane)",
+                                    ))
+                                }
+                            },
+                        ))
                         .add_service(identity)
                         .serve_with_incoming_shutdown(
                             tls::incoming(listener, config, shutdown.clone()),

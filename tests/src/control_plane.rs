@@ -94,6 +94,21 @@ impl ControlPlaneProcess {
         listen: Option<SocketAddr>,
         envs: &[(&str, &str)],
     ) -> Self {
+        Self::start(data_dir, listen, envs, true).await
+    }
+
+    /// As deployed: xDS only to clients with a mesh certificate (no
+    /// `--plaintext-xds`).
+    pub async fn spawn_secure(data_dir: &Path) -> Self {
+        Self::start(data_dir, None, &[], false).await
+    }
+
+    async fn start(
+        data_dir: &Path,
+        listen: Option<SocketAddr>,
+        envs: &[(&str, &str)],
+        plaintext_xds: bool,
+    ) -> Self {
         let run = tempfile::tempdir().unwrap();
         let addr_file = run.path().join(ADDR_FILE);
         let mut cmd = Command::new(bins::CONTROL_PLANE);
@@ -114,6 +129,11 @@ impl ControlPlaneProcess {
         .arg(&addr_file)
         .env_remove("MESHWIRE_ADMIN_TOKEN")
         .envs(envs.iter().copied());
+        if plaintext_xds {
+            // The tests' Envoy and grpcio peers, and sidecars given an
+            // http:// URL, take xDS without a certificate (loopback only).
+            cmd.arg("--plaintext-xds");
+        }
         let (process, (addr, admin)) = Process::start(
             "control-plane",
             cmd,
