@@ -79,6 +79,14 @@ pub struct Args {
     /// The private key (PEM) of --etcd-cert.
     #[arg(long, env = "MESHWIRE_ETCD_KEY", requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
+    /// With --etcd: a file with 64 hex digits (`openssl rand -hex 32`), the same on every replica;
+    /// it seals the CA roots' private keys stored in etcd (AES-256-GCM). Not needed with --ca-cert/--ca-key.
+    /// MESHWIRE_ETCD_ENCRYPTION_KEY may hold the hex digits themselves instead.
+    #[arg(long, env = "MESHWIRE_ETCD_ENCRYPTION_KEY_FILE")]
+    pub etcd_encryption_key_file: Option<PathBuf>,
+    /// With --etcd: how often the leader replica deletes expired and used join tokens from etcd.
+    #[arg(long, env = "MESHWIRE_TOKEN_SWEEP_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub token_sweep_interval: Duration,
     /// Longest wait for etcd on one call; a write not answered by then is refused as UNAVAILABLE.
     #[arg(long, env = "MESHWIRE_ETCD_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub etcd_timeout: Duration,
@@ -169,8 +177,24 @@ fn parse_tls_listen(s: &str) -> Result<TlsListen, String> {
         .map_err(|_| format!("{s:?} is not ip:port (or `off`)"))
 }
 
+/// The sealing key for the CA on etcd: `--etcd-encryption-key-file`, else
+/// `MESHWIRE_ETCD_ENCRYPTION_KEY` (hex); the error names where it came from.
+fn seal_key(args: &Args) -> Result<Option<std::sync::Arc<ca::shared::SealKey>>, String> {
+    if let Some(p) = &args.etcd_encryption_key_file {
+        return ca::shared::SealKey::from_file(p).map(|k| Some(std::sync::Arc::new(k)));
+    }
+    match std::env::var("MESHWIRE_ETCD_ENCRYPTION_KEY") {
+        Ok(hex) if !hex.is_empty() => ca::shared::SealKey::from_hex(&hex)
+            .map(|k| Some(std::sync::Arc::new(k)))
+            .map_err(|e| format!("MESHWIRE_ETCD_ENCRYPTION_KEY: {e}")),
+        _ => Ok(None),
+    }
+}
+
 fn ca_config(args: &Args) -> ca::CaConfig {
     ca::CaConfig {
+        etcd_seal_key: None,
+        token_sweep_interval: args.token_sweep_interval,
         trust_domain: args.trust_domain.clone(),
         cert_lifetime: args.cert_lifetime,
         user_ca: match (&args.ca_cert, &args.ca_key) {
@@ -223,8 +247,16 @@ fn check(args: &Args) -> Result<(), String> {
     }
     if let Some(etcd) = etcd_config(args) {
         etcd.check()?;
+        if args.ca_cert.is_none() && seal_key(args)?.is_none() {
+            return Err("--etcd keeps the CA's roots in etcd with their keys sealed: give every replica the same --etcd-encryption-key-file (openssl rand -hex 32), or the CA as files (--ca-cert/--ca-key)".into());
+        }
+        if args.token_sweep_interval < Duration::from_millis(100) {
+            return Err("--token-sweep-interval: at least 100ms".into());
+        }
     } else if args.etcd_ca.is_some() {
         return Err("--etcd-ca: only with --etcd".into());
+    } else if args.etcd_encryption_key_file.is_some() {
+        return Err("--etcd-encryption-key-file: only with --etcd".into());
     }
     for (flag, path) in [
         ("--ca-cert", &args.ca_cert),
@@ -233,6 +265,7 @@ fn check(args: &Args) -> Result<(), String> {
         ("--etcd-ca", &args.etcd_ca),
         ("--etcd-cert", &args.etcd_cert),
         ("--etcd-key", &args.etcd_key),
+        ("--etcd-encryption-key-file", &args.etcd_encryption_key_file),
     ] {
         if let Some(p) = path
             && !p.is_file()
@@ -294,6 +327,13 @@ pub fn main() -> ExitCode {
     cfg.ca = ca_config(&args);
     if let Some(etcd) = etcd_config(&args) {
         cfg.store = crate::StoreConfig::Etcd(etcd);
+        cfg.ca.etcd_seal_key = match seal_key(&args) {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("meshwire-control-plane: {e}");
+                return ExitCode::from(2);
+            }
+        };
     }
 
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -94,17 +94,29 @@ impl ControlPlaneProcess {
         listen: Option<SocketAddr>,
         envs: &[(&str, &str)],
     ) -> Self {
+        Self::spawn_full(data_dir, listen, None, envs).await
+    }
+
+    /// [`Self::spawn_with`], the admin HTTP port on `admin` (default
+    /// `127.0.0.1:0`): to probe `/ready` before the addr file is written.
+    pub async fn spawn_full(
+        data_dir: &Path,
+        listen: Option<SocketAddr>,
+        admin: Option<SocketAddr>,
+        envs: &[(&str, &str)],
+    ) -> Self {
         let run = tempfile::tempdir().unwrap();
         let addr_file = run.path().join(ADDR_FILE);
         let mut cmd = Command::new(bins::CONTROL_PLANE);
         let listen = listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        let admin = admin.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
         cmd.args([
             "--listen",
             &listen,
             "--tls-listen",
             "127.0.0.1:0",
             "--admin",
-            "127.0.0.1:0",
+            &admin,
             "--log",
             "info",
         ])
