@@ -107,7 +107,7 @@ pub struct Args {
 #[derive(Debug, Clone, Subcommand)]
 pub enum Sub {
     /// Write an admin client certificate (admin.crt, admin.key, bundle.pem) signed by the CA in
-    /// --data-dir, for `meshctl --server https://HOST:15012 --ca-bundle bundle.pem --cert admin.crt
+    /// --data-dir (with --etcd: the replicas' CA in etcd), for `meshctl --server https://HOST:15012 --ca-bundle bundle.pem --cert admin.crt
     /// --key admin.key`; then exit. Safe while the control plane runs.
     AdminCert {
         /// The directory to write the files into (created if missing).
@@ -122,6 +122,7 @@ pub enum Sub {
 /// Writes an admin certificate from the CA in the data directory.
 fn admin_cert(
     cfg: &ca::CaConfig,
+    etcd: Option<&crate::store::EtcdConfig>,
     data_dir: &Path,
     out: &Path,
     lifetime: Duration,
@@ -132,8 +133,11 @@ fn admin_cert(
             humantime::format_duration(lifetime)
         ));
     }
-    let ca = ca::Ca::open(data_dir, cfg)
-        .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
+    let ca = match etcd {
+        None => ca::Ca::open(data_dir, cfg)
+            .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?,
+        Some(etcd) => open_etcd_ca(cfg, data_dir, etcd)?,
+    };
     let (chain, key) = ca.admin_credentials(lifetime).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(out).map_err(|e| format!("--out {}: {e}", out.display()))?;
     let write = |name: &str, data: &str, private: bool| -> Result<PathBuf, String> {
@@ -162,6 +166,33 @@ fn admin_cert(
         bundle.display()
     );
     Ok(())
+}
+
+/// The CA the replicas share on etcd, for `admin-cert`.
+fn open_etcd_ca(
+    cfg: &ca::CaConfig,
+    data_dir: &Path,
+    etcd: &crate::store::EtcdConfig,
+) -> Result<std::sync::Arc<ca::Ca>, String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(async {
+        let store = crate::store::EtcdStore::new(etcd)
+            .await
+            .map_err(|e| e.to_string())?;
+        let shared = ca::shared::Shared::new(
+            store.kv(),
+            cfg.etcd_seal_key.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        let (dir, cfg) = (data_dir.to_owned(), cfg.clone());
+        tokio::task::spawn_blocking(move || ca::Ca::open_shared(&dir, &cfg, shared))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("the CA in etcd: {e}"))
+    })
 }
 
 /// `--tls-listen`: an address, or `off`.
@@ -308,7 +339,17 @@ pub fn main() -> ExitCode {
     let mut cfg = ControlPlaneConfig::new(&args.data_dir);
     if let Some(Sub::AdminCert { out, lifetime }) = &args.command {
         cfg.ca = ca_config(&args);
-        return match admin_cert(&cfg.ca, &args.data_dir, out, *lifetime) {
+        let etcd = etcd_config(&args);
+        if etcd.is_some() {
+            cfg.ca.etcd_seal_key = match seal_key(&args) {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("meshwire-control-plane: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+        }
+        return match admin_cert(&cfg.ca, etcd.as_ref(), &args.data_dir, out, *lifetime) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("meshwire-control-plane admin-cert: {e}");

@@ -15,7 +15,7 @@ use meshwire_proto::admin::v1 as pb;
 use meshwire_tests::etcd::{Etcd, Relay};
 use meshwire_tests::{
     Admin, ControlPlaneProcess, Load, SidecarProcess, admin_json, api, applied_eds,
-    config_dump_until, echo, echo_client, eventually,
+    config_dump_until, echo, echo_client, endpoint_stats, eventually,
 };
 use tokio_stream::StreamExt;
 
@@ -594,9 +594,30 @@ async fn sidecars_fail_over_when_each_replica_is_killed_under_load() {
 
     // Kill A: s1 moves to B and re-ACKs the same versions, applying nothing.
     let before = source(s1.addrs.admin).await;
+    // The balancer's connection to e1, by its connect count (load keeps it open).
+    let admin1 = s1.addrs.admin;
+    let e1_addr = e1.addr;
+    eventually(
+        "s1 connected to e1",
+        Duration::from_secs(10),
+        || async move {
+            endpoint_stats(admin1, "echo", e1_addr).await["connections"].as_u64() >= Some(1)
+        },
+    )
+    .await;
+    let connects_before = endpoint_stats(s1.addrs.admin, "echo", e1.addr).await;
     a.signal("KILL");
     a.wait_exit(Duration::from_secs(5)).await;
     let after = moved_to(&s1, &b.url()).await;
+    let connects_after = endpoint_stats(s1.addrs.admin, "echo", e1.addr).await;
+    assert_eq!(
+        connects_after["connect_attempts"], connects_before["connect_attempts"],
+        "the endpoint kept its connection across the move: {connects_before} → {connects_after}"
+    );
+    assert!(
+        connects_after["connections"].as_u64() >= Some(1),
+        "{connects_after}"
+    );
     assert_eq!(
         after["versions"], before["versions"],
         "same versions from B"
@@ -1165,6 +1186,50 @@ async fn a_root_rotation_through_one_replica_reaches_sidecars_on_another() {
         renew_at(&a, &bundle, &creds).await.unwrap(),
         t.spiffe_id,
         "A accepts B's certificate"
+    );
+
+    // `admin-cert` with --etcd signs with the shared CA too: A accepts it.
+    let out = run.path().join("admin");
+    let urls = etcd.urls();
+    let cmd_out = {
+        let out = out.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(meshwire_tests::bins::CONTROL_PLANE)
+                .arg("--data-dir")
+                .arg(out.join("data"))
+                .args(["admin-cert", "--out"])
+                .arg(&out)
+                .env("MESHWIRE_ETCD", urls)
+                .env("MESHWIRE_ETCD_PREFIX", "/mesh/")
+                .env("MESHWIRE_ETCD_ENCRYPTION_KEY", SEAL)
+                .output()
+                .expect("run admin-cert")
+        })
+        .await
+        .unwrap()
+    };
+    assert!(
+        cmd_out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmd_out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("bundle.pem")).unwrap(),
+        bundle
+    );
+    let admin_creds = meshwire_tls::Credentials {
+        chain: meshwire_tls::certs_from_pem(
+            &std::fs::read_to_string(out.join("admin.crt")).unwrap(),
+        )
+        .unwrap(),
+        key: meshwire_tls::key_from_pem(&std::fs::read_to_string(out.join("admin.key")).unwrap())
+            .unwrap(),
+    };
+    assert!(
+        renew_at(&a, &bundle, &admin_creds)
+            .await
+            .unwrap()
+            .ends_with("/sa/admin")
     );
 
     // A replica started now has the same CA.
