@@ -22,7 +22,8 @@
 //!
 //! # Identity
 //! [`ca::Ca`] is the mesh's certificate authority (roots in
-//! `<data-dir>/ca`, or the user's CA): `meshctl token create` makes a
+//! `<data-dir>/ca`, in etcd with `--etcd` (keys sealed, shared by the
+//! replicas: [`ca::shared`]), or the user's CA): `meshctl token create` makes a
 //! single-use join token bound to one SPIFFE ID; a sidecar trades it and a
 //! CSR for a certificate ([`identity_api`], over TLS only), then renews over
 //! mutual TLS with the identity of its certificate. Roots rotate through the
