@@ -108,12 +108,11 @@ impl SealKey {
         if buf.len() < NONCE_LEN {
             return Err(wrong());
         }
-        let rest = buf.split_off(NONCE_LEN);
+        let mut sealed = buf.split_off(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(&buf).map_err(|_| wrong())?;
-        let mut rest = rest;
         let plain = self
             .0
-            .open_in_place(nonce, Aad::from(aad.as_bytes()), &mut rest)
+            .open_in_place(nonce, Aad::from(aad.as_bytes()), &mut sealed)
             .map_err(|_| wrong())?;
         Ok(plain.to_vec())
     }
