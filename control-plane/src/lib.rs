@@ -358,12 +358,19 @@ impl ControlPlane {
                         .add_service(admin)
                         .add_service(InterceptedService::new(
                             ads,
-                            move |req: tonic::Request<()>| {
-                                let has_id = req
+                            move |mut req: tonic::Request<()>| {
+                                let peer = req
                                     .extensions()
                                     .get::<tls::TlsConnectInfo>()
-                                    .is_some_and(|i| i.peer_id.is_some());
-                                if anonymous_xds || has_id {
+                                    .and_then(|i| i.peer_id.clone());
+                                // A workload certificate binds the stream to
+                                // its service (the node's cluster).
+                                if let Some(svc) = peer.as_ref().and_then(|p| p.service()) {
+                                    req.extensions_mut().insert(
+                                        meshwire_xds::server::PeerService(svc.into()),
+                                    );
+                                }
+                                if anonymous_xds || peer.is_some() {
                                     Ok(req)
                                 } else {
                                     Err(tonic::Status::unauthenticated(

@@ -24,8 +24,12 @@ use crate::store::{Change, Remote, Store, StoreError};
 /// How many events a slow watcher may fall behind before it is cut off.
 const EVENT_BACKLOG: usize = 4096;
 
-/// How often a change is re-checked after losing a race with another replica.
-const CONFLICT_RETRIES: u32 = 8;
+/// How long a change keeps being re-checked after losing races with other
+/// replicas. Each lost race means another write committed, so the system
+/// progresses; a count would fail writes in a burst through several replicas
+/// (each replica's writes go one at a time, so one can lose to all of
+/// another's queue).
+const CONFLICT_BUDGET: Duration = Duration::from_secs(10);
 /// How long we wait for the other replica's commit to reach us.
 const CONFLICT_CATCH_UP: Duration = Duration::from_secs(5);
 
@@ -557,11 +561,12 @@ impl Registry {
     {
         let this = self.clone();
         tokio::spawn(async move {
-            let mut attempt = 0;
+            let mut attempt = 0u32;
+            let start = tokio::time::Instant::now();
             loop {
                 match this.mutate_now(&plan).await {
                     Err(RegistryError::Store(StoreError::Conflict { base }))
-                        if attempt < CONFLICT_RETRIES =>
+                        if start.elapsed() < CONFLICT_BUDGET =>
                     {
                         attempt += 1;
                         tracing::debug!(

@@ -96,6 +96,16 @@ impl SpiffeId {
     pub fn trust_domain(&self) -> &str {
         self.0["spiffe://".len()..].split('/').next().unwrap_or("")
     }
+
+    /// `<service>` of a workload ID `spiffe://<td>/ns/<ns>/sa/<service>`;
+    /// `None` for any other path.
+    pub fn service(&self) -> Option<&str> {
+        let path = &self.0["spiffe://".len() + self.trust_domain().len()..];
+        match path.split('/').collect::<Vec<_>>().as_slice() {
+            ["", "ns", _, "sa", service] => Some(service),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for SpiffeId {
@@ -703,6 +713,18 @@ mod tests {
         assert_eq!(s.unwrap().as_deref(), Some(A));
         assert_eq!(c.unwrap().as_deref(), Some(B));
         assert_eq!(TrustBundle::from_pem(&both.to_pem()).unwrap(), both);
+    }
+
+    #[test]
+    fn the_service_of_a_workload_id() {
+        let id = |s: &str| SpiffeId::parse(s).unwrap();
+        assert_eq!(
+            id("spiffe://m.local/ns/default/sa/echo").service(),
+            Some("echo")
+        );
+        assert_eq!(id("spiffe://m.local/ns/default/sa/echo/x").service(), None);
+        assert_eq!(id("spiffe://m.local/workload/echo").service(), None);
+        assert_eq!(id("spiffe://m.local/ns/sa/echo").service(), None);
     }
 
     #[test]

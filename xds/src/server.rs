@@ -377,9 +377,18 @@ impl<S> Sub<S> {
     }
 }
 
+/// The service a stream's verified client certificate names
+/// (`spiffe://.../sa/<service>`), put in the request's extensions by the
+/// transport: the stream may only subscribe as a node of that service, so a
+/// certificate cannot be used to pose as another service's node.
+#[derive(Debug, Clone)]
+pub struct PeerService(pub Arc<str>);
+
 struct AdsStream<V: Variant> {
     server: AdsServer,
     id: u64,
+    /// From [`PeerService`]: the only node cluster this stream may claim.
+    bound: Option<Arc<str>>,
     node: Option<NodeInfo>,
     subs: BTreeMap<String, Sub<V::Sent>>,
     nonce: u64,
@@ -387,10 +396,15 @@ struct AdsStream<V: Variant> {
 }
 
 impl<V: Variant> AdsStream<V> {
-    fn new(server: &AdsServer, tx: mpsc::Sender<Result<V::Response, Status>>) -> Self {
+    fn new(
+        server: &AdsServer,
+        bound: Option<Arc<str>>,
+        tx: mpsc::Sender<Result<V::Response, Status>>,
+    ) -> Self {
         Self {
             server: server.clone(),
             id: server.next_stream.fetch_add(1, Ordering::Relaxed),
+            bound,
             node: None,
             subs: BTreeMap::new(),
             nonce: 0,
@@ -447,6 +461,19 @@ impl<V: Variant> AdsStream<V> {
         let head = V::head(&r);
         if self.node.is_none() {
             let node = head.node.cloned().unwrap_or_default();
+            if let Some(svc) = &self.bound
+                && node.cluster != **svc
+            {
+                tracing::warn!(stream = self.id, node = %node.id, claimed = %node.cluster, certificate = %svc, "xDS stream refused: its node claims another service than its certificate");
+                let _ = self
+                    .tx
+                    .send(Err(Status::permission_denied(format!(
+                        "the node's cluster {} is not the service of the client certificate ({svc:?})",
+                        meshwire_mesh::grpc::shown(&node.cluster)
+                    ))))
+                    .await;
+                return Err(StreamClosed);
+            }
             self.server
                 .observer
                 .connected(self.id, &node.id, &node.cluster, &node.user_agent_name);
@@ -743,7 +770,8 @@ impl AggregatedDiscoveryService for AdsServer {
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<SotwResponses>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(AdsStream::<Sotw>::new(self, tx).run(req.into_inner()));
+        let bound = req.extensions().get::<PeerService>().map(|p| p.0.clone());
+        tokio::spawn(AdsStream::<Sotw>::new(self, bound, tx).run(req.into_inner()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -752,7 +780,8 @@ impl AggregatedDiscoveryService for AdsServer {
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaResponses>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(AdsStream::<Delta>::new(self, tx).run(req.into_inner()));
+        let bound = req.extensions().get::<PeerService>().map(|p| p.0.clone());
+        tokio::spawn(AdsStream::<Delta>::new(self, bound, tx).run(req.into_inner()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
