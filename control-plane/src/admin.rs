@@ -57,6 +57,9 @@ impl AdminState {
             }
             "/ready" => text(StatusCode::OK, "ready\n"),
             "/metrics" => {
+                self.metrics
+                    .health
+                    .set_unhealthy(self.registry.unhealthy_count());
                 let mut r = text(StatusCode::OK, self.metrics.render(self.registry.version()));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,

@@ -38,6 +38,7 @@ pub mod api;
 pub mod auth;
 pub mod ca;
 pub mod cli;
+pub mod health;
 pub mod identity_api;
 pub mod meshctl;
 mod net;
@@ -96,6 +97,8 @@ pub struct ControlPlaneConfig {
     /// Where the configuration lives: the embedded database in `data_dir`
     /// (default), or etcd, shared with other replicas.
     pub store: StoreConfig,
+    /// How long an unrefreshed unhealthy mark lasts ([`health`]).
+    pub health_ttl: Duration,
 }
 
 /// Where the mesh configuration is kept.
@@ -129,6 +132,7 @@ impl ControlPlaneConfig {
             tls_names: tls::default_names(),
             ca: CaConfig::default(),
             store: StoreConfig::Embedded,
+            health_ttl: health::DEFAULT_TTL,
         }
     }
 
@@ -313,18 +317,29 @@ impl ControlPlane {
         let td = ca.trust_domain().to_owned();
         let nodes = Arc::new(NodeRegistry::default());
         let metrics = Arc::new(CpMetrics::new(nodes.clone()));
-        let first = with_default_identities(registry.snapshot(), &td);
-        metrics.snapshot_published(first.version);
-        let (snap_tx, snapshots) = watch::channel(Arc::new(first));
-        let reg = registry.clone();
-        let m = metrics.clone();
-        let publisher = tokio::spawn(publish::run(
-            registry.versions(),
+        let panicked = std::sync::Mutex::new(Vec::new());
+        let build = {
+            let (reg, m, td) = (registry.clone(), metrics.clone(), td.clone());
             move || {
-                let s = with_default_identities(reg.snapshot(), &td);
+                let mut s = with_default_identities(reg.snapshot(), &td);
+                let now = health::published(&mut s);
+                m.health.published(now.len());
+                let mut was = panicked.lock().unwrap_or_else(|e| e.into_inner());
+                if *was != now {
+                    if !now.is_empty() {
+                        tracing::warn!(services = ?now, "every endpoint of these services reports unhealthy: all are published as usable (panic)");
+                    }
+                    *was = now;
+                }
                 m.snapshot_published(s.version);
                 s
-            },
+            }
+        };
+        let first = build();
+        let (snap_tx, snapshots) = watch::channel(Arc::new(first));
+        let publisher = tokio::spawn(publish::run(
+            registry.versions(),
+            build,
             snap_tx,
             cfg.publish_window,
             shutdown.clone(),
@@ -347,7 +362,17 @@ impl ControlPlane {
         });
         // One ADS server for both ports: its stream ids stay unique.
         let ads = xds_server::ads_service(snapshots.clone(), observer);
-        let identity = IdentityApi::new(ca.clone(), shutdown.clone()).into_service();
+        let health = health::HealthReports::new(
+            registry.clone(),
+            td.clone(),
+            cfg.health_ttl,
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(health.clone().sweep());
+        let identity = IdentityApi::new(ca.clone(), shutdown.clone())
+            .with_health(health)
+            .into_service();
         let stop = shutdown.clone();
         let plain = tonic::transport::Server::builder()
             .add_service(admin.clone())
@@ -538,7 +563,7 @@ async fn load_registry(
 fn with_default_identities(mut snap: Snapshot, trust_domain: &str) -> Snapshot {
     for (name, c) in snap.clusters.iter_mut() {
         for ep in c.endpoints.iter_mut().filter(|e| e.identity.is_none()) {
-            ep.identity = Some(format!("spiffe://{trust_domain}/ns/default/sa/{name}"));
+            ep.identity = Some(health::pushed_identity(name, ep, trust_domain));
         }
     }
     snap
