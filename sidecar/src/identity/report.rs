@@ -86,10 +86,9 @@ pub(super) async fn run(chs: Arc<[Channel]>, servers: Vec<String>, r: Reporter) 
         let address = match r.advertise {
             Advertise::Fixed(a) => Some(a),
             Advertise::TowardControlPlane { port } => {
-                match local_ip_toward(servers.get(i).map_or("", String::as_str)).await {
-                    Some(ip) => Some(SocketAddr::new(ip, port)),
-                    None => None,
-                }
+                local_ip_toward(servers.get(i).map_or("", String::as_str))
+                    .await
+                    .map(|ip| SocketAddr::new(ip, port))
             }
         };
         let result = match address {
