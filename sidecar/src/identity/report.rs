@@ -122,7 +122,16 @@ pub(super) async fn run(chs: Arc<[Channel]>, servers: Vec<String>, r: Reporter) 
             status.code(),
             Code::Unavailable | Code::Cancelled | Code::Unknown | Code::DeadlineExceeded
         );
-        if refused && refused_before != Some(status.code()) {
+        if status.code() == Code::NotFound && refused_before != Some(Code::NotFound) {
+            // Often only until the operator registers the endpoint.
+            tracing::warn!(
+                service = %r.service,
+                address = ?address,
+                reason = status.message(),
+                retry_in = ?wait,
+                "the control plane does not know this sidecar's endpoint yet; health reports wait for it"
+            );
+        } else if refused && refused_before != Some(status.code()) {
             tracing::error!(
                 service = %r.service,
                 address = ?address,
