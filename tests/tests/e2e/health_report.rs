@@ -550,11 +550,18 @@ async fn a_sidecar_reports_only_for_its_own_registered_endpoints() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    // No certificate, no report.
+    // No certificate, no report; and none over the plaintext port.
     let e = report(channel(None), "echo", &echo_ep.to_string())
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.local_addr))
+        .unwrap()
+        .connect_lazy();
+    let e = report(plain, "echo", &echo_ep.to_string())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     let eps = a
         .list_endpoints(pb::ListEndpointsRequest {
             service: "echo".into(),
