@@ -77,9 +77,13 @@ struct Cp {
 
 impl Cp {
     async fn start(services: &[&str]) -> Cp {
-        init_tracing();
         let data = tempfile::tempdir().unwrap();
         let process = ControlPlaneProcess::spawn(data.path()).await;
+        Cp::with(process, data, services).await
+    }
+
+    async fn with(process: ControlPlaneProcess, data: tempfile::TempDir, services: &[&str]) -> Cp {
+        init_tracing();
         let mut admin = process.client().await;
         for s in services {
             api::create_service(&mut admin, s).await;
@@ -465,6 +469,58 @@ async fn stock_envoy_stops_sending_to_an_endpoint_reported_unhealthy() {
     let total = load.stop().await;
     assert_eq!(total.errors.values().sum::<u64>(), 0, "{total:?}");
     tracing::info!(?back, "envoy sends to b again");
+}
+
+/// Health goes through the store: on etcd, a report taken by one replica is
+/// what every replica lists and pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_etcd_every_replica_publishes_what_one_was_told() {
+    let etcd = meshwire_tests::etcd::Etcd::start().await;
+    let token = "health-etcd-admin-token-0123456789abcdef";
+    let envs = |urls: &str| {
+        vec![
+            ("MESHWIRE_ETCD", urls.to_owned()),
+            ("MESHWIRE_ETCD_PREFIX", "/health/".to_owned()),
+            ("MESHWIRE_ADMIN_TOKEN", token.to_owned()),
+        ]
+    };
+    let spawn = |dir: &tempfile::TempDir| {
+        let e = envs(&etcd.urls());
+        let dir = dir.path().to_owned();
+        async move {
+            let e: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            ControlPlaneProcess::spawn_with(&dir, None, &e).await
+        }
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = spawn(&da).await;
+    let b = spawn(&db).await;
+    let mut a = Cp::with(a, da, &["echo"]).await;
+    let mut b = Cp::with(b, db, &[]).await;
+    let app = App::start("echo-0").await;
+    let s = a.sidecar("echo", Some(app.addr), None).await;
+    let ep = s.inbound_addr.unwrap();
+    api::add_endpoint(&mut a.admin, "echo", ep, 1).await;
+    b.wait_health(
+        "B sees A's report",
+        "echo",
+        &all(&[ep], pb::EndpointHealth::Healthy),
+    )
+    .await;
+    app.signal("USR1");
+    b.wait_health(
+        "B sees it unhealthy",
+        "echo",
+        &all(&[ep], pb::EndpointHealth::Unhealthy),
+    )
+    .await;
+    app.signal("USR2");
+    b.wait_health(
+        "and healthy again",
+        "echo",
+        &all(&[ep], pb::EndpointHealth::Healthy),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
