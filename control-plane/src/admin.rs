@@ -2,7 +2,8 @@
 //! probes and Prometheus:
 //!
 //! - `GET /live`: 200 while the process runs.
-//! - `GET /ready`: 200 while the admin API and xDS are served; 503 once a
+//! - `GET /ready`: 200 while the admin API and xDS are served; 503 while the
+//!   configuration is not loaded yet (etcd unreachable at start) and once a
 //!   shutdown has started.
 //! - `GET /metrics`: Prometheus metrics (OpenMetrics text), see [`crate::telemetry`].
 //!
@@ -30,7 +31,9 @@ const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0;
 #[derive(Debug, Clone)]
 pub struct AdminState {
     pub metrics: Arc<CpMetrics>,
-    pub registry: Arc<Registry>,
+    /// Set once the configuration is loaded (the port is served before, so
+    /// probes see a replica waiting for etcd as not ready).
+    pub registry: Arc<std::sync::OnceLock<Arc<Registry>>>,
     /// Cancelled when the control plane starts stopping.
     pub stopping: CancellationToken,
 }
@@ -55,12 +58,17 @@ impl AdminState {
             "/ready" if self.stopping.is_cancelled() => {
                 text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n")
             }
+            "/ready" if self.registry.get().is_none() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: waiting for etcd (the configuration is not loaded yet)\n",
+            ),
             "/ready" => text(StatusCode::OK, "ready\n"),
             "/metrics" => {
-                self.metrics
-                    .health
-                    .set_unhealthy(self.registry.unhealthy_count());
-                let mut r = text(StatusCode::OK, self.metrics.render(self.registry.version()));
+                let version = self.registry.get().map_or(0, |r| r.version());
+                if let Some(reg) = self.registry.get() {
+                    self.metrics.health.set_unhealthy(reg.unhealthy_count());
+                }
+                let mut r = text(StatusCode::OK, self.metrics.render(version));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     http::HeaderValue::from_static(METRICS_CONTENT_TYPE),

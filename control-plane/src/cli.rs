@@ -31,6 +31,12 @@ pub struct Args {
     /// The plaintext port: the admin API (token) and xDS.
     #[arg(long, env = "MESHWIRE_CP_LISTEN", default_value = "0.0.0.0:15010")]
     pub listen: SocketAddr,
+    /// Also serve xDS to clients without a mesh certificate (the plaintext
+    /// port, and TLS without a client certificate): for local Envoy or
+    /// proxyless gRPC experiments. Off: anyone reaching the port would get
+    /// every service's endpoints and policies.
+    #[arg(long, env = "MESHWIRE_CP_PLAINTEXT_XDS")]
+    pub plaintext_xds: bool,
     /// The TLS port: certificate issuance (Identity), xDS and the admin API; `off` for none.
     #[arg(long, env = "MESHWIRE_CP_TLS_LISTEN", default_value = "0.0.0.0:15012", value_parser = parse_tls_listen)]
     pub tls_listen: TlsListen,
@@ -79,6 +85,14 @@ pub struct Args {
     /// The private key (PEM) of --etcd-cert.
     #[arg(long, env = "MESHWIRE_ETCD_KEY", requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
+    /// With --etcd: a file with 64 hex digits (`openssl rand -hex 32`), the same on every replica;
+    /// it seals the CA roots' private keys stored in etcd (AES-256-GCM). Not needed with --ca-cert/--ca-key.
+    /// MESHWIRE_ETCD_ENCRYPTION_KEY may hold the hex digits themselves instead.
+    #[arg(long, env = "MESHWIRE_ETCD_ENCRYPTION_KEY_FILE")]
+    pub etcd_encryption_key_file: Option<PathBuf>,
+    /// With --etcd: how often the leader replica deletes expired and used join tokens from etcd.
+    #[arg(long, env = "MESHWIRE_TOKEN_SWEEP_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub token_sweep_interval: Duration,
     /// Longest wait for etcd on one call; a write not answered by then is refused as UNAVAILABLE.
     #[arg(long, env = "MESHWIRE_ETCD_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub etcd_timeout: Duration,
@@ -104,7 +118,7 @@ pub struct Args {
 #[derive(Debug, Clone, Subcommand)]
 pub enum Sub {
     /// Write an admin client certificate (admin.crt, admin.key, bundle.pem) signed by the CA in
-    /// --data-dir, for `meshctl --server https://HOST:15012 --ca-bundle bundle.pem --cert admin.crt
+    /// --data-dir (with --etcd: the replicas' CA in etcd), for `meshctl --server https://HOST:15012 --ca-bundle bundle.pem --cert admin.crt
     /// --key admin.key`; then exit. Safe while the control plane runs.
     AdminCert {
         /// The directory to write the files into (created if missing).
@@ -119,6 +133,7 @@ pub enum Sub {
 /// Writes an admin certificate from the CA in the data directory.
 fn admin_cert(
     cfg: &ca::CaConfig,
+    etcd: Option<&crate::store::EtcdConfig>,
     data_dir: &Path,
     out: &Path,
     lifetime: Duration,
@@ -129,8 +144,11 @@ fn admin_cert(
             humantime::format_duration(lifetime)
         ));
     }
-    let ca = ca::Ca::open(data_dir, cfg)
-        .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
+    let ca = match etcd {
+        None => ca::Ca::open(data_dir, cfg)
+            .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?,
+        Some(etcd) => open_etcd_ca(cfg, data_dir, etcd)?,
+    };
     let (chain, key) = ca.admin_credentials(lifetime).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(out).map_err(|e| format!("--out {}: {e}", out.display()))?;
     let write = |name: &str, data: &str, private: bool| -> Result<PathBuf, String> {
@@ -161,6 +179,33 @@ fn admin_cert(
     Ok(())
 }
 
+/// The CA the replicas share on etcd, for `admin-cert`.
+fn open_etcd_ca(
+    cfg: &ca::CaConfig,
+    data_dir: &Path,
+    etcd: &crate::store::EtcdConfig,
+) -> Result<std::sync::Arc<ca::Ca>, String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(async {
+        let store = crate::store::EtcdStore::new(etcd)
+            .await
+            .map_err(|e| e.to_string())?;
+        let shared = ca::shared::Shared::new(
+            store.kv(),
+            cfg.etcd_seal_key.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        let (dir, cfg) = (data_dir.to_owned(), cfg.clone());
+        tokio::task::spawn_blocking(move || ca::Ca::open_shared(&dir, &cfg, shared))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("the CA in etcd: {e}"))
+    })
+}
+
 /// `--tls-listen`: an address, or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TlsListen(pub Option<SocketAddr>);
@@ -174,8 +219,24 @@ fn parse_tls_listen(s: &str) -> Result<TlsListen, String> {
         .map_err(|_| format!("{s:?} is not ip:port (or `off`)"))
 }
 
+/// The sealing key for the CA on etcd: `--etcd-encryption-key-file`, else
+/// `MESHWIRE_ETCD_ENCRYPTION_KEY` (hex); the error names where it came from.
+fn seal_key(args: &Args) -> Result<Option<std::sync::Arc<ca::shared::SealKey>>, String> {
+    if let Some(p) = &args.etcd_encryption_key_file {
+        return ca::shared::SealKey::from_file(p).map(|k| Some(std::sync::Arc::new(k)));
+    }
+    match std::env::var("MESHWIRE_ETCD_ENCRYPTION_KEY") {
+        Ok(hex) if !hex.is_empty() => ca::shared::SealKey::from_hex(&hex)
+            .map(|k| Some(std::sync::Arc::new(k)))
+            .map_err(|e| format!("MESHWIRE_ETCD_ENCRYPTION_KEY: {e}")),
+        _ => Ok(None),
+    }
+}
+
 fn ca_config(args: &Args) -> ca::CaConfig {
     ca::CaConfig {
+        etcd_seal_key: None,
+        token_sweep_interval: args.token_sweep_interval,
         trust_domain: args.trust_domain.clone(),
         cert_lifetime: args.cert_lifetime,
         user_ca: match (&args.ca_cert, &args.ca_key) {
@@ -228,8 +289,16 @@ fn check(args: &Args) -> Result<(), String> {
     }
     if let Some(etcd) = etcd_config(args) {
         etcd.check()?;
+        if args.ca_cert.is_none() && seal_key(args)?.is_none() {
+            return Err("--etcd keeps the CA's roots in etcd with their keys sealed: give every replica the same --etcd-encryption-key-file (openssl rand -hex 32), or the CA as files (--ca-cert/--ca-key)".into());
+        }
+        if args.token_sweep_interval < Duration::from_millis(100) {
+            return Err("--token-sweep-interval: at least 100ms".into());
+        }
     } else if args.etcd_ca.is_some() {
         return Err("--etcd-ca: only with --etcd".into());
+    } else if args.etcd_encryption_key_file.is_some() {
+        return Err("--etcd-encryption-key-file: only with --etcd".into());
     }
     for (flag, path) in [
         ("--ca-cert", &args.ca_cert),
@@ -238,6 +307,7 @@ fn check(args: &Args) -> Result<(), String> {
         ("--etcd-ca", &args.etcd_ca),
         ("--etcd-cert", &args.etcd_cert),
         ("--etcd-key", &args.etcd_key),
+        ("--etcd-encryption-key-file", &args.etcd_encryption_key_file),
     ] {
         if let Some(p) = path
             && !p.is_file()
@@ -280,7 +350,17 @@ pub fn main() -> ExitCode {
     let mut cfg = ControlPlaneConfig::new(&args.data_dir);
     if let Some(Sub::AdminCert { out, lifetime }) = &args.command {
         cfg.ca = ca_config(&args);
-        return match admin_cert(&cfg.ca, &args.data_dir, out, *lifetime) {
+        let etcd = etcd_config(&args);
+        if etcd.is_some() {
+            cfg.ca.etcd_seal_key = match seal_key(&args) {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("meshwire-control-plane: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+        }
+        return match admin_cert(&cfg.ca, etcd.as_ref(), &args.data_dir, out, *lifetime) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("meshwire-control-plane admin-cert: {e}");
@@ -294,12 +374,20 @@ pub fn main() -> ExitCode {
     cfg.shutdown_timeout = args.shutdown_timeout;
     cfg.health_ttl = args.health_ttl;
     cfg.tls_listen = args.tls_listen.0;
+    cfg.plaintext_xds = args.plaintext_xds;
     if !args.tls_names.is_empty() {
         cfg.tls_names = args.tls_names.clone();
     }
     cfg.ca = ca_config(&args);
     if let Some(etcd) = etcd_config(&args) {
         cfg.store = crate::StoreConfig::Etcd(etcd);
+        cfg.ca.etcd_seal_key = match seal_key(&args) {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("meshwire-control-plane: {e}");
+                return ExitCode::from(2);
+            }
+        };
     }
 
     let rt = match tokio::runtime::Builder::new_multi_thread()

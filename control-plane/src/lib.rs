@@ -12,17 +12,20 @@
 //! ```
 //!
 //! # Ports
-//! - plaintext (`--listen`, 15010): the admin API (bearer token) and xDS; the
-//!   Identity service only answers FAILED_PRECONDITION there.
+//! - plaintext (`--listen`, 15010): the admin API (bearer token); the
+//!   Identity service only answers FAILED_PRECONDITION there, and so does xDS
+//!   unless `--plaintext-xds` ([`ControlPlaneConfig::plaintext_xds`]).
 //! - TLS 1.3 (`--tls-listen`, 15012, [`tls`]): Identity (certificate issuance,
-//!   renewal, the trust bundle), xDS and the admin API (token, or a client
-//!   certificate with the admin identity).
+//!   renewal, the trust bundle), xDS (to clients with a mesh certificate;
+//!   UNAUTHENTICATED without one, unless `--plaintext-xds`) and the admin API
+//!   (token, or a client certificate with the admin identity).
 //! - admin HTTP (`--admin`, 15011, [`admin`], [`telemetry`]): `/live`,
 //!   `/ready` and Prometheus `/metrics` (no token).
 //!
 //! # Identity
 //! [`ca::Ca`] is the mesh's certificate authority (roots in
-//! `<data-dir>/ca`, or the user's CA): `meshctl token create` makes a
+//! `<data-dir>/ca`, in etcd with `--etcd` (keys sealed, shared by the
+//! replicas: [`ca::shared`]), or the user's CA): `meshctl token create` makes a
 //! single-use join token bound to one SPIFFE ID; a sidecar trades it and a
 //! CSR for a certificate ([`identity_api`], over TLS only), then renews over
 //! mutual TLS with the identity of its certificate. Roots rotate through the
@@ -59,6 +62,7 @@ use meshwire_xds::Snapshot;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::api::AdminApi;
 use crate::auth::TokenError;
@@ -99,6 +103,11 @@ pub struct ControlPlaneConfig {
     pub store: StoreConfig,
     /// How long an unrefreshed unhealthy mark lasts ([`health`]).
     pub health_ttl: Duration,
+    /// Serve xDS to anonymous clients: on the plaintext port, and on the TLS
+    /// port without a client certificate. Off by default: xDS holds every
+    /// service's endpoints, identities and policies, and a stream registers a
+    /// node under the id it claims. For local Envoy / proxyless experiments.
+    pub plaintext_xds: bool,
 }
 
 /// Where the mesh configuration is kept.
@@ -133,6 +142,7 @@ impl ControlPlaneConfig {
             ca: CaConfig::default(),
             store: StoreConfig::Embedded,
             health_ttl: health::DEFAULT_TTL,
+            plaintext_xds: false,
         }
     }
 
@@ -143,6 +153,8 @@ impl ControlPlaneConfig {
             tls_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             tls_names: vec!["localhost".into(), "127.0.0.1".into()],
             admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            // Tests' Envoy and grpcio peers connect without certificates.
+            plaintext_xds: true,
             ..Self::new(data_dir)
         }
     }
@@ -201,6 +213,8 @@ pub struct ControlPlaneHandle {
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     publisher: Option<JoinHandle<()>>,
     rotator: Option<JoinHandle<()>>,
+    /// The CA's follower of etcd and the leader's housekeeping.
+    background: Vec<JoinHandle<()>>,
     /// Stops the admin HTTP port, last of all.
     admin_stop: CancellationToken,
     admin: Option<JoinHandle<()>>,
@@ -219,60 +233,12 @@ impl ControlPlane {
         if !std::fs::metadata(&dir).map_err(dir_err)?.is_dir() {
             return Err(dir_err(std::io::Error::other("not a directory")));
         }
-        let admin_token = match cfg.admin_token {
+        let admin_token = match cfg.admin_token.clone() {
             Some(t) => {
                 auth::check_token("MESHWIRE_ADMIN_TOKEN", &t)?;
                 t
             }
             None => auth::load_or_create(&dir)?,
-        };
-        let store: Arc<dyn Store> = match &cfg.store {
-            StoreConfig::Embedded => {
-                let path = dir.join(DB_FILE);
-                Arc::new(
-                    tokio::task::spawn_blocking(move || RedbStore::open(&path))
-                        .await
-                        .map_err(|e| StoreError::Database(format!("opening the store: {e}")))??,
-                )
-            }
-            StoreConfig::Etcd(etcd) => Arc::new(EtcdStore::new(etcd).await?),
-        };
-        let registry = match load_registry(&store, &cfg.store).await {
-            Ok(r) => r,
-            Err(e) => {
-                store.close();
-                return Err(e.into());
-            }
-        };
-        // After the store: its lock keeps a second control plane off this
-        // data directory, and so off the CA's files.
-        let ca_and_tls = async {
-            let ca = {
-                let (dir, ca_cfg) = (dir.clone(), cfg.ca.clone());
-                tokio::task::spawn_blocking(move || Ca::open(&dir, &ca_cfg))
-                    .await
-                    .map_err(|e| CaError::Rcgen(format!("opening the CA: {e}")))??
-            };
-            // Checked before anything is bound: a bad --tls-name fails the start.
-            let tls_config = match cfg.tls_listen {
-                Some(_) => {
-                    let (ca, names) = (ca.clone(), cfg.tls_names.clone());
-                    Some(
-                        tokio::task::spawn_blocking(move || tls::initial_config(&ca, &names))
-                            .await
-                            .map_err(|e| CaError::Rcgen(format!("serving certificate: {e}")))??,
-                    )
-                }
-                None => None,
-            };
-            Ok::<_, CaError>((ca, tls_config))
-        };
-        let (ca, tls_config) = match ca_and_tls.await {
-            Ok(x) => x,
-            Err(e) => {
-                registry.close();
-                return Err(e.into());
-            }
         };
         let bind = |addr: SocketAddr| async move {
             let l = tokio::net::TcpListener::bind(addr)
@@ -283,40 +249,48 @@ impl ControlPlane {
                 .map_err(|source| StartError::Bind { addr, source })?;
             Ok::<_, StartError>((l, local))
         };
-        let (listener, local_addr) = match bind(cfg.listen).await {
-            Ok(l) => l,
+        // The admin port first: while etcd is awaited, probes get "not ready".
+        let nodes = Arc::new(NodeRegistry::default());
+        let metrics = Arc::new(CpMetrics::new(nodes.clone()));
+        let shutdown = CancellationToken::new();
+        let loaded = Arc::new(std::sync::OnceLock::new());
+        let admin_stop = CancellationToken::new();
+        let (admin_task, admin_addr) = match cfg.admin {
+            None => (None, None),
+            Some(addr) => {
+                let (l, local) = bind(addr).await?;
+                let state = admin::AdminState {
+                    metrics: metrics.clone(),
+                    registry: loaded.clone(),
+                    stopping: shutdown.clone(),
+                };
+                (
+                    Some(tokio::spawn(admin::serve(l, state, admin_stop.clone()))),
+                    Some(local),
+                )
+            }
+        };
+        let opened = open_state(&cfg, &dir).await;
+        let (registry, ca, tls_config) = match opened {
+            Ok(x) => x,
             Err(e) => {
-                registry.close();
+                admin_stop.cancel();
                 return Err(e);
             }
         };
+        let fail = |e: StartError| {
+            registry.close();
+            admin_stop.cancel();
+            e
+        };
+        let (listener, local_addr) = bind(cfg.listen).await.map_err(fail)?;
         let tls_listener = match cfg.tls_listen {
-            Some(addr) => match bind(addr).await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    registry.close();
-                    return Err(e);
-                }
-            },
+            Some(addr) => Some(bind(addr).await.map_err(fail)?),
             None => None,
         };
         let tls_addr = tls_listener.as_ref().map(|(_, a)| *a);
-        let admin_listener = match cfg.admin {
-            None => None,
-            Some(addr) => match bind(addr).await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    registry.close();
-                    return Err(e);
-                }
-            },
-        };
-        let admin_addr = admin_listener.as_ref().map(|(_, a)| *a);
 
-        let shutdown = CancellationToken::new();
         let td = ca.trust_domain().to_owned();
-        let nodes = Arc::new(NodeRegistry::default());
-        let metrics = Arc::new(CpMetrics::new(nodes.clone()));
         let panicked = std::sync::Mutex::new(Vec::new());
         let build = {
             let (reg, m, td) = (registry.clone(), metrics.clone(), td.clone());
@@ -374,9 +348,21 @@ impl ControlPlane {
             .with_health(health)
             .into_service();
         let stop = shutdown.clone();
+        let anonymous_xds = cfg.plaintext_xds;
         let plain = tonic::transport::Server::builder()
             .add_service(admin.clone())
-            .add_service(ads.clone())
+            .add_service(InterceptedService::new(
+                ads.clone(),
+                move |req: tonic::Request<()>| {
+                    if anonymous_xds {
+                        Ok(req)
+                    } else {
+                        Err(tonic::Status::failed_precondition(
+                            "xDS is served over TLS with a mesh certificate (the TLS port, default 15012); start the control plane with --plaintext-xds to serve it here",
+                        ))
+                    }
+                },
+            ))
             .add_service(identity.clone())
             .serve_with_incoming_shutdown(net::incoming(listener, "plaintext"), async move {
                 stop.cancelled().await;
@@ -395,7 +381,22 @@ impl ControlPlane {
                 Some(
                     tonic::transport::Server::builder()
                         .add_service(admin)
-                        .add_service(ads)
+                        .add_service(InterceptedService::new(
+                            ads,
+                            move |req: tonic::Request<()>| {
+                                let has_id = req
+                                    .extensions()
+                                    .get::<tls::TlsConnectInfo>()
+                                    .is_some_and(|i| i.peer_id.is_some());
+                                if anonymous_xds || has_id {
+                                    Ok(req)
+                                } else {
+                                    Err(tonic::Status::unauthenticated(
+                                        "xDS needs a client certificate from the mesh CA (or --plaintext-xds on the control plane)",
+                                    ))
+                                }
+                            },
+                        ))
                         .add_service(identity)
                         .serve_with_incoming_shutdown(
                             tls::incoming(listener, config, shutdown.clone()),
@@ -416,15 +417,16 @@ impl ControlPlane {
             };
             tokio::try_join!(plain, secure).map(|_| ())
         });
-        let admin_stop = CancellationToken::new();
-        let admin_task = admin_listener.map(|(l, _)| {
-            let state = admin::AdminState {
-                metrics: metrics.clone(),
-                registry: registry.clone(),
-                stopping: shutdown.clone(),
-            };
-            tokio::spawn(admin::serve(l, state, admin_stop.clone()))
-        });
+        // On etcd: rotations by other replicas, and the leader's sweeps.
+        let background = vec![
+            tokio::spawn(ca::shared::follow(ca.clone(), shutdown.clone())),
+            tokio::spawn(ca::shared::housekeeping(
+                ca.clone(),
+                cfg.ca.token_sweep_interval,
+                shutdown.clone(),
+            )),
+        ];
+        let _ = loaded.set(registry.clone());
         registry.announce(local_addr);
         tracing::info!(
             listen = %local_addr,
@@ -451,6 +453,7 @@ impl ControlPlane {
             server: Some(server),
             publisher: Some(publisher),
             rotator,
+            background,
             admin_stop,
             admin: admin_task,
         })
@@ -518,6 +521,9 @@ impl ControlPlaneHandle {
         if let Some(r) = self.rotator.take() {
             let _ = r.await;
         }
+        for t in std::mem::take(&mut self.background) {
+            let _ = t.await;
+        }
         self.registry.close();
         self.admin_stop.cancel();
         if let Some(a) = self.admin.take() {
@@ -531,6 +537,111 @@ impl ControlPlaneHandle {
     pub async fn stop(mut self) -> Result<(), ServeError> {
         self.shutdown();
         self.wait().await
+    }
+}
+
+type Opened = (
+    Arc<Registry>,
+    Arc<Ca>,
+    Option<(
+        Arc<arc_swap::ArcSwap<rustls::ServerConfig>>,
+        std::time::SystemTime,
+    )>,
+);
+
+/// Opens the store, loads the configuration, opens the CA (from the data
+/// directory, or from etcd) and makes the first serving certificate.
+async fn open_state(cfg: &ControlPlaneConfig, dir: &Path) -> Result<Opened, StartError> {
+    let (store, kv): (Arc<dyn Store>, _) = match &cfg.store {
+        StoreConfig::Embedded => {
+            let path = dir.join(DB_FILE);
+            let s = tokio::task::spawn_blocking(move || RedbStore::open(&path))
+                .await
+                .map_err(|e| StoreError::Database(format!("opening the store: {e}")))??;
+            (Arc::new(s), None)
+        }
+        StoreConfig::Etcd(etcd) => {
+            let s = Arc::new(EtcdStore::new(etcd).await?);
+            let kv = s.kv();
+            (s, Some(kv))
+        }
+    };
+    let registry = match load_registry(&store, &cfg.store).await {
+        Ok(r) => r,
+        Err(e) => {
+            store.close();
+            return Err(e.into());
+        }
+    };
+    // After the store: its lock keeps a second control plane off this
+    // data directory, and so off the CA's files.
+    let ca_and_tls = async {
+        let ca = match kv {
+            None => {
+                let (dir, ca_cfg) = (dir.to_owned(), cfg.ca.clone());
+                tokio::task::spawn_blocking(move || Ca::open(&dir, &ca_cfg))
+                    .await
+                    .map_err(|e| CaError::Rcgen(format!("opening the CA: {e}")))??
+            }
+            Some(kv) => open_shared_ca(dir, &cfg.ca, kv).await?,
+        };
+        // Checked before anything is bound: a bad --tls-name fails the start.
+        let tls_config = match cfg.tls_listen {
+            Some(_) => {
+                let (ca, names) = (ca.clone(), cfg.tls_names.clone());
+                Some(
+                    tokio::task::spawn_blocking(move || tls::initial_config(&ca, &names))
+                        .await
+                        .map_err(|e| CaError::Rcgen(format!("serving certificate: {e}")))??,
+                )
+            }
+            None => None,
+        };
+        Ok::<_, CaError>((ca, tls_config))
+    };
+    match ca_and_tls.await {
+        Ok((ca, tls)) => Ok((registry, ca, tls)),
+        Err(e) => {
+            registry.close();
+            Err(e.into())
+        }
+    }
+}
+
+/// The CA on etcd; etcd gone again since the configuration was loaded is
+/// waited for as at start.
+async fn open_shared_ca(
+    dir: &Path,
+    cfg: &CaConfig,
+    kv: crate::store::EtcdKv,
+) -> Result<Arc<Ca>, CaError> {
+    if cfg.user_ca.is_none() && cfg.etcd_seal_key.is_none() {
+        return Err(CaError::FailedPrecondition(
+            "--etcd keeps the CA's roots in etcd, their keys sealed: give every replica the same --etcd-encryption-key-file (or the CA as files with --ca-cert/--ca-key)".into(),
+        ));
+    }
+    let mut failures = 0u32;
+    loop {
+        let shared = ca::shared::Shared::new(
+            kv.clone(),
+            cfg.etcd_seal_key.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        let (dir, cfg2) = (dir.to_owned(), cfg.clone());
+        let r = tokio::task::spawn_blocking(move || Ca::open_shared(&dir, &cfg2, shared))
+            .await
+            .map_err(|e| CaError::Rcgen(format!("opening the CA: {e}")))?;
+        match r {
+            Err(CaError::Store(e @ StoreError::Unavailable { .. })) => {
+                failures = failures.saturating_add(1);
+                let wait = Duration::from_millis(200)
+                    .saturating_mul(1 << failures.min(5))
+                    .mul_f64(0.5 + fastrand::f64() * 0.5);
+                tracing::warn!(error = %e, retry_in = ?wait, "etcd unreachable at start (opening the CA); retrying");
+                tokio::time::sleep(wait).await;
+            }
+            r => return r,
+        }
     }
 }
 

@@ -55,6 +55,26 @@ async fn bad_flags_and_start_failures_exit_clearly() {
         "{err}"
     );
 
+    // etcd without a key for the CA's sealed roots (and no CA files): refused,
+    // naming the flag; a key that is not 32 bytes of hex too.
+    let (code, err) = run(
+        s(&["--data-dir", &dir, "--etcd", "http://127.0.0.1:1"]),
+        vec![],
+    )
+    .await;
+    assert_eq!(code, 2);
+    assert!(err.contains("--etcd-encryption-key-file"), "{err}");
+    let (code, err) = run(
+        s(&["--data-dir", &dir, "--etcd", "http://127.0.0.1:1"]),
+        vec![("MESHWIRE_ETCD_ENCRYPTION_KEY", "abcd".into())],
+    )
+    .await;
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("MESHWIRE_ETCD_ENCRYPTION_KEY") && err.contains("64 hex"),
+        "{err}"
+    );
+
     // The data directory is a file.
     let file = data.path().join("file");
     std::fs::write(&file, "").unwrap();

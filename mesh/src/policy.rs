@@ -5,7 +5,9 @@
 //! `sources` (the caller's SPIFFE ID, exact or `prefix*`), `methods`
 //! (`pkg.Service/Method` or `pkg.Service/*`) and `cidrs` (the caller's IP).
 //! Any matching deny rule denies; otherwise any matching allow rule allows;
-//! otherwise the policy's default decides.
+//! otherwise the policy's default decides. A caller without an identity
+//! (plaintext, permissive mode) matches every deny rule's `sources` and no
+//! allow rule's: it cannot slip past a deny by not presenting a certificate.
 
 use std::net::IpAddr;
 
@@ -125,12 +127,16 @@ fn parse_method(m: &str) -> Option<(&str, Option<&str>)> {
 impl Rule {
     fn matches(&self, call: Call<'_>) -> bool {
         let source_ok = self.sources.is_empty()
-            || call.source.is_some_and(|src| {
-                self.sources.iter().any(|s| match s.strip_suffix('*') {
+            || match call.source {
+                Some(src) => self.sources.iter().any(|s| match s.strip_suffix('*') {
                     Some(prefix) => src.starts_with(prefix),
                     None => src == s,
-                })
-            });
+                }),
+                // A plaintext caller (permissive mode) cannot prove it is not
+                // a denied source, so a deny naming sources holds for it
+                // (fail closed); it never matches an allow naming sources.
+                None => self.action == Some(Action::Deny),
+            };
         let method_ok = self.methods.is_empty() || {
             let path = call.path.strip_prefix('/').unwrap_or(call.path);
             let (svc, method) = path.split_once('/').unwrap_or((path, ""));
@@ -163,6 +169,42 @@ mod tests {
 
     const WEB: &str = "spiffe://mesh/ns/prod/sa/web";
     const BATCH: &str = "spiffe://mesh/ns/batch/sa/job";
+
+    #[test]
+    fn a_caller_without_identity_cannot_bypass_a_deny_on_sources() {
+        let p = Policy {
+            default_action: Action::Allow,
+            rules: vec![Rule {
+                action: Some(Action::Deny),
+                sources: vec![BATCH.into()],
+                ..Default::default()
+            }],
+        };
+        assert_eq!(
+            p.evaluate(call(Some(WEB), "/pkg.Echo/Echo", "10.0.0.1")),
+            Action::Allow
+        );
+        assert_eq!(
+            p.evaluate(call(Some(BATCH), "/pkg.Echo/Echo", "10.0.0.1")),
+            Action::Deny
+        );
+        assert_eq!(
+            p.evaluate(call(None, "/pkg.Echo/Echo", "10.0.0.1")),
+            Action::Deny
+        );
+        let allow_web = Policy {
+            default_action: Action::Deny,
+            rules: vec![Rule {
+                action: Some(Action::Allow),
+                sources: vec![WEB.into()],
+                ..Default::default()
+            }],
+        };
+        assert_eq!(
+            allow_web.evaluate(call(None, "/pkg.Echo/Echo", "10.0.0.1")),
+            Action::Deny
+        );
+    }
 
     #[test]
     fn deny_wins_then_allow_then_default() {

@@ -292,7 +292,12 @@ impl Body for AppResponseBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => {
-                this.finish(Code::Unavailable as u8);
+                // The head was fine and the body is not (a malformed chunk, a
+                // short Content-Length): the app broke HTTP, it was reachable.
+                // The caller's stream is reset (INTERNAL_ERROR): too late for
+                // a status, but the call counts as INTERNAL, not UNAVAILABLE.
+                tracing::warn!(error = %error_chain(&e), "the app sent a malformed response body");
+                this.finish(Code::Internal as u8);
                 Poll::Ready(Some(Err(BodyError::App(e))))
             }
             None => {

@@ -56,6 +56,9 @@ pub(crate) fn host_of(authority: &str) -> &str {
     }
 }
 
+/// The trailer fields a gRPC response can end with.
+const GRPC_TRAILERS: &str = "grpc-status, grpc-message, grpc-status-details-bin";
+
 /// Connection-specific headers (RFC 9110 §7.6.1) that must not cross a proxy.
 const HOP_BY_HOP: [header::HeaderName; 5] = [
     header::CONNECTION,
@@ -316,6 +319,14 @@ pub(crate) async fn send(
     if shape.downstream != Version::HTTP_2 {
         parts.version = shape.downstream;
         strip_hop_by_hop(&mut parts.headers);
+        // HTTP/1.1 sends only the trailer fields the head declared (hyper
+        // enforces it): a gRPC status must be declared or it is lost.
+        if shape.grpc && !recv.is_end_stream() && !parts.headers.contains_key(header::TRAILER) {
+            parts.headers.insert(
+                header::TRAILER,
+                http::HeaderValue::from_static(GRPC_TRAILERS),
+            );
+        }
     }
     let state = CallState {
         guard: Some(guard),

@@ -81,6 +81,10 @@ pub enum AcceptError {
     Timeout(Duration),
     #[error("closed before sending anything")]
     Closed,
+    #[error("the client certificate has no SPIFFE ID")]
+    NoPeerIdentity,
+    #[error("the client certificate's SPIFFE ID {0} is from another trust domain")]
+    ForeignTrustDomain(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -115,8 +119,22 @@ impl Transport {
         let stream = tokio_rustls::TlsAcceptor::from(state.server.clone())
             .accept(tcp)
             .await?;
-        let identity = meshwire_tls::peer_id(stream.get_ref().1.peer_certificates()).map(Arc::from);
-        Ok((MeshIo::Server(Box::new(stream)), identity, None))
+        // The chain is the mesh CA's, but a policy can only name SPIFFE IDs:
+        // a certificate without one, or from another trust domain, is no
+        // mesh workload and must not reach authorization as "some caller".
+        let peer = meshwire_tls::peer_id(stream.get_ref().1.peer_certificates())
+            .ok_or(AcceptError::NoPeerIdentity)?;
+        let domain =
+            |id: &str| meshwire_tls::SpiffeId::parse(id).map(|i| i.trust_domain().to_owned());
+        let ours = state.cert.spiffe_id.as_deref().map(domain);
+        if !matches!((domain(&peer), ours), (Ok(p), Some(Ok(o))) if p == o) {
+            return Err(AcceptError::ForeignTrustDomain(peer));
+        }
+        Ok((
+            MeshIo::Server(Box::new(stream)),
+            Some(Arc::from(peer)),
+            None,
+        ))
     }
 }
 
@@ -223,6 +241,49 @@ fn builder(protocols: Protocols, s: &ServerSettings) -> auto::Builder<TokioExecu
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A served connection. hyper-util's upgradeable connection sniffs the
+    /// version itself and ignores `http2_only`, so an HTTP/2-only listener
+    /// serves the plain one: HTTP/1.1 there is a protocol error, not a request
+    /// (extended CONNECT still works: HTTP/2 upgrades need no HTTP/1 machinery).
+    #[project = ServedProj]
+    enum Served<'a, I, S, E>
+    where
+        S: hyper::service::HttpService<Incoming>,
+    {
+        Upgradeable { #[pin] conn: auto::UpgradeableConnection<'a, I, S, E> },
+        Plain { #[pin] conn: auto::Connection<'a, I, S, E> },
+    }
+}
+
+impl<'a, I, S, E, R> Future for Served<'a, I, S, E>
+where
+    S: hyper::service::HttpService<Incoming>,
+    auto::UpgradeableConnection<'a, I, S, E>: Future<Output = R>,
+    auto::Connection<'a, I, S, E>: Future<Output = R>,
+{
+    type Output = R;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<R> {
+        match self.project() {
+            ServedProj::Upgradeable { conn } => conn.poll(cx),
+            ServedProj::Plain { conn } => conn.poll(cx),
+        }
+    }
+}
+
+/// GOAWAY (HTTP/2) or no more keep-alive (HTTP/1.1) on a pinned [`Served`];
+/// a macro because hyper-util's `graceful_shutdown` exists only under the
+/// bounds of its serving impls.
+macro_rules! graceful_shutdown {
+    ($conn:expr) => {
+        match $conn.as_mut().project() {
+            ServedProj::Upgradeable { conn } => conn.graceful_shutdown(),
+            ServedProj::Plain { conn } => conn.graceful_shutdown(),
+        }
+    };
+}
+
 /// Serves `listener` until `shutdown` fires, then drains its connections.
 /// `tracker` tracks every connection: waiting on it waits for the drain.
 #[allow(clippy::too_many_arguments)]
@@ -237,6 +298,7 @@ pub(crate) fn spawn(
     tracker: &TaskTracker,
 ) {
     let builder = Arc::new(builder(protocols, settings));
+    let http2_only = protocols == Protocols::Http2;
     let limits = (settings.first_request_timeout, settings.idle_timeout);
     let make = Arc::new(make);
     let conns = tracker.clone();
@@ -289,13 +351,18 @@ pub(crate) fn spawn(
                     }),
                     activity: activity.clone(),
                 };
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+                let io = TokioIo::new(io);
+                let conn = if http2_only {
+                    Served::Plain { conn: builder.serve_connection(io, svc) }
+                } else {
+                    Served::Upgradeable { conn: builder.serve_connection_with_upgrades(io, svc) }
+                };
                 tokio::pin!(conn);
                 let r = tokio::select! {
                     r = conn.as_mut() => r,
                     () = shutdown.cancelled() => {
                         // GOAWAY (or no more keep-alive); in-flight calls finish.
-                        conn.as_mut().graceful_shutdown();
+                        graceful_shutdown!(conn);
                         conn.await
                     }
                     end = activity.watch(limits.0, limits.1) => {
@@ -304,12 +371,12 @@ pub(crate) fn spawn(
                             // Nothing was asked: nothing to finish.
                             Ended::NoRequest => return,
                             Ended::Idle => {
-                                conn.as_mut().graceful_shutdown();
+                                graceful_shutdown!(conn);
                                 conn.await
                             }
                             Ended::Abusive => {
                                 tracing::warn!(listener = name, %peer, "client cancels most of its calls (slow reset); sending GOAWAY");
-                                conn.as_mut().graceful_shutdown();
+                                graceful_shutdown!(conn);
                                 match tokio::time::timeout(ABUSE_DRAIN, conn).await {
                                     Ok(r) => r,
                                     Err(_) => return,

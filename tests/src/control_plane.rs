@@ -94,17 +94,45 @@ impl ControlPlaneProcess {
         listen: Option<SocketAddr>,
         envs: &[(&str, &str)],
     ) -> Self {
+        Self::start(data_dir, listen, None, envs, true).await
+    }
+
+    /// [`Self::spawn_with`], the admin HTTP port on `admin` (default
+    /// `127.0.0.1:0`): to probe `/ready` before the addr file is written.
+    pub async fn spawn_full(
+        data_dir: &Path,
+        listen: Option<SocketAddr>,
+        admin: Option<SocketAddr>,
+        envs: &[(&str, &str)],
+    ) -> Self {
+        Self::start(data_dir, listen, admin, envs, true).await
+    }
+
+    /// As deployed: xDS only to clients with a mesh certificate (no
+    /// `--plaintext-xds`).
+    pub async fn spawn_secure(data_dir: &Path) -> Self {
+        Self::start(data_dir, None, None, &[], false).await
+    }
+
+    async fn start(
+        data_dir: &Path,
+        listen: Option<SocketAddr>,
+        admin: Option<SocketAddr>,
+        envs: &[(&str, &str)],
+        plaintext_xds: bool,
+    ) -> Self {
         let run = tempfile::tempdir().unwrap();
         let addr_file = run.path().join(ADDR_FILE);
         let mut cmd = Command::new(bins::CONTROL_PLANE);
         let listen = listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        let admin = admin.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
         cmd.args([
             "--listen",
             &listen,
             "--tls-listen",
             "127.0.0.1:0",
             "--admin",
-            "127.0.0.1:0",
+            &admin,
             "--log",
             "info",
         ])
@@ -114,6 +142,11 @@ impl ControlPlaneProcess {
         .arg(&addr_file)
         .env_remove("MESHWIRE_ADMIN_TOKEN")
         .envs(envs.iter().copied());
+        if plaintext_xds {
+            // The tests' Envoy and grpcio peers, and sidecars given an
+            // http:// URL, take xDS without a certificate (loopback only).
+            cmd.arg("--plaintext-xds");
+        }
         let (process, (addr, admin)) = Process::start(
             "control-plane",
             cmd,

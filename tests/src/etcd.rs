@@ -204,6 +204,33 @@ impl Etcd {
             .collect()
     }
 
+    /// Every key and its value (both as text, lossily) in the store.
+    pub async fn all_values(&self) -> Vec<(String, String)> {
+        let r = self
+            .kv(0)
+            .await
+            .get("", Some(GetOptions::new().with_all_keys()))
+            .await
+            .unwrap();
+        r.kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// The value at `key`, as text.
+    pub async fn get(&self, key: &str) -> Option<String> {
+        let r = self.kv(0).await.get(key, None).await.ok()?;
+        r.kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+    }
+
     /// Compacts the history up to the current revision; returns it.
     pub async fn compact(&self) -> i64 {
         let mut kv = self.kv(0).await;

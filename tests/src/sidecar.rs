@@ -98,25 +98,27 @@ pub struct SidecarProcess {
 }
 
 impl SidecarProcess {
-    /// Starts `meshwire-sidecar` with `args` (plus local-only listeners and an
-    /// addr file) and waits until it has bound its ports.
+    /// Starts `meshwire-sidecar` with `args` (plus local-only listeners the
+    /// args do not name, and an addr file) and waits until it has bound its ports.
     pub async fn spawn(args: &[&str], envs: &[(&str, &str)]) -> SidecarProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let addr_file = dir.path().join("addrs.json");
         let mut cmd = Command::new(bins::SIDECAR);
-        cmd.args([
-            "--outbound",
-            "127.0.0.1:0",
-            "--inbound",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-        ])
-        .args(args)
-        .env("MESHWIRE_ADDR_FILE", &addr_file)
-        .envs(envs.iter().copied());
+        // Local-only listeners unless the test names its own (e.g. a fixed
+        // inbound port, so a restarted sidecar comes back at the same endpoint).
+        for (flag, default) in [
+            ("--outbound", "127.0.0.1:0"),
+            ("--inbound", "127.0.0.1:0"),
+            ("--admin", "127.0.0.1:0"),
+            ("--workers", "1"),
+        ] {
+            if !args.contains(&flag) {
+                cmd.args([flag, default]);
+            }
+        }
+        cmd.args(args)
+            .env("MESHWIRE_ADDR_FILE", &addr_file)
+            .envs(envs.iter().copied());
         let (process, addrs) = Process::start(
             "sidecar",
             cmd,

@@ -90,6 +90,11 @@ pub(crate) fn ca_error(e: CaError) -> Status {
         CaError::File { .. } | CaError::Identity(_) | CaError::Rcgen(_) | CaError::Task(_) => {
             Code::Internal
         }
+        CaError::Store(
+            StoreError::Unavailable { .. } | StoreError::Unconfirmed { .. } | StoreError::Closed,
+        ) => Code::Unavailable,
+        CaError::Store(StoreError::NotLeader) => Code::FailedPrecondition,
+        CaError::Store(_) => Code::Internal,
     };
     bounded(code, e)
 }
@@ -148,5 +153,11 @@ mod tests {
             Code::FailedPrecondition
         );
         assert_eq!(code(CaError::Rcgen("x".into())), Code::Internal);
+        let down = ca_error(CaError::Store(StoreError::Unavailable {
+            endpoints: "http://e:2379".into(),
+            reason: "refused".into(),
+        }));
+        assert_eq!(down.code(), Code::Unavailable);
+        assert!(down.message().contains("etcd"), "{down:?}");
     }
 }

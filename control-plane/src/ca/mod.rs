@@ -17,6 +17,10 @@
 //! `--ca-key`, optionally `--ca-bundle`) may be an intermediate; it is not
 //! copied into the data directory and cannot be rotated through the API.
 //!
+//! On etcd (`--etcd`) the roots, the signing choice and the join tokens
+//! live in etcd instead, shared by every replica, the roots' keys sealed
+//! ([`shared`]).
+//!
 //! The parts: `store` (roots and the bundle on disk, opening the CA),
 //! `issue` (signing workload, serving and admin certificates), `tokens`
 //! (join tokens), `rotation` (add, activate, remove roots). Errors are the
@@ -25,6 +29,7 @@
 
 mod issue;
 mod rotation;
+pub mod shared;
 mod store;
 mod tokens;
 
@@ -79,6 +84,9 @@ pub enum CaError {
     FailedPrecondition(String),
     #[error("CA task failed: {0}")]
     Task(String),
+    /// etcd (holding the CA's state and tokens) failed or refused.
+    #[error("{0}")]
+    Store(crate::store::StoreError),
 }
 
 impl From<rcgen::Error> for CaError {
@@ -103,6 +111,10 @@ pub struct CaConfig {
     /// Lifetime of workload certificates.
     pub cert_lifetime: Duration,
     pub user_ca: Option<UserCa>,
+    /// On etcd: seals the roots' private keys stored there.
+    pub etcd_seal_key: Option<Arc<shared::SealKey>>,
+    /// On etcd: how often the leader deletes expired and used join tokens.
+    pub token_sweep_interval: Duration,
 }
 
 impl Default for CaConfig {
@@ -111,6 +123,8 @@ impl Default for CaConfig {
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
             cert_lifetime: DEFAULT_CERT_LIFETIME,
             user_ca: None,
+            etcd_seal_key: None,
+            token_sweep_interval: shared::DEFAULT_SWEEP_INTERVAL,
         }
     }
 }
@@ -163,8 +177,6 @@ struct State {
     version: u64,
 }
 
-/// A join token as stored: the secret only as a hash.
-
 #[derive(Debug)]
 pub struct Ca {
     dir: PathBuf,
@@ -174,6 +186,8 @@ pub struct Ca {
     state: Mutex<State>,
     tokens: Mutex<BTreeMap<String, TokenRecord>>,
     bundle_tx: watch::Sender<Arc<BundleState>>,
+    /// On etcd: the state and tokens live there (`None`: in `dir`).
+    shared: Option<shared::Shared>,
 }
 
 fn unix(t: SystemTime) -> u64 {

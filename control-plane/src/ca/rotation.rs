@@ -3,6 +3,7 @@
 //! [`Ca::remove_root`] of the old one. Only for roots the control plane
 //! generated.
 
+use super::shared::Step;
 use super::store::{file_err, new_root, write_atomic};
 use super::{Ca, CaError, Root, Signing, State};
 
@@ -18,7 +19,7 @@ impl Ca {
         }
     }
 
-    fn find<'s>(st: &'s State, prefix: &str) -> Result<&'s Root, CaError> {
+    pub(super) fn find<'s>(st: &'s State, prefix: &str) -> Result<&'s Root, CaError> {
         let prefix = prefix.trim().to_ascii_lowercase();
         if prefix.len() < 4 {
             return Err(CaError::InvalidArgument(format!(
@@ -40,6 +41,11 @@ impl Ca {
     pub fn add_root(&self) -> Result<String, CaError> {
         self.generated_only()?;
         let (der, key) = new_root(&self.trust_domain)?;
+        if let Some(sh) = self.shared() {
+            let fp = self.rotate_shared(sh, &Step::Add(der, key.serialize_pem()))?;
+            tracing::info!(fingerprint = %fp, "root added to the trust bundle");
+            return Ok(fp);
+        }
         let root = Self::persist_root(&self.dir, der, key)?;
         let fp = root.info.fingerprint.clone();
         let mut st = self.lock();
@@ -53,6 +59,11 @@ impl Ca {
     /// Makes a trusted root the signing one.
     pub fn activate(&self, prefix: &str) -> Result<String, CaError> {
         self.generated_only()?;
+        if let Some(sh) = self.shared() {
+            let fp = self.rotate_shared(sh, &Step::Activate(prefix.to_owned()))?;
+            tracing::info!(fingerprint = %fp, "root now signs new certificates");
+            return Ok(fp);
+        }
         let mut st = self.lock();
         let root = Self::find(&st, prefix)?;
         if root.key.is_none() {
@@ -80,6 +91,11 @@ impl Ca {
     /// Removes a root that does not sign from the trust bundle.
     pub fn remove_root(&self, prefix: &str) -> Result<String, CaError> {
         self.generated_only()?;
+        if let Some(sh) = self.shared() {
+            let fp = self.rotate_shared(sh, &Step::Remove(prefix.to_owned()))?;
+            tracing::info!(fingerprint = %fp, "root removed from the trust bundle");
+            return Ok(fp);
+        }
         let mut st = self.lock();
         let fp = Self::find(&st, prefix)?.info.fingerprint.clone();
         if fp == st.signing.fingerprint {

@@ -79,6 +79,26 @@ impl Ca {
     /// Loads the CA from `<data_dir>/ca`, generating a root on first start
     /// (or takes the user's CA).
     pub fn open(data_dir: &Path, cfg: &CaConfig) -> Result<Arc<Self>, CaError> {
+        Self::open_with(data_dir, cfg, None)
+    }
+
+    /// Loads the CA shared by the replicas on etcd (see [`super::shared`]):
+    /// roots and tokens from etcd (the user's CA still from its files),
+    /// generating and storing a root if there is none. Blocks on etcd: call
+    /// it from a blocking thread.
+    pub fn open_shared(
+        data_dir: &Path,
+        cfg: &CaConfig,
+        shared: super::shared::Shared,
+    ) -> Result<Arc<Self>, CaError> {
+        Self::open_with(data_dir, cfg, Some(shared))
+    }
+
+    fn open_with(
+        data_dir: &Path,
+        cfg: &CaConfig,
+        shared: Option<super::shared::Shared>,
+    ) -> Result<Arc<Self>, CaError> {
         SpiffeId::for_service(&cfg.trust_domain, "default", "x").map_err(|_| {
             CaError::InvalidArgument(format!(
                 "--trust-domain {:?}: must be lowercase letters, digits, '-', '.', '_'",
@@ -93,11 +113,16 @@ impl Ca {
         }
         let dir = data_dir.join("ca");
         std::fs::create_dir_all(dir.join("roots")).map_err(|e| file_err(&dir, e))?;
-        let (state, user_managed) = match &cfg.user_ca {
-            Some(u) => (Self::load_user(u)?, true),
-            None => (Self::load_or_generate(&dir, &cfg.trust_domain)?, false),
+        let (state, user_managed) = match (&cfg.user_ca, &shared) {
+            (Some(u), _) => (Self::load_user(u)?, true),
+            (None, Some(sh)) => (sh.load_or_generate(&cfg.trust_domain)?, false),
+            (None, None) => (Self::load_or_generate(&dir, &cfg.trust_domain)?, false),
         };
-        let tokens = super::tokens::load(&dir)?;
+        // On etcd the tokens are read there, one at a time.
+        let tokens = match shared {
+            Some(_) => Default::default(),
+            None => super::tokens::load(&dir)?,
+        };
         let bundle = Self::bundle_state(&state)?;
         let (bundle_tx, _) = watch::channel(Arc::new(bundle));
         let ca = Arc::new(Self {
@@ -108,6 +133,7 @@ impl Ca {
             state: Mutex::new(state),
             tokens: Mutex::new(tokens),
             bundle_tx,
+            shared,
         });
         ca.write_bundle()?;
         tracing::info!(
@@ -115,6 +141,7 @@ impl Ca {
             signing = %ca.bundle().signing_fingerprint,
             roots = ca.bundle().fingerprints.len(),
             user_managed,
+            on_etcd = ca.shared.is_some(),
             "certificate authority ready"
         );
         Ok(ca)

@@ -1,6 +1,8 @@
 //! Join tokens: `mwjt.<id>.<secret>`, single use, bound to one SPIFFE ID,
 //! stored as a hash in `<data-dir>/ca/tokens.json` (fsync before a
-//! certificate is signed for one).
+//! certificate is signed for one), or on etcd as `ca/tokens/<id>`, spent by
+//! a compare-and-swap on the key's mod revision so that a token presented
+//! to several replicas at once is honoured by exactly one.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,6 +12,7 @@ use meshwire_tls::SpiffeId;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+use super::shared::{Shared, TOKENS};
 use super::store::{file_err, write_atomic};
 use super::{Ca, CaError, MAX_TOKEN_TTL, random_bytes, unix};
 
@@ -18,9 +21,9 @@ pub(super) struct TokenRecord {
     sha256: String,
     spiffe_id: String,
     service: String,
-    expires_unix: u64,
+    pub(super) expires_unix: u64,
     #[serde(default)]
-    used_unix: Option<u64>,
+    pub(super) used_unix: Option<u64>,
 }
 
 /// The tokens file of the CA directory `dir` (none yet: no tokens).
@@ -53,20 +56,29 @@ impl Ca {
         let secret = hex::encode(random_bytes::<24>()?);
         let token = format!("mwjt.{token_id}.{secret}");
         let expires = SystemTime::now() + ttl;
+        let record = TokenRecord {
+            sha256: hex::encode(sha2::Sha256::digest(secret.as_bytes())),
+            spiffe_id: id.to_string(),
+            service: service.to_owned(),
+            expires_unix: unix(expires),
+            used_unix: None,
+        };
+        if let Some(sh) = self.shared() {
+            let json = serde_json::to_vec(&record)
+                .map_err(|e| CaError::Rcgen(format!("encoding a token: {e}")))?;
+            if !sh.block(sh.kv().put_if(&format!("{TOKENS}{token_id}"), json, 0))? {
+                return Err(CaError::Rcgen(format!(
+                    "token id {token_id} already exists"
+                )));
+            }
+            tracing::info!(spiffe_id = %id, token_id, ttl = ?ttl, "join token created (etcd)");
+            return Ok((token, id, expires));
+        }
         let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         let now = unix(SystemTime::now());
         // Forget tokens that can no longer be used, so the file stays small.
         tokens.retain(|_, t| t.used_unix.is_none() && t.expires_unix > now);
-        tokens.insert(
-            token_id.clone(),
-            TokenRecord {
-                sha256: hex::encode(sha2::Sha256::digest(secret.as_bytes())),
-                spiffe_id: id.to_string(),
-                service: service.to_owned(),
-                expires_unix: unix(expires),
-                used_unix: None,
-            },
-        );
+        tokens.insert(token_id.clone(), record);
         self.save_tokens(&tokens)?;
         tracing::info!(spiffe_id = %id, token_id, ttl = ?ttl, "join token created");
         Ok((token, id, expires))
@@ -78,6 +90,9 @@ impl Ca {
         else {
             return Err(CaError::BadToken);
         };
+        if let Some(sh) = self.shared() {
+            return self.consume_shared(sh, id, secret);
+        }
         let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         let rec = tokens.get_mut(id).ok_or(CaError::BadToken)?;
         let hash = hex::encode(sha2::Sha256::digest(secret.as_bytes()));
@@ -96,6 +111,44 @@ impl Ca {
         let spiffe = SpiffeId::parse(&rec.spiffe_id)?;
         // Durable before the certificate exists: a crash cannot make it reusable.
         self.save_tokens(&tokens)?;
+        Ok(spiffe)
+    }
+
+    /// Reads the token's record, checks it, then marks it used only if
+    /// nobody wrote it since the read (Txn on its mod revision): the loser
+    /// of a race between replicas gets [`CaError::BadToken`].
+    fn consume_shared(&self, sh: &Shared, id: &str, secret: &str) -> Result<SpiffeId, CaError> {
+        let key = format!("{TOKENS}{id}");
+        let Some(v) = sh.block(sh.kv().get(&key))? else {
+            tracing::warn!(token_id = id, "refused a join token (unknown)");
+            return Err(CaError::BadToken);
+        };
+        let mut rec: TokenRecord =
+            serde_json::from_slice(&v.value).map_err(|_| CaError::BadToken)?;
+        let hash = hex::encode(sha2::Sha256::digest(secret.as_bytes()));
+        let now = unix(SystemTime::now());
+        if !constant_time_eq(hash.as_bytes(), rec.sha256.as_bytes())
+            || rec.used_unix.is_some()
+            || rec.expires_unix <= now
+        {
+            tracing::warn!(
+                token_id = id,
+                "refused a join token (wrong, used or expired)"
+            );
+            return Err(CaError::BadToken);
+        }
+        rec.used_unix = Some(now);
+        let spiffe = SpiffeId::parse(&rec.spiffe_id)?;
+        let json = serde_json::to_vec(&rec)
+            .map_err(|e| CaError::Rcgen(format!("encoding a token: {e}")))?;
+        // Durable in etcd before the certificate exists.
+        if !sh.block(sh.kv().put_if(&key, json, v.mod_revision))? {
+            tracing::warn!(
+                token_id = id,
+                "refused a join token (spent at the same moment through another replica)"
+            );
+            return Err(CaError::BadToken);
+        }
         Ok(spiffe)
     }
 

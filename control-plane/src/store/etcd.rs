@@ -26,6 +26,14 @@
 //! the key only if it does not exist). A replica that dies loses its lease, so
 //! its keys vanish and another one takes `leader` within the TTL plus one
 //! keep-alive period. These keys carry no version: the watch skips them.
+//! While it holds `leader` a replica publishes [`Leadership`] (its lease and
+//! the key's create revision); leader-only writes ([`EtcdKv::txn_as_leader`])
+//! compare that create revision in the same Txn, so a leader paused past its
+//! lease (another replica has created the key anew since) cannot write.
+//!
+//! The CA keeps its state under `ca/` ([`EtcdKv`], see `crate::ca`): the roots
+//! (keys sealed), the signing choice and the join tokens; the configuration
+//! watch skips those keys too.
 //!
 //! The etcd v3 API is spoken through the `etcd-client` crate, one client per
 //! member on its own lazily connected tonic channel: fail-over is ours, so we
@@ -45,7 +53,7 @@ use etcd_client::{
     LeaseClient, PutOptions, Txn, TxnOp, WatchClient, WatchOptions,
 };
 use futures_util::future::BoxFuture;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
@@ -60,6 +68,8 @@ pub const DEFAULT_PREFIX: &str = "/meshwire/";
 const VERSION_KEY: &str = "version";
 const REPLICAS: &str = "replicas/";
 const LEADER_KEY: &str = "leader";
+/// The CA's keys (roots, signing choice, join tokens): not configuration.
+const CA: &str = "ca/";
 
 /// How long a dead replica stays listed (and leader).
 pub const LEASE_TTL: Duration = Duration::from_secs(5);
@@ -340,6 +350,17 @@ pub struct EtcdStore {
     applied: Arc<AtomicI64>,
     /// This replica's id, once announced.
     me: std::sync::OnceLock<String>,
+    /// `Some` while this replica holds the leader key.
+    leadership: watch::Sender<Option<Leadership>>,
+}
+
+/// This replica holds the leader key: on this lease, created at this revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leadership {
+    /// This replica's id (the leader key's value).
+    pub replica: String,
+    pub lease: i64,
+    pub create_revision: i64,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -383,7 +404,18 @@ impl EtcdStore {
             closed: CancellationToken::new(),
             applied: Arc::default(),
             me: std::sync::OnceLock::new(),
+            leadership: watch::channel(None).0,
         })
+    }
+
+    /// A handle on the CA's keys (`ca/...`) and on leader-only writes.
+    pub fn kv(&self) -> EtcdKv {
+        EtcdKv {
+            client: self.client.clone(),
+            prefix: self.prefix.clone(),
+            leadership: self.leadership.subscribe(),
+            closed: self.closed.clone(),
+        }
     }
 
     fn ops_for(&self, change: &Change) -> Vec<TxnOp> {
@@ -538,6 +570,7 @@ impl Store for EtcdStore {
             self.prefix.clone(),
             me,
             self.applied.clone(),
+            self.leadership.clone(),
             self.closed.clone(),
         ));
     }
@@ -589,6 +622,252 @@ impl Store for EtcdStore {
 
     fn close(&self) {
         self.closed.cancel();
+    }
+}
+
+// === the CA's keys ===
+
+/// One value and the revision that last wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+}
+
+/// What a leader-only write does (keys relative to the prefix).
+#[derive(Debug, Clone)]
+pub enum LeaderOp {
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+/// The CA's handle on etcd: keys relative to the prefix, compare-and-swap
+/// writes, leader-only (fenced) writes, and a follower of one key. Cheap to
+/// clone; every call fails with [`StoreError::Unavailable`] (naming etcd)
+/// when no member answers.
+#[derive(Clone)]
+pub struct EtcdKv {
+    client: Client,
+    prefix: String,
+    leadership: watch::Receiver<Option<Leadership>>,
+    closed: CancellationToken,
+}
+
+impl std::fmt::Debug for EtcdKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdKv")
+            .field("endpoints", &self.client.names)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdKv {
+    fn key(&self, rel: &str) -> Vec<u8> {
+        key(&self.prefix, rel)
+    }
+
+    fn open(&self) -> Result<(), StoreError> {
+        if self.closed.is_cancelled() {
+            Err(StoreError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The value at `rel`, if any.
+    pub async fn get(&self, rel: &str) -> Result<Option<Versioned>, StoreError> {
+        self.open()?;
+        let k = self.key(rel);
+        let resp = self
+            .client
+            .call(false, |mut kv| {
+                let k = k.clone();
+                async move { kv.get(k, None).await }
+            })
+            .await?;
+        Ok(resp.kvs().first().map(|kv| Versioned {
+            value: kv.value().to_vec(),
+            mod_revision: kv.mod_revision(),
+        }))
+    }
+
+    /// Every key under `rel` (names relative to it).
+    pub async fn list(&self, rel: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+        self.open()?;
+        let k = self.key(rel);
+        let end = range_end(&k);
+        let resp = self
+            .client
+            .call(false, |mut kv| {
+                let (k, end) = (k.clone(), end.clone());
+                async move { kv.get(k, Some(GetOptions::new().with_range(end))).await }
+            })
+            .await?;
+        let skip = k.len();
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(&kv.key()[skip.min(kv.key().len())..]).into_owned(),
+                    Versioned {
+                        value: kv.value().to_vec(),
+                        mod_revision: kv.mod_revision(),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Writes `value` at `rel` if the key was last written at `expect`
+    /// (0: if it does not exist). `Ok(false)`: another writer was first,
+    /// nothing was written.
+    pub async fn put_if(&self, rel: &str, value: Vec<u8>, expect: i64) -> Result<bool, StoreError> {
+        self.open()?;
+        let k = self.key(rel);
+        let guard = if expect == 0 {
+            Compare::create_revision(k.clone(), CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(k.clone(), CompareOp::Equal, expect)
+        };
+        let txn = Txn::new().when([guard]).and_then([put(k, value)]);
+        let resp = self
+            .client
+            .call(true, |mut kv| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await?;
+        Ok(resp.succeeded())
+    }
+
+    /// `Some` while this replica holds the leader key.
+    pub fn leadership(&self) -> watch::Receiver<Option<Leadership>> {
+        self.leadership.clone()
+    }
+
+    /// Runs `ops` only if the leader key is still the one `lead` created:
+    /// a replica that lost its lease (paused, cut off) and has not noticed
+    /// yet is refused by etcd itself ([`StoreError::NotLeader`]).
+    pub async fn txn_as_leader(
+        &self,
+        lead: &Leadership,
+        ops: &[LeaderOp],
+    ) -> Result<(), StoreError> {
+        self.open()?;
+        let fence =
+            Compare::create_revision(self.key(LEADER_KEY), CompareOp::Equal, lead.create_revision);
+        let ops: Vec<TxnOp> = ops
+            .iter()
+            .map(|op| match op {
+                LeaderOp::Put(rel, v) => put(self.key(rel), v.clone()),
+                LeaderOp::Delete(rel) => delete(self.key(rel), None),
+            })
+            .collect();
+        let txn = Txn::new().when([fence]).and_then(ops);
+        let resp = self
+            .client
+            .call(true, |mut kv| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(StoreError::NotLeader)
+        }
+    }
+
+    /// Follows the value at `rel`: its current value (read on every
+    /// (re)connect, so nothing missed while cut off is lost), then every
+    /// change; `None` for a deleted key. Ends when the store closes.
+    pub fn follow_key(&self, rel: &str) -> mpsc::Receiver<Option<Versioned>> {
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        let rel = rel.to_owned();
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            let mut member = this.client.current.load(Ordering::Relaxed);
+            loop {
+                let end = tokio::select! {
+                    () = this.closed.cancelled() => return,
+                    end = this.follow_key_once(member, &rel, &tx) => end,
+                };
+                match end {
+                    WatchEnd::Closed => return,
+                    WatchEnd::Compacted(_) | WatchEnd::Failed(_) => {
+                        if let WatchEnd::Failed(reason) = end {
+                            tracing::debug!(key = %rel, member, %reason, "etcd key watch broken; resuming");
+                        }
+                        member = (member + 1) % this.client.members.len();
+                    }
+                }
+                failures = failures.saturating_add(1);
+                let exp = BACKOFF_BASE.saturating_mul(1 << failures.min(6).saturating_sub(1));
+                let delay = exp.min(BACKOFF_MAX).mul_f64(0.5 + fastrand::f64() * 0.5);
+                tokio::select! {
+                    () = this.closed.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        });
+        rx
+    }
+
+    async fn follow_key_once(
+        &self,
+        member: usize,
+        rel: &str,
+        tx: &mpsc::Sender<Option<Versioned>>,
+    ) -> WatchEnd {
+        let k = self.key(rel);
+        let mut kv = self.client.members[member].kv.clone();
+        let got = match tokio::time::timeout(self.client.timeout, kv.get(k.clone(), None)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return WatchEnd::Failed(e.to_string()),
+            Err(_) => return WatchEnd::Failed("no answer".into()),
+        };
+        let revision = got.header().map_or(0, |h| h.revision());
+        let current = got.kvs().first().map(|kv| Versioned {
+            value: kv.value().to_vec(),
+            mod_revision: kv.mod_revision(),
+        });
+        if tx.send(current).await.is_err() {
+            return WatchEnd::Closed;
+        }
+        let mut watch = self.client.members[member].watch.clone();
+        let options = WatchOptions::new().with_start_revision(revision + 1);
+        let mut stream = match watch.watch(k, Some(options)).await {
+            Ok(s) => s,
+            Err(e) => return WatchEnd::Failed(e.to_string()),
+        };
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return WatchEnd::Failed("stream ended".into()),
+                Err(e) => return WatchEnd::Failed(e.to_string()),
+            };
+            if resp.compact_revision() > 0 {
+                return WatchEnd::Compacted(resp.compact_revision());
+            }
+            if resp.canceled() {
+                return WatchEnd::Failed(format!("watch canceled: {}", resp.cancel_reason()));
+            }
+            for e in resp.events() {
+                let v = match (e.event_type(), e.kv()) {
+                    (EventType::Put, Some(kv)) => Some(Versioned {
+                        value: kv.value().to_vec(),
+                        mod_revision: kv.mod_revision(),
+                    }),
+                    _ => None,
+                };
+                if tx.send(v).await.is_err() {
+                    return WatchEnd::Closed;
+                }
+            }
+        }
     }
 }
 
@@ -716,10 +995,13 @@ async fn watch_once(
     }
 }
 
-/// A replica's presence or the leader key: no configuration in them.
+/// A replica's presence, the leader key or the CA's keys: no configuration in them.
 fn is_presence(prefix: &str, key: &[u8]) -> bool {
-    key.strip_prefix(prefix.as_bytes())
-        .is_some_and(|rel| rel.starts_with(REPLICAS.as_bytes()) || rel == LEADER_KEY.as_bytes())
+    key.strip_prefix(prefix.as_bytes()).is_some_and(|rel| {
+        rel.starts_with(REPLICAS.as_bytes())
+            || rel == LEADER_KEY.as_bytes()
+            || rel.starts_with(CA.as_bytes())
+    })
 }
 
 // === presence and leadership ===
@@ -731,15 +1013,21 @@ async fn presence(
     prefix: String,
     me: Presence,
     applied: Arc<AtomicI64>,
+    leadership: watch::Sender<Option<Leadership>>,
     closed: CancellationToken,
 ) {
     let mut failures = 0u32;
     loop {
         let member = client.current.load(Ordering::Relaxed) % client.members.len();
         let result = tokio::select! {
-            () = closed.cancelled() => return,
-            r = present_once(&client.members[member], &prefix, &me, &applied, &closed) => r,
+            () = closed.cancelled() => None,
+            r = present_once(&client.members[member], &prefix, &me, &applied, &leadership, &closed) => Some(r),
         };
+        // Whatever ended the lease, we no longer lead on it.
+        if leadership.send_replace(None).is_some() {
+            tracing::warn!(replica = %me.id, "leadership lost");
+        }
+        let Some(result) = result else { return };
         match result {
             Ok(()) => return,
             Err(e) => {
@@ -770,6 +1058,7 @@ async fn present_once(
     prefix: &str,
     me: &Presence,
     applied: &AtomicI64,
+    leadership: &watch::Sender<Option<Leadership>>,
     closed: &CancellationToken,
 ) -> Result<(), etcd_client::Error> {
     let mut lease = member.lease.clone();
@@ -819,9 +1108,17 @@ async fn present_once(
                     0,
                 )])
                 .and_then([TxnOp::put(leader.clone(), me.id.clone(), on_lease())]);
-            if kv.txn(txn).await?.succeeded() {
+            let resp = kv.txn(txn).await?;
+            if resp.succeeded() {
                 leading = true;
-                tracing::info!(replica = %me.id, lease = id, "elected leader");
+                // The Txn created the key: its revision is the key's create revision.
+                let create_revision = resp.header().map_or(0, |h| h.revision());
+                leadership.send_replace(Some(Leadership {
+                    replica: me.id.clone(),
+                    lease: id,
+                    create_revision,
+                }));
+                tracing::info!(replica = %me.id, lease = id, create_revision, "elected leader");
             }
         }
     }
@@ -1139,5 +1436,6 @@ mod tests {
         assert!(!is_presence("/m/", b"/m/version"));
         assert!(!is_presence("/m/", b"/m/services/leader"));
         assert!(!is_presence("/m/", b"/other/leader"));
+        assert!(is_presence("/m/", b"/m/ca/tokens/00aa"));
     }
 }

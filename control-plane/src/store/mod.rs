@@ -26,7 +26,7 @@ use meshwire_mesh::{Cluster, Endpoint, LbPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-pub use self::etcd::{EtcdConfig, EtcdStore};
+pub use self::etcd::{EtcdConfig, EtcdKv, EtcdStore, Leadership};
 pub use self::memory::MemoryStore;
 pub use self::redb::RedbStore;
 
@@ -194,6 +194,10 @@ pub enum StoreError {
         "etcd did not confirm the write ({endpoints}): {reason}; it may still be applied once etcd recovers, check before retrying"
     )]
     Unconfirmed { endpoints: String, reason: String },
+    /// A leader-only write from a replica that no longer holds the leader
+    /// key (its lease ran out, another replica leads): etcd refused it.
+    #[error("this replica is no longer the leader (its etcd lease ran out); the write was refused")]
+    NotLeader,
 }
 
 // === records ===

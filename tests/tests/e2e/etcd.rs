@@ -15,11 +15,13 @@ use meshwire_proto::admin::v1 as pb;
 use meshwire_tests::etcd::{Etcd, Relay};
 use meshwire_tests::{
     Admin, ControlPlaneProcess, Load, SidecarProcess, admin_json, api, applied_eds,
-    config_dump_until, echo, echo_client,
+    config_dump_until, echo, echo_client, endpoint_stats, eventually,
 };
 use tokio_stream::StreamExt;
 
 const TOKEN: &str = "etcd-test-admin-token-0123456789abcdef";
+/// Seals the CA roots' keys in etcd; the same for every replica.
+const SEAL: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 
@@ -45,13 +47,26 @@ async fn replica_at(
     dir: tempfile::TempDir,
     envs: &[(&str, &str)],
 ) -> (ControlPlaneProcess, tempfile::TempDir) {
+    replica_full(etcd, prefix, listen, None, dir, envs).await
+}
+
+/// [`replica_at`] with its admin HTTP port on `admin`.
+async fn replica_full(
+    etcd: &str,
+    prefix: &str,
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    dir: tempfile::TempDir,
+    envs: &[(&str, &str)],
+) -> (ControlPlaneProcess, tempfile::TempDir) {
     let mut all = vec![
         ("MESHWIRE_ETCD", etcd),
         ("MESHWIRE_ETCD_PREFIX", prefix),
         ("MESHWIRE_ADMIN_TOKEN", TOKEN),
+        ("MESHWIRE_ETCD_ENCRYPTION_KEY", SEAL),
     ];
     all.extend_from_slice(envs);
-    let cp = ControlPlaneProcess::spawn_with(dir.path(), listen, &all).await;
+    let cp = ControlPlaneProcess::spawn_full(dir.path(), listen, admin, &all).await;
     (cp, dir)
 }
 
@@ -579,9 +594,30 @@ async fn sidecars_fail_over_when_each_replica_is_killed_under_load() {
 
     // Kill A: s1 moves to B and re-ACKs the same versions, applying nothing.
     let before = source(s1.addrs.admin).await;
+    // The balancer's connection to e1, by its connect count (load keeps it open).
+    let admin1 = s1.addrs.admin;
+    let e1_addr = e1.addr;
+    eventually(
+        "s1 connected to e1",
+        Duration::from_secs(10),
+        || async move {
+            endpoint_stats(admin1, "echo", e1_addr).await["connections"].as_u64() >= Some(1)
+        },
+    )
+    .await;
+    let connects_before = endpoint_stats(s1.addrs.admin, "echo", e1.addr).await;
     a.signal("KILL");
     a.wait_exit(Duration::from_secs(5)).await;
     let after = moved_to(&s1, &b.url()).await;
+    let connects_after = endpoint_stats(s1.addrs.admin, "echo", e1.addr).await;
+    assert_eq!(
+        connects_after["connect_attempts"], connects_before["connect_attempts"],
+        "the endpoint kept its connection across the move: {connects_before} → {connects_after}"
+    );
+    assert!(
+        connects_after["connections"].as_u64() >= Some(1),
+        "{connects_after}"
+    );
     assert_eq!(
         after["versions"], before["versions"],
         "same versions from B"
@@ -733,7 +769,15 @@ async fn a_replica_started_without_etcd_waits_for_it() {
     let relay = Relay::start(etcd.members[0].client).await;
     relay.cut();
     let url = relay.url();
-    let waiting = tokio::spawn(async move { replica(&url, "/mesh/").await });
+    // Its admin port on a known address: probed before the addr file exists.
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        let dir = tempfile::tempdir().unwrap();
+        replica_full(&url, "/mesh/", None, Some(admin), dir, &[]).await
+    });
     // It tries etcd again and again, without giving up.
     let start = tokio::time::Instant::now();
     while relay.attempts.load(std::sync::atomic::Ordering::SeqCst) < 3 {
@@ -742,6 +786,16 @@ async fn a_replica_started_without_etcd_waits_for_it() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!waiting.is_finished(), "serving before the state is loaded");
+    // Probes see it not ready, and why.
+    let (status, _, body) = meshwire_tests::clients::http1_get(admin, "cp", "/ready")
+        .await
+        .expect("the admin port is served while etcd is awaited");
+    assert_eq!(status, 503);
+    assert!(
+        String::from_utf8_lossy(&body).contains("waiting for etcd"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     relay.restore();
     let (b, _db) = waiting.await.unwrap();
     assert!(b.log().contains("etcd unreachable at start"), "{}", b.log());
@@ -749,6 +803,10 @@ async fn a_replica_started_without_etcd_waits_for_it() {
     assert_eq!(listing(&mut cb).await.0, v);
     let (cds, _) = sotw_at(b.addr, &["greeter"], v).await;
     assert_eq!(cds.version_info, v.to_string());
+    let (status, _, _) = meshwire_tests::clients::http1_get(b.admin, "cp", "/ready")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "ready once loaded");
 }
 
 /// Adds `addr` to `greeter`, retrying while etcd is unavailable (bounded);
@@ -879,4 +937,548 @@ async fn cp_status_lists_replicas_and_a_new_leader_follows_a_killed_one() {
     .await;
     assert!(killed.elapsed() <= limit, "{:?}", killed.elapsed());
     assert_eq!(s["leader"], s["replica"], "{s}");
+}
+
+// === the CA on etcd ===
+
+/// The trust bundle a replica serves, as meshctl gets it.
+async fn ca_status(a: &mut Admin) -> pb::CaStatus {
+    a.get_ca(pb::GetCaRequest {}).await.unwrap().into_inner()
+}
+
+/// A join token for `service` through `a`.
+async fn join_token(a: &mut Admin, service: &str, ttl: Duration) -> pb::JoinToken {
+    a.create_join_token(pb::CreateJoinTokenRequest {
+        service: service.into(),
+        namespace: String::new(),
+        ttl: Some(ttl.try_into().unwrap()),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// A channel to a replica's TLS port, verified against `bundle_pem` (and
+/// the control plane's SPIFFE ID), presenting `creds` if given.
+async fn tls_channel(
+    cp: &ControlPlaneProcess,
+    bundle_pem: &str,
+    creds: Option<&meshwire_tls::Credentials>,
+) -> tonic::transport::Channel {
+    let bundle = meshwire_tls::TrustBundle::from_pem(bundle_pem).unwrap();
+    let expect = meshwire_tls::SpiffeId::for_service(
+        "meshwire.local",
+        meshwire_control_plane::ca::CONTROL_PLANE_NAMESPACE,
+        meshwire_control_plane::ca::CONTROL_PLANE_SERVICE,
+    )
+    .unwrap();
+    let connector = meshwire_control_plane::tls::connector(&bundle, creds, Some(&expect)).unwrap();
+    tonic::transport::Endpoint::from_shared(cp.tls_url())
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .expect("TLS to the replica")
+}
+
+/// Identity.Issue with a fresh key: the credentials, or the refusal.
+async fn issue(
+    ch: tonic::transport::Channel,
+    token: &str,
+) -> Result<meshwire_tls::Credentials, tonic::Status> {
+    use meshwire_proto::identity::v1 as ipb;
+    let (key, csr) = meshwire_tls::new_key_and_csr().unwrap();
+    let cert = ipb::identity_client::IdentityClient::new(ch)
+        .issue(ipb::IssueRequest {
+            join_token: token.into(),
+            csr_pem: csr,
+        })
+        .await?
+        .into_inner();
+    let chain = meshwire_tls::certs_from_pem(&cert.cert_chain_pem).unwrap();
+    Ok(meshwire_tls::Credentials { chain, key })
+}
+
+/// Identity.Renew over mutual TLS with `creds`: the replica verified them
+/// against its trust bundle.
+async fn renew_at(
+    cp: &ControlPlaneProcess,
+    bundle_pem: &str,
+    creds: &meshwire_tls::Credentials,
+) -> Result<String, tonic::Status> {
+    use meshwire_proto::identity::v1 as ipb;
+    let ch = tls_channel(cp, bundle_pem, Some(creds)).await;
+    let (_, csr) = meshwire_tls::new_key_and_csr().unwrap();
+    Ok(ipb::identity_client::IdentityClient::new(ch)
+        .renew(ipb::RenewRequest { csr_pem: csr })
+        .await?
+        .into_inner()
+        .spiffe_id)
+}
+
+/// Join tokens live in etcd (hashed): one made through replica A works at
+/// B, and a token presented to both replicas at the same moment yields
+/// exactly one certificate, round after round (the spend is a
+/// compare-and-swap on the token's key in etcd).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_is_spent_once_across_replicas() {
+    const ROUNDS: usize = 25;
+    let etcd = Etcd::start().await;
+    let (a, _da) = replica(&etcd.urls(), "/mesh/").await;
+    let (b, _db) = replica(&etcd.urls(), "/mesh/").await;
+    let mut ca = a.client().await;
+    let mut cb = b.client().await;
+    api::create_service(&mut ca, "echo").await;
+    // One CA for both: the same bundle from either replica.
+    let bundle = ca_status(&mut ca).await.trust_bundle_pem;
+    assert_eq!(bundle, ca_status(&mut cb).await.trust_bundle_pem);
+
+    // Made at A, used at B; then refused at A.
+    let t = join_token(&mut ca, "echo", Duration::from_secs(60)).await;
+    let creds = issue(tls_channel(&b, &bundle, None).await, &t.token)
+        .await
+        .expect("a token made through A works at B");
+    let id = meshwire_tls::cert_info(&creds.chain[0]).unwrap().spiffe_id;
+    assert_eq!(id.as_deref(), Some(t.spiffe_id.as_str()));
+    let again = issue(tls_channel(&a, &bundle, None).await, &t.token)
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::Unauthenticated, "{again:?}");
+    // Hashed in etcd: the secret is nowhere in it.
+    let secret = t.token.rsplit('.').next().unwrap();
+    for (k, v) in etcd.all_values().await {
+        assert!(!v.contains(secret), "{k} holds the token's secret");
+    }
+
+    // The same token at both replicas at once: one certificate per round.
+    let (cha, chb) = (
+        tls_channel(&a, &bundle, None).await,
+        tls_channel(&b, &bundle, None).await,
+    );
+    let mut issued = 0;
+    for round in 0..ROUNDS {
+        let maker = if round % 2 == 0 { &mut ca } else { &mut cb };
+        let t = join_token(maker, "echo", Duration::from_secs(60)).await;
+        let (ra, rb) = tokio::join!(issue(cha.clone(), &t.token), issue(chb.clone(), &t.token));
+        let oks = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(oks, 1, "round {round}: {:?} / {:?}", ra.err(), rb.err());
+        let refused = [ra, rb].into_iter().find_map(Result::err).unwrap();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        issued += oks;
+    }
+    assert_eq!(issued, ROUNDS);
+}
+
+/// The CA's state is in etcd, shared: a root added and activated through
+/// replica A reaches a sidecar whose identity comes from replica B (its
+/// trust bundle, then a certificate signed by the new root, through B); a
+/// certificate B issues verifies at A; a replica started later has the same
+/// roots; and etcd's values hold no private key in the clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotation_through_one_replica_reaches_sidecars_on_another() {
+    let etcd = Etcd::start().await;
+    let (a, _da) = replica(&etcd.urls(), "/mesh/").await;
+    let (b, _db) = replica(&etcd.urls(), "/mesh/").await;
+    let mut ca = a.client().await;
+    let mut cb = b.client().await;
+    api::create_service(&mut ca, "echo").await;
+    let first = ca_status(&mut ca).await;
+    assert_eq!(first.roots.len(), 1);
+    let old = first.roots[0].fingerprint.clone();
+    assert_eq!(ca_status(&mut cb).await.roots[0].fingerprint, old);
+
+    // A sidecar joining through B.
+    let t = join_token(&mut cb, "echo", Duration::from_secs(60)).await;
+    let run = tempfile::tempdir().unwrap();
+    let bundle_file = run.path().join("bundle.pem");
+    std::fs::write(&bundle_file, &first.trust_bundle_pem).unwrap();
+    let tls = b.tls_url();
+    let sc = SidecarProcess::spawn(
+        &[
+            "--control-plane",
+            &tls,
+            "--service",
+            "echo",
+            "--join-token",
+            &t.token,
+            "--trust-bundle",
+            bundle_file.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    let certs = |sc: &SidecarProcess| {
+        let admin = sc.addrs.admin;
+        async move { admin_json(admin, "/certs").await }
+    };
+    let start = tokio::time::Instant::now();
+    loop {
+        let c = certs(&sc).await;
+        if c["ready"] == true {
+            assert_eq!(c["signed_by"], old.as_str(), "{c}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no identity: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Through A: add a root. B's sidecar trusts it within moments.
+    let added = ca
+        .add_root(pb::AddRootRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let new = added
+        .roots
+        .iter()
+        .find(|r| r.fingerprint != old)
+        .expect("the new root")
+        .fingerprint
+        .clone();
+    let start = tokio::time::Instant::now();
+    loop {
+        let c = certs(&sc).await;
+        let fps: Vec<String> =
+            serde_json::from_value(c["trust_bundle"]["fingerprints"].clone()).unwrap_or_default();
+        if fps.contains(&new) && fps.contains(&old) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the root added through A never reached B's sidecar: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Through A: activate it. B signs with it: the sidecar renews through B.
+    ca.activate_root(pb::ActivateRootRequest {
+        fingerprint: new[..12].to_owned(),
+    })
+    .await
+    .unwrap();
+    let start = tokio::time::Instant::now();
+    loop {
+        let c = certs(&sc).await;
+        if c["signed_by"] == new.as_str() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "B's sidecar was never re-signed by the root activated through A: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let now_b = ca_status(&mut cb).await;
+    let signing: Vec<_> = now_b.roots.iter().filter(|r| r.signing).collect();
+    assert_eq!(signing.len(), 1);
+    assert_eq!(signing[0].fingerprint, new, "B signs with the new root");
+
+    // A certificate issued by B verifies at A (A checks the client chain
+    // against its bundle, and renews the identity it carries).
+    let bundle = now_b.trust_bundle_pem.clone();
+    assert_eq!(bundle, ca_status(&mut ca).await.trust_bundle_pem);
+    let t = join_token(&mut ca, "echo", Duration::from_secs(60)).await;
+    let creds = issue(tls_channel(&b, &bundle, None).await, &t.token)
+        .await
+        .unwrap();
+    assert_eq!(
+        renew_at(&a, &bundle, &creds).await.unwrap(),
+        t.spiffe_id,
+        "A accepts B's certificate"
+    );
+
+    // `admin-cert` with --etcd signs with the shared CA too: A accepts it.
+    let out = run.path().join("admin");
+    let urls = etcd.urls();
+    let cmd_out = {
+        let out = out.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(meshwire_tests::bins::CONTROL_PLANE)
+                .arg("--data-dir")
+                .arg(out.join("data"))
+                .args(["admin-cert", "--out"])
+                .arg(&out)
+                .env("MESHWIRE_ETCD", urls)
+                .env("MESHWIRE_ETCD_PREFIX", "/mesh/")
+                .env("MESHWIRE_ETCD_ENCRYPTION_KEY", SEAL)
+                .output()
+                .expect("run admin-cert")
+        })
+        .await
+        .unwrap()
+    };
+    assert!(
+        cmd_out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmd_out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("bundle.pem")).unwrap(),
+        bundle
+    );
+    let admin_creds = meshwire_tls::Credentials {
+        chain: meshwire_tls::certs_from_pem(
+            &std::fs::read_to_string(out.join("admin.crt")).unwrap(),
+        )
+        .unwrap(),
+        key: meshwire_tls::key_from_pem(&std::fs::read_to_string(out.join("admin.key")).unwrap())
+            .unwrap(),
+    };
+    assert!(
+        renew_at(&a, &bundle, &admin_creds)
+            .await
+            .unwrap()
+            .ends_with("/sa/admin")
+    );
+
+    // A replica started now has the same CA.
+    let (c, _dc) = replica(&etcd.urls(), "/mesh/").await;
+    assert_eq!(
+        ca_status(&mut c.client().await).await.trust_bundle_pem,
+        bundle
+    );
+    // No private key in the clear anywhere in etcd.
+    let values = etcd.all_values().await;
+    assert!(
+        values.iter().any(|(k, _)| k == "/mesh/ca/state"),
+        "{values:?}"
+    );
+    for (k, v) in &values {
+        assert!(!v.contains("PRIVATE KEY"), "{k} holds a PEM private key");
+    }
+}
+
+/// Replica `id`'s process and the other one, from `cp status`.
+fn leader_and_follower<'a>(
+    s: &serde_json::Value,
+    a: &'a mut ControlPlaneProcess,
+    b: &'a mut ControlPlaneProcess,
+) -> (&'a mut ControlPlaneProcess, &'a mut ControlPlaneProcess) {
+    let leader = s["leader"].as_str().unwrap();
+    let addr = s["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == leader)
+        .unwrap()["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    if addr == a.addr.to_string() {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+/// `ca/housekeeping` in etcd: who swept last.
+async fn housekeeping(etcd: &Etcd) -> Option<serde_json::Value> {
+    let v = etcd.get("/mesh/ca/housekeeping").await?;
+    serde_json::from_str(&v).ok()
+}
+
+/// The leader alone sweeps expired join tokens, in writes fenced on its
+/// leader key: the leader paused with SIGSTOP past its lease, the other
+/// replica is elected within the TTL + 2 s and sweeps from then on; resumed
+/// with SIGCONT, the old leader's first write is refused by etcd, it steps
+/// down, and every token is swept by one replica only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_cannot_write_after_losing_its_lease() {
+    let etcd = Etcd::start().await;
+    let fast = [("MESHWIRE_TOKEN_SWEEP_INTERVAL", "200ms")];
+    let (mut a, _da) = replica_with(&etcd.urls(), "/mesh/", &fast).await;
+    let (mut b, _db) = replica_with(&etcd.urls(), "/mesh/", &fast).await;
+    api::create_service(&mut a.client().await, "echo").await;
+    let both = format!("{},{}", a.url(), b.url());
+    let s = cp_status_until(&both, Duration::from_secs(10), |s| {
+        s["replicas"].as_array().unwrap().len() == 2 && !s["leader"].as_str().unwrap().is_empty()
+    })
+    .await;
+    let old_id = s["leader"].as_str().unwrap().to_owned();
+    let (old, new) = leader_and_follower(&s, &mut a, &mut b);
+    let etcd = &etcd;
+    let swept_by = |id: String| {
+        move || {
+            let id = id.clone();
+            async move {
+                housekeeping(etcd)
+                    .await
+                    .is_some_and(|h| h["leader"] == id.as_str())
+            }
+        }
+    };
+    // The leader sweeps.
+    eventually(
+        "the leader's first sweep",
+        Duration::from_secs(10),
+        swept_by(old_id.clone()),
+    )
+    .await;
+
+    old.signal("STOP");
+    let stopped = tokio::time::Instant::now();
+    let limit = meshwire_control_plane::store::etcd::LEASE_TTL + Duration::from_secs(2);
+    let s = cp_status_until(&new.url(), limit + Duration::from_secs(1), |s| {
+        !s["leader"].as_str().unwrap_or("").is_empty() && s["leader"] != old_id.as_str()
+    })
+    .await;
+    let elected = stopped.elapsed();
+    assert!(elected <= limit, "new leader after {elected:?}");
+    let new_id = s["leader"].as_str().unwrap().to_owned();
+    assert_eq!(s["replica"], new_id.as_str(), "the survivor leads");
+    eventually(
+        "the new leader's first sweep",
+        Duration::from_secs(5),
+        swept_by(new_id.clone()),
+    )
+    .await;
+    let mut admin_new = new.client().await;
+    let t1 = join_token(&mut admin_new, "echo", Duration::from_secs(1)).await;
+
+    // Resumed: its sweep was due long ago; etcd refuses it.
+    old.signal("CONT");
+    let logged = |p: &ControlPlaneProcess, what: &'static str| {
+        let log = p.log();
+        async move { log.contains(what) }
+    };
+    eventually(
+        "the old leader's write to be refused",
+        Duration::from_secs(10),
+        || logged(old, "no longer holds the leader key (fenced)"),
+    )
+    .await;
+    eventually(
+        "the old leader to step down",
+        Duration::from_secs(10),
+        || logged(old, "leadership lost"),
+    )
+    .await;
+    // Tokens made through either replica are swept by the leader alone.
+    let t2 = join_token(&mut old.client().await, "echo", Duration::from_secs(1)).await;
+    for t in [&t1, &t2] {
+        let id = t.token.split('.').nth(1).unwrap().to_owned();
+        eventually("the token to be swept", Duration::from_secs(10), || {
+            let id = id.clone();
+            let log = new.log();
+            async move {
+                log.lines()
+                    .any(|l| l.contains("join tokens swept") && l.contains(&id))
+            }
+        })
+        .await;
+        assert!(
+            etcd.get(&format!("/mesh/ca/tokens/{id}")).await.is_none(),
+            "swept from etcd"
+        );
+    }
+    assert!(
+        !old.log().contains("join tokens swept"),
+        "the old leader swept:\n{}",
+        old.log()
+    );
+    let s = cp_status(both.clone()).await;
+    assert_eq!(s["leader"], new_id.as_str(), "{s}");
+    assert_eq!(
+        housekeeping(etcd).await.unwrap()["leader"],
+        new_id.as_str(),
+        "only the new leader writes"
+    );
+}
+
+/// etcd killed (SIGKILL) under a running replica: it keeps serving its last
+/// state (reads, xDS to its sidecar), refuses writes and new join tokens
+/// with UNAVAILABLE naming etcd, stays ready; etcd back, writes work again
+/// and reach the sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_killed_under_a_replica_leaves_it_read_only_until_it_returns() {
+    let mut etcd = Etcd::start().await;
+    let (a, _da) = replica_with(&etcd.urls(), "/mesh/", &[("MESHWIRE_ETCD_TIMEOUT", "1s")]).await;
+    let mut ca = a.client().await;
+    let e1 = echo("e1").await;
+    let e2 = echo("e2").await;
+    api::create_service(&mut ca, "echo").await;
+    let v = api::add_endpoint(&mut ca, "echo", e1.addr, 1).await;
+    a.published().await;
+    let s = sidecar_on(&[a.url()], "s").await;
+    applied(&s, v, "the first config").await;
+
+    etcd.kill(0);
+    let refused = ca
+        .add_endpoint(pb::AddEndpointRequest {
+            service: "echo".into(),
+            endpoint: Some(pb::Endpoint {
+                address: e2.addr.to_string(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("etcd"), "{refused:?}");
+    let refused = ca
+        .create_join_token(pb::CreateJoinTokenRequest {
+            service: "echo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("etcd"), "{refused:?}");
+    // Reads and xDS serve the last state; still ready (it serves).
+    assert_eq!(
+        listing(&mut ca).await,
+        (
+            v,
+            BTreeMap::from([("echo".into(), vec![e1.addr.to_string()])])
+        )
+    );
+    let (cds, eds) = sotw_at(a.addr, &["echo"], v).await;
+    assert_eq!(cds.resources.len(), 1);
+    assert_eq!(eds.resources.len(), 1);
+    let c = echo_client(s.addrs.outbound, "echo").await;
+    let l = Load::start(&c, 2);
+    let (status, _, _) = meshwire_tests::clients::http1_get(a.admin, "cp", "/ready")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    etcd.restart(0);
+    etcd.wait_member(0).await;
+    let start = tokio::time::Instant::now();
+    let v2 = loop {
+        match api_try_add(&mut ca, e2.addr).await {
+            Ok(v2) => break v2,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "still refused: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(v2, v + 1);
+    applied(&s, v2, "the write after etcd came back").await;
+    join_token(&mut ca, "echo", Duration::from_secs(60)).await;
+    let (ok, failed) = l.finish().await;
+    assert!(
+        failed.is_empty(),
+        "{} calls failed: {failed:?}",
+        failed.len()
+    );
+    assert!(ok.get("e1").copied().unwrap_or(0) > 0, "{ok:?}");
+}
+
+async fn api_try_add(a: &mut Admin, addr: SocketAddr) -> Result<u64, tonic::Status> {
+    a.add_endpoint(pb::AddEndpointRequest {
+        service: "echo".into(),
+        endpoint: Some(pb::Endpoint {
+            address: addr.to_string(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .map(|r| r.into_inner().version)
 }

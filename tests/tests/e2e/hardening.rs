@@ -1078,3 +1078,122 @@ async fn a_token_for_another_service_is_refused() {
     .unwrap();
     assert!(certs["spiffe_id"].is_null(), "{certs}");
 }
+
+// === defect 6: anonymous xDS ===
+
+/// As deployed (no `--plaintext-xds`), xDS holds every service's endpoints,
+/// identities and policies, so it is only for holders of a mesh certificate:
+/// on the plaintext port the stream is refused (FAILED_PRECONDITION, naming
+/// the TLS port and the flag), on the TLS port without a client certificate
+/// too (UNAUTHENTICATED); no node is registered either way; a sidecar that
+/// joined with a token gets its config over mTLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xds_is_refused_to_clients_without_a_mesh_certificate() {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+
+    let data = data_dir();
+    let cp = ControlPlaneProcess::spawn_secure(data.path()).await;
+    let mut admin = cp.client().await;
+    api::create_service(&mut admin, "echo").await;
+    let forged = || DiscoveryRequest {
+        node: Some(Node {
+            id: "forged-node".into(),
+            cluster: "echo".into(),
+            ..Default::default()
+        }),
+        type_url: meshwire_xds::resources::CLUSTER.into(),
+        ..Default::default()
+    };
+    async fn first_answer(
+        channel: tonic::transport::Channel,
+        req: DiscoveryRequest,
+    ) -> Result<(), tonic::Status> {
+        let mut ads = AggregatedDiscoveryServiceClient::new(channel);
+        let mut stream = ads
+            .stream_aggregated_resources(tokio_stream::iter(vec![req]))
+            .await?
+            .into_inner();
+        tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("no answer in 5 s"))?
+            .map(|_| ())
+    }
+
+    let plain = tonic::transport::Endpoint::from_shared(cp.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let e = first_answer(plain, forged()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("--plaintext-xds") && e.message().contains("TLS"),
+        "{e:?}"
+    );
+
+    let ca = admin
+        .get_ca(pb::GetCaRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let bundle = meshwire_tls::TrustBundle::from_pem(&ca.trust_bundle_pem).unwrap();
+    let no_cert = meshwire_tls::client_config(None, &bundle).unwrap();
+    let connector = meshwire_tls::TlsConnector {
+        config: std::sync::Arc::new(arc_swap::ArcSwap::new(no_cert)),
+        expect: None,
+    };
+    let tls = tonic::transport::Endpoint::from_shared(cp.tls_url())
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .unwrap();
+    let e = first_answer(tls, forged()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+
+    // A real sidecar that joined with a token gets its config over mTLS.
+    let token = admin
+        .create_join_token(pb::CreateJoinTokenRequest {
+            service: "echo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let bundle_file = data.path().join("bundle.pem");
+    std::fs::write(&bundle_file, &ca.trust_bundle_pem).unwrap();
+    let tls_url = cp.tls_url();
+    let sc = SidecarProcess::spawn(
+        &[
+            "--control-plane",
+            &tls_url,
+            "--service",
+            "echo",
+            "--join-token",
+            &token,
+            "--trust-bundle",
+            bundle_file.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    eventually("the sidecar is ready", Duration::from_secs(15), || async {
+        http1_get(sc.addrs.admin, "localhost", "/ready")
+            .await
+            .is_ok_and(|(s, _, _)| s == 200)
+    })
+    .await;
+    let status = admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !status.nodes.iter().any(|n| n.node_id == "forged-node"),
+        "a refused stream registered a node: {:?}",
+        status.nodes
+    );
+    assert_eq!(status.nodes.len(), 1, "{:?}", status.nodes);
+}

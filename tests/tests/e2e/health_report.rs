@@ -482,6 +482,11 @@ async fn on_etcd_every_replica_publishes_what_one_was_told() {
             ("MESHWIRE_ETCD", urls.to_owned()),
             ("MESHWIRE_ETCD_PREFIX", "/health/".to_owned()),
             ("MESHWIRE_ADMIN_TOKEN", token.to_owned()),
+            // The shared CA's root keys are sealed in etcd with this key.
+            (
+                "MESHWIRE_ETCD_ENCRYPTION_KEY",
+                "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff".to_owned(),
+            ),
         ]
     };
     let spawn = |dir: &tempfile::TempDir| {

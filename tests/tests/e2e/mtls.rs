@@ -363,3 +363,171 @@ async fn calls_made_during_start_up_wait_for_the_first_config() {
     assert_eq!(r.server, "b-0");
     assert_eq!(sc.waiting_at_start(), 0);
 }
+
+/// On a permissive service a plaintext caller has no identity to match
+/// against a deny naming sources: it is denied too (fail closed), so turning
+/// TLS off on the caller's side is no way around the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_caller_cannot_slip_past_a_deny_on_a_permissive_service() {
+    let ca = TestCa::new("mesh");
+    let app = echo("b-0").await;
+    let policy = Policy {
+        default_action: Action::Allow,
+        rules: vec![rule(Action::Deny, &[&id("batch")], &[], &[])],
+    };
+    let b = server(
+        &ca,
+        "b",
+        app.addr,
+        Some(with_policy("b", Some(policy), true)),
+    )
+    .await;
+    let inbound = b.inbound_addr.unwrap();
+    let batch = client(
+        Some(identity_of(&ca, "batch")),
+        "b",
+        inbound,
+        Some(&id("b")),
+    )
+    .await;
+    let web = client(Some(identity_of(&ca, "web")), "b", inbound, Some(&id("b"))).await;
+    let plain = client(None, "b", inbound, None).await;
+    echo_client(web.outbound_addr, "b")
+        .await
+        .echo(EchoRequest::default())
+        .await
+        .unwrap();
+    let before = calls(&app);
+    for (who, sc) in [("batch", &batch), ("plaintext", &plain)] {
+        let e = echo_client(sc.outbound_addr, "b")
+            .await
+            .echo(EchoRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{who}: {e:?}");
+    }
+    assert_eq!(calls(&app), before, "no denied call reached the app");
+}
+
+/// A certificate chained to the mesh's root but without a SPIFFE ID, or with
+/// one from another trust domain, is no mesh workload: the inbound refuses
+/// the connection after the handshake, and the app sees nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_without_a_spiffe_id_or_from_another_trust_domain_are_refused() {
+    let ca = TestCa::new("mesh");
+    let app = echo("b-0").await;
+    let b = server(&ca, "b", app.addr, Some(with_policy("b", None, false))).await;
+    let inbound = b.inbound_addr.unwrap();
+    assert_eq!(
+        raw_tls_call(inbound, Some(&ca.leaf(&id("a"))), &ca.bundle()).await,
+        Ok(200)
+    );
+    let before = calls(&app);
+    for leaf in [
+        "spiffe://other.example/ns/default/sa/a",
+        "https://workload.example/a",
+    ] {
+        let got = raw_tls_call(inbound, Some(&ca.leaf(leaf)), &ca.bundle()).await;
+        assert!(got.is_err(), "{leaf}: {got:?}");
+    }
+    assert_eq!(calls(&app), before, "no refused caller reached the app");
+}
+
+/// An HTTP/1.1 request to the inbound (sidecar-to-sidecar, HTTP/2 only),
+/// sent as-is over `io`; what came back until the peer closed or 3 s passed.
+async fn http1_on<S>(mut io: S) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = b"POST /meshwire.example.v1.Echo/Echo HTTP/1.1\r\nhost: b\r\n\
+        content-type: application/grpc\r\nte: trailers\r\ncontent-length: 5\r\n\r\n\0\0\0\0\0";
+    if io.write_all(req).await.is_err() {
+        return String::new();
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), io.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The sidecar-to-sidecar listener is HTTP/2 only: HTTP/1.1 gets no answer,
+/// neither in plaintext (a permissive service) nor over mutual TLS without
+/// ALPN, and never reaches the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbound_answers_http1_with_nothing() {
+    let ca = TestCa::new("mesh");
+    let app = echo("b-0").await;
+    let b = server(&ca, "b", app.addr, Some(with_policy("b", None, true))).await;
+    let inbound = b.inbound_addr.unwrap();
+    // The same request as HTTP/2 works (plaintext, permissive).
+    let plain = client(None, "b", inbound, None).await;
+    echo_client(plain.outbound_addr, "b")
+        .await
+        .echo(EchoRequest::default())
+        .await
+        .unwrap();
+    let before = calls(&app);
+
+    let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let got = http1_on(tcp).await;
+    assert!(
+        !got.starts_with("HTTP/1"),
+        "plaintext HTTP/1.1 was served: {got:?}"
+    );
+
+    let mut cfg =
+        (*meshwire_tls::client_config(Some(&ca.leaf(&id("a"))), &ca.bundle()).unwrap()).clone();
+    cfg.alpn_protocols.clear();
+    let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(meshwire_tls::mesh_server_name(), tcp)
+        .await
+        .expect("handshake without ALPN");
+    let got = http1_on(tls).await;
+    assert!(
+        !got.starts_with("HTTP/1"),
+        "HTTP/1.1 over mTLS was served: {got:?}"
+    );
+    assert_eq!(calls(&app), before, "no HTTP/1.1 request reached the app");
+}
+
+/// gRPC over HTTP/1.1 from an app that sent `te: trailers` (a gRPC-over-
+/// HTTP/1.1 bridge): the status arrives in the chunked trailers, declared in
+/// the head as HTTP/1.1 requires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_callers_get_grpc_trailers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::new(1).await;
+    let mut tcp = tokio::net::TcpStream::connect(mesh.client.outbound_addr)
+        .await
+        .unwrap();
+    tcp.write_all(
+        b"POST /meshwire.example.v1.Echo/Echo HTTP/1.1\r\nhost: echo\r\n\
+        content-type: application/grpc\r\nte: trailers\r\ncontent-length: 5\r\n\r\n\0\0\0\0\0",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let done = |b: &[u8]| {
+        let t = String::from_utf8_lossy(b);
+        t.contains("\r\n0\r\n") && t.ends_with("\r\n\r\n")
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while !done(&out) {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out).to_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text:?}");
+    assert!(text.contains("\r\ntrailer: grpc-status"), "{text:?}");
+    let trailers = text.rsplit("\r\n0\r\n").next().unwrap_or("");
+    assert!(
+        trailers.contains("grpc-status: 0"),
+        "no status in the trailers: {text:?}"
+    );
+}

@@ -653,6 +653,54 @@ async fn bad_http1_input_gets_a_clear_answer() {
     assert_eq!(json_of(&body)["host"], "web");
 }
 
+/// An HTTP/1.1 app whose response head is fine and whose chunked body is
+/// not: the caller's response is cut (too late for a status); the app's sidecar counts the call as INTERNAL
+/// (the app broke HTTP), not as unreachable, and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_response_body_from_the_app_counts_as_internal() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A hand-made bad peer: no real server sends this on purpose.
+    let bad = tokio::net::TcpListener::bind(localhost()).await.unwrap();
+    let app = bad.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = bad.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let _ = tcp.read(&mut buf).await;
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\nxx\r\n")
+                    .await;
+                let _ = tcp.read(&mut buf).await;
+            });
+        }
+    });
+    let ca = TestCa::new("test.local");
+    let pair = Pair::start(&ca, service("web", Protocol::Http), app, "shop", false).await;
+    let out = format!("http://{}", pair.client.outbound_addr);
+    let (code, _, err) = curl(s(&["-H", "Host: web", &format!("{out}/hello")])).await;
+    assert_ne!(code, 0, "the cut body is not a complete response: {err}");
+    let internal = |text: &str| {
+        text.lines().any(|l| {
+            l.starts_with("meshwire_requests_total{direction=\"inbound\"")
+                && l.contains("grpc_code=\"INTERNAL\"")
+        })
+    };
+    let admin = pair.server.admin_addr;
+    eventually(
+        "the inbound counted INTERNAL",
+        Duration::from_secs(5),
+        || async move {
+            let (_, _, body) = http1_get(admin, "admin", "/metrics")
+                .await
+                .expect("metrics");
+            internal(&String::from_utf8_lossy(&body))
+        },
+    )
+    .await;
+    let (status, _, _) = http1_get(admin, "admin", "/ready").await.expect("ready");
+    assert_eq!(status, 200, "the sidecar keeps serving");
+}
+
 // === TCP services ===
 
 /// A real mosquitto broker on a free loopback port, with a generated config.

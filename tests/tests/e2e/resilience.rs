@@ -748,3 +748,194 @@ async fn a_failing_service_gets_no_more_retries_than_the_budget() {
     );
     assert!(retries(w.client.admin_addr, "budget_exhausted").await > 0);
 }
+
+/// An app and its server sidecar as two real processes, the sidecar's inbound
+/// on a fixed port so a restarted pair comes back at the same endpoint.
+struct Pod {
+    app: App,
+    inbound: SocketAddr,
+    sidecar: Option<SidecarProcess>,
+}
+
+impl Pod {
+    async fn start(name: &str) -> Pod {
+        let mut pod = Pod {
+            app: App::start(name).await,
+            inbound: dead_addr().await,
+            sidecar: None,
+        };
+        pod.start_sidecar().await;
+        pod
+    }
+
+    async fn start_sidecar(&mut self) {
+        let (app, inbound) = (self.app.addr.to_string(), self.inbound.to_string());
+        let args = [
+            "--app",
+            &app,
+            "--inbound",
+            &inbound,
+            "--drain-timeout",
+            "5s",
+        ];
+        self.sidecar = Some(SidecarProcess::spawn(&args, &[]).await);
+    }
+
+    /// kill -9 of the sidecar process: its connections drop mid-call.
+    async fn kill9_sidecar(&mut self) {
+        let mut s = self.sidecar.take().expect("sidecar running");
+        s.signal("KILL");
+        s.wait_exit(Duration::from_secs(5)).await;
+    }
+
+    /// A rolling restart's step: the sidecar drains and exits (SIGTERM), the
+    /// app is replaced, then the sidecar starts again on the same port.
+    async fn replace(&mut self) {
+        let mut s = self.sidecar.take().expect("sidecar running");
+        s.signal("TERM");
+        assert_eq!(
+            s.wait_exit(Duration::from_secs(10)).await,
+            Some(0),
+            "the sidecar drained and exited cleanly:\n{}",
+            s.log()
+        );
+        self.app.kill9();
+        self.app.restart().await;
+        self.start_sidecar().await;
+    }
+}
+
+/// Server sidecars as processes, a client sidecar in this process.
+async fn pods(n: usize) -> (Vec<Pod>, Sidecar) {
+    let mut pods = Vec::new();
+    for i in 0..n {
+        pods.push(Pod::start(&format!("echo-{i}")).await);
+    }
+    let eps: Vec<_> = pods.iter().map(|p| (p.inbound, 1)).collect();
+    let client = client_sidecar(vec![cluster("echo", &eps)]).await;
+    (pods, client)
+}
+
+fn load_through(client: &Sidecar) -> Load {
+    let channel = meshwire_examples::load::channel(&client.outbound_addr.to_string(), "echo")
+        .expect("channel");
+    Load::start(
+        channel,
+        &LoadConfig {
+            concurrency: CALLERS,
+            timeout: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+}
+
+/// kill -9 of a server sidecar (its app stays up): only the calls in flight
+/// on it may fail, none after (its port is closed: connects are refused and
+/// go elsewhere); started again, it takes calls again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_sidecar_fails_only_its_calls_in_flight() {
+    let (mut pods, client) = pods(3).await;
+    let load = load_through(&client);
+    let warm = next_calls(&load, 1000).await;
+    assert_eq!(warm.failures(), 0, "before any fault: {warm:?}");
+
+    let before = load.total();
+    pods[1].kill9_sidecar().await;
+    next_calls(&load, 200).await;
+    let at_kill = Tally::between(&before, &load.total());
+    assert!(
+        at_kill.failures() <= CALLERS as u64,
+        "{} calls failed at the kill, more than the {CALLERS} that can be in flight: {at_kill:?}",
+        at_kill.failures()
+    );
+
+    let after = next_calls(&load, 3000).await;
+    assert_eq!(after.failures(), 0, "after the kill: {after:?}");
+    assert!(!after.ok.contains_key("echo-1"), "{after:?}");
+
+    pods[1].start_sidecar().await;
+    // Bounded by the client's connect backoff and ejection of the endpoint.
+    until_it_serves_again(&load, "echo-1", Duration::from_secs(75)).await;
+    let total = load.stop().await;
+    assert!(total.calls() > 4000, "{total:?}");
+}
+
+/// Every endpoint replaced one after the other (sidecar drained, app
+/// restarted, sidecar back on the same port), under load: no call fails, and
+/// each new instance takes calls before the next one goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_endpoint_fails_no_call() {
+    let (mut pods, client) = pods(3).await;
+    let load = load_through(&client);
+    let warm = next_calls(&load, 1000).await;
+    assert_eq!(warm.failures(), 0, "before the restart: {warm:?}");
+    let before = load.total();
+    for (i, pod) in pods.iter_mut().enumerate() {
+        let name = format!("echo-{i}");
+        pod.replace().await;
+        until_it_serves_again(&load, &name, Duration::from_secs(75)).await;
+        let so_far = Tally::between(&before, &load.total());
+        assert_eq!(so_far.failures(), 0, "after replacing {name}: {so_far:?}");
+    }
+    let during = Tally::between(&before, &load.total());
+    assert_eq!(
+        during.failures(),
+        0,
+        "during the rolling restart: {during:?}"
+    );
+    for i in 0..pods.len() {
+        assert!(during.ok.contains_key(&format!("echo-{i}")), "{during:?}");
+    }
+    load.stop().await;
+}
+
+/// An endpoint whose port accepts connections and never answers (no TLS or
+/// HTTP/2 handshake ever completes): calls picked for it time out connecting
+/// and go to another endpoint within their deadline, so none fails, and it
+/// is ejected for its connect failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_that_accepts_and_never_answers_fails_no_call() {
+    let silent = tokio::net::TcpListener::bind(localhost()).await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = silent.accept().await {
+            // Held open and never read: the peer waits for a handshake.
+            keep.lock().expect("lock").push(tcp);
+        }
+    });
+    let good = [App::start("echo-0").await, App::start("echo-1").await];
+    let mut servers = Vec::new();
+    for a in &good {
+        servers.push(server_sidecar(a.addr).await);
+    }
+    let mut eps: Vec<_> = servers
+        .iter()
+        .map(|s| (s.inbound_addr.expect("inbound"), 1))
+        .collect();
+    eps.push((silent_addr, 1));
+    let client = client_sidecar(vec![cluster("echo", &eps)]).await;
+    let load = load_through(&client);
+    let t = next_calls(&load, 3000).await;
+    assert_eq!(t.failures(), 0, "with a silent endpoint: {t:?}");
+    assert!(
+        !held.lock().expect("lock").is_empty(),
+        "the silent endpoint was tried"
+    );
+    let ejected = admin_json(client.admin_addr, "/clusters").await;
+    let silent_view = ejected["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["endpoints"].as_array().into_iter().flatten())
+        .find(|e| e["address"] == silent_addr.to_string())
+        .cloned()
+        .expect("the silent endpoint in /clusters");
+    assert!(
+        silent_view["ejections"].as_u64().unwrap_or(0) >= 1,
+        "the silent endpoint was ejected: {silent_view}"
+    );
+    let total = load.stop().await;
+    assert!(total.errors.is_empty(), "{total:?}");
+}
