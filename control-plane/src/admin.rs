@@ -65,6 +65,9 @@ impl AdminState {
             "/ready" => text(StatusCode::OK, "ready\n"),
             "/metrics" => {
                 let version = self.registry.get().map_or(0, |r| r.version());
+                if let Some(reg) = self.registry.get() {
+                    self.metrics.health.set_unhealthy(reg.unhealthy_count());
+                }
                 let mut r = text(StatusCode::OK, self.metrics.render(version));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,

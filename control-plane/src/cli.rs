@@ -105,6 +105,11 @@ pub struct Args {
     /// Longest wait for open calls and streams on SIGTERM/SIGINT.
     #[arg(long, env = "MESHWIRE_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// How long an endpoint a sidecar reported unhealthy stays marked when
+    /// nobody refreshes the mark (its reporting stream's replica died); an
+    /// open report stream refreshes it every third of this.
+    #[arg(long, env = "MESHWIRE_HEALTH_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub health_ttl: Duration,
     #[command(subcommand)]
     pub command: Option<Sub>,
 }
@@ -367,6 +372,7 @@ pub fn main() -> ExitCode {
     cfg.admin = Some(args.admin);
     cfg.admin_token = admin_token;
     cfg.shutdown_timeout = args.shutdown_timeout;
+    cfg.health_ttl = args.health_ttl;
     cfg.tls_listen = args.tls_listen.0;
     cfg.plaintext_xds = args.plaintext_xds;
     if !args.tls_names.is_empty() {

@@ -15,9 +15,10 @@ use meshwire_proto::identity::v1 as pb;
 use meshwire_proto::identity::v1::identity_server::{Identity, IdentityServer};
 use meshwire_tls::to_pem;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::ca::{BundleState, Ca, CaError, Issued};
+use crate::health::{AckStream, HealthReports};
 use crate::tls::TlsConnectInfo;
 
 /// Longest CSR accepted (a PEM CSR is well under 2 KiB).
@@ -27,12 +28,23 @@ const MAX_CSR: usize = 16 << 10;
 pub struct IdentityApi {
     ca: Arc<Ca>,
     shutdown: CancellationToken,
+    health: Option<Arc<HealthReports>>,
 }
 
 impl IdentityApi {
     /// `shutdown` ends `WatchTrustBundle` streams.
     pub fn new(ca: Arc<Ca>, shutdown: CancellationToken) -> Self {
-        Self { ca, shutdown }
+        Self {
+            ca,
+            shutdown,
+            health: None,
+        }
+    }
+
+    /// Accepts `ReportHealth` streams (UNIMPLEMENTED without).
+    pub fn with_health(mut self, health: Arc<HealthReports>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     pub fn into_service(self) -> IdentityServer<Self> {
@@ -160,5 +172,25 @@ impl Identity for IdentityApi {
             }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    type ReportHealthStream = AckStream;
+
+    async fn report_health(
+        &self,
+        req: Request<Streaming<pb::HealthReport>>,
+    ) -> Result<Response<AckStream>, Status> {
+        let info = tls_only(&req)?;
+        let (peer, remote) = (
+            info.peer_id.as_ref().map(ToString::to_string),
+            info.remote_addr,
+        );
+        let Some(health) = &self.health else {
+            return Err(Status::unimplemented(
+                "this control plane takes no health reports",
+            ));
+        };
+        let acks = health.open(peer, remote, req.into_inner()).await?;
+        Ok(Response::new(acks))
     }
 }

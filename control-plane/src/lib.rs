@@ -41,6 +41,7 @@ pub mod api;
 pub mod auth;
 pub mod ca;
 pub mod cli;
+pub mod health;
 pub mod identity_api;
 pub mod meshctl;
 mod net;
@@ -100,6 +101,8 @@ pub struct ControlPlaneConfig {
     /// Where the configuration lives: the embedded database in `data_dir`
     /// (default), or etcd, shared with other replicas.
     pub store: StoreConfig,
+    /// How long an unrefreshed unhealthy mark lasts ([`health`]).
+    pub health_ttl: Duration,
     /// Serve xDS to anonymous clients: on the plaintext port, and on the TLS
     /// port without a client certificate. Off by default: xDS holds every
     /// service's endpoints, identities and policies, and a stream registers a
@@ -138,6 +141,7 @@ impl ControlPlaneConfig {
             tls_names: tls::default_names(),
             ca: CaConfig::default(),
             store: StoreConfig::Embedded,
+            health_ttl: health::DEFAULT_TTL,
             plaintext_xds: false,
         }
     }
@@ -287,18 +291,29 @@ impl ControlPlane {
         let tls_addr = tls_listener.as_ref().map(|(_, a)| *a);
 
         let td = ca.trust_domain().to_owned();
-        let first = with_default_identities(registry.snapshot(), &td);
-        metrics.snapshot_published(first.version);
-        let (snap_tx, snapshots) = watch::channel(Arc::new(first));
-        let reg = registry.clone();
-        let m = metrics.clone();
-        let publisher = tokio::spawn(publish::run(
-            registry.versions(),
+        let panicked = std::sync::Mutex::new(Vec::new());
+        let build = {
+            let (reg, m, td) = (registry.clone(), metrics.clone(), td.clone());
             move || {
-                let s = with_default_identities(reg.snapshot(), &td);
+                let mut s = with_default_identities(reg.snapshot(), &td);
+                let now = health::published(&mut s);
+                m.health.published(now.len());
+                let mut was = panicked.lock().unwrap_or_else(|e| e.into_inner());
+                if *was != now {
+                    if !now.is_empty() {
+                        tracing::warn!(services = ?now, "every endpoint of these services reports unhealthy: all are published as usable (panic)");
+                    }
+                    *was = now;
+                }
                 m.snapshot_published(s.version);
                 s
-            },
+            }
+        };
+        let first = build();
+        let (snap_tx, snapshots) = watch::channel(Arc::new(first));
+        let publisher = tokio::spawn(publish::run(
+            registry.versions(),
+            build,
             snap_tx,
             cfg.publish_window,
             shutdown.clone(),
@@ -321,7 +336,17 @@ impl ControlPlane {
         });
         // One ADS server for both ports: its stream ids stay unique.
         let ads = xds_server::ads_service(snapshots.clone(), observer);
-        let identity = IdentityApi::new(ca.clone(), shutdown.clone()).into_service();
+        let health = health::HealthReports::new(
+            registry.clone(),
+            td.clone(),
+            cfg.health_ttl,
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(health.clone().sweep());
+        let identity = IdentityApi::new(ca.clone(), shutdown.clone())
+            .with_health(health)
+            .into_service();
         let stop = shutdown.clone();
         let anonymous_xds = cfg.plaintext_xds;
         let plain = tonic::transport::Server::builder()
@@ -656,7 +681,7 @@ async fn load_registry(
 fn with_default_identities(mut snap: Snapshot, trust_domain: &str) -> Snapshot {
     for (name, c) in snap.clusters.iter_mut() {
         for ep in c.endpoints.iter_mut().filter(|e| e.identity.is_none()) {
-            ep.identity = Some(format!("spiffe://{trust_domain}/ns/default/sa/{name}"));
+            ep.identity = Some(health::pushed_identity(name, ep, trust_domain));
         }
     }
     snap

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use meshwire_mesh::model::{DEFAULT_ACTIVE_REQUEST_BIAS, MAX_ENDPOINTS, validate_service_name};
-use meshwire_mesh::{Cluster, Endpoint, LbPolicy, ModelError};
+use meshwire_mesh::{Cluster, Endpoint, LbPolicy, ModelError, ReportedHealth};
 use meshwire_xds::Snapshot;
 use tokio::sync::{broadcast, watch};
 
@@ -393,6 +393,26 @@ impl Registry {
         (st.version, infos)
     }
 
+    /// One endpoint, at the current version.
+    pub fn endpoint(
+        &self,
+        service: &str,
+        address: SocketAddr,
+    ) -> Result<(u64, Endpoint), RegistryError> {
+        let st = self.lock();
+        Ok((st.version, st.endpoint(service, address)?.clone()))
+    }
+
+    /// Endpoints whose sidecar reports them unhealthy.
+    pub fn unhealthy_count(&self) -> usize {
+        let st = self.lock();
+        st.clusters
+            .values()
+            .flat_map(|c| &c.endpoints)
+            .filter(|e| e.is_unhealthy())
+            .count()
+    }
+
     pub fn endpoints(&self, service: &str) -> Result<(u64, Vec<Endpoint>), RegistryError> {
         let st = self.lock();
         Ok((st.version, st.cluster(service)?.endpoints.clone()))
@@ -530,6 +550,41 @@ impl Registry {
             ))
         })
         .await
+    }
+
+    /// Sets an endpoint's reported health to what `decide` returns for the
+    /// current one (`None`: leave it), decided under the writer lock, so a
+    /// decision made on a read is re-checked against what is committed.
+    /// Returns the version and the health before and after.
+    pub async fn set_health<F>(
+        self: &Arc<Self>,
+        service: &str,
+        address: SocketAddr,
+        decide: F,
+    ) -> Result<(u64, Option<ReportedHealth>, Option<ReportedHealth>), RegistryError>
+    where
+        F: Fn(Option<ReportedHealth>) -> Option<Option<ReportedHealth>> + Send + Sync + 'static,
+    {
+        let service = service.to_owned();
+        self.mutate(move |st| {
+            let current = st.endpoint(&service, address)?;
+            let before = current.health;
+            let after = match decide(before) {
+                Some(h) if h != before => h,
+                _ => return Ok(Plan::Unchanged((before, before))),
+            };
+            let mut next = current.clone();
+            next.health = after;
+            Ok(Plan::Commit(
+                Change::EndpointUpdated {
+                    service: service.clone(),
+                    endpoint: next,
+                },
+                (before, after),
+            ))
+        })
+        .await
+        .map(|(v, (before, after))| (v, before, after))
     }
 
     pub async fn remove_endpoint(

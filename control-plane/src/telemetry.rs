@@ -7,6 +7,9 @@
 //! - Config: the committed version, snapshots published.
 //! - Admin API: calls by method and result (gRPC code name), latency of the
 //!   unary ones.
+//! - Endpoint health ([`crate::health`]): reports by health, refused report
+//!   streams by reason, changes written, open report streams, unhealthy
+//!   endpoints, services in panic.
 //!
 //! Label values come from fixed sets only (resource types, the methods of
 //! `admin.proto`, the 17 gRPC codes), never from requests, so cardinality is
@@ -100,6 +103,8 @@ pub struct CpMetrics {
     published_at: Mutex<VecDeque<(u64, Instant)>>,
     /// When each open xDS stream started.
     stream_start: Mutex<HashMap<u64, Instant>>,
+    /// Endpoint health reports ([`crate::health`]).
+    pub health: crate::health::HealthMetrics,
 }
 
 impl CpMetrics {
@@ -173,6 +178,8 @@ impl CpMetrics {
             "Admin API call latency by method (unary calls)",
             api_latency.clone(),
         );
+        let health = crate::health::HealthMetrics::default();
+        health.register(&mut registry);
         // Known types start at zero, so rates work from the first scrape.
         for ty in ["cluster", "endpoint", "listener", "route"] {
             let l = [("type", ty)];
@@ -198,6 +205,7 @@ impl CpMetrics {
             methods: api_methods(),
             published_at: Mutex::new(VecDeque::with_capacity(PUBLISHED_KEPT)),
             stream_start: Mutex::new(HashMap::new()),
+            health,
         }
     }
 

@@ -16,4 +16,6 @@ pub mod grpc;
 pub mod model;
 pub mod policy;
 
-pub use model::{Cluster, Endpoint, HashLb, HashSource, LbPolicy, ModelError, Protocol};
+pub use model::{
+    Cluster, Endpoint, HashLb, HashSource, LbPolicy, ModelError, Protocol, ReportedHealth,
+};

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Smallest and largest endpoint weight (Envoy's `load_balancing_weight` range
 /// is wider; we keep weights small so the balancer's arithmetic stays exact).
@@ -383,6 +383,20 @@ pub struct Endpoint {
     /// The identity (SPIFFE ID) the endpoint must present on the mTLS hop.
     pub identity: Option<String>,
     pub metadata: BTreeMap<String, String>,
+    /// What the endpoint's own sidecar last reported about its app, as the
+    /// control plane keeps it (`None`: no report). Pushed as EDS
+    /// `health_status`; a sidecar never sees an unhealthy endpoint (its xDS
+    /// client drops them), so on its side this is always `None`.
+    pub health: Option<ReportedHealth>,
+}
+
+/// One endpoint's health as its sidecar reported it to the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportedHealth {
+    pub healthy: bool,
+    /// When the report was written to the store (whole milliseconds, so it
+    /// survives the store's round trip exactly).
+    pub at: SystemTime,
 }
 
 impl Endpoint {
@@ -394,7 +408,13 @@ impl Endpoint {
             draining: false,
             identity: None,
             metadata: BTreeMap::new(),
+            health: None,
         }
+    }
+
+    /// Its sidecar reports its app unhealthy.
+    pub fn is_unhealthy(&self) -> bool {
+        self.health.is_some_and(|h| !h.healthy)
     }
 
     pub fn with_weight(mut self, weight: u32) -> Self {

@@ -83,6 +83,12 @@ pub struct Args {
     /// it fails, new calls are refused unprocessed and `/ready` answers 503.
     #[arg(long, env = "MESHWIRE_HEALTH", default_value = "auto")]
     pub health: crate::health::HealthCheck,
+    /// The address this sidecar's endpoint is registered with (`meshctl
+    /// endpoint add SERVICE ADDR`), named in its health reports to the
+    /// control plane. Default: `--inbound` when its IP is specific, else the
+    /// local IP toward the control plane with the inbound port.
+    #[arg(long, env = "MESHWIRE_ADVERTISE")]
+    pub advertise: Option<SocketAddr>,
     /// Between health checks (and HTTP/2 PINGs of the grpc watch).
     #[arg(long, env = "MESHWIRE_HEALTH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub health_interval: Duration,
@@ -204,6 +210,7 @@ impl Args {
         cfg.max_app_calls = self.max_app_calls as usize;
         cfg.app_queue_timeout = self.app_queue_timeout;
         cfg.slow_start = self.slow_start;
+        cfg.advertise = self.advertise;
         cfg.health = crate::health::HealthSettings {
             check: self.health.clone(),
             interval: self.health_interval,
@@ -590,6 +597,7 @@ impl StaticConfig {
                         draining: e.draining,
                         identity: e.identity.clone(),
                         metadata: e.metadata.clone(),
+                        health: None,
                     })
                     .collect();
                 c

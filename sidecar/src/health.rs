@@ -8,6 +8,9 @@
 //!   inbound: refuses new calls with RST_STREAM(REFUSED_STREAM) while unhealthy (not processed:
 //!            the caller's sidecar sends them to another endpoint at once)
 //!   admin:   /ready answers 503 "app unhealthy"; meshwire_app_healthy, meshwire_app_health_changes_total
+//!   control plane (with an identity from it): each change reported (identity::report), pushed
+//!            to every caller as EDS UNHEALTHY, so callers stop picking the endpoint instead of
+//!            learning of it only from refusals (which still cover the moments in between)
 //! ```
 //!
 //! `grpc` keeps one `Watch` stream open (no polling) on its own connection,

@@ -127,6 +127,11 @@ pub struct SidecarConfig {
     pub forwarded_headers: bool,
     /// How the app's health is followed ([`health`]).
     pub health: health::HealthSettings,
+    /// The address this sidecar's endpoint is registered with, for its
+    /// health reports to the control plane (`None`: the inbound listener's
+    /// address, or with an unspecified IP, the local IP toward the control
+    /// plane and the inbound port).
+    pub advertise: Option<SocketAddr>,
     /// Circuit breaker: most calls in flight to one service (0: no limit).
     pub max_requests_per_service: usize,
     /// At most this many calls at the local app at once (0: no limit), each
@@ -193,6 +198,7 @@ impl SidecarConfig {
             startup_wait: Duration::from_secs(10),
             forwarded_headers: true,
             health: health::HealthSettings::default(),
+            advertise: None,
             max_requests_per_service: outbound::route::DEFAULT_MAX_REQUESTS,
             max_app_calls: 0,
             app_queue_timeout: Duration::from_millis(100),
@@ -363,10 +369,29 @@ impl Sidecar {
                 .with_gate(gate.clone()),
         );
         if let (Some(IdentitySource::ControlPlane(icfg)), Some(tls)) = (&cfg.identity, &tls) {
+            // With an app, its health goes to the control plane too, for the
+            // endpoint this sidecar's inbound listener is registered as.
+            let reporter = match (&local_service, inbound_l.as_ref().map(local)) {
+                (Some(service), Some(inbound)) => Some(identity::report::Reporter {
+                    service: service.clone(),
+                    advertise: match cfg.advertise {
+                        Some(a) => identity::report::Advertise::Fixed(a),
+                        None if !inbound.ip().is_unspecified() => {
+                            identity::report::Advertise::Fixed(inbound)
+                        }
+                        None => identity::report::Advertise::TowardControlPlane {
+                            port: inbound.port(),
+                        },
+                    },
+                    health: app_health.clone(),
+                }),
+                _ => None,
+            };
             tokio::spawn(identity::client::run(
                 icfg.clone(),
                 tls.clone(),
                 local_service.clone(),
+                reporter,
                 shutdown.clone(),
             ));
         }

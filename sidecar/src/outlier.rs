@@ -100,7 +100,9 @@ pub fn slow_start_share(elapsed: Duration, window: Duration) -> f64 {
 /// How long an endpoint whose sidecar refused a call unprocessed is skipped.
 /// Short and never growing: its sidecar refuses while its app is unhealthy
 /// and stops the moment the app is back, so the next try after this finds
-/// out, at the cost of one retried attempt per hold.
+/// out, at the cost of one retried attempt per hold. With a control plane
+/// this covers only the moments until its report arrives: an unhealthy
+/// endpoint then leaves the route table through EDS (`identity::report`).
 pub const REFUSED_HOLD: Duration = Duration::from_millis(250);
 
 impl Default for Outlier {

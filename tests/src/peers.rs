@@ -158,6 +158,23 @@ admin:
             })
             .collect()
     }
+
+    /// `host:port` → health flags (`healthy`, `/failed_eds_health`, ...)
+    /// for every host Envoy has in `cluster`.
+    pub async fn health_flags(&self, cluster: &str) -> std::collections::BTreeMap<String, String> {
+        let (_, _, body) = http1_get(self.admin, "admin", "/clusters").await.unwrap();
+        let text = String::from_utf8_lossy(&body);
+        let prefix = format!("{cluster}::");
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|rest| {
+                let mut parts = rest.splitn(3, "::");
+                let host = parts.next()?;
+                (parts.next()? == "health_flags").then_some(())?;
+                Some((host.to_owned(), parts.next()?.trim().to_owned()))
+            })
+            .collect()
+    }
 }
 
 // An Envoy process is a `Process` with a known admin port: `log` and the

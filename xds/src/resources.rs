@@ -610,7 +610,9 @@ fn legacy_lb_policy(x: &XCluster) -> Result<LbPolicy, String> {
 // === ClusterLoadAssignment ===
 
 /// Endpoints grouped by zone (one locality each), weights as
-/// `load_balancing_weight`, draining endpoints `DRAINING`.
+/// `load_balancing_weight`, draining endpoints `DRAINING`, endpoints whose
+/// sidecar reports them unhealthy `UNHEALTHY` (every client drops or skips
+/// those), the others `HEALTHY`.
 pub(crate) fn encode_cla(c: &Cluster) -> ClusterLoadAssignment {
     let mut by_zone: BTreeMap<&str, Vec<&Endpoint>> = BTreeMap::new();
     for e in &c.endpoints {
@@ -672,6 +674,8 @@ fn encode_lb_endpoint(e: &Endpoint) -> LbEndpoint {
         })),
         health_status: if e.draining {
             HealthStatus::Draining
+        } else if e.is_unhealthy() {
+            HealthStatus::Unhealthy
         } else {
             HealthStatus::Healthy
         } as i32,
@@ -778,6 +782,9 @@ pub fn decode_cla(any: &Any) -> Result<(String, Vec<Endpoint>), ResourceError> {
                 draining: health == HealthStatus::Draining,
                 identity: meta_str(md, META, "identity").map(str::to_owned),
                 metadata,
+                // Reports live on the control plane; HEALTHY and UNKNOWN
+                // endpoints are used alike.
+                health: None,
             };
             e.validate().map_err(|m| err(&m.field, m.reason))?;
             out.push(e);
@@ -1284,5 +1291,45 @@ mod tests {
         }
         let (_, eps) = decode_cla(&to_any(ENDPOINT, &cla)).unwrap();
         assert!(eps.is_empty());
+    }
+
+    #[test]
+    fn reported_health_is_pushed_and_unhealthy_endpoints_never_reach_a_sidecar() {
+        let mut c = cluster();
+        c.endpoints[1].draining = false;
+        let at = std::time::SystemTime::UNIX_EPOCH;
+        c.endpoints[0].health = Some(meshwire_mesh::ReportedHealth { healthy: false, at });
+        c.endpoints[1].health = Some(meshwire_mesh::ReportedHealth { healthy: true, at });
+        let cla = encode_cla(&c);
+        let status = |addr: SocketAddr| {
+            cla.endpoints
+                .iter()
+                .flat_map(|l| &l.lb_endpoints)
+                .find(|e| {
+                    matches!(&e.host_identifier, Some(lb_endpoint::HostIdentifier::Endpoint(x))
+                        if x.address == Some(socket(addr)))
+                })
+                .map(|e| e.health_status)
+        };
+        assert_eq!(
+            status(c.endpoints[0].address),
+            Some(HealthStatus::Unhealthy as i32)
+        );
+        assert_eq!(
+            status(c.endpoints[1].address),
+            Some(HealthStatus::Healthy as i32)
+        );
+        let (_, eps) = decode_cla(&to_any(ENDPOINT, &cla)).unwrap();
+        let addrs: Vec<_> = eps.iter().map(|e| e.address).collect();
+        assert!(!addrs.contains(&c.endpoints[0].address), "{addrs:?}");
+        assert!(addrs.contains(&c.endpoints[1].address), "{addrs:?}");
+        // Draining wins over a report: its in-flight calls finish.
+        c.endpoints[0].draining = true;
+        let cla = encode_cla(&c);
+        let (_, eps) = decode_cla(&to_any(ENDPOINT, &cla)).unwrap();
+        assert!(
+            eps.iter()
+                .any(|e| e.address == c.endpoints[0].address && e.draining)
+        );
     }
 }

@@ -434,6 +434,13 @@ pub(super) fn endpoint_pb(service: &str, e: &Endpoint) -> pb::Endpoint {
             .collect(),
         identity: e.identity.clone(),
         draining: e.draining,
+        health: match e.health {
+            None => pb::EndpointHealth::Unknown,
+            Some(h) if h.healthy => pb::EndpointHealth::Healthy,
+            Some(_) => pb::EndpointHealth::Unhealthy,
+        }
+        .into(),
+        health_reported_at: e.health.map(|h| prost_types::Timestamp::from(h.at)),
     }
 }
 

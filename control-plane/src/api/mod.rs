@@ -342,10 +342,20 @@ impl MeshAdmin for AdminApi {
         &self,
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        let unhealthy_endpoints = self
+            .registry
+            .snapshot()
+            .clusters
+            .iter()
+            .flat_map(|(name, c)| c.endpoints.iter().map(move |e| (name, e)))
+            .filter(|(_, e)| e.is_unhealthy())
+            .map(|(name, e)| endpoint_pb(name, e))
+            .collect();
         Ok(Response::new(pb::StatusResponse {
             version: self.registry.version(),
             published_version: self.snapshots.borrow().version,
             nodes: self.nodes.list().iter().map(node_pb).collect(),
+            unhealthy_endpoints,
         }))
     }
 

@@ -197,7 +197,30 @@ pub(super) fn endpoint_json(e: &pb::Endpoint) -> Value {
         "draining": e.draining,
         "identity": e.identity,
         "metadata": sorted(&e.metadata),
+        "health": health_name(e.health),
+        "health_reported_at_unix": timestamp(e.health_reported_at.as_ref())
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs()),
     })
+}
+
+/// `healthy`, `unhealthy` or `unknown` (no report).
+fn health_name(v: i32) -> &'static str {
+    match pb::EndpointHealth::try_from(v) {
+        Ok(pb::EndpointHealth::Healthy) => "healthy",
+        Ok(pb::EndpointHealth::Unhealthy) => "unhealthy",
+        _ => "unknown",
+    }
+}
+
+/// The HEALTH column: the health and how long ago it was reported.
+fn health_cell(e: &pb::Endpoint) -> String {
+    match timestamp(e.health_reported_at.as_ref()) {
+        Some(t) if e.health != pb::EndpointHealth::Unknown as i32 => {
+            format!("{} ({})", health_name(e.health), ago(Some(t)))
+        }
+        _ => "-".into(),
+    }
 }
 
 fn kind_name(v: i32) -> &'static str {
@@ -518,6 +541,7 @@ impl Printer {
                 "version": s.version,
                 "published_version": s.published_version,
                 "nodes": nodes,
+                "unhealthy_endpoints": s.unhealthy_endpoints.iter().map(endpoint_json).collect::<Vec<_>>(),
             }));
             return;
         }
@@ -571,6 +595,17 @@ impl Printer {
                 ],
                 &rows,
             ));
+        }
+        out.push('\n');
+        if s.unhealthy_endpoints.is_empty() {
+            out.push_str("no endpoint reported unhealthy\n");
+        } else {
+            let rows: Vec<Vec<String>> = s
+                .unhealthy_endpoints
+                .iter()
+                .map(|e| vec![e.service.clone(), e.address.clone(), health_cell(e)])
+                .collect();
+            out.push_str(&table(&["SERVICE", "ENDPOINT", "HEALTH"], &rows));
         }
         self.print(&out);
     }
@@ -629,13 +664,16 @@ fn endpoint_table(eps: &[pb::Endpoint]) -> String {
                 e.weight.unwrap_or(1).to_string(),
                 or_dash(Some(&e.zone)),
                 if e.draining { "draining" } else { "active" }.to_owned(),
+                health_cell(e),
                 or_dash(e.identity.as_ref()),
                 or_dash(Some(meta)),
             ]
         })
         .collect();
     table(
-        &["ADDRESS", "WEIGHT", "ZONE", "STATE", "IDENTITY", "METADATA"],
+        &[
+            "ADDRESS", "WEIGHT", "ZONE", "STATE", "HEALTH", "IDENTITY", "METADATA",
+        ],
         &rows,
     )
 }

@@ -268,6 +268,39 @@ pub struct EndpointRecord {
     pub identity: Option<String>,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// What its sidecar reported (`Identity.ReportHealth`); absent: nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthRecord>,
+}
+
+/// A reported health as stored: it goes through the store like any other
+/// endpoint change, so every replica publishes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthRecord {
+    pub healthy: bool,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+impl From<meshwire_mesh::ReportedHealth> for HealthRecord {
+    fn from(h: meshwire_mesh::ReportedHealth) -> Self {
+        let ms =
+            h.at.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Self {
+            healthy: h.healthy,
+            at_ms: ms,
+        }
+    }
+}
+
+impl From<HealthRecord> for meshwire_mesh::ReportedHealth {
+    fn from(r: HealthRecord) -> Self {
+        Self {
+            healthy: r.healthy,
+            at: std::time::UNIX_EPOCH + Duration::from_millis(r.at_ms),
+        }
+    }
 }
 
 impl From<&Cluster> for ServiceRecord {
@@ -337,6 +370,7 @@ impl From<&Endpoint> for EndpointRecord {
             draining: e.draining,
             identity: e.identity.clone(),
             metadata: e.metadata.clone(),
+            health: e.health.map(HealthRecord::from),
         }
     }
 }
@@ -350,6 +384,7 @@ impl From<EndpointRecord> for Endpoint {
             draining: r.draining,
             identity: r.identity,
             metadata: r.metadata,
+            health: r.health.map(meshwire_mesh::ReportedHealth::from),
         }
     }
 }
@@ -404,6 +439,17 @@ mod tests {
         e.identity = Some("spiffe://mesh/greeter".into());
         e.metadata.insert("k".into(), "v".into());
         e.draining = true;
+        let json = serde_json::to_vec(&EndpointRecord::from(&e)).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&json).contains("health"),
+            "no report, no field"
+        );
+        let back: EndpointRecord = serde_json::from_slice(&json).unwrap();
+        assert_eq!(Endpoint::from(back), e);
+        e.health = Some(meshwire_mesh::ReportedHealth {
+            healthy: false,
+            at: std::time::UNIX_EPOCH + Duration::from_millis(1_765_000_000_123),
+        });
         let json = serde_json::to_vec(&EndpointRecord::from(&e)).unwrap();
         let back: EndpointRecord = serde_json::from_slice(&json).unwrap();
         assert_eq!(Endpoint::from(back), e);

@@ -195,11 +195,13 @@ async fn issue_from(
 
 /// Gets the first certificate (retrying while it makes sense; one for
 /// another service than `service` is refused), then keeps it renewed and the
-/// trust bundle current until `shutdown`.
+/// trust bundle current until `shutdown`; with a `reporter`, also reports
+/// the app's health ([`super::report`]).
 pub async fn run(
     cfg: IdentityClientConfig,
     tls: Arc<MeshTls>,
     service: Option<String>,
+    reporter: Option<super::report::Reporter>,
     shutdown: CancellationToken,
 ) {
     let mut failures = 0u32;
@@ -248,10 +250,21 @@ pub async fn run(
         }
     };
     let renew_now = Arc::new(Notify::new());
+    let servers: Vec<String> = cfg.servers().into_iter().map(str::to_owned).collect();
+    let report = {
+        let chs = chs.clone();
+        async move {
+            match reporter {
+                Some(r) => super::report::run(chs, servers, r).await,
+                None => std::future::pending().await,
+            }
+        }
+    };
     tokio::select! {
         () = shutdown.cancelled() => {}
         () = renew_loop(chs.clone(), tls.clone(), renew_now.clone()) => {}
         () = watch_bundle(chs, tls, renew_now) => {}
+        () = report => {}
     }
 }
 
@@ -387,7 +400,7 @@ fn apply_bundle(tls: &MeshTls, b: &pb::TrustBundle, renew_now: &Notify) {
 }
 
 /// Jittered exponential backoff: 0.5 s, 1 s, 2 s, ... up to 30 s, ±50 %.
-fn backoff(failures: u32) -> Duration {
+pub(super) fn backoff(failures: u32) -> Duration {
     let exp = BACKOFF_BASE.saturating_mul(1 << failures.saturating_sub(1).min(8));
     exp.min(BACKOFF_MAX).mul_f64(0.5 + fastrand::f64())
 }

@@ -8,6 +8,8 @@
 //! at ~2/3 of the lifetime (jittered): new key + CSR ─▶ Identity.Renew over mTLS ─▶ install
 //! WatchTrustBundle: a root added or removed ─▶ install with the new bundle;
 //!                   the signing root changed ─▶ renew now (root rotation)
+//! ReportHealth (with an app): the app's health on every change ─▶ the control
+//!                   plane, which pushes it to every caller in EDS ([`report`])
 //! ```
 //!
 //! New connections read the configs current at their handshake; open
@@ -15,6 +17,7 @@
 //! The private key never leaves this process.
 
 pub mod client;
+pub mod report;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -18,6 +18,7 @@ mod gateway;
 mod grpc_proxyless;
 mod hardening;
 mod hashing;
+mod health_report;
 mod identity;
 mod interop_grpcio;
 mod mesh;
