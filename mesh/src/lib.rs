@@ -15,5 +15,7 @@ pub mod cli;
 pub mod grpc;
 pub mod model;
 pub mod policy;
+pub mod resilience;
 
 pub use model::{Cluster, Endpoint, HashLb, HashSource, LbPolicy, ModelError, Protocol};
+pub use resilience::{CodeSet, Resilience};
