@@ -153,7 +153,7 @@ async fn service(
             }
             if paths.is_empty() {
                 return Err(Failure::Usage(
-                    "service update: nothing to change (give --lb, --bias, --connect-timeout, --request-timeout, --authority, --permissive, --protocol, --no-request-timeout, --no-authority or --no-permissive)".into(),
+                    "service update: nothing to change (give --lb, --bias, --connect-timeout, --request-timeout, --authority, --permissive, --protocol, --no-request-timeout, --no-authority, --no-permissive or a resilience flag such as --max-requests)".into(),
                 ));
             }
             let r = client

@@ -26,5 +26,6 @@ mod passthrough;
 mod process;
 mod protocols;
 mod resilience;
+mod resilience_config;
 mod telemetry;
 mod xds_sidecar;
