@@ -100,6 +100,9 @@ pub struct ServicePatch {
     pub hash_policy: Option<Vec<meshwire_mesh::HashSource>>,
     /// `Some(None)` turns bounded loads off.
     pub hash_balance_factor: Option<Option<f64>>,
+    /// Resilience settings named by path (`retry.max_attempts`), with their
+    /// new values (unset: back to the default).
+    pub resilience: Option<(meshwire_mesh::Resilience, Vec<String>)>,
 }
 
 impl ServicePatch {
@@ -182,6 +185,13 @@ impl ServicePatch {
         if let Some(p) = &self.policy {
             c.policy = p.clone();
         }
+        if let Some((from, paths)) = &self.resilience {
+            for p in paths {
+                if !c.resilience.copy_field(p, from) {
+                    return Err(ModelError::new(p.clone(), "not a resilience setting"));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -206,6 +216,7 @@ pub fn settings(c: &Cluster) -> Cluster {
         policy: c.policy.clone(),
         permissive: c.permissive,
         hash_policy: c.hash_policy.clone(),
+        resilience: c.resilience.clone(),
     }
 }
 
@@ -275,6 +286,8 @@ fn find(c: &Cluster, address: SocketAddr) -> Result<usize, usize> {
 }
 
 /// What a mutation decided, given the current state.
+// One short-lived value per API call: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Plan<R> {
     /// Nothing to write (the state already is what was asked).
     Unchanged(R),

@@ -15,7 +15,9 @@ pub mod cli;
 pub mod grpc;
 pub mod model;
 pub mod policy;
+pub mod resilience;
 
 pub use model::{
     Cluster, Endpoint, HashLb, HashSource, LbPolicy, ModelError, Protocol, ReportedHealth,
 };
+pub use resilience::{CodeSet, Resilience};

@@ -267,6 +267,10 @@ pub struct Cluster {
     /// Hash keys for [`LbPolicy::RingHash`] and [`LbPolicy::Maglev`] (ignored
     /// by the other policies), first present wins.
     pub hash_policy: Vec<HashSource>,
+    /// Outlier detection, retries, circuit breakers and slow start; unset
+    /// parts are defaults (see [`crate::resilience`]). Boxed: most services
+    /// leave it unset, and it is larger than the rest of the cluster's settings.
+    pub resilience: Box<crate::resilience::Resilience>,
 }
 
 impl Cluster {
@@ -284,6 +288,7 @@ impl Cluster {
             policy: None,
             permissive: false,
             hash_policy: Vec::new(),
+            resilience: Default::default(),
         }
     }
 
@@ -348,6 +353,7 @@ impl Cluster {
         if let Some(p) = &self.policy {
             p.validate().map_err(|e| e.within("policy"))?;
         }
+        self.resilience.validate()?;
         if self.endpoints.len() > MAX_ENDPOINTS {
             return Err(ModelError::new(
                 "endpoints",

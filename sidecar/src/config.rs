@@ -405,6 +405,20 @@ pub struct ServiceFile {
     pub permissive: bool,
     /// For the sidecar's own service: who may call it.
     pub policy: Option<meshwire_mesh::policy::Policy>,
+    /// Outlier detection (`consecutive_failures`, `base_ejection_time`,
+    /// `max_ejection_time`, `max_ejection_percent`, `failure_codes`).
+    #[serde(default)]
+    pub outlier: meshwire_mesh::resilience::OutlierDetection,
+    /// Retries (`retry_on`, `max_attempts`, `per_try_timeout`, `backoff_base`,
+    /// `backoff_max`, `budget_percent`, `min_retries_per_second`).
+    #[serde(default)]
+    pub retry: meshwire_mesh::resilience::RetryPolicy,
+    /// `max_requests`, `max_requests_per_endpoint`.
+    #[serde(default)]
+    pub circuit_breakers: meshwire_mesh::resilience::CircuitBreakers,
+    /// Slow-start window (`0s`: off); unset: `--slow-start`.
+    #[serde(default, with = "humantime_serde")]
+    pub slow_start: Option<Duration>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -587,6 +601,12 @@ impl StaticConfig {
                 c.authority = s.authority.clone();
                 c.permissive = s.permissive;
                 c.policy = s.policy.clone();
+                c.resilience = Box::new(meshwire_mesh::Resilience {
+                    outlier: s.outlier,
+                    retry: s.retry,
+                    circuit_breakers: s.circuit_breakers,
+                    slow_start: s.slow_start,
+                });
                 c.endpoints = s
                     .endpoints
                     .iter()
@@ -659,6 +679,31 @@ services:
 
     fn err(text: &str) -> (String, String) {
         StaticConfig::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn parses_resilience_settings() {
+        let cfg = StaticConfig::parse(
+            "services:\n  - name: a\n    retry: {max_attempts: 3, retry_on: [unavailable, internal], per_try_timeout: 200ms}\n    circuit_breakers: {max_requests: 500}\n    outlier: {consecutive_failures: 3, base_ejection_time: 2s, failure_codes: [unavailable]}\n    slow_start: 30s\n",
+        )
+        .unwrap();
+        let r = &cfg.clusters()[0].resilience;
+        assert_eq!(r.retry.max_attempts, Some(3));
+        assert_eq!(
+            r.retry.retry_on.unwrap().to_string(),
+            "internal,unavailable"
+        );
+        assert_eq!(r.retry.per_try_timeout, Some(Duration::from_millis(200)));
+        assert_eq!(r.circuit_breakers.max_requests, Some(500));
+        assert_eq!(r.outlier.base_ejection_time, Some(Duration::from_secs(2)));
+        assert_eq!(r.slow_start, Some(Duration::from_secs(30)));
+        let (f, r) = err("services:\n  - name: a\n    retry: {max_attempts: 9}\n");
+        assert_eq!(
+            (f.as_str(), r.as_str()),
+            ("services[0].retry.max_attempts", "must be 1..=5")
+        );
+        let (f, _) = err("services:\n  - name: a\n    retry: {attempts: 2}\n");
+        assert!(f.starts_with("services[0].retry"), "{f}");
     }
 
     #[test]

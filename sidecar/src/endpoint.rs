@@ -130,6 +130,7 @@ impl Endpoint {
             not_processed: false,
             refused: false,
             no_verdict: false,
+            timed_out: false,
             hold: None,
             request_bytes: 0,
             response_bytes: 0,
@@ -155,6 +156,8 @@ pub struct CallGuard {
     refused: bool,
     /// The outcome says nothing about the endpoint (the call's own deadline).
     no_verdict: bool,
+    /// The per-try timeout fired: a failure of this endpoint.
+    timed_out: bool,
     /// A circuit breaker's place, freed with the call ([`crate::limits`]).
     hold: Option<crate::limits::Hold>,
     pub(crate) request_bytes: u64,
@@ -194,6 +197,12 @@ impl CallGuard {
     }
 
     /// The caller's deadline ended the call: no verdict on the endpoint.
+    /// The per-try timeout fired before the response started.
+    pub(crate) fn timed_out(&mut self) {
+        self.timed_out = true;
+        self.code = Some(meshwire_mesh::grpc::Code::DeadlineExceeded as u8);
+    }
+
     pub(crate) fn no_verdict(&mut self) {
         self.no_verdict = true;
     }
@@ -205,6 +214,7 @@ impl Drop for CallGuard {
         ep.outstanding.fetch_sub(1, Ordering::Relaxed);
         let outcome = match (self.sent, self.code) {
             _ if self.no_verdict => Outcome::None,
+            _ if self.timed_out => Outcome::TimedOut,
             (true, Some(code)) => Outcome::Status(code),
             (false, _) if self.refused => Outcome::Refused,
             (false, _) if self.not_processed => Outcome::NotProcessed,

@@ -210,7 +210,7 @@ impl Inbound {
                 .await
                 .map_err(ProxyError::AppUnreachable)?;
             let replayable = attempt + 1 < MAX_ATTEMPTS;
-            match proxy::send(lease, guard, req, shape, replayable, None).await {
+            match proxy::send(lease, guard, req, shape, replayable, None, None).await {
                 Ok(resp) => return Ok(resp),
                 Err(SendError::Failed(e)) => return Err(e),
                 // Retries are the caller's (it was given no retry policy).

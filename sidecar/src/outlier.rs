@@ -275,13 +275,18 @@ pub struct ClusterHealth {
 }
 
 /// Retries of calls an app failed are bounded so a failing service is not
-/// hammered: each call adds a fifth of a retry (20 % of calls), at most
-/// [`RetryBudget::MAX_SAVED`] saved up, plus [`RetryBudget::MIN_PER_SEC`]
-/// retries every second whatever the traffic (Finagle's and Linkerd's budget).
+/// hammered: each call adds a fifth of a retry (20 % of calls, the service's
+/// `retry.budget_percent`), at most [`RetryBudget::MAX_SAVED`] saved up, plus
+/// [`RetryBudget::MIN_PER_SEC`] retries every second whatever the traffic
+/// (`retry.min_retries_per_second`; Finagle's and Linkerd's budget).
 #[derive(Debug)]
 pub struct RetryBudget {
     /// Saved retries, in thousandths.
     balance_milli: AtomicU64,
+    /// What each call adds, in thousandths of a retry (10 × the percent).
+    per_call_milli: AtomicU64,
+    /// Retries every second whatever the traffic.
+    min_per_sec: AtomicU32,
     /// The second (since `epoch`) `floor_used` counts in.
     second: AtomicU64,
     floor_used: AtomicU32,
@@ -292,6 +297,8 @@ impl Default for RetryBudget {
     fn default() -> Self {
         Self {
             balance_milli: AtomicU64::new(0),
+            per_call_milli: AtomicU64::new(Self::PER_CALL_MILLI),
+            min_per_sec: AtomicU32::new(Self::MIN_PER_SEC),
             second: AtomicU64::new(0),
             floor_used: AtomicU32::new(0),
             epoch: Instant::now(),
@@ -304,11 +311,20 @@ impl RetryBudget {
     pub const MAX_SAVED: u64 = 100;
     pub const MIN_PER_SEC: u32 = 10;
 
-    /// One call made: a fifth of a retry more.
+    /// The service's budget: `percent` of calls, plus `min_per_sec` a second
+    /// (savings so far are kept).
+    pub fn configure(&self, percent: u32, min_per_sec: u32) {
+        self.per_call_milli
+            .store(u64::from(percent) * 10, Ordering::Relaxed);
+        self.min_per_sec.store(min_per_sec, Ordering::Relaxed);
+    }
+
+    /// One call made: a fifth of a retry more (by default).
     pub fn deposit(&self) {
-        let b = self
-            .balance_milli
-            .fetch_add(Self::PER_CALL_MILLI, Ordering::Relaxed);
+        let b = self.balance_milli.fetch_add(
+            self.per_call_milli.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         if b > Self::MAX_SAVED * 1000 {
             self.balance_milli
                 .store(Self::MAX_SAVED * 1000, Ordering::Relaxed);
@@ -327,7 +343,9 @@ impl RetryBudget {
         {
             self.floor_used.store(0, Ordering::Relaxed);
         }
-        if self.floor_used.fetch_add(1, Ordering::Relaxed) < Self::MIN_PER_SEC {
+        if self.floor_used.fetch_add(1, Ordering::Relaxed)
+            < self.min_per_sec.load(Ordering::Relaxed)
+        {
             return true;
         }
         self.balance_milli
@@ -413,6 +431,8 @@ pub enum Outcome {
     /// GOAWAY): skipped for [`REFUSED_HOLD`], not a failure (no ejection,
     /// no growing backoff).
     Refused,
+    /// The per-try timeout fired before the response started: a failure.
+    TimedOut,
     /// No verdict on the endpoint (the caller went away first).
     None,
 }
@@ -422,7 +442,7 @@ impl Outlier {
     pub fn observe(&self, health: &ClusterHealth, outcome: Outcome) {
         let failed = match outcome {
             Outcome::Status(code) => health.is_failure(code),
-            Outcome::NotProcessed => true,
+            Outcome::NotProcessed | Outcome::TimedOut => true,
             Outcome::Refused => {
                 let hold = REFUSED_HOLD.as_micros() as u64;
                 self.refused_until_us

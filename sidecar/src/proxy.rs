@@ -135,9 +135,11 @@ pub(crate) enum SendError {
     /// before it was written, a GOAWAY excluded it, or REFUSED_STREAM): it is
     /// handed back, body included, and may go elsewhere.
     NotSent(Box<Request<RequestBody>>),
-    /// The app answered UNAVAILABLE before any response data (trailers-only)
-    /// and the retry budget allowed one more try: the request is handed back
-    /// for another endpoint, after the server's pushback if it gave one.
+    /// The app answered a code of the service's `retry_on` (UNAVAILABLE by
+    /// default) before any response data (trailers-only), or the per-try
+    /// timeout fired before the response started, and the retry budget
+    /// allowed one more try: the request is handed back for another
+    /// endpoint, after the server's pushback if it gave one.
     Retry(Box<Request<RequestBody>>, Option<Duration>),
     Failed(ProxyError),
 }
@@ -147,6 +149,8 @@ pub(crate) enum SendError {
 pub(crate) struct RetryPolicy<'a> {
     pub(crate) budget: &'a crate::outlier::RetryBudget,
     pub(crate) metrics: &'a crate::telemetry::metrics::SidecarMetrics,
+    /// The gRPC codes retried (the service's `retry.retry_on`).
+    pub(crate) codes: meshwire_mesh::CodeSet,
 }
 
 /// `grpc-retry-pushback-ms`: `Some(None)` says "do not retry" (negative or
@@ -193,6 +197,7 @@ pub(crate) async fn send(
     shape: CallShape,
     replayable: bool,
     retry: Option<RetryPolicy<'_>>,
+    per_try_timeout: Option<Duration>,
 ) -> Result<Response<ResponseBody>, SendError> {
     let (mut parts, body) = req.into_parts();
     set_timeout_header(&mut parts.headers, shape.deadline);
@@ -228,7 +233,7 @@ pub(crate) async fn send(
     };
     let mut pipe = (!eos).then(|| RequestPipe::new(body, tx));
     let mut piping = pipe.is_some();
-    let resp = std::future::poll_fn(|cx| {
+    let wait = std::future::poll_fn(|cx| {
         if piping
             && let Some(p) = pipe.as_mut()
             && Pin::new(p).poll(cx).is_ready()
@@ -236,19 +241,55 @@ pub(crate) async fn send(
             piping = false;
         }
         Pin::new(&mut response).poll(cx)
-    })
-    .await;
+    });
+    let resp = match per_try_timeout {
+        None => wait.await,
+        Some(limit) => match tokio::time::timeout(limit, wait).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Dropping the response future resets the stream (CANCEL).
+                drop(response);
+                guard.timed_out();
+                tracing::debug!(
+                    ?limit,
+                    "per-try timeout; the endpoint counts it as a failure"
+                );
+                if let Some(policy) = retry
+                    && again.is_some()
+                {
+                    if policy.budget.withdraw() {
+                        let replay = match pipe.take() {
+                            None => Some(RequestBody::Replay(Default::default())),
+                            Some(p) => p.into_replay(REPLAY_WAIT).await,
+                        };
+                        if let (Some(body), Some(again)) = (replay, again) {
+                            let (head, ()) = again.into_parts();
+                            return Err(SendError::Retry(
+                                Box::new(Request::from_parts(head, body)),
+                                None,
+                            ));
+                        }
+                    } else {
+                        policy
+                            .metrics
+                            .retry(crate::telemetry::metrics::RetryOutcome::BudgetExhausted);
+                    }
+                }
+                return Err(SendError::Failed(ProxyError::PerTryTimeout(limit)));
+            }
+        },
+    };
     let resp = match resp {
         Ok(r) => {
             // Retried only if nothing of the answer has reached the caller:
             // the app ended the call in its response headers.
+            let code = r.headers().get(grpc::GRPC_STATUS).map(grpc::status_code);
             if let Some(policy) = retry
                 && shape.grpc
                 && again.is_some()
                 && r.body().is_end_stream()
-                && r.headers()
-                    .get(grpc::GRPC_STATUS)
-                    .is_some_and(|v| grpc::status_code(v) == grpc::Code::Unavailable as u8)
+                && let Some(code) = code
+                && policy.codes.contains(code)
                 && pushback(r.headers()) != Some(None)
             {
                 if policy.budget.withdraw() {
@@ -258,9 +299,10 @@ pub(crate) async fn send(
                         Some(p) => p.into_replay(REPLAY_WAIT).await,
                     };
                     if let (Some(body), Some(again)) = (replay, again) {
-                        guard.finish(grpc::Code::Unavailable as u8);
+                        guard.finish(code);
                         tracing::debug!(
-                            "the app answered UNAVAILABLE; retrying on another endpoint"
+                            grpc_status = code,
+                            "the app failed the call before replying; retrying on another endpoint"
                         );
                         let (head, ()) = again.into_parts();
                         return Err(SendError::Retry(

@@ -50,6 +50,8 @@ pub enum ProxyError {
     Overloaded(Arc<str>),
     #[error("meshwire: the local application is overloaded (too many calls waiting)")]
     AppOverloaded,
+    #[error("meshwire: no answer within the per-try timeout of {0:?} (no retry left)")]
+    PerTryTimeout(Duration),
 }
 
 impl ProxyError {
@@ -72,7 +74,8 @@ impl ProxyError {
             | ProxyError::NotReady
             | ProxyError::AppUnhealthy
             | ProxyError::Overloaded(_)
-            | ProxyError::AppOverloaded => Code::Unavailable,
+            | ProxyError::AppOverloaded
+            | ProxyError::PerTryTimeout(_) => Code::Unavailable,
             ProxyError::PermissionDenied { .. } => Code::PermissionDenied,
             ProxyError::NoAuthority | ProxyError::BadRequest(_) => Code::InvalidArgument,
             ProxyError::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -116,6 +119,7 @@ impl ProxyError {
             ProxyError::NotReady => "not-ready",
             ProxyError::AppUnhealthy => "app-unhealthy",
             ProxyError::Overloaded(_) | ProxyError::AppOverloaded => "overloaded",
+            ProxyError::PerTryTimeout(_) => "per-try-timeout",
         }
     }
 

@@ -9,6 +9,7 @@
 //! or NACKs it with the reason and keeps the last good configuration.
 
 pub mod client;
+mod resilience;
 pub mod resources;
 pub mod server;
 pub mod snapshot;

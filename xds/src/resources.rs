@@ -72,6 +72,7 @@ pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub(crate) const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub(crate) const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+const ROUTE_RETRY_POLICY: &str = "type.googleapis.com/envoy.config.route.v3.RetryPolicy";
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 const TCP_PROXY: &str =
@@ -282,10 +283,17 @@ fn hash_lb(c: Option<&ConsistentHashingLbConfig>) -> Result<HashLb, String> {
 /// request, then round robin for clients without it (proxyless gRPC
 /// rejects the legacy `lb_policy: LEAST_REQUEST` enum). Maglev is followed
 /// by ring hash, so gRPC (which has no Maglev) still hashes.
-fn lb_policies(lb: LbPolicy) -> LoadBalancingPolicy {
+fn lb_policies(lb: LbPolicy, slow_start: Option<Duration>) -> LoadBalancingPolicy {
+    let slow_start_config = crate::resilience::slow_start_config(slow_start);
     let round_robin = policy(
         "envoy.load_balancing_policies.round_robin",
-        to_any(ROUND_ROBIN, &RoundRobin::default()),
+        to_any(
+            ROUND_ROBIN,
+            &RoundRobin {
+                slow_start_config: slow_start_config.clone(),
+                ..Default::default()
+            },
+        ),
     );
     let policies = match lb {
         LbPolicy::LeastRequest {
@@ -301,6 +309,7 @@ fn lb_policies(lb: LbPolicy) -> LoadBalancingPolicy {
                             default_value: active_request_bias,
                             runtime_key: "meshwire.active_request_bias".into(),
                         }),
+                        slow_start_config,
                         ..Default::default()
                     },
                 ),
@@ -375,6 +384,56 @@ fn decode_lb_policies(p: &LoadBalancingPolicy) -> Result<LbPolicy, String> {
     )
 }
 
+/// The slow-start window of the policy [`decode_lb_policies`] picks (or of
+/// the legacy `lb_config`); hash policies carry it in our metadata.
+fn decode_slow_start(x: &XCluster) -> Result<Option<Duration>, String> {
+    use crate::resilience::decode_slow_start as window;
+    let Some(p) = &x.load_balancing_policy else {
+        return Ok(match &x.lb_config {
+            Some(LbConfig::LeastRequestLbConfig(c)) => c
+                .slow_start_config
+                .as_ref()
+                .and_then(|s| s.slow_start_window.as_ref())
+                .and_then(from_pduration),
+            Some(LbConfig::RoundRobinLbConfig(c)) => c
+                .slow_start_config
+                .as_ref()
+                .and_then(|s| s.slow_start_window.as_ref())
+                .and_then(from_pduration),
+            _ => meta_slow_start(x),
+        });
+    };
+    for any in p.policies.iter().filter_map(|e| {
+        e.typed_extension_config
+            .as_ref()
+            .and_then(|t| t.typed_config.as_ref())
+    }) {
+        match any.type_url.as_str() {
+            LEAST_REQUEST => {
+                let lr = LeastRequest::decode(any.value.as_slice()).map_err(|e| e.to_string())?;
+                return Ok(window(lr.slow_start_config.as_ref()));
+            }
+            ROUND_ROBIN => {
+                let rr = RoundRobin::decode(any.value.as_slice()).map_err(|e| e.to_string())?;
+                return Ok(window(rr.slow_start_config.as_ref()));
+            }
+            RING_HASH | MAGLEV => return Ok(meta_slow_start(x)),
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+fn meta_slow_start(x: &XCluster) -> Option<Duration> {
+    meta_num(x.metadata.as_ref(), META, "slow_start_ms")
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+        .map(|ms| Duration::from_millis(ms as u64))
+}
+
+/// `typed_filter_metadata` key of the route's retry policy, for Meshwire
+/// sidecars (which take no routes): the same Envoy message.
+const RETRY_META: &str = "meshwire.retry_policy";
+
 /// The xDS `Cluster` for a service (its endpoints go in the CLA).
 pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
     let (lb_policy, lb_config) = match c.lb {
@@ -388,10 +447,21 @@ pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
                     default_value: active_request_bias,
                     runtime_key: format!("meshwire.{}.active_request_bias", c.name),
                 }),
-                ..Default::default()
+                slow_start_config: crate::resilience::legacy_slow_start(c.resilience.slow_start),
             })),
         ),
-        LbPolicy::RoundRobin => (XLbPolicy::RoundRobin, None),
+        LbPolicy::RoundRobin => (
+            XLbPolicy::RoundRobin,
+            c.resilience.slow_start.map(|_| {
+                LbConfig::RoundRobinLbConfig(
+                    envoy_types::pb::envoy::config::cluster::v3::cluster::RoundRobinLbConfig {
+                        slow_start_config: crate::resilience::legacy_slow_start(
+                            c.resilience.slow_start,
+                        ),
+                    },
+                )
+            }),
+        ),
         LbPolicy::RingHash(_) => (
             XLbPolicy::RingHash,
             Some(LbConfig::RingHashLbConfig(RingHashLbConfig {
@@ -449,16 +519,41 @@ pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
             },
         );
     }
-    let metadata = (!fields.is_empty()).then(|| Metadata {
-        filter_metadata: [(
-            META.to_owned(),
-            Struct {
-                fields: fields.into_iter().collect(),
-            },
+    // What Envoy's fields cannot say exactly.
+    let res = &c.resilience;
+    if let Some(codes) = res.outlier.failure_codes {
+        fields.insert(
+            "outlier_failure_codes".to_owned(),
+            str_value(&codes.to_string()),
+        );
+    }
+    if let Some(n) = res.circuit_breakers.max_requests_per_endpoint {
+        fields.insert("max_requests_per_endpoint".to_owned(), num_value(n.into()));
+    }
+    if let (Some(w), Some(_)) = (res.slow_start, c.lb.hash()) {
+        fields.insert("slow_start_ms".to_owned(), num_value(w.as_millis() as f64));
+    }
+    let metadata = Some(Metadata {
+        filter_metadata: (!fields.is_empty())
+            .then(|| {
+                (
+                    META.to_owned(),
+                    Struct {
+                        fields: fields.into_iter().collect(),
+                    },
+                )
+            })
+            .into_iter()
+            .collect(),
+        typed_filter_metadata: [(
+            RETRY_META.to_owned(),
+            to_any(
+                ROUTE_RETRY_POLICY,
+                &crate::resilience::encode_retry(&res.retry),
+            ),
         )]
         .into_iter()
         .collect(),
-        ..Default::default()
     });
     // Upstreams are sidecars' inbound listeners, HTTP/2 whatever the
     // protocol (`tcp` rides CONNECT streams); stock Envoy needs to be told.
@@ -488,7 +583,9 @@ pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
         lb_policy: lb_policy as i32,
         lb_config,
         common_lb_config,
-        load_balancing_policy: Some(lb_policies(c.lb)),
+        load_balancing_policy: Some(lb_policies(c.lb, c.resilience.slow_start)),
+        outlier_detection: Some(crate::resilience::encode_outlier(&c.resilience.outlier)),
+        circuit_breakers: Some(crate::resilience::encode_circuit_breakers(&c.resilience)),
         typed_extension_protocol_options: [(
             HTTP_OPTIONS_KEY.to_owned(),
             to_any(HTTP_OPTIONS, &http2),
@@ -566,6 +663,32 @@ pub fn decode_cluster(any: &Any) -> Result<Cluster, ResourceError> {
         .and_then(|m| m.filter_metadata.get(META))
         .and_then(|s| s.fields.get("permissive"))
         .is_some_and(|v| matches!(v.kind, Some(value::Kind::BoolValue(true))));
+    let codes = meta_str(md, META, "outlier_failure_codes")
+        .map(meshwire_mesh::CodeSet::parse)
+        .transpose()
+        .map_err(|e| err("metadata.outlier_failure_codes", e))?;
+    let slow_start = decode_slow_start(&x).map_err(|e| err("load_balancing_policy", e))?;
+    c.resilience =
+        Box::new(crate::resilience::decode(&x, codes, slow_start).map_err(|(f, e)| err(f, e))?);
+    if let Some(n) = meta_num(md, META, "max_requests_per_endpoint") {
+        if !(n.is_finite() && n >= 0.0 && n <= f64::from(u32::MAX)) {
+            return Err(err(
+                "metadata.max_requests_per_endpoint",
+                format!("invalid {n}"),
+            ));
+        }
+        c.resilience.circuit_breakers.max_requests_per_endpoint = Some(n as u32);
+    }
+    if let Some(any) = md.and_then(|m| m.typed_filter_metadata.get(RETRY_META)) {
+        let x =
+            envoy_types::pb::envoy::config::route::v3::RetryPolicy::decode(any.value.as_slice())
+                .map_err(|e| err("metadata.retry_policy", e.to_string()))?;
+        let budget = c.resilience.retry;
+        c.resilience.retry =
+            crate::resilience::decode_retry(&x).map_err(|e| err("metadata.retry_policy", e))?;
+        c.resilience.retry.budget_percent = budget.budget_percent;
+        c.resilience.retry.min_retries_per_second = budget.min_retries_per_second;
+    }
     c.validate().map_err(|e| invalid("Cluster", &name, e))?;
     Ok(c)
 }
@@ -889,6 +1012,7 @@ fn route_to(cluster: &Cluster) -> Route {
             // Envoy's default route timeout (15 s) would cut streams; follow the service's.
             timeout: Some(pduration(cluster.request_timeout.unwrap_or(Duration::ZERO))),
             hash_policy: hash_policies(cluster),
+            retry_policy: Some(crate::resilience::encode_retry(&cluster.resilience.retry)),
             ..Default::default()
         })),
         ..Default::default()
@@ -1078,6 +1202,195 @@ mod tests {
                 .lb,
             LbPolicy::RoundRobin
         );
+    }
+
+    fn resilient(lb: LbPolicy) -> Cluster {
+        use meshwire_mesh::resilience::*;
+        let mut c = Cluster::new("echo");
+        c.lb = lb;
+        let r = &mut c.resilience;
+        r.outlier = OutlierDetection {
+            consecutive_failures: Some(3),
+            base_ejection_time: Some(Duration::from_millis(500)),
+            max_ejection_time: Some(Duration::from_secs(30)),
+            max_ejection_percent: Some(34),
+            failure_codes: Some(CodeSet::parse("unavailable,internal").unwrap()),
+        };
+        r.retry = RetryPolicy {
+            retry_on: Some(CodeSet::parse("unavailable,internal,resource-exhausted").unwrap()),
+            max_attempts: Some(3),
+            per_try_timeout: Some(Duration::from_millis(200)),
+            backoff_base: Some(Duration::from_millis(10)),
+            backoff_max: Some(Duration::from_millis(100)),
+            budget_percent: Some(50),
+            min_retries_per_second: Some(3),
+        };
+        r.circuit_breakers = CircuitBreakers {
+            max_requests: Some(4),
+            max_requests_per_endpoint: Some(2),
+        };
+        r.slow_start = Some(Duration::from_secs(30));
+        c
+    }
+
+    #[test]
+    fn resilience_round_trips_through_envoys_fields() {
+        for lb in [
+            LbPolicy::default(),
+            LbPolicy::RoundRobin,
+            LbPolicy::RingHash(HashLb::default()),
+            LbPolicy::Maglev(HashLb::default()),
+        ] {
+            let c = resilient(lb);
+            let x = encode_cluster(&c);
+            let back = decode_cluster(&to_any(CLUSTER, &x)).unwrap();
+            assert_eq!(back.resilience, c.resilience, "{lb:?}");
+            // A default cluster decodes as all defaults (nothing "set").
+            let plain = Cluster {
+                lb,
+                ..Cluster::new("plain")
+            };
+            let back = decode_cluster(&to_any(CLUSTER, &encode_cluster(&plain))).unwrap();
+            assert!(back.resilience.is_unset(), "{lb:?}: {:?}", back.resilience);
+        }
+        // Detection off, and the gateway-failure flavour.
+        let mut c = Cluster::new("off");
+        c.resilience.outlier.consecutive_failures = Some(0);
+        let x = encode_cluster(&c);
+        let o = x.outlier_detection.as_ref().unwrap();
+        assert_eq!(o.enforcing_consecutive_5xx.as_ref().unwrap().value, 0);
+        assert_eq!(
+            o.enforcing_consecutive_gateway_failure
+                .as_ref()
+                .unwrap()
+                .value,
+            0
+        );
+        let back = decode_cluster(&to_any(CLUSTER, &x)).unwrap();
+        assert_eq!(back.resilience.outlier.consecutive_failures, Some(0));
+        c.resilience.outlier.consecutive_failures = None;
+        c.resilience.outlier.failure_codes =
+            Some(meshwire_mesh::CodeSet::parse("unavailable").unwrap());
+        let x = encode_cluster(&c);
+        let o = x.outlier_detection.as_ref().unwrap();
+        assert_eq!(o.enforcing_consecutive_5xx.as_ref().unwrap().value, 0);
+        assert_eq!(
+            o.enforcing_consecutive_gateway_failure
+                .as_ref()
+                .unwrap()
+                .value,
+            100
+        );
+        assert_eq!(o.consecutive_gateway_failure.as_ref().unwrap().value, 5);
+        let back = decode_cluster(&to_any(CLUSTER, &x)).unwrap();
+        assert_eq!(back.resilience, c.resilience);
+    }
+
+    #[test]
+    fn envoy_reads_resilience_in_its_own_fields() {
+        let c = resilient(LbPolicy::default());
+        let x = encode_cluster(&c);
+        let o = x.outlier_detection.as_ref().unwrap();
+        assert_eq!(o.consecutive_5xx.as_ref().unwrap().value, 3);
+        assert_eq!(o.enforcing_consecutive_5xx.as_ref().unwrap().value, 100);
+        assert_eq!(
+            o.base_ejection_time,
+            Some(pduration(Duration::from_millis(500)))
+        );
+        assert_eq!(
+            o.max_ejection_time,
+            Some(pduration(Duration::from_secs(30)))
+        );
+        assert_eq!(o.max_ejection_percent.as_ref().unwrap().value, 34);
+        let t = &x.circuit_breakers.as_ref().unwrap().thresholds[0];
+        assert_eq!(t.max_requests.as_ref().unwrap().value, 4);
+        let b = t.retry_budget.as_ref().unwrap();
+        assert_eq!(b.budget_percent.as_ref().unwrap().value, 50.0);
+        assert_eq!(b.min_retry_concurrency.as_ref().unwrap().value, 3);
+        // Slow start in the least-request policy Envoy picks (and the legacy field).
+        let any = x.load_balancing_policy.as_ref().unwrap().policies[0]
+            .typed_extension_config
+            .as_ref()
+            .unwrap()
+            .typed_config
+            .as_ref()
+            .unwrap();
+        let lr = LeastRequest::decode(any.value.as_slice()).unwrap();
+        let ss = lr.slow_start_config.unwrap();
+        assert_eq!(
+            ss.slow_start_window,
+            Some(pduration(Duration::from_secs(30)))
+        );
+        assert_eq!(ss.min_weight_percent.unwrap().value, 10.0);
+        // The route's retry policy, for Envoy and proxyless gRPC.
+        let route = envoy_route(std::iter::once(&c));
+        let Some(route::Action::Route(a)) = &route.virtual_hosts[0].routes[0].action else {
+            panic!("no route action");
+        };
+        let rp = a.retry_policy.as_ref().unwrap();
+        assert_eq!(rp.retry_on, "resource-exhausted,internal,unavailable");
+        assert_eq!(rp.num_retries.as_ref().unwrap().value, 2);
+        assert_eq!(
+            rp.per_try_timeout,
+            Some(pduration(Duration::from_millis(200)))
+        );
+        let bo = rp.retry_back_off.as_ref().unwrap();
+        assert_eq!(bo.base_interval, Some(pduration(Duration::from_millis(10))));
+        assert_eq!(bo.max_interval, Some(pduration(Duration::from_millis(100))));
+        assert_eq!(
+            rp.retry_host_predicate[0].name,
+            "envoy.retry_host_predicates.previous_hosts"
+        );
+        // The route's policy decodes to the model's (the budget lives in CDS).
+        let mut want = c.resilience.retry;
+        want.budget_percent = None;
+        want.min_retries_per_second = None;
+        assert_eq!(crate::resilience::decode_retry(rp).unwrap(), want);
+        // Defaults still reach Envoy: one retry of UNAVAILABLE, 5 failures eject.
+        let plain = Cluster::new("plain");
+        let route = envoy_route(std::iter::once(&plain));
+        let Some(route::Action::Route(a)) = &route.virtual_hosts[0].routes[0].action else {
+            panic!("no route action");
+        };
+        let rp = a.retry_policy.as_ref().unwrap();
+        assert_eq!(
+            (rp.retry_on.as_str(), rp.num_retries.unwrap().value),
+            ("unavailable", 1)
+        );
+        let x = encode_cluster(&plain);
+        assert_eq!(
+            x.outlier_detection.unwrap().consecutive_5xx.unwrap().value,
+            5
+        );
+        assert!(
+            x.circuit_breakers.unwrap().thresholds[0]
+                .max_requests
+                .is_none(),
+            "the sidecar's flag"
+        );
+    }
+
+    #[test]
+    fn invalid_resilience_is_refused_with_the_field() {
+        let mut c = resilient(LbPolicy::default());
+        c.resilience.retry.max_attempts = Some(5);
+        let mut x = encode_cluster(&c);
+        let any = x
+            .metadata
+            .as_mut()
+            .unwrap()
+            .typed_filter_metadata
+            .get_mut(RETRY_META)
+            .unwrap();
+        let mut rp =
+            envoy_types::pb::envoy::config::route::v3::RetryPolicy::decode(any.value.as_slice())
+                .unwrap();
+        rp.num_retries = Some(UInt32Value { value: 9 });
+        *any = to_any(ROUTE_RETRY_POLICY, &rp);
+        let e = decode_cluster(&to_any(CLUSTER, &x))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("retry.max_attempts"), "{e}");
     }
 
     #[test]

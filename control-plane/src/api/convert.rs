@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use meshwire_mesh::policy::{Action, Policy, Rule};
-use meshwire_mesh::{Cluster, Endpoint, HashSource, LbPolicy, ModelError, Protocol};
+use meshwire_mesh::resilience::{CircuitBreakers, OutlierDetection, RetryPolicy};
+use meshwire_mesh::{
+    Cluster, CodeSet, Endpoint, HashSource, LbPolicy, ModelError, Protocol, Resilience,
+};
 use meshwire_proto::admin::v1 as pb;
 use tonic::Status;
 
@@ -23,7 +26,7 @@ const MAX_METADATA_VALUE: usize = 4096;
 const MAX_IDENTITY: usize = 2048;
 
 /// The fields `UpdateService` can change.
-const UPDATABLE: &str = "lb_policy, active_request_bias, connect_timeout, request_timeout, authority, permissive, policy, protocol, hash_policy, hash_balance_factor";
+const UPDATABLE: &str = "lb_policy, active_request_bias, connect_timeout, request_timeout, authority, permissive, policy, protocol, hash_policy, hash_balance_factor, outlier, retry, circuit_breakers, slow_start (or one field of those, e.g. retry.max_attempts)";
 
 /// Bounds on a policy, so one call cannot bloat every snapshot.
 const MAX_RULES: usize = 256;
@@ -205,6 +208,63 @@ fn protocol_pb(p: Protocol) -> i32 {
     .into()
 }
 
+/// A list of code names; empty: unset (the default set).
+fn codes(field: &str, names: &[String]) -> Result<Option<CodeSet>, ModelError> {
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let mut set = CodeSet::EMPTY;
+    for (i, n) in names.iter().enumerate() {
+        let one = CodeSet::parse(n).map_err(|e| ModelError::new(format!("{field}[{i}]"), e))?;
+        if one.is_empty() {
+            return Err(ModelError::new(
+                format!("{field}[{i}]"),
+                "must not be empty",
+            ));
+        }
+        set = CodeSet::from_bits(set.bits() | one.bits());
+    }
+    Ok(Some(set))
+}
+
+/// The resilience settings of a request (field paths relative to the service).
+fn resilience(s: &pb::Service) -> Result<Resilience, ModelError> {
+    let mut r = Resilience::default();
+    if let Some(o) = &s.outlier {
+        let at = |e: ModelError| e.within("outlier");
+        r.outlier = OutlierDetection {
+            consecutive_failures: o.consecutive_failures,
+            base_ejection_time: duration("base_ejection_time", o.base_ejection_time.as_ref())
+                .map_err(at)?,
+            max_ejection_time: duration("max_ejection_time", o.max_ejection_time.as_ref())
+                .map_err(at)?,
+            max_ejection_percent: o.max_ejection_percent,
+            failure_codes: codes("failure_codes", &o.failure_codes).map_err(at)?,
+        };
+    }
+    if let Some(p) = &s.retry {
+        let at = |e: ModelError| e.within("retry");
+        r.retry = RetryPolicy {
+            retry_on: codes("retry_on", &p.retry_on).map_err(at)?,
+            max_attempts: p.max_attempts,
+            per_try_timeout: duration("per_try_timeout", p.per_try_timeout.as_ref()).map_err(at)?,
+            backoff_base: duration("backoff_base", p.backoff_base.as_ref()).map_err(at)?,
+            backoff_max: duration("backoff_max", p.backoff_max.as_ref()).map_err(at)?,
+            budget_percent: p.budget_percent,
+            min_retries_per_second: p.min_retries_per_second,
+        };
+    }
+    if let Some(c) = &s.circuit_breakers {
+        r.circuit_breakers = CircuitBreakers {
+            max_requests: c.max_requests,
+            max_requests_per_endpoint: c.max_requests_per_endpoint,
+        };
+    }
+    r.slow_start = duration("slow_start", s.slow_start.as_ref())?;
+    r.validate()?;
+    Ok(r)
+}
+
 /// A new service from a request (validated whole by the registry).
 pub(super) fn new_service(s: &pb::Service) -> Result<Cluster, ModelError> {
     let mut c = Cluster::new(&s.name);
@@ -225,6 +285,13 @@ pub(super) fn new_service(s: &pb::Service) -> Result<Cluster, ModelError> {
         ),
         hash_policy: Some(hash_policy(&s.hash_policy)?),
         hash_balance_factor: Some(s.hash_balance_factor),
+        resilience: Some((
+            resilience(s)?,
+            meshwire_mesh::resilience::PATHS
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect(),
+        )),
     };
     patch.apply(&mut c)?;
     c.validate().map_err(api_field)?;
@@ -243,7 +310,18 @@ pub(super) fn service_patch(s: &pb::Service, paths: &[String]) -> Result<Service
     let mut patch = ServicePatch::default();
     for (i, p) in paths.iter().enumerate() {
         let in_service = |e: ModelError| e.within("service");
-        match p.strip_prefix("service.").unwrap_or(p) {
+        let path = p.strip_prefix("service.").unwrap_or(p);
+        if meshwire_mesh::resilience::PATHS.contains(&path) {
+            let (_, named) = match &mut patch.resilience {
+                Some(r) => r,
+                None => patch
+                    .resilience
+                    .insert((resilience(s).map_err(in_service)?, Vec::new())),
+            };
+            named.push(path.to_owned());
+            continue;
+        }
+        match path {
             "lb_policy" => {
                 patch.lb_policy = Some(
                     lb_kind(s.lb_policy)
@@ -394,7 +472,41 @@ pub(super) fn service_pb(info: &ServiceInfo) -> pb::Service {
         protocol: protocol_pb(c.protocol),
         hash_policy: hash_policy_pb(&c.hash_policy),
         hash_balance_factor: c.lb.hash().and_then(|h| h.balance_factor),
+        outlier: resilience_pb_outlier(&c.resilience.outlier),
+        retry: resilience_pb_retry(&c.resilience.retry),
+        circuit_breakers: (!c.resilience.circuit_breakers.is_unset()).then_some(
+            pb::CircuitBreakers {
+                max_requests: c.resilience.circuit_breakers.max_requests,
+                max_requests_per_endpoint: c.resilience.circuit_breakers.max_requests_per_endpoint,
+            },
+        ),
+        slow_start: c.resilience.slow_start.and_then(dur),
     }
+}
+
+/// Only what is set: unset fields read as the defaults.
+fn resilience_pb_outlier(o: &OutlierDetection) -> Option<pb::OutlierDetection> {
+    let dur = |d: Option<Duration>| d.and_then(|d| prost_types::Duration::try_from(d).ok());
+    (!o.is_unset()).then(|| pb::OutlierDetection {
+        consecutive_failures: o.consecutive_failures,
+        base_ejection_time: dur(o.base_ejection_time),
+        max_ejection_time: dur(o.max_ejection_time),
+        max_ejection_percent: o.max_ejection_percent,
+        failure_codes: o.failure_codes.map(CodeSet::names).unwrap_or_default(),
+    })
+}
+
+fn resilience_pb_retry(r: &RetryPolicy) -> Option<pb::RetryPolicy> {
+    let dur = |d: Option<Duration>| d.and_then(|d| prost_types::Duration::try_from(d).ok());
+    (!r.is_unset()).then(|| pb::RetryPolicy {
+        retry_on: r.retry_on.map(CodeSet::names).unwrap_or_default(),
+        max_attempts: r.max_attempts,
+        per_try_timeout: dur(r.per_try_timeout),
+        backoff_base: dur(r.backoff_base),
+        backoff_max: dur(r.backoff_max),
+        budget_percent: r.budget_percent,
+        min_retries_per_second: r.min_retries_per_second,
+    })
 }
 
 fn action_pb(a: Action) -> i32 {

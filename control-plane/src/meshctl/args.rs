@@ -243,6 +243,9 @@ pub(super) struct ServiceOpts {
     /// The hash flags above in command-line order (see [`parse_cli`]).
     #[arg(skip)]
     pub(super) hash_policy: Vec<pb::HashSource>,
+    /// Boxed: the many optional flags would make every command large.
+    #[command(flatten)]
+    pub(super) resilience: Box<super::resilience::ResilienceOpts>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

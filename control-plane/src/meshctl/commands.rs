@@ -111,6 +111,7 @@ fn service_msg(name: &str, opts: &ServiceOpts) -> (pb::Service, Vec<String>) {
         .into();
         paths.push("protocol".to_owned());
     }
+    opts.resilience.fill(&mut s, &mut paths);
     (s, paths)
 }
 
@@ -152,7 +153,7 @@ async fn service(
             }
             if paths.is_empty() {
                 return Err(Failure::Usage(
-                    "service update: nothing to change (give --lb, --bias, --connect-timeout, --request-timeout, --authority, --permissive, --protocol, --no-request-timeout, --no-authority or --no-permissive)".into(),
+                    "service update: nothing to change (give --lb, --bias, --connect-timeout, --request-timeout, --authority, --permissive, --protocol, --no-request-timeout, --no-authority, --no-permissive or a resilience flag such as --max-requests)".into(),
                 ));
             }
             let r = client
@@ -601,6 +602,61 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--hash-cookie"), "{e}");
+    }
+
+    #[test]
+    fn resilience_flags_name_their_paths_and_reset_with_default() {
+        let cli = Cli::try_parse_from([
+            "meshctl",
+            "service",
+            "update",
+            "echo",
+            "--max-requests",
+            "500",
+            "--retry-attempts",
+            "3",
+            "--retry-on",
+            "unavailable,internal",
+            "--per-try-timeout",
+            "200ms",
+            "--eject-after",
+            "5",
+            "--ejection-time",
+            "1s",
+            "--max-ejection",
+            "50%",
+            "--slow-start",
+            "default",
+        ])
+        .unwrap();
+        let Command::Service(ServiceCmd::Update { name, opts, .. }) = cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        let (s, paths) = service_msg(&name, &opts);
+        assert_eq!(
+            paths,
+            [
+                "slow_start",
+                "circuit_breakers.max_requests",
+                "retry.max_attempts",
+                "retry.retry_on",
+                "retry.per_try_timeout",
+                "outlier.consecutive_failures",
+                "outlier.base_ejection_time",
+                "outlier.max_ejection_percent",
+            ]
+        );
+        assert_eq!(s.slow_start, None, "`default`: named, unset");
+        assert_eq!(s.circuit_breakers.unwrap().max_requests, Some(500));
+        let r = s.retry.unwrap();
+        assert_eq!(r.max_attempts, Some(3));
+        assert_eq!(r.retry_on, ["internal", "unavailable"]);
+        assert_eq!(r.per_try_timeout.unwrap().nanos, 200_000_000);
+        assert_eq!(s.outlier.unwrap().max_ejection_percent, Some(50));
+        let e = Cli::try_parse_from(["meshctl", "service", "update", "a", "--retry-on", "nope"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown gRPC code"), "{e}");
     }
 
     #[test]

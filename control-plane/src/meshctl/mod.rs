@@ -8,6 +8,11 @@
 //!       [--hash-balance-factor F]   (hash sources in command-line order, first present wins)
 //!                              [--connect-timeout 1s] [--request-timeout 5s] [--authority A]
 //!                              [--permissive | --no-permissive] [--protocol grpc|http|tcp]
+//!       [--max-requests N] [--max-requests-per-endpoint N]     (circuit breakers)
+//!       [--retry-attempts N] [--retry-on CODES] [--per-try-timeout D]
+//!       [--retry-backoff D] [--retry-backoff-max D] [--retry-budget PCT] [--retry-budget-min N]
+//!       [--eject-after N] [--eject-on CODES] [--ejection-time D] [--max-ejection-time D]
+//!       [--max-ejection PCT] [--slow-start D]   (each also takes `default`)
 //!   service delete|get NAME · service list
 //!   service policy set NAME --file policy.yaml|json · service policy clear NAME
 //!   token create --service NAME [--namespace NS] [--ttl 1h]
@@ -38,6 +43,7 @@ mod args;
 mod client;
 mod commands;
 mod output;
+mod resilience;
 
 use std::process::ExitCode;
 

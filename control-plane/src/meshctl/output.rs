@@ -51,6 +51,16 @@ pub(super) fn hash_summary(s: &pb::Service) -> String {
 }
 
 pub(super) fn service_json(s: &pb::Service) -> Value {
+    let mut v = service_json_base(s);
+    if let Value::Object(m) = &mut v
+        && let Value::Object(r) = super::resilience::json(s)
+    {
+        m.extend(r);
+    }
+    v
+}
+
+fn service_json_base(s: &pb::Service) -> Value {
     json!({
         "name": s.name,
         "protocol": protocol_name(s.protocol),
@@ -396,10 +406,13 @@ impl Printer {
                 if s.permissive { "yes" } else { "no" }.to_owned(),
             ),
             ("policy:", policy_summary(s.policy.as_ref())),
-            ("version:", r.version.to_string()),
         ];
         let mut out = String::new();
-        for (k, v) in fields {
+        for (k, v) in fields
+            .into_iter()
+            .chain(super::resilience::summary(&s))
+            .chain([("version:", r.version.to_string())])
+        {
             out.push_str(&format!("{k:<17}{v}\n"));
         }
         if let Some(p) = s.policy.as_ref().filter(|p| !p.rules.is_empty()) {

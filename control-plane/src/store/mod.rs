@@ -221,6 +221,9 @@ pub struct ServiceRecord {
     /// `grpc`, `http` or `tcp`; records written before protocols are gRPC.
     #[serde(default, with = "protocol_name")]
     pub protocol: meshwire_mesh::Protocol,
+    /// Only what is set (records written before are all defaults).
+    #[serde(default, skip_serializing_if = "meshwire_mesh::Resilience::is_unset")]
+    pub resilience: meshwire_mesh::Resilience,
 }
 
 /// The protocol as its name, so stored records stay readable.
@@ -328,6 +331,7 @@ impl From<&Cluster> for ServiceRecord {
             policy: c.policy.clone(),
             protocol: c.protocol,
             hash_policy: c.hash_policy.clone(),
+            resilience: (*c.resilience).clone(),
         }
     }
 }
@@ -357,6 +361,7 @@ impl ServiceRecord {
         c.permissive = self.permissive;
         c.policy = self.policy;
         c.protocol = self.protocol;
+        c.resilience = Box::new(self.resilience);
         c
     }
 }

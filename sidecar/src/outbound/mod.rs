@@ -33,23 +33,24 @@ use crate::telemetry::metrics::{NotProcessed, RetryOutcome};
 use crate::telemetry::{AttemptSpan, Direction, Telemetry};
 use route::{ClusterState, Routes};
 
-/// Attempts per call: the first pick and up to two fail-overs to other
-/// endpoints, made only when the call certainly never reached an app
-/// (connect failures, a connection closed under us, GOAWAY, REFUSED_STREAM
-/// from a peer sidecar whose app is down), whatever the method (gRFC A6).
-const MAX_ATTEMPTS: usize = 3;
+/// Fail-overs to other endpoints made when the call certainly never reached
+/// an app (connect failures, a connection closed under us, GOAWAY,
+/// REFUSED_STREAM from a peer sidecar whose app is down), whatever the
+/// method (gRFC A6): with the first pick, at least [`MIN_TRIES`] tries.
+const MIN_TRIES: usize = 3;
 
-/// Of those, at most this many after an app failed the call (UNAVAILABLE
-/// before any reply): the default of 2 attempts, within the retry budget.
-const MAX_APP_RETRIES: usize = 1;
+/// Most tries of one call: the retry policy's most attempts plus the
+/// fail-overs; the size of the (stack) list of endpoints tried.
+const MAX_TRIES: usize = meshwire_mesh::resilience::MAX_ATTEMPTS as usize + 2;
 
 /// Backoff before a retry after an app failure: a random wait in the upper
-/// half of 25 ms × 2^(retry − 1), at most 250 ms (unless the app asked for
-/// another wait with `grpc-retry-pushback-ms`).
-fn retry_backoff(retry: usize) -> Duration {
-    let base = Duration::from_millis(25)
-        .saturating_mul(1 << (retry.saturating_sub(1)).min(4))
-        .min(Duration::from_millis(250));
+/// half of base × 2^(retry − 1), at most `max` (the service's
+/// `retry.backoff_base`/`backoff_max`, 25 ms and 250 ms by default), unless
+/// the app asked for another wait with `grpc-retry-pushback-ms`.
+fn retry_backoff(retry: usize, base: Duration, max: Duration) -> Duration {
+    let base = base
+        .saturating_mul(1 << (retry.saturating_sub(1)).min(16))
+        .min(max);
     base / 2 + base.mul_f64(fastrand::f64() / 2.0)
 }
 
@@ -229,18 +230,30 @@ impl Outbound {
         if set.is_empty() {
             return Err(ProxyError::NoEndpoints(cluster.name.to_string()));
         }
-        let mut tried = [usize::MAX; MAX_ATTEMPTS];
+        // Read from the swapped-in cluster state: no allocation, no lock.
+        let policy = cluster.retry;
+        let tries = (policy.max_attempts + 1).clamp(MIN_TRIES, MAX_TRIES);
+        let mut tried = [usize::MAX; MAX_TRIES];
         let mut last_error = None;
         let mut app_retries = 0;
+        let mut endpoint_full = false;
         cluster.health.retry_budget.deposit();
-        for attempt in 0..MAX_ATTEMPTS {
+        for attempt in 0..tries {
             let Some(i) = set.pick(&tried[..attempt], key.key) else {
                 break;
             };
             tried[attempt] = i;
             let endpoint = &set.entries()[i].endpoint;
+            // Per endpoint (approximate: the outstanding count races), then
+            // per service (exact); a full endpoint sends the call elsewhere.
+            if cluster.max_requests_per_endpoint != 0
+                && endpoint.outstanding() >= cluster.max_requests_per_endpoint
+            {
+                endpoint_full = true;
+                continue;
+            }
             // Exact per service; re-taken per attempt (a failed one frees it).
-            let Some(slot) = cluster.in_flight.try_admit(self.routes.max_requests()) else {
+            let Some(slot) = cluster.in_flight.try_admit(cluster.max_requests) else {
                 return Err(ProxyError::Overloaded(cluster.name.clone()));
             };
             // Counted from here: waiting for a connection is outstanding work.
@@ -266,12 +279,23 @@ impl Outbound {
                 s.endpoint(endpoint.addr, attempt + 1);
             }
             // A refused call can go elsewhere only if an attempt and an endpoint are left.
-            let replayable = attempt + 1 < MAX_ATTEMPTS && set.has_other(&tried[..=attempt]);
-            let retry = (app_retries < MAX_APP_RETRIES).then_some(proxy::RetryPolicy {
+            let replayable = attempt + 1 < tries && set.has_other(&tried[..=attempt]);
+            let retry = (app_retries + 1 < policy.max_attempts).then_some(proxy::RetryPolicy {
                 budget: &cluster.health.retry_budget,
                 metrics: &self.telemetry.metrics,
+                codes: policy.codes,
             });
-            match proxy::send(lease, guard, req, shape, replayable, retry).await {
+            match proxy::send(
+                lease,
+                guard,
+                req,
+                shape,
+                replayable,
+                retry,
+                policy.per_try_timeout,
+            )
+            .await
+            {
                 Ok(mut resp) => {
                     if let Some(c) = key.set_cookie {
                         resp.headers_mut().append(http::header::SET_COOKIE, c);
@@ -289,8 +313,10 @@ impl Outbound {
                         http::HeaderValue::from(attempt + 1),
                     );
                     // The call's own deadline (call::Call::run) bounds this wait.
-                    tokio::time::sleep(pushback.unwrap_or_else(|| retry_backoff(app_retries)))
-                        .await;
+                    tokio::time::sleep(pushback.unwrap_or_else(|| {
+                        retry_backoff(app_retries, policy.backoff_base, policy.backoff_max)
+                    }))
+                    .await;
                 }
                 Err(SendError::NotSent(r)) => {
                     tracing::debug!(service = %cluster.name, endpoint = %endpoint.addr, attempt, "not processed upstream; failing over");
@@ -306,6 +332,7 @@ impl Outbound {
                 service: cluster.name.to_string(),
                 last,
             },
+            None if endpoint_full => ProxyError::Overloaded(cluster.name.clone()),
             None => ProxyError::NoEndpoints(cluster.name.to_string()),
         })
     }

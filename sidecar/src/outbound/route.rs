@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use meshwire_mesh::{Cluster, HashSource, LbPolicy, ModelError, Protocol};
+use meshwire_mesh::{Cluster, HashSource, LbPolicy, ModelError, Protocol, Resilience};
 
 use super::balance::{EndpointSet, Entry};
 use crate::connect::Connector;
@@ -40,11 +40,54 @@ pub struct ClusterState {
     pub health: Arc<ClusterHealth>,
     /// Calls in flight to it (the circuit breaker's count); kept across updates.
     pub in_flight: Arc<crate::limits::InFlight>,
+    /// The service's resilience settings as given (for the diff).
+    resilience: Resilience,
+    /// The same, resolved against this sidecar's defaults: what calls read.
+    pub retry: RetrySettings,
+    /// Circuit breaker: most calls in flight to the service (0: none).
+    pub max_requests: usize,
+    /// Most calls in flight to one endpoint (0: none).
+    pub max_requests_per_endpoint: usize,
+}
+
+/// A service's retry policy, resolved: plain numbers read on every call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetrySettings {
+    pub codes: meshwire_mesh::CodeSet,
+    /// Attempts in all after an app failure, the first included (1..=5).
+    pub max_attempts: usize,
+    pub per_try_timeout: Option<Duration>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl RetrySettings {
+    fn of(r: &meshwire_mesh::resilience::RetryPolicy) -> Self {
+        Self {
+            codes: r.retry_on(),
+            max_attempts: r.max_attempts() as usize,
+            per_try_timeout: r.per_try_timeout,
+            backoff_base: r.backoff_base(),
+            backoff_max: r.backoff_max(),
+        }
+    }
+}
+
+/// The detector's settings from a service's outlier detection.
+fn outlier_settings(o: &meshwire_mesh::resilience::OutlierDetection) -> OutlierSettings {
+    OutlierSettings {
+        consecutive_failures: o.consecutive_failures(),
+        base_ejection: o.base_ejection_time(),
+        max_ejection: o.max_ejection_time(),
+        max_ejection_percent: o.max_ejection_percent(),
+        failure_codes: o.failure_codes().bits(),
+    }
 }
 
 impl ClusterState {
     fn same_settings(&self, c: &Cluster) -> bool {
-        self.lb == c.lb
+        self.resilience == *c.resilience
+            && self.lb == c.lb
             && self.protocol == c.protocol
             && self.hash_policy == hash_policy(c)
             && self.request_timeout == c.request_timeout
@@ -190,8 +233,14 @@ impl Routes {
                 || ClusterHealth::new(OutlierSettings::default()),
                 |p| p.health.clone(),
             );
-            health.update(OutlierSettings::default(), c.endpoints.len());
-            health.set_slow_start(self.slow_start);
+            // In place: endpoints keep their detector state across a change.
+            let res = &c.resilience;
+            health.update(outlier_settings(&res.outlier), c.endpoints.len());
+            health.set_slow_start(res.slow_start.unwrap_or(self.slow_start));
+            health.retry_budget.configure(
+                res.retry.budget_percent(),
+                res.retry.min_retries_per_second(),
+            );
             let set = Arc::new(self.build_set(c, &keep, &health, prev.is_none()));
             let state = match prev {
                 // Same settings: swap the endpoints in place, so calls that
@@ -215,6 +264,18 @@ impl Routes {
                     endpoints: ArcSwap::new(set),
                     health,
                     in_flight: prev.map_or_else(Default::default, |p| p.in_flight.clone()),
+                    resilience: (*c.resilience).clone(),
+                    retry: RetrySettings::of(&c.resilience.retry),
+                    max_requests: c
+                        .resilience
+                        .circuit_breakers
+                        .max_requests
+                        .map_or(self.max_requests, |n| n as usize),
+                    max_requests_per_endpoint: c
+                        .resilience
+                        .circuit_breakers
+                        .max_requests_per_endpoint
+                        .map_or(0, |n| n as usize),
                 }),
             };
             next.clusters.insert(state.name.clone(), state);
@@ -360,6 +421,47 @@ mod tests {
             r.load().get("a").unwrap().endpoints.load().entries().len(),
             2
         );
+    }
+
+    #[test]
+    fn resilience_changes_swap_the_state_but_keep_the_endpoints() {
+        let r = routes().with_max_requests(1024);
+        r.update(&[cluster("a", &[(1, 1), (2, 1)])]).unwrap();
+        let before = r.load().get("a").unwrap().clone();
+        assert_eq!(before.max_requests, 1024, "the flag when unset");
+        assert_eq!(before.retry.max_attempts, 2);
+        let ep1 = before.endpoints.load().entries()[0].endpoint.clone();
+        let _call = ep1.start_call();
+
+        let mut c = cluster("a", &[(1, 1), (2, 1)]);
+        c.resilience.circuit_breakers.max_requests = Some(4);
+        c.resilience.retry.max_attempts = Some(3);
+        c.resilience.retry.retry_on = Some(meshwire_mesh::CodeSet::parse("internal").unwrap());
+        c.resilience.outlier.consecutive_failures = Some(0);
+        r.update(&[c]).unwrap();
+        let after = r.load().get("a").unwrap().clone();
+        assert!(!Arc::ptr_eq(&before, &after), "new settings: a new state");
+        assert_eq!(after.max_requests, 4);
+        assert_eq!(after.retry.max_attempts, 3);
+        assert!(after.retry.codes.contains(13) && !after.retry.codes.contains(14));
+        assert!(
+            Arc::ptr_eq(&before.health, &after.health),
+            "detector state kept"
+        );
+        assert!(
+            Arc::ptr_eq(&before.in_flight, &after.in_flight),
+            "count kept"
+        );
+        let set = after.endpoints.load();
+        assert!(
+            Arc::ptr_eq(&set.entries()[0].endpoint, &ep1),
+            "endpoint kept"
+        );
+        assert_eq!(ep1.outstanding(), 1, "in-flight call kept");
+
+        // Back to the defaults: the sidecar's flag again.
+        r.update(&[cluster("a", &[(1, 1), (2, 1)])]).unwrap();
+        assert_eq!(r.load().get("a").unwrap().max_requests, 1024);
     }
 
     #[test]

@@ -27,5 +27,6 @@ mod passthrough;
 mod process;
 mod protocols;
 mod resilience;
+mod resilience_config;
 mod telemetry;
 mod xds_sidecar;
