@@ -326,6 +326,19 @@ async fn changing_resilience_settings_under_load_fails_no_call() {
         &["--retry-attempts", "default", "--max-requests", "default"],
     ] {
         w.update(args).await;
+        // Calls run under each setting: at least 25 more answered.
+        let answered =
+            || a.stats.calls.load(Ordering::Relaxed) + b.stats.calls.load(Ordering::Relaxed);
+        let before = answered();
+        eventually(
+            "calls under the new setting",
+            Duration::from_secs(30),
+            || {
+                let now = answered();
+                async move { now >= before + 25 }
+            },
+        )
+        .await;
     }
     let (counts, failed) = load.finish().await;
     assert!(failed.is_empty(), "{failed:?}");
