@@ -1027,7 +1027,9 @@ async fn a_join_token_is_spent_once_across_replicas() {
     let (b, _db) = replica(&etcd.urls(), "/mesh/").await;
     let mut ca = a.client().await;
     let mut cb = b.client().await;
-    api::create_service(&mut ca, "echo").await;
+    let v = api::create_service(&mut ca, "echo").await;
+    // B knows the service before tokens for it are made through B.
+    wait_version(&mut cb, v).await;
     // One CA for both: the same bundle from either replica.
     let bundle = ca_status(&mut ca).await.trust_bundle_pem;
     assert_eq!(bundle, ca_status(&mut cb).await.trust_bundle_pem);
@@ -1080,7 +1082,8 @@ async fn a_root_rotation_through_one_replica_reaches_sidecars_on_another() {
     let (b, _db) = replica(&etcd.urls(), "/mesh/").await;
     let mut ca = a.client().await;
     let mut cb = b.client().await;
-    api::create_service(&mut ca, "echo").await;
+    let v = api::create_service(&mut ca, "echo").await;
+    wait_version(&mut cb, v).await;
     let first = ca_status(&mut ca).await;
     assert_eq!(first.roots.len(), 1);
     let old = first.roots[0].fingerprint.clone();
