@@ -558,6 +558,106 @@ async fn rest_app_over_http1_through_the_mtls_pair() {
     );
 }
 
+/// HTTP calls are counted by status class on both sidecars, beside the gRPC
+/// code they map to (which stays as it was).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_status_classes_are_counted_on_both_sidecars() {
+    let ca = TestCa::new("test.local");
+    let app = RestApp::start();
+    let pair = Pair::start(&ca, service("web", Protocol::Http), app.addr, "shop", false).await;
+    let out = format!("http://{}", pair.client.outbound_addr);
+    // Two 503s stay under outlier detection's consecutive-failure threshold.
+    for (code, n) in [(200, 5), (404, 3), (503, 2)] {
+        for _ in 0..n {
+            let (rc, _, err) = curl(s(&[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "Host: web",
+                &format!("{out}/status?code={code}"),
+            ]))
+            .await;
+            assert_eq!(rc, 0, "{err}");
+        }
+    }
+    let inbound = pair.server.inbound_addr.unwrap().to_string();
+    let app_addr = app.addr.to_string();
+    let sides = [
+        (&pair.client, "outbound", "web", inbound.as_str()),
+        (&pair.server, "inbound", "inbound", app_addr.as_str()),
+    ];
+    for (sc, direction, cluster, endpoint) in sides {
+        let labels = |class: &'static str| {
+            [
+                ("direction", direction),
+                ("cluster", cluster),
+                ("endpoint", endpoint),
+                ("class", class),
+            ]
+        };
+        // A call is counted when its response body ends, just after curl has it.
+        eventually(
+            &format!("10 HTTP calls counted on the {direction} side"),
+            Duration::from_secs(10),
+            || async {
+                prom::scrape(sc.admin_addr)
+                    .await
+                    .sum("meshwire_http_responses_total", &[("direction", direction)])
+                    == 10.0
+            },
+        )
+        .await;
+        let m = prom::scrape(sc.admin_addr).await;
+        for (class, n) in [("2xx", 5.0), ("4xx", 3.0), ("5xx", 2.0)] {
+            assert_eq!(
+                m.one("meshwire_http_responses_total", &labels(class)),
+                n,
+                "{direction} {class}:\n{}",
+                m.text
+            );
+        }
+        for class in ["1xx", "3xx"] {
+            assert_eq!(
+                m.sum("meshwire_http_responses_total", &labels(class)),
+                0.0,
+                "{}",
+                m.text
+            );
+        }
+        // The gRPC-code accounting is unchanged: 2xx and 4xx are OK, 503 UNAVAILABLE.
+        let code = |c: &'static str| {
+            m.sum(
+                "meshwire_requests_total",
+                &[("direction", direction), ("grpc_code", c)],
+            )
+        };
+        assert_eq!(code("OK"), 8.0, "{}", m.text);
+        assert_eq!(code("UNAVAILABLE"), 2.0, "{}", m.text);
+    }
+    // `/clusters` shows the classes per endpoint, the app's included.
+    let v = admin_json(pair.client.admin_addr, "/clusters").await;
+    let ep = v["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["endpoints"].as_array().into_iter().flatten())
+        .find(|e| e["address"] == inbound.as_str())
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(
+        ep["http_responses"],
+        serde_json::json!({"2xx": 5, "4xx": 3, "5xx": 2}),
+        "{v}"
+    );
+    let v = admin_json(pair.server.admin_addr, "/clusters").await;
+    assert_eq!(
+        v["app"]["http_responses"],
+        serde_json::json!({"2xx": 5, "4xx": 3, "5xx": 2}),
+        "{v}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_gib_upload_streams_with_bounded_memory() {
     let ca = TestCa::new("test.local");
