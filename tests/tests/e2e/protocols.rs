@@ -1314,3 +1314,142 @@ async fn websocket_over_extended_connect_through_the_mtls_pair() {
         other => panic!("expected 400, got {other:?}"),
     }
 }
+
+// === stock Envoy as the caller ===
+
+/// A server sidecar for `local` (permissive: stock Envoy gets no client
+/// certificate or transport socket from our CDS, so it reaches sidecars in
+/// plaintext h2c, which only a permissive service accepts) in front of `app`.
+async fn permissive_server(ca: &TestCa, mut local: Cluster, app: SocketAddr) -> Sidecar {
+    init_tracing();
+    local.permissive = true;
+    let mut cfg = SidecarConfig::local();
+    cfg.app = Some(app);
+    cfg.inbound = Some(localhost());
+    cfg.identity = Some(identity_of(ca, &local.name));
+    cfg.service = Some(local.name.clone());
+    cfg.clusters = vec![local];
+    Sidecar::start(cfg).await.unwrap()
+}
+
+/// Stock Envoy fed by our control plane calls an `http` service (a REST app
+/// behind a sidecar) through its HTTP listener and a `tcp` service (a
+/// server-first service behind a sidecar) through its `tcp_proxy` listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_envoy_calls_http_and_tcp_services_through_sidecars() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = TestCa::new("test.local");
+    let app = RestApp::start();
+    let banner = banner_server().await;
+    let web = permissive_server(&ca, service("web", Protocol::Http), app.addr).await;
+    let smtp = permissive_server(&ca, service("smtp", Protocol::Tcp), banner).await;
+
+    let data = tempfile::tempdir().unwrap();
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
+    let d = data.path();
+    for (name, proto, sc) in [("web", "http", &web), ("smtp", "tcp", &smtp)] {
+        ok(&meshctl(
+            &cp,
+            d,
+            &[
+                "service",
+                "create",
+                name,
+                "--protocol",
+                proto,
+                "--permissive",
+            ],
+        )
+        .await);
+        let inbound = sc.inbound_addr.unwrap().to_string();
+        ok(&meshctl(&cp, d, &["endpoint", "add", name, &inbound]).await);
+    }
+    let envoy = EnvoyProcess::start_with_ports(cp.addr, "envoy-proto", false, &[("smtp", 0)]).await;
+    let http = envoy.listener().await;
+    let tcp = envoy.listener_named("meshwire_tcp_smtp").await;
+
+    // HTTP: a GET with the app's headers, a POST body, keep-alive on one curl connection.
+    let base = format!("http://{http}");
+    let (code, body, err) = curl(s(&[
+        "-i",
+        "-H",
+        "Host: web",
+        "-H",
+        "X-Custom: a b",
+        &format!("{base}/hello?q=1"),
+    ]))
+    .await;
+    assert_eq!(code, 0, "{err}\n{}", envoy.log());
+    let text = String::from_utf8_lossy(&body).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}\n{}", envoy.log());
+    assert!(
+        text.to_ascii_lowercase().contains("x-app-header: kept"),
+        "{text}"
+    );
+    let v = json_of(text.split("\r\n\r\n").nth(1).unwrap().as_bytes());
+    assert_eq!(v["path"], "/hello?q=1");
+    assert_eq!(v["version"], "HTTP/1.1", "the app got HTTP/1.1");
+    assert_eq!(v["host"], "web");
+    assert_eq!(v["x_custom"], "a b");
+
+    let payload = "x".repeat(100_000);
+    let (code, body, err) = curl(s(&[
+        "-H",
+        "Host: web",
+        "--data-binary",
+        &payload,
+        &format!("{base}/upload"),
+    ]))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let v = json_of(&body);
+    assert_eq!(v["bytes"], 100_000, "{v}");
+
+    let hello = format!("{base}/hello");
+    let mut args = vec!["-v".to_owned()];
+    for _ in 0..3 {
+        args.extend(s(&["-H", "Host: web", &hello]));
+    }
+    let (code, body, err) = curl(args).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err.matches("Re-using existing connection").count(),
+        2,
+        "keep-alive through Envoy: {err}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&body).matches("\"path\"").count(),
+        3
+    );
+
+    // TCP: the banner first, then bytes up, half-close, and the answer down.
+    let mut c = tokio::net::TcpStream::connect(tcp).await.unwrap();
+    let mut banner_line = [0u8; 18];
+    tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut banner_line))
+        .await
+        .unwrap_or_else(|_| panic!("no banner through envoy:\n{}", envoy.log()))
+        .unwrap();
+    assert_eq!(&banner_line, b"220 banner ready\r\n");
+    c.write_all(&[7u8; 50_000]).await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
+        .await
+        .unwrap_or_else(|_| panic!("no answer through envoy:\n{}", envoy.log()))
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&rest), "got 50000 bytes\r\n");
+    // The server sidecar carried it: exactly our bytes towards the service
+    // (Envoy's readiness probes of the listener opened connections but sent nothing).
+    eventually(
+        "the server sidecar counted 50000 bytes up",
+        Duration::from_secs(10),
+        || async {
+            metric(
+                &metrics(&smtp).await,
+                "meshwire_tcp_sent_bytes_total",
+                "inbound",
+            ) == 50_000
+        },
+    )
+    .await;
+}
