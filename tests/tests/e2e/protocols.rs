@@ -1438,6 +1438,24 @@ async fn stock_envoy_calls_http_and_tcp_services_through_sidecars() {
         .unwrap_or_else(|_| panic!("no answer through envoy:\n{}", envoy.log()))
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&rest), "got 50000 bytes\r\n");
+    // Envoy took every resource we sent (the tcp_proxy listener included).
+    let status = cp
+        .client()
+        .await
+        .status(meshwire_proto::admin::v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let n = status
+        .nodes
+        .iter()
+        .find(|n| n.node_id == "envoy-proto")
+        .unwrap_or_else(|| panic!("envoy not in status: {:?}", status.nodes));
+    assert!(
+        n.last_nack.is_none(),
+        "envoy refused something: {n:?}\n{}",
+        envoy.log()
+    );
     // The server sidecar carried it: exactly our bytes towards the service
     // (Envoy's readiness probes of the listener opened connections but sent nothing).
     eventually(
