@@ -23,6 +23,7 @@
 //! `Sec-Fetch-Site` of another site, and the content types a form can send
 //! without a CORS preflight.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -469,6 +470,9 @@ struct EndpointView {
     requests: u64,
     success: u64,
     failure: u64,
+    /// Plain HTTP calls by response status class ("2xx": n), classes seen only.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    http_responses: BTreeMap<&'static str, u64>,
     connect_attempts: u64,
     connect_errors: u64,
     /// Taken out by outlier detection (or its one probe is in flight).
@@ -494,6 +498,12 @@ impl EndpointView {
             requests: r(&e.stats.picks),
             success: e.stats.succeeded(),
             failure: e.stats.failed(),
+            http_responses: crate::endpoint::HTTP_CLASSES
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (*c, e.stats.http_responses(i)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
             connect_attempts: r(&e.pool.stats.connects),
             connect_errors: r(&e.pool.stats.connect_errors),
             ejected: e.outlier.is_out(),

@@ -167,6 +167,7 @@ impl Http1App {
         crate::proxy::strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_2;
         let code = grpc::code_of_http(parts.status);
+        guard.http_status(parts.status);
         let mut body = AppResponseBody {
             inner: body,
             call: Some((guard, permit)),

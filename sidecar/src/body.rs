@@ -215,6 +215,14 @@ impl Body for ResponseBody {
                             if let Some(g) = state.guard.as_mut() {
                                 g.response_bytes += data.len() as u64;
                             }
+                            // A plain HTTP body that ends with this data ends the
+                            // call now: an HTTP/1.1 writer whose Content-Length is
+                            // met drops the body without polling it again (the call
+                            // would count as CANCELLED).
+                            if !state.grpc && inner.is_end_stream() {
+                                let code = state.code_without_trailers;
+                                state.finish(code);
+                            }
                             return Poll::Ready(Some(Ok(Frame::data(data))));
                         }
                         Some(Err(e)) => return Poll::Ready(upstream_error(e, state)),

@@ -21,6 +21,10 @@ use crate::telemetry::histogram::LatencyHistogram;
 /// gRPC status codes counted per endpoint (0..=16).
 const CODES: usize = 17;
 
+/// The `class` label of `meshwire_http_responses_total`, indexed by the
+/// status's first digit minus one.
+pub const HTTP_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
 /// What the calls to one endpoint did.
 #[derive(Debug, Default)]
 pub struct EndpointStats {
@@ -35,6 +39,9 @@ pub struct EndpointStats {
     pub request_bytes: AtomicU64,
     /// Response body bytes received from it.
     pub response_bytes: AtomicU64,
+    /// Plain HTTP calls (not gRPC) by the response's status class
+    /// ([`HTTP_CLASSES`]); counted beside `codes`, which they leave as they are.
+    http_classes: [AtomicU64; HTTP_CLASSES.len()],
 }
 
 impl EndpointStats {
@@ -56,6 +63,14 @@ impl EndpointStats {
     pub fn calls_with(&self, code: u8) -> u64 {
         self.codes
             .get(usize::from(code))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Finished plain HTTP calls whose response status was in class `i`
+    /// (an index of [`HTTP_CLASSES`]).
+    pub fn http_responses(&self, i: usize) -> u64 {
+        self.http_classes
+            .get(i)
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
@@ -126,6 +141,7 @@ impl Endpoint {
             endpoint: self.clone(),
             start: std::time::Instant::now(),
             code: None,
+            http_class: 0,
             sent: false,
             not_processed: false,
             refused: false,
@@ -147,6 +163,9 @@ pub struct CallGuard {
     start: std::time::Instant,
     /// The call's gRPC status, once known.
     code: Option<u8>,
+    /// A plain HTTP call's response status class: 1 for 1xx … 5 for 5xx, 0
+    /// for none (gRPC, or no response).
+    http_class: u8,
     /// The request reached the endpoint (a failed-over attempt is not a call).
     sent: bool,
     /// The attempt failed without reaching an app (connect failure, refused).
@@ -177,6 +196,12 @@ impl CallGuard {
     /// The call ended with gRPC status `code` (0 is success).
     pub(crate) fn finish(&mut self, code: u8) {
         self.code = Some(code);
+    }
+
+    /// A plain HTTP call got a response with `status` from the endpoint:
+    /// counted by status class when the call ends (gRPC calls never call this).
+    pub(crate) fn http_status(&mut self, status: http::StatusCode) {
+        self.http_class = (status.as_u16() / 100) as u8;
     }
 
     /// This attempt never reached an app (a failure of the endpoint's).
@@ -230,6 +255,12 @@ impl Drop for CallGuard {
                 self.request_bytes,
                 self.response_bytes,
             );
+            if let Some(c) = usize::from(self.http_class)
+                .checked_sub(1)
+                .and_then(|i| ep.stats.http_classes.get(i))
+            {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }

@@ -349,6 +349,9 @@ pub(crate) async fn send(
     };
     let (mut parts, recv) = resp.into_parts();
     let http_code = grpc::code_of_http(parts.status);
+    if !shape.grpc {
+        guard.http_status(parts.status);
+    }
     // The call's status if the response ends with its headers (trailers-only).
     let headers_code = if shape.grpc {
         parts

@@ -10,6 +10,7 @@ Prints its port on the first line of stdout, then serves until killed.
   GET  /empty         204
   GET  /cached        304
   GET  /close         answers with Connection: close
+  GET  /status?code=N a small JSON body with status N
   POST /upload        reads the body (Content-Length or chunked) as it streams,
                       answers JSON {bytes, sha256}
 """
@@ -93,6 +94,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(304)
             self.send_header("ETag", '"v1"')
             self.end_headers()
+        elif url.path == "/status":
+            code = int(parse_qs(url.query)["code"][0])
+            self.send_json(b'{"status": %d}' % code, code)
         elif url.path == "/close":
             body = self.hello_body()
             self.send_response(200)

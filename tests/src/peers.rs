@@ -54,12 +54,29 @@ impl EnvoyProcess {
     /// Starts Envoy with an ADS bootstrap (`delta`: DELTA_GRPC, else GRPC) and
     /// an outbound listener on an ephemeral port (node metadata).
     pub async fn start(xds: SocketAddr, node_id: &str, delta: bool) -> EnvoyProcess {
+        Self::start_with_ports(xds, node_id, delta, &[]).await
+    }
+
+    /// [`EnvoyProcess::start`], also naming `tcp` services it offers on local
+    /// ports (`meshwire.service_ports`; 0: an ephemeral port, see
+    /// [`EnvoyProcess::listener_named`]).
+    pub async fn start_with_ports(
+        xds: SocketAddr,
+        node_id: &str,
+        delta: bool,
+        service_ports: &[(&str, u16)],
+    ) -> EnvoyProcess {
+        let ports = service_ports
+            .iter()
+            .map(|(s, p)| format!("{s:?}: {p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let dir = tempfile::tempdir().unwrap();
         let bootstrap = format!(
             r#"node:
   id: {node_id}
   cluster: envoy-gateway
-  metadata: {{ "meshwire.outbound_port": 0 }}
+  metadata: {{ "meshwire.outbound_port": 0, "meshwire.service_ports": {{ {ports} }} }}
 dynamic_resources:
   ads_config:
     api_type: {api}
@@ -123,15 +140,23 @@ admin:
     /// The outbound listener's address, once it is warm (routes received) and
     /// accepting connections.
     pub async fn listener(&self) -> SocketAddr {
+        self.listener_named("meshwire_outbound").await
+    }
+
+    /// The address of the listener called `name` (from xDS), once it accepts.
+    pub async fn listener_named(&self, name: &str) -> SocketAddr {
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         for _ in 0..1000 {
             tick.tick().await;
             if let Ok((StatusCode::OK, _, body)) =
                 http1_get(self.admin, "admin", "/listeners?format=json").await
                 && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body)
-                && let Some(port) =
-                    v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
-                        .as_u64()
+                && let Some(l) = v["listener_statuses"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|l| l["name"] == name)
+                && let Some(port) = l["local_address"]["socket_address"]["port_value"].as_u64()
             {
                 // Listed while warming (waiting for its routes); usable once it accepts.
                 let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
@@ -140,7 +165,10 @@ admin:
                 }
             }
         }
-        panic!("envoy never got its listener from xDS:\n{}", self.log());
+        panic!(
+            "envoy never got its listener {name} from xDS:\n{}",
+            self.log()
+        );
     }
 
     /// `host:port` → weight for every host Envoy has in `cluster`.

@@ -7,8 +7,8 @@
 //! scraped ([`SidecarCollector`]), from the endpoints an [`EndpointSource`]
 //! lists (the sidecar hands it its live route table); an endpoint removed
 //! from the config leaves the output with it, so label cardinality is bounded
-//! by the configuration (clusters × endpoints × 17 gRPC codes), never by
-//! requests.
+//! by the configuration (clusters × endpoints × 17 gRPC codes, and 5 HTTP
+//! status classes for plain HTTP calls), never by requests.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -252,6 +252,24 @@ impl SidecarCollector {
                 let l = [a, b, c, ("grpc_code", Cow::Borrowed(*name))];
                 let mut f = m.encode_family(&l)?;
                 counter(&mut f, n)?;
+            }
+        }
+        // Plain HTTP calls by status class, beside (not instead of) the codes.
+        let mut m = enc.encode_descriptor(
+            "meshwire_http_responses",
+            "Plain HTTP calls finished, by endpoint and response status class",
+            None,
+            MetricType::Counter,
+        )?;
+        for r in &rows {
+            for (i, class) in crate::endpoint::HTTP_CLASSES.iter().enumerate() {
+                let n = r.ep.stats.http_responses(i);
+                if n == 0 {
+                    continue;
+                }
+                let [a, b, c] = r.labels();
+                let l = [a, b, c, ("class", Cow::Borrowed(*class))];
+                counter(&mut m.encode_family(&l)?, n)?;
             }
         }
         family(

@@ -558,6 +558,106 @@ async fn rest_app_over_http1_through_the_mtls_pair() {
     );
 }
 
+/// HTTP calls are counted by status class on both sidecars, beside the gRPC
+/// code they map to (which stays as it was).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_status_classes_are_counted_on_both_sidecars() {
+    let ca = TestCa::new("test.local");
+    let app = RestApp::start();
+    let pair = Pair::start(&ca, service("web", Protocol::Http), app.addr, "shop", false).await;
+    let out = format!("http://{}", pair.client.outbound_addr);
+    // Two 503s stay under outlier detection's consecutive-failure threshold.
+    for (code, n) in [(200, 5), (404, 3), (503, 2)] {
+        for _ in 0..n {
+            let (rc, _, err) = curl(s(&[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "Host: web",
+                &format!("{out}/status?code={code}"),
+            ]))
+            .await;
+            assert_eq!(rc, 0, "{err}");
+        }
+    }
+    let inbound = pair.server.inbound_addr.unwrap().to_string();
+    let app_addr = app.addr.to_string();
+    let sides = [
+        (&pair.client, "outbound", "web", inbound.as_str()),
+        (&pair.server, "inbound", "inbound", app_addr.as_str()),
+    ];
+    for (sc, direction, cluster, endpoint) in sides {
+        let labels = |class: &'static str| {
+            [
+                ("direction", direction),
+                ("cluster", cluster),
+                ("endpoint", endpoint),
+                ("class", class),
+            ]
+        };
+        // A call is counted when its response body ends, just after curl has it.
+        eventually(
+            &format!("10 HTTP calls counted on the {direction} side"),
+            Duration::from_secs(10),
+            || async {
+                prom::scrape(sc.admin_addr)
+                    .await
+                    .sum("meshwire_http_responses_total", &[("direction", direction)])
+                    == 10.0
+            },
+        )
+        .await;
+        let m = prom::scrape(sc.admin_addr).await;
+        for (class, n) in [("2xx", 5.0), ("4xx", 3.0), ("5xx", 2.0)] {
+            assert_eq!(
+                m.one("meshwire_http_responses_total", &labels(class)),
+                n,
+                "{direction} {class}:\n{}",
+                m.text
+            );
+        }
+        for class in ["1xx", "3xx"] {
+            assert_eq!(
+                m.sum("meshwire_http_responses_total", &labels(class)),
+                0.0,
+                "{}",
+                m.text
+            );
+        }
+        // The gRPC-code accounting is unchanged: 2xx and 4xx are OK, 503 UNAVAILABLE.
+        let code = |c: &'static str| {
+            m.sum(
+                "meshwire_requests_total",
+                &[("direction", direction), ("grpc_code", c)],
+            )
+        };
+        assert_eq!(code("OK"), 8.0, "{}", m.text);
+        assert_eq!(code("UNAVAILABLE"), 2.0, "{}", m.text);
+    }
+    // `/clusters` shows the classes per endpoint, the app's included.
+    let v = admin_json(pair.client.admin_addr, "/clusters").await;
+    let ep = v["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["endpoints"].as_array().into_iter().flatten())
+        .find(|e| e["address"] == inbound.as_str())
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(
+        ep["http_responses"],
+        serde_json::json!({"2xx": 5, "4xx": 3, "5xx": 2}),
+        "{v}"
+    );
+    let v = admin_json(pair.server.admin_addr, "/clusters").await;
+    assert_eq!(
+        v["app"]["http_responses"],
+        serde_json::json!({"2xx": 5, "4xx": 3, "5xx": 2}),
+        "{v}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_gib_upload_streams_with_bounded_memory() {
     let ca = TestCa::new("test.local");
@@ -1213,4 +1313,161 @@ async fn websocket_over_extended_connect_through_the_mtls_pair() {
         }
         other => panic!("expected 400, got {other:?}"),
     }
+}
+
+// === stock Envoy as the caller ===
+
+/// A server sidecar for `local` (permissive: stock Envoy gets no client
+/// certificate or transport socket from our CDS, so it reaches sidecars in
+/// plaintext h2c, which only a permissive service accepts) in front of `app`.
+async fn permissive_server(ca: &TestCa, mut local: Cluster, app: SocketAddr) -> Sidecar {
+    init_tracing();
+    local.permissive = true;
+    let mut cfg = SidecarConfig::local();
+    cfg.app = Some(app);
+    cfg.inbound = Some(localhost());
+    cfg.identity = Some(identity_of(ca, &local.name));
+    cfg.service = Some(local.name.clone());
+    cfg.clusters = vec![local];
+    Sidecar::start(cfg).await.unwrap()
+}
+
+/// Stock Envoy fed by our control plane calls an `http` service (a REST app
+/// behind a sidecar) through its HTTP listener and a `tcp` service (a
+/// server-first service behind a sidecar) through its `tcp_proxy` listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_envoy_calls_http_and_tcp_services_through_sidecars() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = TestCa::new("test.local");
+    let app = RestApp::start();
+    let banner = banner_server().await;
+    let web = permissive_server(&ca, service("web", Protocol::Http), app.addr).await;
+    let smtp = permissive_server(&ca, service("smtp", Protocol::Tcp), banner).await;
+
+    let data = tempfile::tempdir().unwrap();
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
+    let d = data.path();
+    for (name, proto, sc) in [("web", "http", &web), ("smtp", "tcp", &smtp)] {
+        ok(&meshctl(
+            &cp,
+            d,
+            &[
+                "service",
+                "create",
+                name,
+                "--protocol",
+                proto,
+                "--permissive",
+            ],
+        )
+        .await);
+        let inbound = sc.inbound_addr.unwrap().to_string();
+        ok(&meshctl(&cp, d, &["endpoint", "add", name, &inbound]).await);
+    }
+    let envoy = EnvoyProcess::start_with_ports(cp.addr, "envoy-proto", false, &[("smtp", 0)]).await;
+    let http = envoy.listener().await;
+    let tcp = envoy.listener_named("meshwire_tcp_smtp").await;
+
+    // HTTP: a GET with the app's headers, a POST body, keep-alive on one curl connection.
+    let base = format!("http://{http}");
+    let (code, body, err) = curl(s(&[
+        "-i",
+        "-H",
+        "Host: web",
+        "-H",
+        "X-Custom: a b",
+        &format!("{base}/hello?q=1"),
+    ]))
+    .await;
+    assert_eq!(code, 0, "{err}\n{}", envoy.log());
+    let text = String::from_utf8_lossy(&body).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}\n{}", envoy.log());
+    assert!(
+        text.to_ascii_lowercase().contains("x-app-header: kept"),
+        "{text}"
+    );
+    let v = json_of(text.split("\r\n\r\n").nth(1).unwrap().as_bytes());
+    assert_eq!(v["path"], "/hello?q=1");
+    assert_eq!(v["version"], "HTTP/1.1", "the app got HTTP/1.1");
+    assert_eq!(v["host"], "web");
+    assert_eq!(v["x_custom"], "a b");
+
+    let payload = "x".repeat(100_000);
+    let (code, body, err) = curl(s(&[
+        "-H",
+        "Host: web",
+        "--data-binary",
+        &payload,
+        &format!("{base}/upload"),
+    ]))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let v = json_of(&body);
+    assert_eq!(v["bytes"], 100_000, "{v}");
+
+    let hello = format!("{base}/hello");
+    let mut args = vec!["-v".to_owned()];
+    for _ in 0..3 {
+        args.extend(s(&["-H", "Host: web", &hello]));
+    }
+    let (code, body, err) = curl(args).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err.matches("Re-using existing connection").count(),
+        2,
+        "keep-alive through Envoy: {err}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&body).matches("\"path\"").count(),
+        3
+    );
+
+    // TCP: the banner first, then bytes up, half-close, and the answer down.
+    let mut c = tokio::net::TcpStream::connect(tcp).await.unwrap();
+    let mut banner_line = [0u8; 18];
+    tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut banner_line))
+        .await
+        .unwrap_or_else(|_| panic!("no banner through envoy:\n{}", envoy.log()))
+        .unwrap();
+    assert_eq!(&banner_line, b"220 banner ready\r\n");
+    c.write_all(&[7u8; 50_000]).await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
+        .await
+        .unwrap_or_else(|_| panic!("no answer through envoy:\n{}", envoy.log()))
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&rest), "got 50000 bytes\r\n");
+    // Envoy took every resource we sent (the tcp_proxy listener included).
+    let status = cp
+        .client()
+        .await
+        .status(meshwire_proto::admin::v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let n = status
+        .nodes
+        .iter()
+        .find(|n| n.node_id == "envoy-proto")
+        .unwrap_or_else(|| panic!("envoy not in status: {:?}", status.nodes));
+    assert!(
+        n.last_nack.is_none(),
+        "envoy refused something: {n:?}\n{}",
+        envoy.log()
+    );
+    // The server sidecar carried it: exactly our bytes towards the service
+    // (Envoy's readiness probes of the listener opened connections but sent nothing).
+    eventually(
+        "the server sidecar counted 50000 bytes up",
+        Duration::from_secs(10),
+        || async {
+            metric(
+                &metrics(&smtp).await,
+                "meshwire_tcp_sent_bytes_total",
+                "inbound",
+            ) == 50_000
+        },
+    )
+    .await;
 }
