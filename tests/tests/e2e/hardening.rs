@@ -136,8 +136,10 @@ async fn raw_grpc_call(
     }
     let mut send = h2.ready().await.expect("h2 ready");
     let (resp, mut body) = send.send_request(req, false).unwrap();
-    body.send_data(grpc_frame(&EchoRequest::default()), true)
-        .unwrap();
+    // A call refused from its headers (e.g. `grpc-timeout: 0S`) may be
+    // answered and closed before its message goes out: the answer is what
+    // counts.
+    let _ = body.send_data(grpc_frame(&EchoRequest::default()), true);
     let resp = tokio::time::timeout(Duration::from_secs(10), resp)
         .await
         .expect("an answer within 10 s")
@@ -794,11 +796,13 @@ async fn silent_connections_are_closed_and_the_listeners_serve_again() {
             .await
             .expect("closed by the sidecar within 10 s");
     }
-    assert!(
-        fd_count(pid) < open + 20,
-        "{} descriptors open",
-        fd_count(pid)
-    );
+    // Every one of them, not only those read: the count falls back.
+    eventually(
+        "the sidecar's descriptors to fall back",
+        Duration::from_secs(15),
+        || async { fd_count(pid) < open + 20 },
+    )
+    .await;
 }
 
 // === defect 12: slow reset ===
