@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use meshwire_mesh::cli::parse_duration;
 use meshwire_proto::admin::v1 as pb;
 
 #[derive(Debug, Parser)]
@@ -359,10 +360,6 @@ pub(super) enum EndpointCmd {
         #[arg(long)]
         undo: bool,
     },
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 500ms, 5s, 1m)"))
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {

@@ -5,25 +5,13 @@
 use std::path::PathBuf;
 
 use meshwire_proto::admin::v1::mesh_admin_client::MeshAdminClient;
-use tonic::metadata::MetadataValue;
+use tonic::Request;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Request, Status};
 
 use super::args::Cli;
 use super::{Failure, chain};
-
-#[derive(Debug, Clone)]
-pub(super) struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
+use crate::auth::Bearer;
 
 pub(super) type Client = MeshAdminClient<InterceptedService<Channel, Bearer>>;
 
@@ -69,14 +57,7 @@ async fn connect_to(cli: &Cli, server_arg: &str) -> Result<Client, Failure> {
     } else {
         token(cli)?
     };
-    let bearer = match token {
-        Some(t) => Some(
-            format!("Bearer {t}")
-                .parse()
-                .map_err(|_| Failure::Usage("the admin token is not printable ASCII".into()))?,
-        ),
-        None => None,
-    };
+    let bearer = Bearer::new(token.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
     let server = if tls {
         with_default_port(server_arg)?
     } else {
@@ -99,7 +80,7 @@ async fn connect_to(cli: &Cli, server_arg: &str) -> Result<Client, Failure> {
         server: server_arg.to_owned(),
         reason: chain(&e),
     })?;
-    Ok(MeshAdminClient::with_interceptor(channel, Bearer(bearer)))
+    Ok(MeshAdminClient::with_interceptor(channel, bearer))
 }
 
 /// `https://host` means the TLS port, 15012.
