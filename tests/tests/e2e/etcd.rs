@@ -1113,19 +1113,14 @@ async fn a_root_rotation_through_one_replica_reaches_sidecars_on_another() {
         let admin = sc.addrs.admin;
         async move { admin_json(admin, "/certs").await }
     };
-    let start = tokio::time::Instant::now();
-    loop {
-        let c = certs(&sc).await;
-        if c["ready"] == true {
-            assert_eq!(c["signed_by"], old.as_str(), "{c}");
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "no identity: {c}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the sidecar's identity",
+        Duration::from_secs(15),
+        || async { certs(&sc).await["ready"] == true },
+    )
+    .await;
+    let c = certs(&sc).await;
+    assert_eq!(c["signed_by"], old.as_str(), "{c}");
 
     // Through A: add a root. B's sidecar trusts it within moments.
     let added = ca
@@ -1140,38 +1135,30 @@ async fn a_root_rotation_through_one_replica_reaches_sidecars_on_another() {
         .expect("the new root")
         .fingerprint
         .clone();
-    let start = tokio::time::Instant::now();
-    loop {
-        let c = certs(&sc).await;
-        let fps: Vec<String> =
-            serde_json::from_value(c["trust_bundle"]["fingerprints"].clone()).unwrap_or_default();
-        if fps.contains(&new) && fps.contains(&old) {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the root added through A never reached B's sidecar: {c}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the root added through A to reach B's sidecar",
+        Duration::from_secs(10),
+        || async {
+            let c = certs(&sc).await;
+            let fps: Vec<String> =
+                serde_json::from_value(c["trust_bundle"]["fingerprints"].clone())
+                    .unwrap_or_default();
+            fps.contains(&new) && fps.contains(&old)
+        },
+    )
+    .await;
     // Through A: activate it. B signs with it: the sidecar renews through B.
     ca.activate_root(pb::ActivateRootRequest {
         fingerprint: new[..12].to_owned(),
     })
     .await
     .unwrap();
-    let start = tokio::time::Instant::now();
-    loop {
-        let c = certs(&sc).await;
-        if c["signed_by"] == new.as_str() {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "B's sidecar was never re-signed by the root activated through A: {c}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "B's sidecar re-signed by the root activated through A",
+        Duration::from_secs(15),
+        || async { certs(&sc).await["signed_by"] == new.as_str() },
+    )
+    .await;
     let now_b = ca_status(&mut cb).await;
     let signing: Vec<_> = now_b.roots.iter().filter(|r| r.signing).collect();
     assert_eq!(signing.len(), 1);

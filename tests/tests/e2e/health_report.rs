@@ -244,17 +244,14 @@ async fn next_calls(load: &Load, n: u64) -> (std::collections::BTreeMap<String, 
 /// How long until `name` answers calls of `load` again (at most `limit`).
 async fn until_it_serves(load: &Load, name: &str, limit: Duration) -> Duration {
     let start = tokio::time::Instant::now();
-    let before = load.total().server(name).map_or(0, |s| s.calls);
-    loop {
-        if load.total().server(name).map_or(0, |s| s.calls) > before {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{name} got no call within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let calls = || load.total().server(name).map_or(0, |s| s.calls);
+    let before = calls();
+    eventually(&format!("{name} to get a call"), limit, || {
+        let now = calls();
+        async move { now > before }
+    })
+    .await;
+    start.elapsed()
 }
 
 fn load_through(addr: SocketAddr) -> Load {
