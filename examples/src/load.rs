@@ -56,6 +56,8 @@ pub struct Report {
     pub servers: Vec<ServerReport>,
     /// Failed calls, per gRPC code name.
     pub errors: BTreeMap<String, u64>,
+    /// The last failure's code and message, to tell what failed.
+    pub last_error: Option<String>,
 }
 
 impl Report {
@@ -120,6 +122,7 @@ struct Period {
     started: Instant,
     servers: BTreeMap<String, Counts>,
     errors: BTreeMap<String, u64>,
+    last_error: Option<String>,
 }
 
 impl Period {
@@ -128,10 +131,11 @@ impl Period {
             started: Instant::now(),
             servers: BTreeMap::new(),
             errors: BTreeMap::new(),
+            last_error: None,
         }
     }
 
-    fn record(&mut self, result: &Result<String, Code>, us: u64) {
+    fn record(&mut self, result: &Result<String, tonic::Status>, us: u64) {
         match result {
             Ok(server) => {
                 let c = match self.servers.get_mut(server.as_str()) {
@@ -144,7 +148,11 @@ impl Period {
                 c.calls += 1;
                 let _ = c.latency_us.record(us.max(1));
             }
-            Err(code) => *self.errors.entry(code.name().to_owned()).or_insert(0) += 1,
+            Err(status) => {
+                let code = Code::from_i32(status.code() as i32);
+                *self.errors.entry(code.name().to_owned()).or_insert(0) += 1;
+                self.last_error = Some(format!("{}: {}", code.name(), status.message()));
+            }
         }
     }
 
@@ -162,6 +170,7 @@ impl Period {
                 })
                 .collect(),
             errors: self.errors.clone(),
+            last_error: self.last_error.clone(),
         }
     }
 }
@@ -232,11 +241,7 @@ impl Load {
                         let mut req = tonic::Request::new(EchoRequest::default());
                         req.set_timeout(timeout);
                         let t = Instant::now();
-                        let result = client
-                            .echo(req)
-                            .await
-                            .map(|r| r.into_inner().server)
-                            .map_err(|s| Code::from_i32(s.code() as i32));
+                        let result = client.echo(req).await.map(|r| r.into_inner().server);
                         let us = t.elapsed().as_micros() as u64;
                         let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
                         s.window.record(&result, us);

@@ -227,8 +227,18 @@ pub(crate) async fn send(
     let (mut response, tx) = match sender.send_request(Request::from_parts(parts, ()), eos) {
         Ok(r) => r,
         Err(e) => {
+            // Nothing went out: a GOAWAY or the connection's end raced with
+            // `poll_ready` above. The untouched body can go elsewhere.
             lease.mark_closed();
-            return Err(failed(&mut guard, ProxyError::from_h2(e)));
+            return Err(match again {
+                Some(again) => {
+                    guard.not_processed();
+                    tracing::debug!(error = %e, "the connection closed before the call was sent; it can go elsewhere");
+                    let (head, ()) = again.into_parts();
+                    SendError::NotSent(Box::new(Request::from_parts(head, body)))
+                }
+                None => failed(&mut guard, ProxyError::from_h2(e)),
+            });
         }
     };
     let mut pipe = (!eos).then(|| RequestPipe::new(body, tx));

@@ -39,6 +39,13 @@ use crate::identity::MeshTls;
 /// Longest a peer may take to finish the TLS handshake (or, in permissive
 /// mode, to send its first byte).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection closed gracefully (GOAWAY, or HTTP/1.1 without
+/// keep-alive) goes on reading, and discarding, what its client still sends
+/// before the socket closes. Closing a socket with unread bytes makes the
+/// kernel answer with a RST, which can destroy the GOAWAY still on its way:
+/// the client's calls sent meanwhile would then fail as "connection reset"
+/// instead of going to another endpoint (Go's http2 server waits 1 s too).
+const LINGER: Duration = Duration::from_secs(1);
 /// A TLS record of type handshake: how a ClientHello starts.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Streams a connection opens before its cancellations are judged.
@@ -328,11 +335,12 @@ pub(crate) fn spawn(
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let (builder, make, transport, shutdown) = (
+            let (builder, make, transport, shutdown, lingers) = (
                 builder.clone(),
                 make.clone(),
                 transport.clone(),
                 shutdown.clone(),
+                conns.clone(),
             );
             conns.spawn(async move {
                 let (io, identity, source) = match transport.accept(tcp).await {
@@ -351,7 +359,7 @@ pub(crate) fn spawn(
                     }),
                     activity: activity.clone(),
                 };
-                let io = TokioIo::new(io);
+                let io = TokioIo::new(Lingering::new(io, lingers.clone()));
                 let conn = if http2_only {
                     Served::Plain { conn: builder.serve_connection(io, svc) }
                 } else {
@@ -393,6 +401,98 @@ pub(crate) fn spawn(
         drop(listener);
         tracing::debug!(listener = name, "stopped accepting; draining");
     });
+}
+
+// === impl Lingering ===
+
+/// A served connection's transport that, once the server has shut it down
+/// gracefully, is handed to a task of the drain's tracker to [`LINGER`]
+/// instead of being closed at once (see [`LINGER`]).
+struct Lingering {
+    io: Option<MeshIo>,
+    shut_down: bool,
+    tracker: TaskTracker,
+}
+
+impl Lingering {
+    fn new(io: MeshIo, tracker: TaskTracker) -> Self {
+        Self {
+            io: Some(io),
+            shut_down: false,
+            tracker,
+        }
+    }
+
+    fn io(&mut self) -> Pin<&mut MeshIo> {
+        Pin::new(self.io.as_mut().expect("present until dropped"))
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        // A connection that failed or was cut off closes at once.
+        if !self.shut_down {
+            return;
+        }
+        let Some(mut io) = self.io.take() else { return };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        self.tracker.spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut sink = [0u8; 512];
+            // Until the client closes its side, errs, or LINGER ends.
+            let _ = tokio::time::timeout(LINGER, async {
+                while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        });
+    }
+}
+
+impl tokio::io::AsyncRead for Lingering {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.get_mut().io().poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Lingering {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.get_mut().io().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.get_mut().io().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().io().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = this.io().poll_shutdown(cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            this.shut_down = true;
+        }
+        r
+    }
 }
 
 // === impl ConnActivity ===
@@ -574,6 +674,58 @@ impl Drop for CallEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        (client, server)
+    }
+
+    /// After a graceful close the server side reads what the client still
+    /// sends (no RST that could destroy a GOAWAY in flight) until the client
+    /// closes; the drain's tracker waits for it.
+    #[tokio::test]
+    async fn a_gracefully_closed_connection_lingers_until_the_client_closes() {
+        let (mut client, server) = tcp_pair().await;
+        let tracker = TaskTracker::new();
+        let mut io = Lingering::new(MeshIo::Plain(server), tracker.clone());
+        io.write_all(b"GOAWAY").await.unwrap();
+        io.shutdown().await.unwrap();
+        drop(io);
+        tracker.close();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"GOAWAY");
+        // Bytes sent after the server's FIN are read, not answered by a RST.
+        client.write_all(&[0; 4096]).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), tracker.wait())
+                .await
+                .is_err(),
+            "the server side stays open while the client's side is"
+        );
+        assert!(
+            client.read(&mut [0; 16]).await.is_ok_and(|n| n == 0),
+            "no reset"
+        );
+        drop(client);
+        tokio::time::timeout(LINGER, tracker.wait())
+            .await
+            .expect("the linger ends when the client closes");
+    }
+
+    /// A connection dropped without a shutdown (failed, cut off) closes at once.
+    #[tokio::test]
+    async fn a_connection_dropped_without_shutdown_does_not_linger() {
+        let (_client, server) = tcp_pair().await;
+        let tracker = TaskTracker::new();
+        drop(Lingering::new(MeshIo::Plain(server), tracker.clone()));
+        tracker.close();
+        assert!(tracker.is_empty());
+        tracker.wait().await;
+    }
 
     #[tokio::test(start_paused = true)]
     async fn silent_idle_and_abusive_connections_end() {
