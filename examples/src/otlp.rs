@@ -47,12 +47,23 @@ pub struct Span {
     pub name: String,
     pub kind: SpanKind,
     pub attributes: Vec<KeyValue>,
+    /// The span's events, in order: (name, attributes).
+    pub events: Vec<(String, Vec<KeyValue>)>,
     /// OTLP status code: 0 unset, 1 ok, 2 error.
     pub status_code: i32,
     pub status_message: String,
 }
 
 impl Span {
+    /// The events named `name`, as JSON attribute objects.
+    pub fn events_named(&self, name: &str) -> Vec<serde_json::Value> {
+        self.events
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, a)| attributes_json(a))
+            .collect()
+    }
+
     fn attr(&self, key: &str) -> Option<&any_value::Value> {
         self.attributes
             .iter()
@@ -99,6 +110,10 @@ impl Span {
             "service_name": self.service,
             "kind": kind,
             "attributes": attributes_json(&self.attributes),
+            "events": self.events.iter().map(|(name, attrs)| serde_json::json!({
+                "name": name,
+                "attributes": attributes_json(attrs),
+            })).collect::<Vec<_>>(),
             "status_code": self.status_code,
             "status_message": self.status_message,
         })
@@ -187,6 +202,11 @@ impl TraceService for Service {
                         name: s.name,
                         kind: SpanKind::try_from(s.kind).unwrap_or(SpanKind::Unspecified),
                         attributes: s.attributes,
+                        events: s
+                            .events
+                            .into_iter()
+                            .map(|e| (e.name, e.attributes))
+                            .collect(),
                         status_code: status.code,
                         status_message: status.message,
                     });

@@ -250,6 +250,9 @@ impl Outbound {
                 && endpoint.outstanding() >= cluster.max_requests_per_endpoint
             {
                 endpoint_full = true;
+                if let Some(s) = &span {
+                    s.attempt_failed(endpoint.addr, attempt + 1, "full");
+                }
                 continue;
             }
             // Exact per service; re-taken per attempt (a failed one frees it).
@@ -271,13 +274,13 @@ impl Outbound {
                     self.telemetry
                         .metrics
                         .transparent_retry(NotProcessed::Connect);
+                    if let Some(s) = &span {
+                        s.attempt_failed(endpoint.addr, attempt + 1, "connect");
+                    }
                     last_error = Some(e);
                     continue;
                 }
             };
-            if let Some(s) = &span {
-                s.endpoint(endpoint.addr, attempt + 1);
-            }
             // A refused call can go elsewhere only if an attempt and an endpoint are left.
             let replayable = attempt + 1 < tries && set.has_other(&tried[..=attempt]);
             let retry = (app_retries + 1 < policy.max_attempts).then_some(proxy::RetryPolicy {
@@ -285,6 +288,13 @@ impl Outbound {
                 metrics: &self.telemetry.metrics,
                 codes: policy.codes,
             });
+            // The span names the attempt that answered; earlier ones are events
+            // (an attribute set twice would be exported twice).
+            let answered = |span: &Option<AttemptSpan>| {
+                if let Some(s) = span {
+                    s.endpoint(endpoint.addr, attempt + 1);
+                }
+            };
             match proxy::send(
                 lease,
                 guard,
@@ -297,15 +307,22 @@ impl Outbound {
             .await
             {
                 Ok(mut resp) => {
+                    answered(&span);
                     if let Some(c) = key.set_cookie {
                         resp.headers_mut().append(http::header::SET_COOKIE, c);
                     }
                     return Ok(resp);
                 }
-                Err(SendError::Failed(e)) => return Err(e),
+                Err(SendError::Failed(e)) => {
+                    answered(&span);
+                    return Err(e);
+                }
                 Err(SendError::Retry(r, pushback)) => {
                     app_retries += 1;
                     self.telemetry.metrics.retry(RetryOutcome::Retried);
+                    if let Some(s) = &span {
+                        s.attempt_failed(endpoint.addr, attempt + 1, "retried");
+                    }
                     tracing::debug!(service = %cluster.name, endpoint = %endpoint.addr, attempt, "the app failed the call; retrying elsewhere");
                     req = *r;
                     req.headers_mut().insert(
@@ -323,6 +340,9 @@ impl Outbound {
                     self.telemetry
                         .metrics
                         .transparent_retry(NotProcessed::Refused);
+                    if let Some(s) = &span {
+                        s.attempt_failed(endpoint.addr, attempt + 1, "refused");
+                    }
                     req = *r;
                 }
             }

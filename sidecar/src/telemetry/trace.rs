@@ -416,6 +416,21 @@ impl AttemptSpan {
             span.set_attribute("http.request.resend_count", attempt as i64 - 1);
         }
     }
+
+    /// Attempt `attempt` (1-based) at `addr` did not answer the call; `why`
+    /// says how (`connect`, `refused`, `retried`, `full`). One span event
+    /// each, so a trace shows every endpoint a call tried.
+    pub fn attempt_failed(&self, addr: SocketAddr, attempt: usize, why: &'static str) {
+        use opentelemetry::KeyValue;
+        self.0.add_event(
+            "meshwire.attempt_failed",
+            vec![
+                KeyValue::new("meshwire.endpoint", addr.to_string()),
+                KeyValue::new("meshwire.attempt", attempt as i64),
+                KeyValue::new("meshwire.reason", why),
+            ],
+        );
+    }
 }
 
 impl Drop for CallTrace {

@@ -371,6 +371,58 @@ async fn a_call_is_one_trace_across_both_sidecars() {
     }
 }
 
+/// A call that goes to a second endpoint keeps one client span: the endpoint
+/// and attempt of the attempt that answered, and an event for each attempt
+/// that did not (here the app's UNAVAILABLE, retried by the default policy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failed_attempt_is_an_event_of_the_client_span() {
+    init_tracing();
+    let collector = Collector::start(true).await.unwrap();
+    let (app, _seen) = recording_app().await;
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let mut cfg = SidecarConfig::local();
+        cfg.app = Some(app);
+        cfg.inbound = Some(localhost());
+        servers.push(Sidecar::start(cfg).await.expect("server sidecar"));
+    }
+    let eps: Vec<_> = servers
+        .iter()
+        .map(|s| (s.inbound_addr.expect("inbound"), 1))
+        .collect();
+    let mut cfg = SidecarConfig::local();
+    cfg.clusters = vec![cluster("echo", &eps)];
+    cfg.trace = Some(trace_config(&collector.endpoint(), "frontend", 1.0));
+    let client = Sidecar::start(cfg).await.expect("client sidecar");
+    let mut c = echo_client(client.outbound_addr, "echo").await;
+
+    let trace = trace_id();
+    let tp = format!("00-{trace}-{}-01", span_id());
+    let unavailable = tonic::Code::Unavailable as i32;
+    assert_eq!(
+        call(&mut c, &[("traceparent", &tp)], unavailable).await,
+        unavailable
+    );
+    let all = collector
+        .wait_for(LIMIT, |s| !of_trace(s, &trace).is_empty())
+        .await;
+    let span = kind(&of_trace(&all, &trace), SpanKind::Client).clone();
+    let failed = span.events_named("meshwire.attempt_failed");
+    assert_eq!(failed.len(), 1, "{span:#?}");
+    assert_eq!(failed[0]["meshwire.reason"], "retried", "{failed:?}");
+    assert_eq!(failed[0]["meshwire.attempt"], 1, "{failed:?}");
+    assert_eq!(span.int_attr("meshwire.attempt"), Some(2), "{span:#?}");
+    let first = failed[0]["meshwire.endpoint"].as_str().expect("endpoint");
+    let last = span.str_attr("meshwire.endpoint").expect("endpoint");
+    assert_ne!(first, last, "the retry went to the other endpoint");
+    for e in [first, last] {
+        assert!(
+            eps.iter().any(|(a, _)| a.to_string() == e),
+            "{e} in {eps:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ratio_zero_starts_no_trace_but_honours_a_sampled_caller() {
     let collector = Collector::start(true).await.unwrap();
