@@ -144,6 +144,16 @@ pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
 pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 50;
+/// Failure-percentage ejection: an endpoint failing at least this percent of
+/// its calls over an interval is ejected (Envoy's threshold; 0 turns it off).
+pub const DEFAULT_FAILURE_PERCENTAGE: u32 = 85;
+/// ... only in a service with at least this many endpoints that had
+/// [`DEFAULT_FAILURE_PERCENTAGE_MIN_CALLS`] calls in the interval (a small
+/// service has no "normal" to compare with; consecutive failures cover it).
+pub const DEFAULT_FAILURE_PERCENTAGE_MIN_HOSTS: u32 = 5;
+pub const DEFAULT_FAILURE_PERCENTAGE_MIN_CALLS: u32 = 50;
+/// The interval failure percentages are measured over.
+pub const DEFAULT_FAILURE_PERCENTAGE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Only `UNAVAILABLE`: the one code that says "not done, try elsewhere".
 pub const DEFAULT_RETRY_ON: CodeSet = CodeSet::of(&[Code::Unavailable]);
@@ -215,6 +225,22 @@ pub struct OutlierDetection {
     /// gRPC codes counted as failures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_codes: Option<CodeSet>,
+    /// Failure-percentage ejection: the percent of an interval's calls that
+    /// ejects an endpoint (0: this mode off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_percentage: Option<u32>,
+    /// Endpoints with enough calls the service needs for that mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_percentage_min_hosts: Option<u32>,
+    /// Calls in the interval an endpoint needs to be judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_percentage_min_calls: Option<u32>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub failure_percentage_interval: Option<Duration>,
 }
 
 /// Retries of calls the app failed (transparent fail-over of calls never
@@ -269,6 +295,9 @@ pub struct CircuitBreakers {
     pub max_requests_per_endpoint: Option<u32>,
 }
 
+/// The shortest interval failure percentages are measured over.
+pub const MIN_FAILURE_PERCENTAGE_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Most calls in flight a limit may name.
 pub const MAX_LIMIT: u32 = 1_000_000;
 
@@ -296,6 +325,22 @@ impl OutlierDetection {
     pub fn failure_codes(&self) -> CodeSet {
         self.failure_codes.unwrap_or(DEFAULT_FAILURE_CODES)
     }
+    pub fn failure_percentage(&self) -> u32 {
+        self.failure_percentage
+            .unwrap_or(DEFAULT_FAILURE_PERCENTAGE)
+    }
+    pub fn failure_percentage_min_hosts(&self) -> u32 {
+        self.failure_percentage_min_hosts
+            .unwrap_or(DEFAULT_FAILURE_PERCENTAGE_MIN_HOSTS)
+    }
+    pub fn failure_percentage_min_calls(&self) -> u32 {
+        self.failure_percentage_min_calls
+            .unwrap_or(DEFAULT_FAILURE_PERCENTAGE_MIN_CALLS)
+    }
+    pub fn failure_percentage_interval(&self) -> Duration {
+        self.failure_percentage_interval
+            .unwrap_or(DEFAULT_FAILURE_PERCENTAGE_INTERVAL)
+    }
 
     fn validate(&self) -> Result<(), ModelError> {
         if self.consecutive_failures.is_some_and(|n| n > 1000) {
@@ -316,6 +361,43 @@ impl OutlierDetection {
         }
         if self.max_ejection_percent.is_some_and(|p| p > 100) {
             return Err(ModelError::new("max_ejection_percent", "must be 0..=100"));
+        }
+        if self.failure_percentage.is_some_and(|p| p > 100) {
+            return Err(ModelError::new(
+                "failure_percentage",
+                "must be 0..=100 (0 turns failure-percentage ejection off)",
+            ));
+        }
+        if self
+            .failure_percentage_min_hosts
+            .is_some_and(|n| n > 10_000)
+        {
+            return Err(ModelError::new(
+                "failure_percentage_min_hosts",
+                "must be 0..=10000",
+            ));
+        }
+        if self
+            .failure_percentage_min_calls
+            .is_some_and(|n| n > MAX_LIMIT)
+        {
+            return Err(ModelError::new(
+                "failure_percentage_min_calls",
+                format!("must be 0..={MAX_LIMIT}"),
+            ));
+        }
+        window(
+            "failure_percentage_interval",
+            self.failure_percentage_interval,
+        )?;
+        if self
+            .failure_percentage_interval
+            .is_some_and(|d| d < MIN_FAILURE_PERCENTAGE_INTERVAL)
+        {
+            return Err(ModelError::new(
+                "failure_percentage_interval",
+                "must be at least 100ms",
+            ));
         }
         if let Some(c) = self.failure_codes {
             if c.is_empty() {
@@ -458,6 +540,10 @@ pub const PATHS: &[&str] = &[
     "outlier.max_ejection_time",
     "outlier.max_ejection_percent",
     "outlier.failure_codes",
+    "outlier.failure_percentage",
+    "outlier.failure_percentage_min_hosts",
+    "outlier.failure_percentage_min_calls",
+    "outlier.failure_percentage_interval",
     "retry",
     "retry.retry_on",
     "retry.max_attempts",
@@ -486,6 +572,16 @@ impl Resilience {
             "outlier.max_ejection_time" => o.max_ejection_time = fo.max_ejection_time,
             "outlier.max_ejection_percent" => o.max_ejection_percent = fo.max_ejection_percent,
             "outlier.failure_codes" => o.failure_codes = fo.failure_codes,
+            "outlier.failure_percentage" => o.failure_percentage = fo.failure_percentage,
+            "outlier.failure_percentage_min_hosts" => {
+                o.failure_percentage_min_hosts = fo.failure_percentage_min_hosts;
+            }
+            "outlier.failure_percentage_min_calls" => {
+                o.failure_percentage_min_calls = fo.failure_percentage_min_calls;
+            }
+            "outlier.failure_percentage_interval" => {
+                o.failure_percentage_interval = fo.failure_percentage_interval;
+            }
             "retry" => *r = *fr,
             "retry.retry_on" => r.retry_on = fr.retry_on,
             "retry.max_attempts" => r.max_attempts = fr.max_attempts,
@@ -565,6 +661,15 @@ mod tests {
         assert_eq!(r.outlier.base_ejection_time(), Duration::from_secs(1));
         assert_eq!(r.outlier.max_ejection_time(), Duration::from_secs(60));
         assert_eq!(r.outlier.max_ejection_percent(), 50);
+        assert_eq!(
+            (
+                r.outlier.failure_percentage(),
+                r.outlier.failure_percentage_min_hosts(),
+                r.outlier.failure_percentage_min_calls(),
+                r.outlier.failure_percentage_interval()
+            ),
+            (85, 5, 50, Duration::from_secs(10))
+        );
         assert_eq!(r.retry.retry_on(), CodeSet::of(&[Code::Unavailable]));
         assert_eq!(r.retry.max_attempts(), 2);
         assert_eq!(r.retry.backoff_base(), Duration::from_millis(25));
@@ -603,6 +708,12 @@ mod tests {
         r.outlier.max_ejection_percent = Some(101);
         assert_eq!(field(r.clone()), "outlier.max_ejection_percent");
         r.outlier.max_ejection_percent = None;
+        r.outlier.failure_percentage = Some(101);
+        assert_eq!(field(r.clone()), "outlier.failure_percentage");
+        r.outlier.failure_percentage = None;
+        r.outlier.failure_percentage_interval = Some(Duration::from_millis(10));
+        assert_eq!(field(r.clone()), "outlier.failure_percentage_interval");
+        r.outlier.failure_percentage_interval = None;
         r.outlier.failure_codes = Some(CodeSet::of(&[Code::InvalidArgument]));
         assert_eq!(field(r.clone()), "outlier.failure_codes");
         r.outlier.failure_codes = None;

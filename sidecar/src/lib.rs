@@ -291,6 +291,8 @@ impl Sidecar {
             .or_else(|| cfg.control_plane.as_ref().map(|cp| cp.service.clone()));
         let local = local_service.clone().map(|svc| (svc, authz.clone()));
         let applier = Arc::new(Applier::new(routes.clone(), local));
+        // Failure-percentage ejection, off the call path; ends with the routes.
+        let sweeping = Arc::downgrade(&routes);
         if cfg.control_plane.is_some() && !cfg.clusters.is_empty() {
             return Err(StartError::StaticAndControlPlane);
         }
@@ -566,6 +568,18 @@ impl Sidecar {
             admin_stop.clone(),
             &TaskTracker::new(),
         );
+        tokio::spawn(async move {
+            let mut tick =
+                tokio::time::interval(meshwire_mesh::resilience::MIN_FAILURE_PERCENTAGE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(routes) = sweeping.upgrade() else {
+                    return;
+                };
+                routes.sweep_outliers();
+            }
+        });
         let done = tracker.clone();
         tokio::spawn(async move {
             done.wait().await;

@@ -15,6 +15,13 @@
 //! and counts recent failures as load, so a fast-failing endpoint does not
 //! look idle between ejections.
 //!
+//! Failure-percentage ejection (for large services, where an endpoint can fail
+//! a large share of its calls without ever failing N in a row): each
+//! endpoint counts its calls and failures, and [`sweep`] (every
+//! interval, off the call path) ejects those failing at least the threshold
+//! percent of at least `min_calls` calls, once `min_hosts` endpoints had that
+//! many calls, within the same share and with the same backoff.
+//!
 //! Everything is a few relaxed atomics on the call path; time comes from
 //! `tokio::time::Instant`, so the tests run in virtual time.
 
@@ -37,6 +44,11 @@ pub struct OutlierSettings {
     pub max_ejection_percent: u32,
     /// gRPC codes counted as failures, as a bit set (bit `c` for code `c`).
     pub failure_codes: u32,
+    /// Failure-percentage ejection threshold, in percent (0: off).
+    pub failure_percentage: u32,
+    pub failure_percentage_min_hosts: u32,
+    pub failure_percentage_min_calls: u32,
+    pub failure_percentage_interval: Duration,
 }
 
 /// `UNAVAILABLE`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS`.
@@ -50,6 +62,10 @@ impl Default for OutlierSettings {
             max_ejection: Duration::from_secs(60),
             max_ejection_percent: 50,
             failure_codes: DEFAULT_FAILURE_CODES,
+            failure_percentage: 85,
+            failure_percentage_min_hosts: 5,
+            failure_percentage_min_calls: 50,
+            failure_percentage_interval: Duration::from_secs(10),
         }
     }
 }
@@ -82,6 +98,9 @@ pub struct Outlier {
     /// Slow start: ramping up since this many µs after `epoch` (creation or
     /// recovery); `u64::MAX` once warm (no clock read per pick then).
     warm_since_us: AtomicU64,
+    /// This interval's calls (high 32 bits) and failures (low 32 bits), for
+    /// failure-percentage ejection: one add per call.
+    interval_counts: AtomicU64,
 }
 
 /// The share of calls a slow-starting endpoint is offered at first; it then
@@ -116,6 +135,7 @@ impl Default for Outlier {
             ejected_total: AtomicU64::new(0),
             refused_until_us: AtomicU64::new(0),
             warm_since_us: AtomicU64::new(0),
+            interval_counts: AtomicU64::new(0),
         }
     }
 }
@@ -243,6 +263,12 @@ impl Outlier {
         if !trip || (!probing && !may_eject()) {
             return false;
         }
+        self.eject(s);
+        true
+    }
+
+    /// Ejects for the next backoff step: base × 2^k, jittered, at most max.
+    fn eject(&self, s: &OutlierSettings) {
         let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
         let full = s.base_ejection.saturating_mul(1 << k).min(s.max_ejection);
         // ±10 % jitter, so endpoints ejected together do not return together.
@@ -254,7 +280,6 @@ impl Outlier {
         self.state.store(EJECTED, Ordering::Relaxed);
         self.consecutive.store(0, Ordering::Relaxed);
         self.ejected_total.fetch_add(1, Ordering::Relaxed);
-        true
     }
 }
 
@@ -270,6 +295,11 @@ pub struct ClusterHealth {
     ejected: AtomicUsize,
     /// Slow-start window in µs (0: off).
     slow_start_us: AtomicU64,
+    /// Whether endpoints count their calls for failure-percentage ejection.
+    counting: std::sync::atomic::AtomicBool,
+    /// When the interval being counted began (µs after `epoch`).
+    interval_start_us: AtomicU64,
+    epoch: Instant,
     /// How many retries of failed calls the cluster may still make.
     pub retry_budget: RetryBudget,
 }
@@ -364,6 +394,11 @@ impl ClusterHealth {
             members: AtomicUsize::new(0),
             ejected: AtomicUsize::new(0),
             slow_start_us: AtomicU64::new(0),
+            counting: std::sync::atomic::AtomicBool::new(
+                settings.failure_percentage > 0 && settings.consecutive_failures > 0,
+            ),
+            interval_start_us: AtomicU64::new(0),
+            epoch: Instant::now(),
             retry_budget: RetryBudget::default(),
         })
     }
@@ -389,6 +424,10 @@ impl ClusterHealth {
     pub fn update(&self, settings: OutlierSettings, members: usize) {
         self.failure_codes
             .store(settings.failure_codes, Ordering::Relaxed);
+        self.counting.store(
+            settings.failure_percentage > 0 && settings.consecutive_failures > 0,
+            Ordering::Relaxed,
+        );
         self.settings.store(Arc::new(settings));
         self.members.store(members, Ordering::Relaxed);
     }
@@ -455,6 +494,10 @@ impl Outlier {
                 return;
             }
         };
+        if health.counting.load(Ordering::Relaxed) {
+            self.interval_counts
+                .fetch_add(1 << 32 | u64::from(failed), Ordering::Relaxed);
+        }
         if failed {
             let s = **health.settings.load();
             let was_out = self.is_out();
@@ -476,12 +519,64 @@ impl Outlier {
         }
     }
 
+    /// This interval's (calls, failures), and a new interval begun.
+    fn take_interval(&self) -> (u32, u32) {
+        let c = self.interval_counts.swap(0, Ordering::Relaxed);
+        ((c >> 32) as u32, c as u32)
+    }
+
     /// The endpoint leaves its cluster: it no longer counts as ejected there.
     pub fn leave(&self, health: &ClusterHealth) {
         if self.is_out() {
             health.ejected.fetch_sub(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Failure-percentage ejection over one cluster's endpoints, if its interval
+/// has passed (called often, off the call path; see the module docs).
+/// Returns how many endpoints it ejected.
+pub fn sweep<'a>(health: &ClusterHealth, endpoints: impl Iterator<Item = &'a Outlier>) -> usize {
+    let s = **health.settings.load();
+    if !health.counting.load(Ordering::Relaxed) {
+        return 0;
+    }
+    let now = Instant::now()
+        .saturating_duration_since(health.epoch)
+        .as_micros() as u64;
+    let start = health.interval_start_us.load(Ordering::Relaxed);
+    if now.saturating_sub(start) < s.failure_percentage_interval.as_micros() as u64 {
+        return 0;
+    }
+    health.interval_start_us.store(now, Ordering::Relaxed);
+    // An endpoint set is bounded (the model's limit): this allocation is once
+    // per interval, never per call.
+    let judged: Vec<(&Outlier, u32, u32)> = endpoints
+        .map(|o| {
+            let (calls, failures) = o.take_interval();
+            (o, calls, failures)
+        })
+        .filter(|(_, calls, _)| *calls >= s.failure_percentage_min_calls.max(1))
+        .collect();
+    if judged.len() < s.failure_percentage_min_hosts as usize {
+        return 0;
+    }
+    let mut ejected = 0;
+    for (o, calls, failures) in judged {
+        if o.is_out()
+            || u64::from(failures) * 100 < u64::from(s.failure_percentage) * u64::from(calls)
+        {
+            continue;
+        }
+        if !health.may_eject() {
+            break;
+        }
+        o.eject(&s);
+        health.ejected.fetch_add(1, Ordering::Relaxed);
+        ejected += 1;
+        tracing::info!(calls, failures, threshold = s.failure_percentage, remaining = ?o.remaining(), "outlier ejected for its failure percentage");
+    }
+    ejected
 }
 
 #[cfg(test)]
@@ -497,6 +592,75 @@ mod tests {
         let h = ClusterHealth::new(OutlierSettings::default());
         h.update(OutlierSettings::default(), members);
         h
+    }
+
+    fn percentage_cluster(members: usize, percent: u32) -> (Arc<ClusterHealth>, Vec<Outlier>) {
+        let s = OutlierSettings {
+            failure_percentage: percent,
+            ..OutlierSettings::default()
+        };
+        let h = ClusterHealth::new(s);
+        h.update(s, members);
+        (h, (0..members).map(|_| Outlier::default()).collect())
+    }
+
+    /// `calls` calls on each endpoint; those in `flaky` fail every other one
+    /// (never two in a row, so consecutive failures never eject them).
+    fn alternate(h: &ClusterHealth, eps: &[Outlier], flaky: usize, calls: usize) {
+        for i in 0..calls {
+            for (n, o) in eps.iter().enumerate() {
+                o.observe(
+                    h,
+                    if n < flaky && i % 2 == 0 {
+                        UNAVAILABLE
+                    } else {
+                        OK
+                    },
+                );
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_half_the_calls_without_a_streak_ejects_by_percentage() {
+        let (h, eps) = percentage_cluster(6, 40);
+        let interval = Duration::from_secs(10);
+        alternate(&h, &eps, 1, 60);
+        assert!(!eps[0].is_out(), "no streak of 5");
+        assert_eq!(sweep(&h, eps.iter()), 0, "the interval has not passed");
+        tokio::time::advance(interval).await;
+        assert_eq!(sweep(&h, eps.iter()), 1);
+        assert!(eps[0].is_out() && h.any_ejected());
+        assert!(eps[1..].iter().all(|o| !o.is_out()));
+        assert_eq!(eps[0].ejected_total.load(Ordering::Relaxed), 1);
+        // A new interval: its own counts only, and too few calls to judge.
+        alternate(&h, &eps[1..], 5, 10);
+        tokio::time::advance(interval).await;
+        assert_eq!(sweep(&h, eps.iter()), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn percentage_needs_enough_endpoints_and_keeps_the_share() {
+        // Four endpoints with calls: fewer than the five needed to judge.
+        let (h, eps) = percentage_cluster(4, 40);
+        alternate(&h, &eps, 1, 60);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(sweep(&h, eps.iter()), 0);
+        // Four of six failing: at most half the cluster goes out.
+        let (h, eps) = percentage_cluster(6, 40);
+        alternate(&h, &eps, 4, 60);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(sweep(&h, eps.iter()), 3);
+        assert!(!h.panic());
+        // Below the threshold, or the mode off: nobody.
+        let (h, eps) = percentage_cluster(6, 60);
+        alternate(&h, &eps, 1, 60);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(sweep(&h, eps.iter()), 0, "50 % < 60 %");
+        let (h, eps) = percentage_cluster(6, 0);
+        alternate(&h, &eps, 6, 60);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(sweep(&h, eps.iter()), 0, "off");
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,7 +3,7 @@
 //!
 //! | model | xDS |
 //! |---|---|
-//! | `outlier` | CDS `outlier_detection`: `consecutive_5xx` (or `consecutive_gateway_failure` when only `unavailable`/`deadline-exceeded` count), `base_ejection_time`, `max_ejection_time`, `max_ejection_time_jitter`, `max_ejection_percent`; the exact code set in `meshwire` metadata |
+//! | `outlier` | CDS `outlier_detection`: `consecutive_5xx` (or `consecutive_gateway_failure` when only `unavailable`/`deadline-exceeded` count), `base_ejection_time`, `max_ejection_time`, `max_ejection_time_jitter`, `max_ejection_percent`, `failure_percentage_threshold` / `_minimum_hosts` / `_request_volume` with `enforcing_failure_percentage` 100 and `interval` (the failure-percentage interval while that mode is on, else the base ejection time); the exact code set in `meshwire` metadata |
 //! | `circuit_breakers.max_requests` | CDS `circuit_breakers.thresholds[0].max_requests` |
 //! | retry budget | CDS `circuit_breakers.thresholds[0].retry_budget` (`budget_percent`, `min_retry_concurrency` = our floor per second) |
 //! | `slow_start` | `slow_start_config` of the least-request / round-robin policy (metadata for the hash policies) |
@@ -70,16 +70,25 @@ pub(crate) fn encode_outlier(o: &OutlierDetection) -> XOutlier {
         (_, false) => (100, 0),
     };
     let base = o.base_ejection_time();
+    let percent = o.failure_percentage();
     XOutlier {
         consecutive_5xx: u32v(n),
         enforcing_consecutive_5xx: u32v(enforce_5xx),
         consecutive_gateway_failure: u32v(n),
         enforcing_consecutive_gateway_failure: u32v(enforce_gateway),
-        // Ejections are ours alone: no success-rate or failure-percentage ones.
+        // No success-rate ejection: failure percentage is the absolute test.
         enforcing_success_rate: u32v(0),
-        enforcing_failure_percentage: u32v(0),
-        // Envoy un-ejects on its sweep: sweep as often as the shortest ejection.
-        interval: Some(pd(base)),
+        enforcing_failure_percentage: u32v(if percent > 0 { 100 } else { 0 }),
+        failure_percentage_threshold: u32v(percent),
+        failure_percentage_minimum_hosts: u32v(o.failure_percentage_min_hosts()),
+        failure_percentage_request_volume: u32v(o.failure_percentage_min_calls()),
+        // Envoy measures failure percentages and un-ejects on one sweep:
+        // with that mode on its interval, else as often as the shortest ejection.
+        interval: Some(pd(if percent > 0 {
+            o.failure_percentage_interval()
+        } else {
+            base
+        })),
         base_ejection_time: Some(pd(base)),
         max_ejection_time: Some(pd(o.max_ejection_time())),
         max_ejection_time_jitter: Some(pd(base / 10)),
@@ -113,6 +122,11 @@ pub(crate) fn decode_outlier(
             .transpose()
     };
     let codes = codes.or((!five && gateway).then_some(r::GATEWAY_CODES));
+    // Envoy's default enforcement is 0: only an explicit one turns it on.
+    let enforced_percent = x
+        .enforcing_failure_percentage
+        .as_ref()
+        .is_some_and(|v| v.value > 0);
     Ok(OutlierDetection {
         consecutive_failures: unless_default(n, r::DEFAULT_CONSECUTIVE_FAILURES),
         base_ejection_time: dur(&x.base_ejection_time, "base_ejection_time")?
@@ -124,6 +138,28 @@ pub(crate) fn decode_outlier(
             .as_ref()
             .and_then(|v| unless_default(v.value, r::DEFAULT_MAX_EJECTION_PERCENT)),
         failure_codes: codes.and_then(|c| unless_default(c, r::DEFAULT_FAILURE_CODES)),
+        failure_percentage: Some(if enforced_percent {
+            x.failure_percentage_threshold
+                .as_ref()
+                .map_or(85, |v| v.value)
+        } else {
+            0
+        })
+        .and_then(|p| unless_default(p, r::DEFAULT_FAILURE_PERCENTAGE)),
+        failure_percentage_min_hosts: x
+            .failure_percentage_minimum_hosts
+            .as_ref()
+            .and_then(|v| unless_default(v.value, r::DEFAULT_FAILURE_PERCENTAGE_MIN_HOSTS)),
+        failure_percentage_min_calls: x
+            .failure_percentage_request_volume
+            .as_ref()
+            .and_then(|v| unless_default(v.value, r::DEFAULT_FAILURE_PERCENTAGE_MIN_CALLS)),
+        failure_percentage_interval: if enforced_percent {
+            dur(&x.interval, "interval")?
+                .and_then(|d| unless_default(d, r::DEFAULT_FAILURE_PERCENTAGE_INTERVAL))
+        } else {
+            None
+        },
     })
 }
 

@@ -1215,6 +1215,10 @@ mod tests {
             max_ejection_time: Some(Duration::from_secs(30)),
             max_ejection_percent: Some(34),
             failure_codes: Some(CodeSet::parse("unavailable,internal").unwrap()),
+            failure_percentage: Some(60),
+            failure_percentage_min_hosts: Some(3),
+            failure_percentage_min_calls: Some(20),
+            failure_percentage_interval: Some(Duration::from_secs(2)),
         };
         r.retry = RetryPolicy {
             retry_on: Some(CodeSet::parse("unavailable,internal,resource-exhausted").unwrap()),
@@ -1302,6 +1306,17 @@ mod tests {
             Some(pduration(Duration::from_secs(30)))
         );
         assert_eq!(o.max_ejection_percent.as_ref().unwrap().value, 34);
+        assert_eq!(o.enforcing_failure_percentage.as_ref().unwrap().value, 100);
+        assert_eq!(o.failure_percentage_threshold.as_ref().unwrap().value, 60);
+        assert_eq!(
+            o.failure_percentage_minimum_hosts.as_ref().unwrap().value,
+            3
+        );
+        assert_eq!(
+            o.failure_percentage_request_volume.as_ref().unwrap().value,
+            20
+        );
+        assert_eq!(o.interval, Some(pduration(Duration::from_secs(2))));
         let t = &x.circuit_breakers.as_ref().unwrap().thresholds[0];
         assert_eq!(t.max_requests.as_ref().unwrap().value, 4);
         let b = t.retry_budget.as_ref().unwrap();

@@ -240,6 +240,14 @@ fn resilience(s: &pb::Service) -> Result<Resilience, ModelError> {
                 .map_err(at)?,
             max_ejection_percent: o.max_ejection_percent,
             failure_codes: codes("failure_codes", &o.failure_codes).map_err(at)?,
+            failure_percentage: o.failure_percentage,
+            failure_percentage_min_hosts: o.failure_percentage_min_hosts,
+            failure_percentage_min_calls: o.failure_percentage_min_calls,
+            failure_percentage_interval: duration(
+                "failure_percentage_interval",
+                o.failure_percentage_interval.as_ref(),
+            )
+            .map_err(at)?,
         };
     }
     if let Some(p) = &s.retry {
@@ -493,6 +501,10 @@ fn resilience_pb_outlier(o: &OutlierDetection) -> Option<pb::OutlierDetection> {
         max_ejection_time: dur(o.max_ejection_time),
         max_ejection_percent: o.max_ejection_percent,
         failure_codes: o.failure_codes.map(CodeSet::names).unwrap_or_default(),
+        failure_percentage: o.failure_percentage,
+        failure_percentage_min_hosts: o.failure_percentage_min_hosts,
+        failure_percentage_min_calls: o.failure_percentage_min_calls,
+        failure_percentage_interval: dur(o.failure_percentage_interval),
     })
 }
 

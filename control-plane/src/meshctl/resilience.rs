@@ -89,6 +89,18 @@ pub(super) struct ResilienceOpts {
     /// Most endpoints ejected at once (default 50%).
     #[arg(long, value_name = "PCT", value_parser = percent)]
     pub(super) max_ejection: Option<Setting<u32>>,
+    /// Also eject an endpoint failing this share of its calls in an interval (default 85%; 0 turns it off)...
+    #[arg(long, value_name = "PCT", value_parser = percent)]
+    pub(super) eject_failing: Option<Setting<u32>>,
+    /// ...judged once this many endpoints (default 5)...
+    #[arg(long, value_name = "N", value_parser = count)]
+    pub(super) eject_failing_min_endpoints: Option<Setting<u32>>,
+    /// ...had this many calls each (default 50)...
+    #[arg(long, value_name = "N", value_parser = count)]
+    pub(super) eject_failing_min_calls: Option<Setting<u32>>,
+    /// ...in this interval (default 10s).
+    #[arg(long, value_name = "D", value_parser = duration)]
+    pub(super) eject_failing_interval: Option<Setting<Duration>>,
     /// New and recovered endpoints ramp up over this window (0s: off; default: the sidecar's --slow-start).
     #[arg(long, value_name = "D", value_parser = duration)]
     pub(super) slow_start: Option<Setting<Duration>>,
@@ -160,6 +172,24 @@ impl ResilienceOpts {
         put!(self.max_ejection, "outlier.max_ejection_percent", |v| o
             .max_ejection_percent =
             Some(v));
+        put!(self.eject_failing, "outlier.failure_percentage", |v| o
+            .failure_percentage =
+            Some(v));
+        put!(
+            self.eject_failing_min_endpoints,
+            "outlier.failure_percentage_min_hosts",
+            |v| o.failure_percentage_min_hosts = Some(v)
+        );
+        put!(
+            self.eject_failing_min_calls,
+            "outlier.failure_percentage_min_calls",
+            |v| o.failure_percentage_min_calls = Some(v)
+        );
+        put!(
+            self.eject_failing_interval,
+            "outlier.failure_percentage_interval",
+            |v| o.failure_percentage_interval = pdur(v)
+        );
         // Only the parts named: an empty message reads the same, but clutters.
         if s.outlier.as_ref().is_some_and(|o| *o == Default::default()) {
             s.outlier = None;
@@ -199,7 +229,15 @@ pub(super) fn summary(s: &pb::Service) -> [(&'static str, String); 4] {
             d(o.base_ejection_time.as_ref()).unwrap_or_else(|| "1s".into()),
             d(o.max_ejection_time.as_ref()).unwrap_or_else(|| "1m".into()),
             o.max_ejection_percent.unwrap_or(50),
-        )
+        ) + &match o.failure_percentage.unwrap_or(85) {
+            0 => String::new(),
+            p => format!(
+                "; or failing {p}% of {}+ calls in {} (with {}+ such endpoints)",
+                o.failure_percentage_min_calls.unwrap_or(50),
+                d(o.failure_percentage_interval.as_ref()).unwrap_or_else(|| "10s".into()),
+                o.failure_percentage_min_hosts.unwrap_or(5),
+            ),
+        }
     };
     let retry = format!(
         "{} attempts on {}, per try {}, backoff {}..{}, budget {}% + {}/s",
@@ -244,6 +282,10 @@ pub(super) fn json(s: &pb::Service) -> serde_json::Value {
             "max_ejection_time": d(o.max_ejection_time.as_ref()),
             "max_ejection_percent": o.max_ejection_percent,
             "failure_codes": (!o.failure_codes.is_empty()).then_some(&o.failure_codes),
+            "failure_percentage": o.failure_percentage,
+            "failure_percentage_min_hosts": o.failure_percentage_min_hosts,
+            "failure_percentage_min_calls": o.failure_percentage_min_calls,
+            "failure_percentage_interval": d(o.failure_percentage_interval.as_ref()),
         },
         "retry": {
             "retry_on": (!r.retry_on.is_empty()).then_some(&r.retry_on),

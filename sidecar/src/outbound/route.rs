@@ -81,6 +81,10 @@ fn outlier_settings(o: &meshwire_mesh::resilience::OutlierDetection) -> OutlierS
         max_ejection: o.max_ejection_time(),
         max_ejection_percent: o.max_ejection_percent(),
         failure_codes: o.failure_codes().bits(),
+        failure_percentage: o.failure_percentage(),
+        failure_percentage_min_hosts: o.failure_percentage_min_hosts(),
+        failure_percentage_min_calls: o.failure_percentage_min_calls(),
+        failure_percentage_interval: o.failure_percentage_interval(),
     }
 }
 
@@ -150,6 +154,19 @@ impl Routes {
             max_requests: DEFAULT_MAX_REQUESTS,
             slow_start: Duration::ZERO,
         }
+    }
+
+    /// Runs failure-percentage ejection on every service whose interval has
+    /// passed ([`crate::outlier::sweep`]); how many endpoints it ejected.
+    pub fn sweep_outliers(&self) -> usize {
+        self.table
+            .load()
+            .clusters()
+            .map(|c| {
+                let set = c.endpoints.load();
+                crate::outlier::sweep(&c.health, set.entries().iter().map(|e| &e.endpoint.outlier))
+            })
+            .sum()
     }
 
     /// The mesh hop is mutual TLS.

@@ -18,7 +18,7 @@ struct World {
     _data: tempfile::TempDir,
     cp: ControlPlaneProcess,
     _admin: Admin,
-    _servers: Vec<SidecarProcess>,
+    servers: Vec<SidecarProcess>,
     client: SidecarProcess,
 }
 
@@ -61,7 +61,7 @@ impl World {
             _data: data,
             cp,
             _admin: admin,
-            _servers: servers,
+            servers,
             client,
         };
         eventually(
@@ -191,6 +191,122 @@ async fn scripted_app(status: Option<&'static str>) -> (SocketAddr, Arc<AtomicU6
         }
     });
     (addr, calls)
+}
+
+/// An h2 "app" that fails every other call with UNAVAILABLE (trailers-only)
+/// and answers the others properly: never two failures in a row.
+async fn alternating_app() -> (SocketAddr, Arc<AtomicU64>) {
+    use prost::Message;
+    let l = tokio::net::TcpListener::bind(localhost()).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let counter = calls.clone();
+    let reply = meshwire_proto::example::v1::EchoReply {
+        server: "flaky".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(reply.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&reply);
+    let frame = bytes::Bytes::from(frame);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (counter, frame) = (counter.clone(), frame.clone());
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    let head = http::Response::builder().header("content-type", "application/grpc");
+                    if n % 2 == 0 {
+                        let head = head.header("grpc-status", "14").body(()).unwrap();
+                        let _ = respond.send_response(head, true);
+                        continue;
+                    }
+                    let Ok(mut body) = respond.send_response(head.body(()).unwrap(), false) else {
+                        continue;
+                    };
+                    let _ = body.send_data(frame.clone(), false);
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let _ = body.send_trailers(trailers);
+                }
+            });
+        }
+    });
+    (addr, calls)
+}
+
+/// The ejections `/clusters` on `admin` shows for the endpoint at `addr`.
+async fn ejections(admin: SocketAddr, addr: SocketAddr) -> u64 {
+    let v = admin_json(admin, "/clusters").await;
+    v["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["endpoints"].as_array().into_iter().flatten())
+        .find(|e| e["address"] == addr.to_string())
+        .and_then(|e| e["ejections"].as_u64())
+        .unwrap_or(0)
+}
+
+/// An endpoint failing every other call never fails 5 in a row, so
+/// consecutive-failure detection leaves it in, taking its full share. With
+/// failure-percentage ejection set to 40 % of 10+ calls a second (five
+/// endpoints judged, the default), the sweep ejects it and it gets no call
+/// while it is out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_every_other_call_is_ejected_by_its_failure_percentage() {
+    let mut apps = Vec::new();
+    for i in 0..4 {
+        apps.push(echo(&format!("echo-{i}")).await);
+    }
+    let (flaky, flaky_calls) = alternating_app().await;
+    let mut addrs: Vec<_> = apps.iter().map(|a| a.addr).collect();
+    addrs.push(flaky);
+    let w = World::new(&addrs).await;
+    let flaky_ep = w.servers[4].addrs.inbound.expect("inbound");
+    w.update(&["--eject-failing", "0", "--retry-budget", "100%"])
+        .await;
+    let before = flaky_calls.load(Ordering::Relaxed);
+    sequential(w.client.addrs.outbound, 300).await;
+    let got = flaky_calls.load(Ordering::Relaxed) - before;
+    assert!(got >= 30, "a full share without the mode: {got} of 300");
+    assert_eq!(
+        ejections(w.client.addrs.admin, flaky_ep).await,
+        0,
+        "never five failures in a row"
+    );
+
+    w.update(&[
+        "--eject-failing",
+        "40%",
+        "--eject-failing-min-calls",
+        "10",
+        "--eject-failing-interval",
+        "1s",
+        "--ejection-time",
+        "30s",
+    ])
+    .await;
+    eventually(
+        "the flaky endpoint is ejected for its failure percentage",
+        Duration::from_secs(20),
+        || {
+            let w = &w;
+            async move {
+                sequential(w.client.addrs.outbound, 100).await;
+                ejections(w.client.addrs.admin, flaky_ep).await >= 1
+            }
+        },
+    )
+    .await;
+    // Out for its 30 s ejection: not a call.
+    let before = flaky_calls.load(Ordering::Relaxed);
+    sequential(w.client.addrs.outbound, 300).await;
+    assert_eq!(flaky_calls.load(Ordering::Relaxed) - before, 0);
 }
 
 /// `meshctl service update echo --max-requests 4`: the caller's circuit
