@@ -3,9 +3,13 @@
 //! `max_concurrent_streams` is reached).
 //!
 //! ```text
-//! peer sidecar ─▶ inbound listener ─▶ deadline ─▶ lease a stream to the app ─▶ send ─▶ response back
+//! peer sidecar ─▶ inbound listener ─▶ authz ─▶ rate limit ─▶ deadline ─▶ lease a stream to the app ─▶ send ─▶ response back
 //! ```
-//! Authorization (`authz`) runs before the lease: a denied call never reaches the app.
+//! Authorization (`authz`) and the service's rate limit
+//! ([`crate::ratelimit::InboundRateLimit`]) run before the lease: a denied
+//! or refused call never reaches the app. A refusal by the rate limit is an
+//! answer (`RESOURCE_EXHAUSTED` / 429 + `Retry-After`), not a reset: the
+//! caller's sidecar neither retries it elsewhere nor counts it against us.
 //!
 //! A call the app never saw (the app refuses connections, turned the
 //! stream away, or its health check fails: [`crate::health`]) is refused with RST_STREAM(REFUSED_STREAM), which no app
@@ -91,7 +95,14 @@ impl Inbound {
             .authz
             .allows(conn.identity.as_deref(), req.uri().path(), conn.peer.ip())
         {
-            if crate::tcp::is_tcp_connect(&req) {
+            if let Err(wait) = self
+                .authz
+                .rate_limit()
+                .check(conn.identity.as_ref(), conn.peer.ip())
+            {
+                tracing::debug!(caller = conn.identity.as_deref(), peer = %conn.peer, ?wait, "call refused by the rate limit");
+                Err(ProxyError::RateLimited(wait))
+            } else if crate::tcp::is_tcp_connect(&req) {
                 self.tcp(req, conn).await
             } else if crate::websocket::is_websocket_connect(&req) {
                 if self.authz.protocol() == Protocol::Http {
