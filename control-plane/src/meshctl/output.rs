@@ -105,7 +105,11 @@ fn rate_limit_summary(l: Option<&pb::RateLimit>) -> String {
         s.push_str(&format!(", burst {b}"));
     }
     if !l.overrides.is_empty() {
-        s.push_str(&format!(", +{} overrides", l.overrides.len()));
+        let n = l.overrides.len();
+        s.push_str(&format!(
+            ", +{n} {}",
+            if n == 1 { "override" } else { "overrides" }
+        ));
     }
     s
 }
