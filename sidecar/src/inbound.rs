@@ -52,6 +52,37 @@ const UNTRUSTED: [&str; 4] = [
     crate::respond::ERROR_HEADER,
 ];
 
+/// Most of a refused call's request body read (and dropped) so the stream
+/// ends cleanly, and how long that may take.
+const DRAIN_BYTES: usize = 64 * 1024;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads the rest of a refused call's request (usually one small DATA frame
+/// already on its way) instead of dropping it: a dropped request body makes
+/// h2 reset the stream, and past `max_local_error_reset_streams` such resets
+/// it closes the whole connection, failing the caller's other calls. A body
+/// over [`DRAIN_BYTES`] or [`DRAIN_TIME`] is dropped (reset) all the same.
+fn drain_refused(body: Incoming) {
+    use http_body::Body as _;
+    use http_body_util::BodyExt as _;
+    if body.is_end_stream() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut read = 0usize;
+        let _ = tokio::time::timeout(DRAIN_TIME, async {
+            while read <= DRAIN_BYTES {
+                match body.frame().await {
+                    Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len()),
+                    _ => return,
+                }
+            }
+        })
+        .await;
+    });
+}
+
 /// Strips what a caller may not say about itself and states who it is.
 fn set_caller_identity(headers: &mut http::HeaderMap, identity: Option<&str>) {
     for h in UNTRUSTED {
@@ -101,6 +132,7 @@ impl Inbound {
                 .check(conn.identity.as_ref(), conn.peer.ip())
             {
                 tracing::debug!(caller = conn.identity.as_deref(), peer = %conn.peer, ?wait, "call refused by the rate limit");
+                drain_refused(req.into_body());
                 Err(ProxyError::RateLimited(wait))
             } else if crate::tcp::is_tcp_connect(&req) {
                 self.tcp(req, conn).await

@@ -357,6 +357,62 @@ async fn per_caller_limits_hold_as_rates_with_overrides_and_follow_meshctl_over_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_never_retried_on_another_endpoint_even_when_retry_on_names_it() {
+    let mut cp = Cp::start(&["greeter", "alice"]).await;
+    // Two sidecars of one token each; the caller may retry RESOURCE_EXHAUSTED.
+    cp.meshctl_ok(&[
+        "service",
+        "update",
+        "greeter",
+        "--rate-limit",
+        "1/h",
+        "--retry-on",
+        "resource-exhausted,unavailable",
+        "--retry-attempts",
+        "3",
+    ])
+    .await;
+    let (a1, a2) = (echo("greeter-1").await, echo("greeter-2").await);
+    let mut servers = Vec::new();
+    for app in [&a1, &a2] {
+        let s = cp.sidecar("greeter", Some(app.addr)).await;
+        api::add_endpoint(&mut cp.admin, "greeter", s.inbound_addr.unwrap(), 1).await;
+        enforced(&s, Some("1/h per service")).await;
+        servers.push(s);
+    }
+    let caller = cp.sidecar("alice", None).await;
+    eventually(
+        "the caller knows both endpoints",
+        Duration::from_secs(10),
+        || async {
+            let v = admin_json(caller.admin_addr, "/clusters").await;
+            v["clusters"].as_array().into_iter().flatten().any(|c| {
+                c["name"] == "greeter" && c["endpoints"].as_array().is_some_and(|e| e.len() == 2)
+            })
+        },
+    )
+    .await;
+    let mut c = echo_client(caller.outbound_addr, "greeter").await;
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..4 {
+        match c.echo(EchoRequest::default()).await {
+            Ok(_) => ok += 1,
+            Err(e) if e.code() == Code::ResourceExhausted => limited += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    // Two tokens in all: two calls admitted, two refused, and each refusal
+    // was made once (a retry elsewhere would have been refused again there).
+    assert_eq!((ok, limited), (2, 2));
+    let mut refused = 0.0;
+    for s in &servers {
+        let m = prom::scrape(s.admin_addr).await;
+        refused += m.sum("meshwire_rate_limited_total", &[("service", "greeter")]);
+    }
+    assert_eq!(refused, 2.0, "no refused call was sent again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_rate_limits_are_refused_by_the_api_naming_the_field() {
     let mut cp = Cp::start(&["greeter"]).await;
     for (args, field) in [
