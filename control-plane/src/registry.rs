@@ -103,6 +103,8 @@ pub struct ServicePatch {
     /// Resilience settings named by path (`retry.max_attempts`), with their
     /// new values (unset: back to the default).
     pub resilience: Option<(meshwire_mesh::Resilience, Vec<String>)>,
+    /// `Some(None)` removes the inbound rate limit.
+    pub rate_limit: Option<Option<meshwire_mesh::RateLimit>>,
 }
 
 impl ServicePatch {
@@ -185,6 +187,9 @@ impl ServicePatch {
         if let Some(p) = &self.policy {
             c.policy = p.clone();
         }
+        if let Some(l) = &self.rate_limit {
+            c.rate_limit = l.clone();
+        }
         if let Some((from, paths)) = &self.resilience {
             for p in paths {
                 if !c.resilience.copy_field(p, from) {
@@ -217,6 +222,7 @@ pub fn settings(c: &Cluster) -> Cluster {
         permissive: c.permissive,
         hash_policy: c.hash_policy.clone(),
         resilience: c.resilience.clone(),
+        rate_limit: c.rate_limit.clone(),
     }
 }
 

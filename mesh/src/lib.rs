@@ -2,7 +2,8 @@
 //!
 //! [`model`] holds the validated domain types: a [`Cluster`] (one service: how
 //! to balance, time out and address it) with its [`Endpoint`]s, and the
-//! [`policy`] that says who may call it. The control plane builds them from
+//! [`policy`] that says who may call it and the [`ratelimit`] its sidecars
+//! enforce on its inbound side. The control plane builds them from
 //! its registry, `meshwire-xds` turns them into Envoy resources and back, and
 //! the sidecar routes and authorizes calls by them; validation lives here,
 //! once, so every path into a `Cluster` ends in the same checks.
@@ -15,9 +16,11 @@ pub mod cli;
 pub mod grpc;
 pub mod model;
 pub mod policy;
+pub mod ratelimit;
 pub mod resilience;
 
 pub use model::{
     Cluster, Endpoint, HashLb, HashSource, LbPolicy, ModelError, Protocol, ReportedHealth,
 };
+pub use ratelimit::{LimitPer, Rate, RateLimit, RateOverride};
 pub use resilience::{CodeSet, Resilience};

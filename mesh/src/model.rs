@@ -271,6 +271,9 @@ pub struct Cluster {
     /// parts are defaults (see [`crate::resilience`]). Boxed: most services
     /// leave it unset, and it is larger than the rest of the cluster's settings.
     pub resilience: Box<crate::resilience::Resilience>,
+    /// Calls admitted per service, caller or client IP by each of the
+    /// service's own sidecars; `None`: no limit ([`crate::ratelimit`]).
+    pub rate_limit: Option<crate::ratelimit::RateLimit>,
 }
 
 impl Cluster {
@@ -289,6 +292,7 @@ impl Cluster {
             permissive: false,
             hash_policy: Vec::new(),
             resilience: Default::default(),
+            rate_limit: None,
         }
     }
 
@@ -354,6 +358,9 @@ impl Cluster {
             p.validate().map_err(|e| e.within("policy"))?;
         }
         self.resilience.validate()?;
+        if let Some(l) = &self.rate_limit {
+            l.validate().map_err(|e| e.within("rate_limit"))?;
+        }
         if self.endpoints.len() > MAX_ENDPOINTS {
             return Err(ModelError::new(
                 "endpoints",

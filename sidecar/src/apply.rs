@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! Vec<Cluster> ─▶ Applier::apply ─▶ Routes::update (validate whole, then swap the table)
-//!                                ─▶ Authz::store (the local service's policy and permissive flag)
+//!                                ─▶ Authz::store (the local service's policy, permissive flag and rate limit)
 //! ```
 //! The outbound route table and the inbound authorization are fed separately;
 //! neither knows about the other. Nothing changes unless the whole config is valid.
@@ -41,6 +41,7 @@ impl Applier {
                 protocol: own.map(|c| c.protocol).unwrap_or_default(),
                 permissive: own.is_some_and(|c| c.permissive),
                 policy: own.and_then(|c| c.policy.clone()),
+                rate_limit: own.and_then(|c| c.rate_limit.clone()),
             });
         }
         Ok(())

@@ -4,7 +4,8 @@
 //! `PERMISSION_DENIED` and never reaches the app.
 //!
 //! The policy is swapped atomically with each config update; a call reads it
-//! once, lock-free.
+//! once, lock-free. The service's inbound rate limit comes with it and is
+//! checked after the policy allowed a call ([`Authz::rate_limit`]).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -21,11 +22,15 @@ pub struct LocalPolicy {
     pub permissive: bool,
     /// `None`: every caller that passed the TLS handshake is allowed.
     pub policy: Option<Policy>,
+    /// Calls admitted per service, caller or IP ([`crate::ratelimit`]).
+    pub rate_limit: Option<meshwire_mesh::RateLimit>,
 }
 
 #[derive(Debug, Default)]
 pub struct Authz {
     current: ArcSwap<LocalPolicy>,
+    /// The buckets of `current.rate_limit`, kept while it is unchanged.
+    rate_limit: Arc<crate::ratelimit::InboundRateLimit>,
 }
 
 impl Authz {
@@ -34,6 +39,7 @@ impl Authz {
     }
 
     pub fn store(&self, p: LocalPolicy) {
+        self.rate_limit.store(p.rate_limit.as_ref());
         if **self.current.load() != p {
             tracing::info!(
                 permissive = p.permissive,
@@ -42,6 +48,11 @@ impl Authz {
             );
             self.current.store(Arc::new(p));
         }
+    }
+
+    /// The local service's inbound rate limit (checked after the policy).
+    pub fn rate_limit(&self) -> &Arc<crate::ratelimit::InboundRateLimit> {
+        &self.rate_limit
     }
 
     pub fn current(&self) -> Arc<LocalPolicy> {

@@ -419,6 +419,10 @@ pub struct ServiceFile {
     /// Slow-start window (`0s`: off); unset: `--slow-start`.
     #[serde(default, with = "humantime_serde")]
     pub slow_start: Option<Duration>,
+    /// For the sidecar's own service: calls admitted before they reach the
+    /// app (`{rate: 20/s, burst: 40, per: service|caller|ip, overrides:
+    /// [{caller: spiffe://..., rate: 1000/s}]}`).
+    pub rate_limit: Option<meshwire_mesh::RateLimit>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -601,6 +605,7 @@ impl StaticConfig {
                 c.authority = s.authority.clone();
                 c.permissive = s.permissive;
                 c.policy = s.policy.clone();
+                c.rate_limit = s.rate_limit.clone();
                 c.resilience = Box::new(meshwire_mesh::Resilience {
                     outlier: s.outlier,
                     retry: s.retry,
@@ -679,6 +684,31 @@ services:
 
     fn err(text: &str) -> (String, String) {
         StaticConfig::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn parses_a_rate_limit_and_refuses_a_bad_one() {
+        let cfg = StaticConfig::parse(
+            "services:\n  - name: a\n    rate_limit: {rate: 20/s, burst: 5, per: caller, overrides: [{caller: spiffe://t/ns/x/sa/batch, rate: 1000/m}]}\n",
+        )
+        .unwrap();
+        let l = cfg.clusters()[0].rate_limit.clone().unwrap();
+        assert_eq!(
+            l.to_string(),
+            "20/s per caller, burst 5, spiffe://t/ns/x/sa/batch=1000/m"
+        );
+        let (field, reason) =
+            err("services:\n  - name: a\n    rate_limit: {rate: 20/s, burst: 0}\n");
+        assert_eq!(field, "services[0].rate_limit.burst", "{reason}");
+        let (field, reason) = err(
+            "services:\n  - name: a\n    rate_limit: {rate: 20/s, overrides: [{caller: batch, rate: 1/s}]}\n",
+        );
+        assert_eq!(
+            field, "services[0].rate_limit.overrides[0].caller",
+            "{reason}"
+        );
+        let (_, reason) = err("services:\n  - name: a\n    rate_limit: {rate: 20/d}\n");
+        assert!(reason.contains("not s, m or h"), "{reason}");
     }
 
     #[test]

@@ -3,9 +3,13 @@
 //! `max_concurrent_streams` is reached).
 //!
 //! ```text
-//! peer sidecar ─▶ inbound listener ─▶ deadline ─▶ lease a stream to the app ─▶ send ─▶ response back
+//! peer sidecar ─▶ inbound listener ─▶ authz ─▶ rate limit ─▶ deadline ─▶ lease a stream to the app ─▶ send ─▶ response back
 //! ```
-//! Authorization (`authz`) runs before the lease: a denied call never reaches the app.
+//! Authorization (`authz`) and the service's rate limit
+//! ([`crate::ratelimit::InboundRateLimit`]) run before the lease: a denied
+//! or refused call never reaches the app. A refusal by the rate limit is an
+//! answer (`RESOURCE_EXHAUSTED` / 429 + `Retry-After`), not a reset: the
+//! caller's sidecar neither retries it elsewhere nor counts it against us.
 //!
 //! A call the app never saw (the app refuses connections, turned the
 //! stream away, or its health check fails: [`crate::health`]) is refused with RST_STREAM(REFUSED_STREAM), which no app
@@ -47,6 +51,37 @@ const UNTRUSTED: [&str; 4] = [
     "x-spiffe-id",
     crate::respond::ERROR_HEADER,
 ];
+
+/// Most of a refused call's request body read (and dropped) so the stream
+/// ends cleanly, and how long that may take.
+const DRAIN_BYTES: usize = 64 * 1024;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads the rest of a refused call's request (usually one small DATA frame
+/// already on its way) instead of dropping it: a dropped request body makes
+/// h2 reset the stream, and past `max_local_error_reset_streams` such resets
+/// it closes the whole connection, failing the caller's other calls. A body
+/// over [`DRAIN_BYTES`] or [`DRAIN_TIME`] is dropped (reset) all the same.
+fn drain_refused(body: Incoming) {
+    use http_body::Body as _;
+    use http_body_util::BodyExt as _;
+    if body.is_end_stream() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut read = 0usize;
+        let _ = tokio::time::timeout(DRAIN_TIME, async {
+            while read <= DRAIN_BYTES {
+                match body.frame().await {
+                    Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len()),
+                    _ => return,
+                }
+            }
+        })
+        .await;
+    });
+}
 
 /// Strips what a caller may not say about itself and states who it is.
 fn set_caller_identity(headers: &mut http::HeaderMap, identity: Option<&str>) {
@@ -91,7 +126,15 @@ impl Inbound {
             .authz
             .allows(conn.identity.as_deref(), req.uri().path(), conn.peer.ip())
         {
-            if crate::tcp::is_tcp_connect(&req) {
+            if let Err(wait) = self
+                .authz
+                .rate_limit()
+                .check(conn.identity.as_ref(), conn.peer.ip())
+            {
+                tracing::debug!(caller = conn.identity.as_deref(), peer = %conn.peer, ?wait, "call refused by the rate limit");
+                drain_refused(req.into_body());
+                Err(ProxyError::RateLimited(wait))
+            } else if crate::tcp::is_tcp_connect(&req) {
                 self.tcp(req, conn).await
             } else if crate::websocket::is_websocket_connect(&req) {
                 if self.authz.protocol() == Protocol::Http {

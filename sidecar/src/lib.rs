@@ -60,6 +60,7 @@ pub mod outbound;
 pub mod outlier;
 pub mod pool;
 pub mod proxy;
+pub mod ratelimit;
 pub mod respond;
 pub mod server;
 pub mod tcp;
@@ -256,6 +257,7 @@ pub struct Sidecar {
     tracker: TaskTracker,
     drain_timeout: Duration,
     telemetry: Arc<Telemetry>,
+    authz: Arc<Authz>,
 }
 
 async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -338,6 +340,12 @@ impl Sidecar {
         .with_identity(tls.clone());
         if let Some(g) = &cfg.gateway {
             admin = admin.with_collector(Box::new(gateway::metrics::GatewayCollector::new(g)));
+        }
+        if let (Some(service), Some(_)) = (&local_service, &app) {
+            admin = admin.with_collector(Box::new(ratelimit::RateLimitCollector {
+                service: Arc::from(service.as_str()),
+                limit: authz.rate_limit().clone(),
+            }));
         }
         let admin = Arc::new(admin);
 
@@ -437,6 +445,7 @@ impl Sidecar {
             gateway_addrs: gateway_ls.iter().map(local).collect(),
             routes,
             applier,
+            authz: authz.clone(),
             admin: admin.clone(),
             tls: tls.clone(),
             gate,
@@ -515,6 +524,10 @@ impl Sidecar {
             );
         }
         if let (Some(l), Some(app)) = (inbound_l, app) {
+            tokio::spawn(ratelimit::forget_idle_callers(
+                authz.rate_limit().clone(),
+                shutdown.clone(),
+            ));
             tokio::spawn(health::run(
                 cfg.health.clone(),
                 app.addr,
@@ -638,6 +651,12 @@ impl Sidecar {
     /// Outbound calls waiting for the sidecar to finish starting.
     pub fn waiting_at_start(&self) -> usize {
         self.gate.waiting()
+    }
+
+    /// What the local service's cluster last said about the inbound side
+    /// (policy, permissive flag, rate limit), as enforced now.
+    pub fn inbound_policy(&self) -> Arc<authz::LocalPolicy> {
+        self.authz.current()
     }
 
     /// Its mesh identity, if it has one.

@@ -301,6 +301,9 @@ pub(crate) async fn send(
                 && let Some(code) = code
                 && policy.codes.contains(code)
                 && pushback(r.headers()) != Some(None)
+                // A peer's rate limit answered: deliberate, even when
+                // `retry_on` names resource-exhausted.
+                && !crate::respond::is_rate_limited(r.headers())
             {
                 if policy.budget.withdraw() {
                     let wait = pushback(r.headers()).flatten();

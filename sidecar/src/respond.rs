@@ -14,6 +14,16 @@ use crate::connect::ConnectError;
 use crate::grpc::{self, Code};
 
 pub(crate) const ERROR_HEADER: &str = "meshwire-error";
+/// The [`ERROR_HEADER`] of a call a rate limit refused.
+pub(crate) const RATE_LIMITED: &str = "rate-limited";
+
+/// A sidecar's rate-limit refusal: a deliberate answer, which a calling
+/// sidecar neither retries nor counts against the endpoint.
+pub(crate) fn is_rate_limited(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(ERROR_HEADER)
+        .is_some_and(|v| v.as_bytes() == RATE_LIMITED.as_bytes())
+}
 
 /// What went wrong with a call, from the sidecar's point of view.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +62,10 @@ pub enum ProxyError {
     AppOverloaded,
     #[error("meshwire: no answer within the per-try timeout of {0:?} (no retry left)")]
     PerTryTimeout(Duration),
+    /// Refused by the local service's inbound rate limit; a token is due
+    /// after the duration. A deliberate answer: never retried elsewhere.
+    #[error("meshwire: rate limit exceeded, retry after {0:?}")]
+    RateLimited(Duration),
 }
 
 impl ProxyError {
@@ -77,6 +91,7 @@ impl ProxyError {
             | ProxyError::AppOverloaded
             | ProxyError::PerTryTimeout(_) => Code::Unavailable,
             ProxyError::PermissionDenied { .. } => Code::PermissionDenied,
+            ProxyError::RateLimited(_) => Code::ResourceExhausted,
             ProxyError::NoAuthority | ProxyError::BadRequest(_) => Code::InvalidArgument,
             ProxyError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             // What gRPC servers answer (grpc-go: "malformed grpc-timeout").
@@ -120,6 +135,7 @@ impl ProxyError {
             ProxyError::AppUnhealthy => "app-unhealthy",
             ProxyError::Overloaded(_) | ProxyError::AppOverloaded => "overloaded",
             ProxyError::PerTryTimeout(_) => "per-try-timeout",
+            ProxyError::RateLimited(_) => RATE_LIMITED,
         }
     }
 
@@ -141,6 +157,7 @@ impl ProxyError {
             h.insert(grpc::GRPC_STATUS, code.header_value());
             h.insert(grpc::GRPC_MESSAGE, grpc::encode_message(&message));
             h.insert(ERROR_HEADER, kind);
+            r.headers_mut().extend(self.retry_after());
             r
         } else {
             let mut r = Response::new(ResponseBody::full(format!("{message}\n")));
@@ -155,8 +172,19 @@ impl ProxyError {
                 HeaderValue::from_static("text/plain; charset=utf-8"),
             );
             h.insert(ERROR_HEADER, kind);
+            r.headers_mut().extend(self.retry_after());
             r
         }
+    }
+
+    /// `Retry-After` (whole seconds, rounded up, at least 1) for a refusal
+    /// by a rate limit.
+    fn retry_after(&self) -> Option<(header::HeaderName, HeaderValue)> {
+        let ProxyError::RateLimited(wait) = self else {
+            return None;
+        };
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        Some((header::RETRY_AFTER, HeaderValue::from(secs.max(1))))
     }
 }
 
@@ -220,6 +248,23 @@ mod tests {
             assert_eq!(r.status(), status);
             assert!(r.headers().get("grpc-status").is_none());
         }
+    }
+
+    #[test]
+    fn rate_limited_calls_are_resource_exhausted_or_429_with_retry_after() {
+        let wait = Duration::from_millis(1500);
+        let r = ProxyError::RateLimited(wait).into_response(true);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "8");
+        assert!(r.body().is_end_stream(), "trailers-only");
+        assert!(is_rate_limited(r.headers()));
+        let r = ProxyError::RateLimited(wait).into_response(false);
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        assert!(is_rate_limited(r.headers()));
+        let r = ProxyError::RateLimited(Duration::from_millis(3)).into_response(false);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        assert!(!ProxyError::RateLimited(wait).not_processed());
     }
 
     #[test]

@@ -508,6 +508,12 @@ pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
         let json = serde_json::to_string(p).unwrap_or_default();
         fields.insert("policy".to_owned(), str_value(&json));
     }
+    if let Some(l) = &c.rate_limit {
+        // Enforced by the service's own sidecars (inbound); stock Envoy
+        // gets no inbound listener from us, so no limit either.
+        let json = serde_json::to_string(l).unwrap_or_default();
+        fields.insert("rate_limit".to_owned(), str_value(&json));
+    }
     if c.protocol != Protocol::Grpc {
         fields.insert("protocol".to_owned(), str_value(c.protocol.as_str()));
     }
@@ -657,6 +663,12 @@ pub fn decode_cluster(any: &Any) -> Result<Cluster, ResourceError> {
         c.policy = Some(
             serde_json::from_str(json)
                 .map_err(|e| err("metadata.policy", format!("invalid policy: {e}")))?,
+        );
+    }
+    if let Some(json) = meta_str(md, META, "rate_limit") {
+        c.rate_limit = Some(
+            serde_json::from_str(json)
+                .map_err(|e| err("metadata.rate_limit", format!("invalid rate limit: {e}")))?,
         );
     }
     c.permissive = md
@@ -1136,6 +1148,14 @@ mod tests {
                 cidrs: vec!["10.0.0.0/8".into()],
             }],
         });
+        let mut limit = meshwire_mesh::RateLimit::new(meshwire_mesh::Rate::per_second(20));
+        limit.per = meshwire_mesh::LimitPer::Caller;
+        limit.burst = Some(5);
+        limit.overrides = vec![
+            meshwire_mesh::ratelimit::parse_override("spiffe://mesh/ns/prod/sa/batch=1000/m")
+                .unwrap(),
+        ];
+        c.rate_limit = Some(limit);
         c
     }
 

@@ -6,9 +6,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use meshwire_mesh::policy::{Action, Policy, Rule};
+use meshwire_mesh::ratelimit::MAX_OVERRIDES;
 use meshwire_mesh::resilience::{CircuitBreakers, OutlierDetection, RetryPolicy};
 use meshwire_mesh::{
-    Cluster, CodeSet, Endpoint, HashSource, LbPolicy, ModelError, Protocol, Resilience,
+    Cluster, CodeSet, Endpoint, HashSource, LbPolicy, LimitPer, ModelError, Protocol, Rate,
+    RateLimit, RateOverride, Resilience,
 };
 use meshwire_proto::admin::v1 as pb;
 use tonic::Status;
@@ -26,7 +28,7 @@ const MAX_METADATA_VALUE: usize = 4096;
 const MAX_IDENTITY: usize = 2048;
 
 /// The fields `UpdateService` can change.
-const UPDATABLE: &str = "lb_policy, active_request_bias, connect_timeout, request_timeout, authority, permissive, policy, protocol, hash_policy, hash_balance_factor, outlier, retry, circuit_breakers, slow_start (or one field of those, e.g. retry.max_attempts)";
+const UPDATABLE: &str = "lb_policy, active_request_bias, connect_timeout, request_timeout, authority, permissive, policy, protocol, hash_policy, hash_balance_factor, outlier, retry, circuit_breakers, slow_start, rate_limit (or one field of those, e.g. retry.max_attempts)";
 
 /// Bounds on a policy, so one call cannot bloat every snapshot.
 const MAX_RULES: usize = 256;
@@ -199,6 +201,67 @@ fn protocol(p: i32) -> Result<Protocol, ModelError> {
     }
 }
 
+/// A rate limit from a request (field paths from `rate_limit`); checked
+/// whole by [`meshwire_mesh::RateLimit::validate`], the check sidecars run.
+fn rate_limit(l: &pb::RateLimit) -> Result<RateLimit, ModelError> {
+    let at = |e: ModelError| e.within("rate_limit");
+    let per = match pb::RateLimitPer::try_from(l.per) {
+        Ok(pb::RateLimitPer::Unspecified | pb::RateLimitPer::Service) => LimitPer::Service,
+        Ok(pb::RateLimitPer::Caller) => LimitPer::Caller,
+        Ok(pb::RateLimitPer::Ip) => LimitPer::Ip,
+        Err(_) => {
+            return Err(at(ModelError::new(
+                "per",
+                format!(
+                    "unknown value {}; use RATE_LIMIT_PER_SERVICE, RATE_LIMIT_PER_CALLER or RATE_LIMIT_PER_IP",
+                    l.per
+                ),
+            )));
+        }
+    };
+    let rate = |field: &str, s: &str| -> Result<Rate, ModelError> {
+        s.parse().map_err(|e: ModelError| at(e.within(field)))
+    };
+    let mut overrides = Vec::with_capacity(l.overrides.len().min(MAX_OVERRIDES + 1));
+    for (i, o) in l.overrides.iter().take(MAX_OVERRIDES + 1).enumerate() {
+        overrides.push(RateOverride {
+            caller: o.caller.clone(),
+            rate: rate(&format!("overrides[{i}].rate"), &o.rate)?,
+            burst: o.burst,
+        });
+    }
+    let limit = RateLimit {
+        rate: rate("rate", &l.rate)?,
+        burst: l.burst,
+        per,
+        overrides,
+    };
+    limit.validate().map_err(at)?;
+    Ok(limit)
+}
+
+pub(crate) fn rate_limit_pb(l: &RateLimit) -> pb::RateLimit {
+    pb::RateLimit {
+        rate: l.rate.to_string(),
+        burst: l.burst,
+        per: match l.per {
+            LimitPer::Service => pb::RateLimitPer::Service,
+            LimitPer::Caller => pb::RateLimitPer::Caller,
+            LimitPer::Ip => pb::RateLimitPer::Ip,
+        }
+        .into(),
+        overrides: l
+            .overrides
+            .iter()
+            .map(|o| pb::RateLimitOverride {
+                caller: o.caller.clone(),
+                rate: o.rate.to_string(),
+                burst: o.burst,
+            })
+            .collect(),
+    }
+}
+
 fn protocol_pb(p: Protocol) -> i32 {
     match p {
         Protocol::Grpc => pb::Protocol::Grpc,
@@ -300,6 +363,7 @@ pub(super) fn new_service(s: &pb::Service) -> Result<Cluster, ModelError> {
                 .map(|p| (*p).to_owned())
                 .collect(),
         )),
+        rate_limit: Some(s.rate_limit.as_ref().map(rate_limit).transpose()?),
     };
     patch.apply(&mut c)?;
     c.validate().map_err(api_field)?;
@@ -366,6 +430,15 @@ pub(super) fn service_patch(s: &pb::Service, paths: &[String]) -> Result<Service
                         .map(policy)
                         .transpose()
                         .map_err(|e| e.within("service.policy"))?,
+                );
+            }
+            "rate_limit" => {
+                patch.rate_limit = Some(
+                    s.rate_limit
+                        .as_ref()
+                        .map(rate_limit)
+                        .transpose()
+                        .map_err(in_service)?,
                 );
             }
             "name" => {
@@ -489,6 +562,7 @@ pub(super) fn service_pb(info: &ServiceInfo) -> pb::Service {
             },
         ),
         slow_start: c.resilience.slow_start.and_then(dur),
+        rate_limit: c.rate_limit.as_ref().map(rate_limit_pb),
     }
 }
 
@@ -855,5 +929,52 @@ mod tests {
         assert_eq!(e.field, "service.policy.rules[0].cidrs[0]");
         let p = service_patch(&s, &["permissive".into()]).unwrap();
         assert_eq!((p.permissive, p.policy), (Some(true), None));
+    }
+
+    #[test]
+    fn rate_limits_convert_and_bad_ones_name_their_field() {
+        let mut s = svc("greeter");
+        s.rate_limit = Some(pb::RateLimit {
+            rate: "20/s".into(),
+            burst: Some(5),
+            per: pb::RateLimitPer::Caller.into(),
+            overrides: vec![pb::RateLimitOverride {
+                caller: "spiffe://t/ns/a/sa/batch".into(),
+                rate: "1000/m".into(),
+                burst: None,
+            }],
+        });
+        let c = new_service(&s).unwrap();
+        let l = c.rate_limit.as_ref().unwrap();
+        assert_eq!(
+            (l.rate.count, l.burst, l.per),
+            (20, Some(5), LimitPer::Caller)
+        );
+        assert_eq!(rate_limit_pb(l), s.rate_limit.clone().unwrap());
+        type Spoil = fn(&mut pb::RateLimit);
+        let cases: [(Spoil, &str); 5] = [
+            (|l| l.rate = "20/d".into(), "rate_limit.rate"),
+            (|l| l.rate = "0/s".into(), "rate_limit.rate"),
+            (|l| l.burst = Some(0), "rate_limit.burst"),
+            (|l| l.per = 9, "rate_limit.per"),
+            (
+                |l| l.overrides[0].caller = "batch".into(),
+                "rate_limit.overrides[0].caller",
+            ),
+        ];
+        for (spoil, field) in cases {
+            let mut bad = s.clone();
+            spoil(bad.rate_limit.as_mut().unwrap());
+            assert_eq!(new_service(&bad).unwrap_err().field, field);
+            let e = service_patch(&bad, &["rate_limit".into()]).unwrap_err();
+            assert_eq!(e.field, format!("service.{field}"));
+        }
+        s.rate_limit = None;
+        let p = service_patch(&s, &["rate_limit".into()]).unwrap();
+        assert_eq!(
+            p.rate_limit,
+            Some(None),
+            "an unset limit in the mask clears it"
+        );
     }
 }

@@ -139,6 +139,9 @@ pub(super) enum ServiceCmd {
         /// Accept only mutual TLS on the service's inbound ports again.
         #[arg(long, conflicts_with = "permissive")]
         no_permissive: bool,
+        /// Remove the inbound rate limit.
+        #[arg(long, conflicts_with = "rate_limit")]
+        no_rate_limit: bool,
     },
     /// Delete a service and all its endpoints.
     Delete { name: String },
@@ -247,6 +250,40 @@ pub(super) struct ServiceOpts {
     /// Boxed: the many optional flags would make every command large.
     #[command(flatten)]
     pub(super) resilience: Box<super::resilience::ResilienceOpts>,
+    #[command(flatten)]
+    pub(super) rate_limit: RateLimitOpts,
+}
+
+/// The inbound rate limit, enforced by each of the service's sidecars;
+/// given whole (`update` replaces the limit), checked by the API.
+#[derive(Debug, Args)]
+pub(super) struct RateLimitOpts {
+    /// Calls each of the service's sidecars admits: N/s, N/m or N/h.
+    #[arg(long, value_name = "RATE")]
+    pub(super) rate_limit: Option<String>,
+    /// Calls admitted at once (default: the rate's N).
+    #[arg(long, value_name = "N", requires = "rate_limit")]
+    pub(super) burst: Option<u32>,
+    /// What one bucket counts (default: service).
+    #[arg(long, value_enum, value_name = "KEY", requires = "rate_limit")]
+    pub(super) rate_limit_per: Option<LimitPerArg>,
+    /// A named caller's own rate: SPIFFE-ID=RATE; repeatable.
+    #[arg(long, value_name = "ID=RATE", requires = "rate_limit", value_parser = rate_override)]
+    pub(super) rate_limit_override: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum LimitPerArg {
+    Service,
+    Caller,
+    Ip,
+}
+
+/// `spiffe://…/sa/x=1000/s` split at its last `=` (the API checks both parts).
+fn rate_override(s: &str) -> Result<(String, String), String> {
+    s.rsplit_once('=')
+        .map(|(id, rate)| (id.to_owned(), rate.to_owned()))
+        .ok_or_else(|| format!("{s:?}: write it as spiffe://.../sa/NAME=N/s"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

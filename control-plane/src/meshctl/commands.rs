@@ -7,8 +7,8 @@ use tonic::Request;
 
 use super::Failure;
 use super::args::{
-    CaCmd, Cli, Command, CpCmd, EndpointCmd, Lb, Output, PolicyCmd, ProtocolArg, ServiceCmd,
-    ServiceOpts, TokenCmd,
+    CaCmd, Cli, Command, CpCmd, EndpointCmd, Lb, LimitPerArg, Output, PolicyCmd, ProtocolArg,
+    ServiceCmd, ServiceOpts, TokenCmd,
 };
 use super::client::{Client, connect, req};
 use super::output::{
@@ -112,6 +112,29 @@ fn service_msg(name: &str, opts: &ServiceOpts) -> (pb::Service, Vec<String>) {
         paths.push("protocol".to_owned());
     }
     opts.resilience.fill(&mut s, &mut paths);
+    let rl = &opts.rate_limit;
+    if let Some(rate) = &rl.rate_limit {
+        s.rate_limit = Some(pb::RateLimit {
+            rate: rate.clone(),
+            burst: rl.burst,
+            per: match rl.rate_limit_per {
+                None | Some(LimitPerArg::Service) => pb::RateLimitPer::Service,
+                Some(LimitPerArg::Caller) => pb::RateLimitPer::Caller,
+                Some(LimitPerArg::Ip) => pb::RateLimitPer::Ip,
+            }
+            .into(),
+            overrides: rl
+                .rate_limit_override
+                .iter()
+                .map(|(caller, rate)| pb::RateLimitOverride {
+                    caller: caller.clone(),
+                    rate: rate.clone(),
+                    burst: None,
+                })
+                .collect(),
+        });
+        paths.push("rate_limit".to_owned());
+    }
     (s, paths)
 }
 
@@ -140,8 +163,12 @@ async fn service(
             no_request_timeout,
             no_authority,
             no_permissive,
+            no_rate_limit,
         } => {
             let (s, mut paths) = service_msg(name, opts);
+            if *no_rate_limit {
+                paths.push("rate_limit".to_owned());
+            }
             if *no_permissive {
                 paths.push("permissive".to_owned());
             }
@@ -153,7 +180,7 @@ async fn service(
             }
             if paths.is_empty() {
                 return Err(Failure::Usage(
-                    "service update: nothing to change (give --lb, --bias, --connect-timeout, --request-timeout, --authority, --permissive, --protocol, --no-request-timeout, --no-authority, --no-permissive or a resilience flag such as --max-requests)".into(),
+                    "service update: nothing to change (give --lb, --bias, --connect-timeout, --request-timeout, --authority, --permissive, --protocol, --no-request-timeout, --no-authority, --no-permissive, --rate-limit, --no-rate-limit or a resilience flag such as --max-requests)".into(),
                 ));
             }
             let r = client

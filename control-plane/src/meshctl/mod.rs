@@ -13,6 +13,8 @@
 //!       [--retry-backoff D] [--retry-backoff-max D] [--retry-budget PCT] [--retry-budget-min N]
 //!       [--eject-after N] [--eject-on CODES] [--ejection-time D] [--max-ejection-time D]
 //!       [--max-ejection PCT] [--slow-start D]   (each also takes `default`)
+//!       [--rate-limit 100/s [--burst N] [--rate-limit-per service|caller|ip]
+//!        [--rate-limit-override spiffe://…/sa/x=1000/s]...] [--no-rate-limit]   (inbound, per sidecar)
 //!   service delete|get NAME · service list
 //!   service policy set NAME --file policy.yaml|json · service policy clear NAME
 //!   token create --service NAME [--namespace NS] [--ttl 1h]

@@ -74,7 +74,44 @@ fn service_json_base(s: &pb::Service) -> Value {
         "policy": s.policy.as_ref().map(policy_json),
         "hash_policy": hash_summary(s),
         "hash_balance_factor": s.hash_balance_factor,
+        "rate_limit": s.rate_limit.as_ref().map(|l| json!({
+            "rate": l.rate,
+            "burst": l.burst,
+            "per": rate_limit_per(l.per),
+            "overrides": l.overrides.iter().map(|o| json!({
+                "caller": o.caller,
+                "rate": o.rate,
+                "burst": o.burst,
+            })).collect::<Vec<_>>(),
+        })),
     })
+}
+
+fn rate_limit_per(v: i32) -> &'static str {
+    match pb::RateLimitPer::try_from(v) {
+        Ok(pb::RateLimitPer::Caller) => "caller",
+        Ok(pb::RateLimitPer::Ip) => "ip",
+        Ok(pb::RateLimitPer::Service | pb::RateLimitPer::Unspecified) | Err(_) => "service",
+    }
+}
+
+/// `20/s per caller, burst 40, +2 overrides` (`-`: no limit).
+fn rate_limit_summary(l: Option<&pb::RateLimit>) -> String {
+    let Some(l) = l else {
+        return "-".to_owned();
+    };
+    let mut s = format!("{} per {}", l.rate, rate_limit_per(l.per));
+    if let Some(b) = l.burst {
+        s.push_str(&format!(", burst {b}"));
+    }
+    if !l.overrides.is_empty() {
+        let n = l.overrides.len();
+        s.push_str(&format!(
+            ", +{n} {}",
+            if n == 1 { "override" } else { "overrides" }
+        ));
+    }
+    s
 }
 
 fn protocol_name(v: i32) -> &'static str {
@@ -349,6 +386,7 @@ impl Printer {
                     s.endpoint_count.to_string(),
                     if s.permissive { "yes" } else { "no" }.to_owned(),
                     policy_summary(s.policy.as_ref()),
+                    rate_limit_summary(s.rate_limit.as_ref()),
                 ]
             })
             .collect();
@@ -364,6 +402,7 @@ impl Printer {
                 "ENDPOINTS",
                 "PERMISSIVE",
                 "POLICY",
+                "RATE LIMIT",
             ],
             &rows,
         ));
@@ -406,6 +445,7 @@ impl Printer {
                 if s.permissive { "yes" } else { "no" }.to_owned(),
             ),
             ("policy:", policy_summary(s.policy.as_ref())),
+            ("rate limit:", rate_limit_summary(s.rate_limit.as_ref())),
         ];
         let mut out = String::new();
         for (k, v) in fields
@@ -418,6 +458,15 @@ impl Printer {
         if let Some(p) = s.policy.as_ref().filter(|p| !p.rules.is_empty()) {
             out.push('\n');
             out.push_str(&policy_rules(p));
+        }
+        if let Some(l) = s.rate_limit.as_ref().filter(|l| !l.overrides.is_empty()) {
+            out.push('\n');
+            let rows: Vec<Vec<String>> = l
+                .overrides
+                .iter()
+                .map(|o| vec![o.caller.clone(), o.rate.clone(), or_dash(o.burst)])
+                .collect();
+            out.push_str(&table(&["CALLER", "RATE", "BURST"], &rows));
         }
         out.push('\n');
         if r.endpoints.is_empty() {

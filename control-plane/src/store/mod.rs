@@ -224,6 +224,9 @@ pub struct ServiceRecord {
     /// Only what is set (records written before are all defaults).
     #[serde(default, skip_serializing_if = "meshwire_mesh::Resilience::is_unset")]
     pub resilience: meshwire_mesh::Resilience,
+    /// The inbound rate limit (records written before have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<meshwire_mesh::RateLimit>,
 }
 
 /// The protocol as its name, so stored records stay readable.
@@ -332,6 +335,7 @@ impl From<&Cluster> for ServiceRecord {
             protocol: c.protocol,
             hash_policy: c.hash_policy.clone(),
             resilience: (*c.resilience).clone(),
+            rate_limit: c.rate_limit.clone(),
         }
     }
 }
@@ -362,6 +366,7 @@ impl ServiceRecord {
         c.policy = self.policy;
         c.protocol = self.protocol;
         c.resilience = Box::new(self.resilience);
+        c.rate_limit = self.rate_limit;
         c
     }
 }

@@ -40,9 +40,9 @@ use serde::Deserialize;
 use super::ip::{IpRules, TrustedProxies};
 use super::jwt::{KeySource, Provider};
 use super::path::EscapedSlashes;
-use super::ratelimit::{Limit, LimitKey, RateLimits};
 use super::tls::{CertSource, CertStore};
 use super::{Limits, Listener, Route, RouteJwt, Routes};
+use crate::ratelimit::{Limit, LimitKey, RateLimits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayConfigError {

@@ -22,7 +22,7 @@
 //!      route CIDR rules (403)
 //!   6. gateway-owned headers removed (x-jwt-subject, claim headers), then the
 //!      route's JWT (jwt::Provider::verify): required/optional, 401 + WWW-Authenticate
-//!   7. rate limits (ratelimit::RateLimits: route / client IP / subject), 429 + Retry-After
+//!   7. rate limits (crate::ratelimit::RateLimits: route / client IP / subject), 429 + Retry-After
 //!   8. upstream headers set: subject, claims, x-forwarded-for, forwarded, x-forwarded-proto; the
 //!      normalised path replaces the request's
 //!   ─▶ outbound::Outbound::handle(service = the route's): deadline, least-request pick,
@@ -45,7 +45,7 @@ pub mod log;
 pub mod metrics;
 pub mod path;
 pub mod proxy_protocol;
-pub mod ratelimit;
+use crate::ratelimit;
 pub mod tls;
 
 use std::convert::Infallible;

@@ -99,7 +99,7 @@ impl NotProcessed {
 }
 
 /// The `kind` label of `meshwire_sidecar_errors_total` (see `respond::ProxyError::kind`).
-pub const ERROR_KINDS: [&str; 11] = [
+pub const ERROR_KINDS: [&str; 12] = [
     "unknown-service",
     "no-authority",
     "no-endpoints",
@@ -111,6 +111,7 @@ pub const ERROR_KINDS: [&str; 11] = [
     "bad-request",
     "app-unhealthy",
     "overloaded",
+    "rate-limited",
 ];
 
 /// Which side of the sidecar a call went through.

@@ -26,6 +26,7 @@ mod mtls;
 mod passthrough;
 mod process;
 mod protocols;
+mod ratelimit;
 mod resilience;
 mod resilience_config;
 mod telemetry;
