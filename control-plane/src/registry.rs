@@ -103,6 +103,9 @@ pub struct ServicePatch {
     /// Resilience settings named by path (`retry.max_attempts`), with their
     /// new values (unset: back to the default).
     pub resilience: Option<(meshwire_mesh::Resilience, Vec<String>)>,
+    pub zone_aware: Option<bool>,
+    /// `Some(None)` resets the threshold to its default.
+    pub zone_min_healthy: Option<Option<f64>>,
 }
 
 impl ServicePatch {
@@ -185,6 +188,12 @@ impl ServicePatch {
         if let Some(p) = &self.policy {
             c.policy = p.clone();
         }
+        if let Some(on) = self.zone_aware {
+            c.zones.enabled = on;
+        }
+        if let Some(f) = self.zone_min_healthy {
+            c.zones.min_healthy = f.unwrap_or(meshwire_mesh::ZoneRouting::DEFAULT_MIN_HEALTHY);
+        }
         if let Some((from, paths)) = &self.resilience {
             for p in paths {
                 if !c.resilience.copy_field(p, from) {
@@ -217,6 +226,7 @@ pub fn settings(c: &Cluster) -> Cluster {
         permissive: c.permissive,
         hash_policy: c.hash_policy.clone(),
         resilience: c.resilience.clone(),
+        zones: c.zones,
     }
 }
 

@@ -19,5 +19,6 @@ pub mod resilience;
 
 pub use model::{
     Cluster, Endpoint, HashLb, HashSource, LbPolicy, ModelError, Protocol, ReportedHealth,
+    ZoneRouting,
 };
 pub use resilience::{CodeSet, Resilience};

@@ -268,6 +268,10 @@ pub struct ClusterHealth {
     members: AtomicUsize,
     /// Endpoints ejected (or probing) now.
     ejected: AtomicUsize,
+    /// Bumped whenever an endpoint is ejected or comes back, so what is
+    /// derived from the endpoints' health (zone shares) is recomputed once
+    /// per change, not per call.
+    changes: AtomicU32,
     /// Slow-start window in µs (0: off).
     slow_start_us: AtomicU64,
     /// How many retries of failed calls the cluster may still make.
@@ -363,6 +367,7 @@ impl ClusterHealth {
             settings: ArcSwap::from_pointee(settings),
             members: AtomicUsize::new(0),
             ejected: AtomicUsize::new(0),
+            changes: AtomicU32::new(0),
             slow_start_us: AtomicU64::new(0),
             retry_budget: RetryBudget::default(),
         })
@@ -391,6 +396,15 @@ impl ClusterHealth {
             .store(settings.failure_codes, Ordering::Relaxed);
         self.settings.store(Arc::new(settings));
         self.members.store(members, Ordering::Relaxed);
+    }
+
+    /// Changes when any endpoint is ejected or comes back (wraps).
+    pub fn generation(&self) -> u32 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::Release);
     }
 
     /// Whether any endpoint is out (one load; the pick scans only then).
@@ -461,6 +475,7 @@ impl Outlier {
             if self.failure(&s, || health.may_eject()) {
                 if !was_out {
                     health.ejected.fetch_add(1, Ordering::Relaxed);
+                    health.changed();
                 }
                 tracing::info!(consecutive = s.consecutive_failures, remaining = ?self.remaining(), "outlier ejected");
             }
@@ -472,6 +487,7 @@ impl Outlier {
             self.success();
             if was_out && !self.is_out() {
                 health.ejected.fetch_sub(1, Ordering::Relaxed);
+                health.changed();
             }
         }
     }
@@ -480,6 +496,7 @@ impl Outlier {
     pub fn leave(&self, health: &ClusterHealth) {
         if self.is_out() {
             health.ejected.fetch_sub(1, Ordering::Relaxed);
+            health.changed();
         }
     }
 }

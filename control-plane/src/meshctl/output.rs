@@ -50,6 +50,15 @@ pub(super) fn hash_summary(s: &pb::Service) -> String {
     }
 }
 
+/// `on (min healthy 0.7)` or `off`.
+pub(super) fn zones_summary(s: &pb::Service) -> String {
+    match (s.zone_aware.unwrap_or(true), s.zone_min_healthy) {
+        (false, _) => "off".to_owned(),
+        (true, Some(f)) => format!("on (min healthy {f})"),
+        (true, None) => "on".to_owned(),
+    }
+}
+
 pub(super) fn service_json(s: &pb::Service) -> Value {
     let mut v = service_json_base(s);
     if let Value::Object(m) = &mut v
@@ -74,6 +83,8 @@ fn service_json_base(s: &pb::Service) -> Value {
         "policy": s.policy.as_ref().map(policy_json),
         "hash_policy": hash_summary(s),
         "hash_balance_factor": s.hash_balance_factor,
+        "zone_aware": s.zone_aware.unwrap_or(true),
+        "zone_min_healthy": s.zone_min_healthy,
     })
 }
 
@@ -349,6 +360,7 @@ impl Printer {
                     s.endpoint_count.to_string(),
                     if s.permissive { "yes" } else { "no" }.to_owned(),
                     policy_summary(s.policy.as_ref()),
+                    zones_summary(s),
                 ]
             })
             .collect();
@@ -364,6 +376,7 @@ impl Printer {
                 "ENDPOINTS",
                 "PERMISSIVE",
                 "POLICY",
+                "ZONES",
             ],
             &rows,
         ));
@@ -398,6 +411,7 @@ impl Printer {
             ("protocol:", protocol_name(s.protocol).to_owned()),
             ("lb:", lb),
             ("hash:", hash_summary(&s)),
+            ("zones:", zones_summary(&s)),
             ("connect timeout:", or_dash(dur(s.connect_timeout.as_ref()))),
             ("request timeout:", or_dash(dur(s.request_timeout.as_ref()))),
             ("authority:", or_dash(s.authority.as_ref())),

@@ -224,6 +224,17 @@ pub struct ServiceRecord {
     /// Only what is set (records written before are all defaults).
     #[serde(default, skip_serializing_if = "meshwire_mesh::Resilience::is_unset")]
     pub resilience: meshwire_mesh::Resilience,
+    /// Zone-aware routing; absent (records written before, or the defaults):
+    /// on with the default threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zones: Option<ZonesRecord>,
+}
+
+/// Zone-aware routing as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ZonesRecord {
+    pub enabled: bool,
+    pub min_healthy: f64,
 }
 
 /// The protocol as its name, so stored records stay readable.
@@ -332,6 +343,10 @@ impl From<&Cluster> for ServiceRecord {
             protocol: c.protocol,
             hash_policy: c.hash_policy.clone(),
             resilience: (*c.resilience).clone(),
+            zones: (c.zones != meshwire_mesh::ZoneRouting::default()).then_some(ZonesRecord {
+                enabled: c.zones.enabled,
+                min_healthy: c.zones.min_healthy,
+            }),
         }
     }
 }
@@ -362,6 +377,12 @@ impl ServiceRecord {
         c.policy = self.policy;
         c.protocol = self.protocol;
         c.resilience = Box::new(self.resilience);
+        if let Some(z) = self.zones {
+            c.zones = meshwire_mesh::ZoneRouting {
+                enabled: z.enabled,
+                min_healthy: z.min_healthy,
+            };
+        }
         c
     }
 }

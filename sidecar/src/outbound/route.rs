@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use meshwire_mesh::{Cluster, HashSource, LbPolicy, ModelError, Protocol, Resilience};
+use meshwire_mesh::{Cluster, HashSource, LbPolicy, ModelError, Protocol, Resilience, ZoneRouting};
 
 use super::balance::{EndpointSet, Entry};
 use crate::connect::Connector;
@@ -31,6 +31,9 @@ pub struct ClusterState {
     pub lb: LbPolicy,
     /// Where calls' hash keys come from (consistent-hash policies only).
     pub hash_policy: Vec<HashSource>,
+    /// Zone-aware routing as the service sets it (applies only when this
+    /// sidecar knows its zone).
+    pub zones: ZoneRouting,
     pub request_timeout: Option<Duration>,
     pub connect_timeout: Duration,
     /// Parsed once: the `:authority` to send upstream, if rewritten.
@@ -90,6 +93,7 @@ impl ClusterState {
             && self.lb == c.lb
             && self.protocol == c.protocol
             && self.hash_policy == hash_policy(c)
+            && self.zones == c.zones
             && self.request_timeout == c.request_timeout
             && self.connect_timeout == c.connect_timeout
             && self.authority.as_ref().map(Authority::as_str) == c.authority.as_deref()
@@ -131,6 +135,8 @@ pub struct Routes {
     max_requests: usize,
     /// Slow-start window for new and recovered endpoints (zero: off).
     slow_start: Duration,
+    /// This sidecar's zone: calls prefer endpoints there ([`ZoneRouting`]).
+    zone: Option<Arc<str>>,
 }
 
 /// Default for [`Routes::with_max_requests`] (Envoy's default `max_requests`).
@@ -149,7 +155,19 @@ impl Routes {
             max_endpoints: DEFAULT_MAX_ENDPOINTS,
             max_requests: DEFAULT_MAX_REQUESTS,
             slow_start: Duration::ZERO,
+            zone: None,
         }
+    }
+
+    /// This sidecar runs in `zone`: services with zone-aware routing prefer
+    /// endpoints there.
+    pub fn with_zone(mut self, zone: Option<&str>) -> Self {
+        self.zone = zone.map(Arc::from);
+        self
+    }
+
+    pub fn zone(&self) -> Option<&str> {
+        self.zone.as_deref()
     }
 
     /// The mesh hop is mutual TLS.
@@ -235,7 +253,8 @@ impl Routes {
             );
             // In place: endpoints keep their detector state across a change.
             let res = &c.resilience;
-            health.update(outlier_settings(&res.outlier), c.endpoints.len());
+            let serving = c.endpoints.iter().filter(|e| !e.is_unhealthy()).count();
+            health.update(outlier_settings(&res.outlier), serving);
             health.set_slow_start(res.slow_start.unwrap_or(self.slow_start));
             health.retry_budget.configure(
                 res.retry.budget_percent(),
@@ -254,6 +273,7 @@ impl Routes {
                     protocol: c.protocol,
                     lb: c.lb,
                     hash_policy: hash_policy(c),
+                    zones: c.zones,
                     request_timeout: c.request_timeout,
                     connect_timeout: c.connect_timeout,
                     // Validated by `Cluster::validate`.
@@ -291,13 +311,22 @@ impl Routes {
         health: &Arc<ClusterHealth>,
         first: bool,
     ) -> EndpointSet {
+        // Endpoints the control plane reports unhealthy get no calls; in the
+        // caller's zone they still count as (missing) capacity.
+        let unhealthy_local: u64 = c
+            .endpoints
+            .iter()
+            .filter(|e| e.is_unhealthy() && e.zone.as_deref() == self.zone.as_deref())
+            .map(|e| u64::from(e.weight))
+            .sum();
         let entries = c
             .endpoints
             .iter()
+            .filter(|spec| !spec.is_unhealthy())
             .map(|spec| {
                 let endpoint = match keep.get(&spec.address) {
-                    // A new expected identity needs connections verified against it.
-                    Some(ep) if ep.identity == spec.identity => {
+                    // A new expected identity (or zone) needs a new endpoint.
+                    Some(ep) if ep.identity == spec.identity && ep.zone == spec.zone => {
                         ep.pool.set_connect_timeout(c.connect_timeout);
                         ep.clone()
                     }
@@ -322,7 +351,11 @@ impl Routes {
                 }
             })
             .collect();
-        EndpointSet::new(entries, c.lb, health.clone())
+        let set = EndpointSet::new(entries, c.lb, health.clone());
+        match &self.zone {
+            Some(zone) => set.with_zones(zone, c.zones, unhealthy_local),
+            None => set,
+        }
     }
 }
 
