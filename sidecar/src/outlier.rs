@@ -268,10 +268,11 @@ pub struct ClusterHealth {
     members: AtomicUsize,
     /// Endpoints ejected (or probing) now.
     ejected: AtomicUsize,
-    /// Bumped whenever an endpoint is ejected or comes back, so what is
+    /// Bumped whenever an endpoint is ejected or comes back, or its pool
+    /// starts or stops backing off (unreachable), so what is
     /// derived from the endpoints' health (zone shares) is recomputed once
     /// per change, not per call.
-    changes: AtomicU32,
+    changes: Arc<AtomicU32>,
     /// Slow-start window in µs (0: off).
     slow_start_us: AtomicU64,
     /// How many retries of failed calls the cluster may still make.
@@ -367,7 +368,7 @@ impl ClusterHealth {
             settings: ArcSwap::from_pointee(settings),
             members: AtomicUsize::new(0),
             ejected: AtomicUsize::new(0),
-            changes: AtomicU32::new(0),
+            changes: Arc::new(AtomicU32::new(0)),
             slow_start_us: AtomicU64::new(0),
             retry_budget: RetryBudget::default(),
         })
@@ -398,9 +399,16 @@ impl ClusterHealth {
         self.members.store(members, Ordering::Relaxed);
     }
 
-    /// Changes when any endpoint is ejected or comes back (wraps).
+    /// Changes when any endpoint is ejected or comes back, or becomes
+    /// unreachable or reachable again (wraps).
     pub fn generation(&self) -> u32 {
         self.changes.load(Ordering::Acquire)
+    }
+
+    /// The counter behind [`ClusterHealth::generation`], for the endpoints'
+    /// pools to bump when they start or stop backing off.
+    pub fn change_counter(&self) -> Arc<AtomicU32> {
+        self.changes.clone()
     }
 
     fn changed(&self) {

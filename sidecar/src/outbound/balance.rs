@@ -27,13 +27,15 @@
 //!   zone splits the endpoints into its own zone's and the others'. Each call
 //!   first draws which group it goes to: the local group with the *local
 //!   share* `min(1, healthy / min_healthy)` (healthy: the fraction of the
-//!   zone's weight not ejected, counting endpoints the control plane
-//!   reports unhealthy as unhealthy weight), the others with the rest; the
+//!   zone's weight neither ejected nor unreachable, counting endpoints the
+//!   control plane reports unhealthy as unhealthy weight), the others with
+//!   the rest; the
 //!   picker above then balances within the group, so the spill-over
 //!   reaches the other zones in proportion to their healthy weight. When
 //!   the drawn group has nothing usable the other one takes the call. The
-//!   share is recomputed once per endpoint set and per ejection or return
-//!   ([`ClusterHealth::generation`]), never per call. Calls with a hash key
+//!   share is recomputed once per endpoint set and per health change
+//!   (ejection, return, pool starting or ending a backoff:
+//!   [`ClusterHealth::generation`]), never per call. Calls with a hash key
 //!   ignore zones (a key's endpoint is the same on every sidecar, whatever
 //!   its zone); calls without one use them.
 //!
@@ -426,11 +428,10 @@ impl EndpointSet {
     }
 }
 
-/// Counts as healthy capacity for zone shares: not draining, not ejected.
-/// (An endpoint backing off after failed connects still counts until the
-/// detector ejects it; the picker skips it meanwhile.)
+/// Counts as healthy capacity for zone shares: not draining, not ejected,
+/// and reachable (its pool is not backing off after failed connects).
 fn healthy_entry(e: &Entry) -> bool {
-    !e.draining && !e.endpoint.outlier.is_out()
+    !e.draining && !e.endpoint.outlier.is_out() && e.endpoint.pool.is_available()
 }
 
 // === impl Zones ===

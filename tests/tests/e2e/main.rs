@@ -30,3 +30,4 @@ mod resilience;
 mod resilience_config;
 mod telemetry;
 mod xds_sidecar;
+mod zones;
