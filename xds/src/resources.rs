@@ -3,9 +3,9 @@
 //! Encoding (control plane) covers what three kinds of clients need:
 //! - **Meshwire sidecars** and **stock Envoy**: `Cluster` (type EDS over ADS,
 //!   `LEAST_REQUEST` with `active_request_bias`, `RING_HASH` or `MAGLEV`
-//!   with `hash_balance_factor`, HTTP/2 upstream, zone-aware routing as
-//!   `common_lb_config.zone_aware_lb_config` with its threshold in our
-//!   metadata) and `ClusterLoadAssignment` (endpoint weights, zones as
+//!   with `hash_balance_factor`, HTTP/2 upstream, zone-aware routing as the
+//!   least-request / round-robin policy's `locality_lb_config` with its
+//!   threshold in our metadata) and `ClusterLoadAssignment` (endpoint weights, zones as
 //!   localities, draining endpoints as `DRAINING`, unhealthy ones as
 //!   `UNHEALTHY`).
 //! - **Stock Envoy** also gets an outbound `Listener` (HTTP connection manager
@@ -24,9 +24,6 @@ use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::cluster::v3::cluster::common_lb_config::{
-    LocalityConfigSpecifier, ZoneAwareLbConfig,
-};
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig, LbConfig,
     LbPolicy as XLbPolicy, LeastRequestLbConfig, MaglevLbConfig, RingHashLbConfig,
@@ -54,7 +51,12 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
-use envoy_types::pb::envoy::extensions::load_balancing_policies::common::v3::ConsistentHashingLbConfig;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::common::v3::locality_lb_config::{
+    LocalityConfigSpecifier as LocalitySpecifier, ZoneAwareLbConfig as XZoneAwareLbConfig,
+};
+use envoy_types::pb::envoy::extensions::load_balancing_policies::common::v3::{
+    ConsistentHashingLbConfig, LocalityLbConfig,
+};
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::maglev::v3::Maglev;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::ring_hash::v3::{
@@ -289,15 +291,20 @@ fn hash_lb(c: Option<&ConsistentHashingLbConfig>) -> Result<HashLb, String> {
 /// request, then round robin for clients without it (proxyless gRPC
 /// rejects the legacy `lb_policy: LEAST_REQUEST` enum). Maglev is followed
 /// by ring hash, so gRPC (which has no Maglev) still hashes.
-fn lb_policies(lb: LbPolicy, slow_start: Option<Duration>) -> LoadBalancingPolicy {
+fn lb_policies(
+    lb: LbPolicy,
+    slow_start: Option<Duration>,
+    zones: ZoneRouting,
+) -> LoadBalancingPolicy {
     let slow_start_config = crate::resilience::slow_start_config(slow_start);
+    let locality_lb_config = Some(zone_aware(zones));
     let round_robin = policy(
         "envoy.load_balancing_policies.round_robin",
         to_any(
             ROUND_ROBIN,
             &RoundRobin {
                 slow_start_config: slow_start_config.clone(),
-                ..Default::default()
+                locality_lb_config,
             },
         ),
     );
@@ -316,6 +323,7 @@ fn lb_policies(lb: LbPolicy, slow_start: Option<Duration>) -> LoadBalancingPolic
                             runtime_key: "meshwire.active_request_bias".into(),
                         }),
                         slow_start_config,
+                        locality_lb_config,
                         ..Default::default()
                     },
                 ),
@@ -486,14 +494,15 @@ pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
             })),
         ),
     };
-    let common_lb_config = Some(CommonLbConfig {
-        consistent_hashing_lb_config: c.lb.hash().and_then(consistent_hashing).map(|ch| {
+    // Only for hashing: Envoy refuses common_lb_config's locality fields
+    // beside load_balancing_policy, so zones go into the typed policies.
+    let common_lb_config = c.lb.hash().and_then(consistent_hashing).map(|ch| CommonLbConfig {
+        consistent_hashing_lb_config: Some(
             envoy_types::pb::envoy::config::cluster::v3::cluster::common_lb_config::ConsistentHashingLbConfig {
                 hash_balance_factor: ch.hash_balance_factor,
                 ..Default::default()
-            }
-        }),
-        locality_config_specifier: Some(zone_aware(c.zones)),
+            },
+        ),
         ..Default::default()
     });
     let mut fields = BTreeMap::new();
@@ -597,7 +606,7 @@ pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
         lb_policy: lb_policy as i32,
         lb_config,
         common_lb_config,
-        load_balancing_policy: Some(lb_policies(c.lb, c.resilience.slow_start)),
+        load_balancing_policy: Some(lb_policies(c.lb, c.resilience.slow_start, c.zones)),
         outlier_detection: Some(crate::resilience::encode_outlier(&c.resilience.outlier)),
         circuit_breakers: Some(crate::resilience::encode_circuit_breakers(&c.resilience)),
         typed_extension_protocol_options: [(
@@ -611,30 +620,58 @@ pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
     }
 }
 
-/// Zone-aware routing in Envoy's field: on is `routing_enabled` 100 %, off
-/// 0 %; `min_cluster_size` 1, since Meshwire applies zones to any size (a
-/// stock Envoy routes by zone only with a `local_cluster_name` in its
-/// bootstrap, and then by its own model of the callers' spread).
-fn zone_aware(z: ZoneRouting) -> LocalityConfigSpecifier {
-    LocalityConfigSpecifier::ZoneAwareLbConfig(ZoneAwareLbConfig {
-        routing_enabled: Some(Percent {
-            value: if z.enabled { 100.0 } else { 0.0 },
-        }),
-        min_cluster_size: Some(UInt64Value { value: 1 }),
-        fail_traffic_on_panic: false,
-    })
+/// Zone-aware routing in Envoy's field, the least-request / round-robin
+/// policy's `locality_lb_config.zone_aware_lb_config`: on is
+/// `routing_enabled` 100 %, off 0 %; `min_cluster_size` 1, since Meshwire
+/// applies zones to any size (a stock Envoy routes by zone only with a
+/// `local_cluster_name` in its bootstrap, and then by its own model of the
+/// callers' spread).
+fn zone_aware(z: ZoneRouting) -> LocalityLbConfig {
+    LocalityLbConfig {
+        locality_config_specifier: Some(LocalitySpecifier::ZoneAwareLbConfig(XZoneAwareLbConfig {
+            routing_enabled: Some(Percent {
+                value: if z.enabled { 100.0 } else { 0.0 },
+            }),
+            min_cluster_size: Some(UInt64Value { value: 1 }),
+            ..Default::default()
+        })),
+    }
 }
 
 /// The zone settings back: `routing_enabled` 0 % is off, anything else (or
 /// no setting) on; the threshold from our metadata, else the default.
 fn decode_zones(x: &XCluster) -> Result<ZoneRouting, String> {
     let mut z = ZoneRouting::default();
-    if let Some(LocalityConfigSpecifier::ZoneAwareLbConfig(cfg)) = x
-        .common_lb_config
-        .as_ref()
-        .and_then(|c| c.locality_config_specifier.as_ref())
-        && let Some(p) = &cfg.routing_enabled
-    {
+    let mut routing = None;
+    for entry in x.load_balancing_policy.iter().flat_map(|p| &p.policies) {
+        let Some(any) = entry
+            .typed_extension_config
+            .as_ref()
+            .and_then(|t| t.typed_config.as_ref())
+        else {
+            continue;
+        };
+        let locality = match any.type_url.as_str() {
+            LEAST_REQUEST => {
+                LeastRequest::decode(any.value.as_slice())
+                    .map_err(|e| e.to_string())?
+                    .locality_lb_config
+            }
+            ROUND_ROBIN => {
+                RoundRobin::decode(any.value.as_slice())
+                    .map_err(|e| e.to_string())?
+                    .locality_lb_config
+            }
+            _ => continue,
+        };
+        if let Some(LocalitySpecifier::ZoneAwareLbConfig(cfg)) =
+            locality.and_then(|l| l.locality_config_specifier)
+        {
+            routing = cfg.routing_enabled;
+        }
+        break;
+    }
+    if let Some(p) = routing {
         if !(0.0..=100.0).contains(&p.value) {
             return Err(format!("routing_enabled {} is not a percentage", p.value));
         }
@@ -708,7 +745,7 @@ pub fn decode_cluster(any: &Any) -> Result<Cluster, ResourceError> {
                 .map_err(|e| err("metadata.policy", format!("invalid policy: {e}")))?,
         );
     }
-    c.zones = decode_zones(&x).map_err(|e| err("common_lb_config.zone_aware_lb_config", e))?;
+    c.zones = decode_zones(&x).map_err(|e| err("load_balancing_policy", e))?;
     c.permissive = md
         .and_then(|m| m.filter_metadata.get(META))
         .and_then(|s| s.fields.get("permissive"))
@@ -1270,31 +1307,45 @@ mod tests {
                 min_healthy: 1.0,
             },
         ] {
-            let c = Cluster {
-                zones,
-                ..Cluster::new("z")
-            };
-            let x = encode_cluster(&c);
-            let Some(LocalityConfigSpecifier::ZoneAwareLbConfig(z)) = x
-                .common_lb_config
-                .as_ref()
-                .and_then(|c| c.locality_config_specifier)
-            else {
-                panic!("no zone_aware_lb_config: {x:?}");
-            };
-            let want = if zones.enabled { 100.0 } else { 0.0 };
-            assert_eq!(z.routing_enabled.map(|p| p.value), Some(want));
-            assert_eq!(z.min_cluster_size.map(|n| n.value), Some(1));
-            let back = decode_cluster(&to_any(CLUSTER, &x)).unwrap();
-            assert_eq!(back.zones, zones);
+            for lb in [LbPolicy::default(), LbPolicy::RoundRobin] {
+                let c = Cluster {
+                    zones,
+                    lb,
+                    ..Cluster::new("z")
+                };
+                let x = encode_cluster(&c);
+                assert!(
+                    x.common_lb_config.is_none(),
+                    "Envoy refuses common_lb_config's locality fields beside load_balancing_policy"
+                );
+                let any = x.load_balancing_policy.as_ref().unwrap().policies[0]
+                    .typed_extension_config
+                    .as_ref()
+                    .unwrap()
+                    .typed_config
+                    .clone()
+                    .unwrap();
+                let locality = if lb == LbPolicy::RoundRobin {
+                    RoundRobin::decode(any.value.as_slice())
+                        .unwrap()
+                        .locality_lb_config
+                } else {
+                    LeastRequest::decode(any.value.as_slice())
+                        .unwrap()
+                        .locality_lb_config
+                };
+                let Some(LocalitySpecifier::ZoneAwareLbConfig(z)) =
+                    locality.and_then(|l| l.locality_config_specifier)
+                else {
+                    panic!("no zone_aware_lb_config: {x:?}");
+                };
+                let want = if zones.enabled { 100.0 } else { 0.0 };
+                assert_eq!(z.routing_enabled.map(|p| p.value), Some(want));
+                assert_eq!(z.min_cluster_size.map(|n| n.value), Some(1));
+                let back = decode_cluster(&to_any(CLUSTER, &x)).unwrap();
+                assert_eq!(back.zones, zones);
+            }
         }
-        // Hashing keeps its own part of common_lb_config beside the zones.
-        let mut c = Cluster::new("h");
-        c.lb = LbPolicy::RingHash(HashLb {
-            balance_factor: Some(1.5),
-        });
-        let back = decode_cluster(&to_any(CLUSTER, &encode_cluster(&c))).unwrap();
-        assert_eq!(back.lb, c.lb);
         // An out-of-range threshold is refused, naming the field.
         let mut x = encode_cluster(&Cluster::new("z"));
         x.metadata

@@ -498,6 +498,48 @@ mod tests {
     }
 
     #[test]
+    fn unhealthy_endpoints_get_no_calls_but_count_in_their_zone() {
+        let r = routes().with_zone(Some("a"));
+        let mut c = cluster("z", &[(1, 1), (2, 1), (3, 1), (4, 1)]);
+        for (e, zone) in c.endpoints.iter_mut().zip(["a", "a", "a", "b"]) {
+            e.zone = Some(zone.into());
+        }
+        c.endpoints[0].health = Some(meshwire_mesh::ReportedHealth {
+            healthy: false,
+            at: std::time::SystemTime::UNIX_EPOCH,
+        });
+        r.update(std::slice::from_ref(&c)).unwrap();
+        let state = r.load().get("z").unwrap().clone();
+        let set = state.endpoints.load();
+        let ports: Vec<u16> = set
+            .entries()
+            .iter()
+            .map(|e| e.endpoint.addr.port())
+            .collect();
+        assert_eq!(
+            ports,
+            [2, 3, 4],
+            "the unhealthy endpoint is not in the picks"
+        );
+        let z = set.zone_report().expect("zones apply");
+        assert_eq!((z.healthy_weight, z.total_weight), (2, 3));
+        assert!((z.local_share - (2.0 / 3.0) / 0.7).abs() < 1e-6, "{z:?}");
+        // A sidecar without a zone: today's behaviour.
+        let plain = routes();
+        plain.update(&[c]).unwrap();
+        assert!(
+            plain
+                .load()
+                .get("z")
+                .unwrap()
+                .endpoints
+                .load()
+                .zone_report()
+                .is_none()
+        );
+    }
+
+    #[test]
     fn lookup_ignores_case() {
         let r = routes();
         r.update(&[cluster("greeter", &[])]).unwrap();
