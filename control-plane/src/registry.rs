@@ -105,6 +105,9 @@ pub struct ServicePatch {
     pub resilience: Option<(meshwire_mesh::Resilience, Vec<String>)>,
     /// `Some(None)` removes the inbound rate limit.
     pub rate_limit: Option<Option<meshwire_mesh::RateLimit>>,
+    pub zone_aware: Option<bool>,
+    /// `Some(None)` resets the threshold to its default.
+    pub zone_min_healthy: Option<Option<f64>>,
 }
 
 impl ServicePatch {
@@ -190,6 +193,12 @@ impl ServicePatch {
         if let Some(l) = &self.rate_limit {
             c.rate_limit = l.clone();
         }
+        if let Some(on) = self.zone_aware {
+            c.zones.enabled = on;
+        }
+        if let Some(f) = self.zone_min_healthy {
+            c.zones.min_healthy = f.unwrap_or(meshwire_mesh::ZoneRouting::DEFAULT_MIN_HEALTHY);
+        }
         if let Some((from, paths)) = &self.resilience {
             for p in paths {
                 if !c.resilience.copy_field(p, from) {
@@ -223,6 +232,7 @@ pub fn settings(c: &Cluster) -> Cluster {
         hash_policy: c.hash_policy.clone(),
         resilience: c.resilience.clone(),
         rate_limit: c.rate_limit.clone(),
+        zones: c.zones,
     }
 }
 

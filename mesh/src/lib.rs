@@ -21,6 +21,7 @@ pub mod resilience;
 
 pub use model::{
     Cluster, Endpoint, HashLb, HashSource, LbPolicy, ModelError, Protocol, ReportedHealth,
+    ZoneRouting,
 };
 pub use ratelimit::{LimitPer, Rate, RateLimit, RateOverride};
 pub use resilience::{CodeSet, Resilience};

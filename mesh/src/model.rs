@@ -274,6 +274,61 @@ pub struct Cluster {
     /// Calls admitted per service, caller or client IP by each of the
     /// service's own sidecars; `None`: no limit ([`crate::ratelimit`]).
     pub rate_limit: Option<crate::ratelimit::RateLimit>,
+    /// Whether callers keep calls in their own zone, and how healthy it must be.
+    pub zones: ZoneRouting,
+}
+
+/// Zone-aware routing of one service, as its callers apply it.
+///
+/// A caller that knows its zone sends every call to endpoints of its own
+/// zone while at least `min_healthy` of that zone's endpoints (by weight)
+/// are healthy. Below that it keeps `healthy fraction / min_healthy` of the
+/// calls and spills the rest to the other zones, in proportion to their
+/// healthy weight; with none healthy, all calls go elsewhere. This is
+/// Envoy's priority spill-over with an overprovisioning factor of
+/// `1 / min_healthy` (Envoy's default 1.4 is a `min_healthy` of ~0.71).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ZoneRouting {
+    pub enabled: bool,
+    /// Fraction of the local zone's weight that must be healthy for it to
+    /// take every call, in (0, 1].
+    pub min_healthy: f64,
+}
+
+impl ZoneRouting {
+    pub const DEFAULT_MIN_HEALTHY: f64 = 0.7;
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if !(self.min_healthy > 0.0 && self.min_healthy <= 1.0) {
+            return Err(ModelError::new(
+                "zones.min_healthy",
+                format!(
+                    "must be greater than 0 and at most 1, got {}",
+                    self.min_healthy
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The share of calls the caller's own zone keeps when `healthy` of its
+    /// `total` weight is healthy (`total` includes the unhealthy endpoints).
+    pub fn local_share(&self, healthy: u64, total: u64) -> f64 {
+        if !self.enabled || total == 0 {
+            return 0.0;
+        }
+        let fraction = healthy.min(total) as f64 / total as f64;
+        (fraction / self.min_healthy).min(1.0)
+    }
+}
+
+impl Default for ZoneRouting {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min_healthy: Self::DEFAULT_MIN_HEALTHY,
+        }
+    }
 }
 
 impl Cluster {
@@ -293,6 +348,7 @@ impl Cluster {
             hash_policy: Vec::new(),
             resilience: Default::default(),
             rate_limit: None,
+            zones: ZoneRouting::default(),
         }
     }
 
@@ -361,6 +417,7 @@ impl Cluster {
         if let Some(l) = &self.rate_limit {
             l.validate().map_err(|e| e.within("rate_limit"))?;
         }
+        self.zones.validate()?;
         if self.endpoints.len() > MAX_ENDPOINTS {
             return Err(ModelError::new(
                 "endpoints",
@@ -398,8 +455,9 @@ pub struct Endpoint {
     pub metadata: BTreeMap<String, String>,
     /// What the endpoint's own sidecar last reported about its app, as the
     /// control plane keeps it (`None`: no report). Pushed as EDS
-    /// `health_status`; a sidecar never sees an unhealthy endpoint (its xDS
-    /// client drops them), so on its side this is always `None`.
+    /// `health_status`; a sidecar gets unhealthy endpoints marked with a
+    /// report (`healthy: false`, `at` the epoch) and sends them no calls:
+    /// they only count in their zone's capacity ([`ZoneRouting`]).
     pub health: Option<ReportedHealth>,
 }
 

@@ -253,6 +253,14 @@ impl AdminState {
                 ClusterView {
                     name: c.name.to_string(),
                     lb_policy: lb_name(&c.lb),
+                    zones: set.zone_report().map(|z| ZonesView {
+                        zone: z.zone.to_string(),
+                        min_healthy: c.zones.min_healthy,
+                        healthy_weight: z.healthy_weight,
+                        total_weight: z.total_weight,
+                        local_share: z.local_share,
+                        spill: z.spill.into_iter().collect(),
+                    }),
                     endpoints: {
                         let shares = set.hash_shares();
                         set.entries()
@@ -269,6 +277,7 @@ impl AdminState {
             .collect();
         clusters.sort_by(|a, b| a.name.cmp(&b.name));
         ClustersView {
+            zone: self.routes.zone().map(str::to_owned),
             clusters,
             app: self.app.as_ref().map(|a| EndpointView::new(a, 1, false)),
             app_health: self.app_health.as_ref().map(|h| AppHealthView {
@@ -296,6 +305,8 @@ impl AdminState {
                     },
                     "hash_balance_factor": c.lb.hash().and_then(|h| h.balance_factor),
                     "hash_policy": &c.hash_policy,
+                    "zone_aware": c.zones.enabled,
+                    "zone_min_healthy": c.zones.min_healthy,
                     "connect_timeout_ms": c.connect_timeout.as_millis() as u64,
                     "request_timeout_ms": c.request_timeout.map(|t| t.as_millis() as u64),
                     "authority": c.authority.as_ref().map(|a| a.as_str()),
@@ -333,7 +344,7 @@ impl AdminState {
                 })
             }
         };
-        serde_json::json!({ "source": source, "clusters": clusters })
+        serde_json::json!({ "source": source, "zone": self.routes.zone(), "clusters": clusters })
     }
 }
 
@@ -421,6 +432,8 @@ fn json(v: &impl Serialize) -> Response<ResponseBody> {
 
 #[derive(Debug, Serialize)]
 struct ClustersView {
+    /// This sidecar's zone (`--zone`), if it has one.
+    zone: Option<String>,
     clusters: Vec<ClusterView>,
     /// The local app behind the inbound listener.
     app: Option<EndpointView>,
@@ -440,7 +453,27 @@ struct AppHealthView {
 struct ClusterView {
     name: String,
     lb_policy: &'static str,
+    /// How calls are split between this sidecar's zone and the others, when
+    /// zone-aware routing applies to the service here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zones: Option<ZonesView>,
     endpoints: Vec<EndpointView>,
+}
+
+/// Zone-aware routing of one service as it stands now.
+#[derive(Debug, Serialize)]
+struct ZonesView {
+    /// The caller's (this sidecar's) zone.
+    zone: String,
+    min_healthy: f64,
+    /// Healthy and total weight of the zone (endpoints the control plane
+    /// reports unhealthy included in the total).
+    healthy_weight: u64,
+    total_weight: u64,
+    /// Share of calls without a hash key kept in the zone (0..1).
+    local_share: f64,
+    /// Share of such calls each other zone gets (`""`: endpoints without a zone).
+    spill: std::collections::BTreeMap<String, f64>,
 }
 
 fn lb_name(lb: &LbPolicy) -> &'static str {

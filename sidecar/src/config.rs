@@ -104,6 +104,12 @@ pub struct Args {
     /// caller's sidecar sends it to another endpoint).
     #[arg(long, env = "MESHWIRE_MAX_APP_CALLS", default_value_t = 0)]
     pub max_app_calls: u32,
+    /// The zone this sidecar runs in (e.g. `eu-west-1a`): services with
+    /// zone-aware routing (the default) prefer endpoints in the same zone
+    /// while enough of them are healthy; sent to the control plane as the
+    /// xDS node's locality. Unset: zones play no part in its calls.
+    #[arg(long, env = "MESHWIRE_ZONE", value_parser = parse_zone)]
+    pub zone: Option<String>,
     /// Endpoints added to a service, and ones back from an ejection, take a
     /// growing share of calls over this window, from 10 % to all (0s: off).
     #[arg(long, env = "MESHWIRE_SLOW_START", default_value = "0s", value_parser = parse_duration)]
@@ -177,6 +183,15 @@ pub struct Args {
     pub trace_queue_size: u32,
 }
 
+fn parse_zone(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 128 || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "{s:?}: a zone is 1 to 128 characters, no spaces or control characters"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
 fn parse_ratio(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
@@ -210,6 +225,7 @@ impl Args {
         cfg.max_app_calls = self.max_app_calls as usize;
         cfg.app_queue_timeout = self.app_queue_timeout;
         cfg.slow_start = self.slow_start;
+        cfg.zone = self.zone.clone();
         cfg.advertise = self.advertise;
         cfg.health = crate::health::HealthSettings {
             check: self.health.clone(),
@@ -423,6 +439,11 @@ pub struct ServiceFile {
     /// app (`{rate: 20/s, burst: 40, per: service|caller|ip, overrides:
     /// [{caller: spiffe://..., rate: 1000/s}]}`).
     pub rate_limit: Option<meshwire_mesh::RateLimit>,
+    /// Zone-aware routing (default on; applies when the sidecar has `--zone`).
+    pub zone_aware: Option<bool>,
+    /// Fraction of the local zone's weight that must be healthy for it to
+    /// keep every call (default 0.7); below, calls spill over in proportion.
+    pub zone_min_healthy: Option<f64>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -612,6 +633,11 @@ impl StaticConfig {
                     circuit_breakers: s.circuit_breakers,
                     slow_start: s.slow_start,
                 });
+                let d = meshwire_mesh::ZoneRouting::default();
+                c.zones = meshwire_mesh::ZoneRouting {
+                    enabled: s.zone_aware.unwrap_or(d.enabled),
+                    min_healthy: s.zone_min_healthy.unwrap_or(d.min_healthy),
+                };
                 c.endpoints = s
                     .endpoints
                     .iter()
@@ -782,6 +808,27 @@ services:
         );
         assert_eq!(f, "services[0].hash_policy[1]");
         assert!(r.contains("exactly one"), "{r}");
+    }
+
+    #[test]
+    fn parses_zone_routing() {
+        let cfg = StaticConfig::parse(
+            "services:\n  - name: a\n    zone_min_healthy: 0.5\n  - name: b\n    zone_aware: false\n  - name: c\n",
+        )
+        .unwrap();
+        let cl = cfg.clusters();
+        assert_eq!(
+            cl[0].zones,
+            meshwire_mesh::ZoneRouting {
+                enabled: true,
+                min_healthy: 0.5
+            }
+        );
+        assert!(!cl[1].zones.enabled);
+        assert_eq!(cl[2].zones, meshwire_mesh::ZoneRouting::default());
+        let (f, r) = err("services:\n  - name: a\n    zone_min_healthy: 1.5\n");
+        assert_eq!(f, "services[0].zones.min_healthy");
+        assert!(r.contains("at most 1"), "{r}");
     }
 
     #[test]

@@ -141,6 +141,9 @@ pub struct SidecarConfig {
     pub app_queue_timeout: Duration,
     /// New and recovered endpoints ramp up over this window (zero: off).
     pub slow_start: Duration,
+    /// The zone this sidecar runs in (`--zone`): zone-aware routing prefers
+    /// endpoints there; also the xDS node's locality.
+    pub zone: Option<String>,
     /// The edge-gateway role: public TLS listeners routing into the mesh.
     pub gateway: Option<Arc<gateway::GatewayConfig>>,
 }
@@ -204,6 +207,7 @@ impl SidecarConfig {
             max_app_calls: 0,
             app_queue_timeout: Duration::from_millis(100),
             slow_start: Duration::ZERO,
+            zone: None,
             gateway: None,
         }
     }
@@ -285,7 +289,8 @@ impl Sidecar {
             Routes::new(mesh_connector, client.clone())
                 .with_max_endpoints(cfg.max_endpoints)
                 .with_max_requests(cfg.max_requests_per_service)
-                .with_slow_start(cfg.slow_start),
+                .with_slow_start(cfg.slow_start)
+                .with_zone(cfg.zone.as_deref()),
         );
         let local_service = cfg
             .service
@@ -411,6 +416,7 @@ impl Sidecar {
                 servers: cp.servers(),
                 node_id: cp.node_id.clone(),
                 service: cp.service.clone(),
+                zone: cfg.zone.clone(),
                 user_agent: "meshwire-sidecar".into(),
                 connect_timeout: Duration::from_secs(2),
                 // The control plane is the one workload in meshwire-system/control-plane.

@@ -293,6 +293,11 @@ pub struct ClusterHealth {
     members: AtomicUsize,
     /// Endpoints ejected (or probing) now.
     ejected: AtomicUsize,
+    /// Bumped whenever an endpoint is ejected or comes back, or its pool
+    /// starts or stops backing off (unreachable), so what is
+    /// derived from the endpoints' health (zone shares) is recomputed once
+    /// per change, not per call.
+    changes: Arc<AtomicU32>,
     /// Slow-start window in µs (0: off).
     slow_start_us: AtomicU64,
     /// Whether endpoints count their calls for failure-percentage ejection.
@@ -393,6 +398,7 @@ impl ClusterHealth {
             settings: ArcSwap::from_pointee(settings),
             members: AtomicUsize::new(0),
             ejected: AtomicUsize::new(0),
+            changes: Arc::new(AtomicU32::new(0)),
             slow_start_us: AtomicU64::new(0),
             counting: std::sync::atomic::AtomicBool::new(
                 settings.failure_percentage > 0 && settings.consecutive_failures > 0,
@@ -430,6 +436,22 @@ impl ClusterHealth {
         );
         self.settings.store(Arc::new(settings));
         self.members.store(members, Ordering::Relaxed);
+    }
+
+    /// Changes when any endpoint is ejected or comes back, or becomes
+    /// unreachable or reachable again (wraps).
+    pub fn generation(&self) -> u32 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    /// The counter behind [`ClusterHealth::generation`], for the endpoints'
+    /// pools to bump when they start or stop backing off.
+    pub fn change_counter(&self) -> Arc<AtomicU32> {
+        self.changes.clone()
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::Release);
     }
 
     /// Whether any endpoint is out (one load; the pick scans only then).
@@ -504,6 +526,7 @@ impl Outlier {
             if self.failure(&s, || health.may_eject()) {
                 if !was_out {
                     health.ejected.fetch_add(1, Ordering::Relaxed);
+                    health.changed();
                 }
                 tracing::info!(consecutive = s.consecutive_failures, remaining = ?self.remaining(), "outlier ejected");
             }
@@ -515,6 +538,7 @@ impl Outlier {
             self.success();
             if was_out && !self.is_out() {
                 health.ejected.fetch_sub(1, Ordering::Relaxed);
+                health.changed();
             }
         }
     }
@@ -529,6 +553,7 @@ impl Outlier {
     pub fn leave(&self, health: &ClusterHealth) {
         if self.is_out() {
             health.ejected.fetch_sub(1, Ordering::Relaxed);
+            health.changed();
         }
     }
 }

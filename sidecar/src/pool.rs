@@ -16,7 +16,7 @@
 //! and wait for it on a [`Notify`], bounded by the connect timeout.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -131,6 +131,8 @@ pub struct Pool {
     changed: Notify,
     /// Mirrors "no connection and inside a backoff window", read lock-free by the balancer.
     backing_off: AtomicBool,
+    /// Bumped when `backing_off` changes (the cluster's health generation).
+    changes: Arc<AtomicU32>,
     next_id: AtomicU64,
     pub stats: PoolStats,
 }
@@ -141,6 +143,7 @@ impl Pool {
         connector: Connector,
         connect_timeout: Duration,
         settings: Arc<H2Settings>,
+        changes: Arc<AtomicU32>,
     ) -> Arc<Self> {
         Arc::new(Self {
             addr,
@@ -150,6 +153,7 @@ impl Pool {
             state: Mutex::default(),
             changed: Notify::new(),
             backing_off: AtomicBool::new(false),
+            changes,
             next_id: AtomicU64::new(1),
             stats: PoolStats::default(),
         })
@@ -166,6 +170,12 @@ impl Pool {
     pub fn set_connect_timeout(&self, t: Duration) {
         self.connect_timeout_ms
             .store(t.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn set_backing_off(&self, on: bool) {
+        if self.backing_off.swap(on, Ordering::Relaxed) != on {
+            self.changes.fetch_add(1, Ordering::Release);
+        }
     }
 
     /// False while the endpoint is unreachable and waiting out a backoff.
@@ -370,7 +380,7 @@ async fn connect_loop(pool: Weak<Pool>) {
                     st.failures = 0;
                     st.retry_at = None;
                     st.last_error = None;
-                    p.backing_off.store(false, Ordering::Relaxed);
+                    p.set_backing_off(false);
                     None
                 }
                 Err(e) => {
@@ -380,7 +390,7 @@ async fn connect_loop(pool: Weak<Pool>) {
                     tracing::warn!(addr = %p.addr, error = %e, failures = st.failures, retry_in = ?delay, "connect failed");
                     st.retry_at = Some(Instant::now() + delay);
                     st.last_error = Some(e);
-                    p.backing_off.store(st.conns.is_empty(), Ordering::Relaxed);
+                    p.set_backing_off(st.conns.is_empty());
                     Some(delay)
                 }
             }

@@ -6,7 +6,7 @@
 //! By concern: [`bins`] finds the workspace's real binaries, [`process`] is
 //! the one harness for child processes, [`sidecar`] and [`control_plane`]
 //! start ours, [`peers`] the third-party ones (Envoy, Python grpcio),
-//! [`backends`] the apps behind sidecars, [`clients`] what calls them,
+//! [`backends`] the apps behind sidecars, [`clients`] what calls them, [`tally`] what a load's calls did,
 //! [`xds`] an in-process ADS server, [`wait`] the bounded polling, [`prom`]
 //! Prometheus text. Everything but `bins` and `prom` is re-exported at the
 //! root, so tests `use meshwire_tests::*`.
@@ -22,6 +22,7 @@ pub mod peers;
 pub mod process;
 pub mod prom;
 pub mod sidecar;
+pub mod tally;
 pub mod wait;
 pub mod xds;
 
@@ -36,6 +37,7 @@ pub use meshwire_proto::example::v1::{EchoReply, EchoRequest, StreamRequest};
 pub use peers::*;
 pub use process::Process;
 pub use sidecar::*;
+pub use tally::{Tally, next_calls};
 pub use wait::*;
 pub use xds::*;
 

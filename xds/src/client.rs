@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
@@ -76,6 +76,8 @@ pub struct ClientConfig {
     pub node_id: String,
     /// The service this sidecar belongs to (`node.cluster`).
     pub service: String,
+    /// The sidecar's zone, sent as the node's `locality.zone`.
+    pub zone: Option<String>,
     pub user_agent: String,
     pub connect_timeout: Duration,
     /// Connect over mutual TLS with these credentials (`server` may then say
@@ -278,6 +280,10 @@ async fn stream_once(
         id: cfg.node_id.clone(),
         cluster: cfg.service.clone(),
         user_agent_name: cfg.user_agent.clone(),
+        locality: cfg.zone.as_ref().map(|zone| Locality {
+            zone: zone.clone(),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     // Resubscribe to everything we had; the control plane sends its current state.

@@ -3,9 +3,11 @@
 //! Encoding (control plane) covers what three kinds of clients need:
 //! - **Meshwire sidecars** and **stock Envoy**: `Cluster` (type EDS over ADS,
 //!   `LEAST_REQUEST` with `active_request_bias`, `RING_HASH` or `MAGLEV`
-//!   with `hash_balance_factor`, HTTP/2 upstream) and
-//!   `ClusterLoadAssignment` (endpoint weights, zones as localities,
-//!   draining endpoints as `DRAINING`).
+//!   with `hash_balance_factor`, HTTP/2 upstream, zone-aware routing as the
+//!   least-request / round-robin policy's `locality_lb_config` with its
+//!   threshold in our metadata) and `ClusterLoadAssignment` (endpoint weights, zones as
+//!   localities, draining endpoints as `DRAINING`, unhealthy ones as
+//!   `UNHEALTHY`).
 //! - **Stock Envoy** also gets an outbound `Listener` (HTTP connection manager
 //!   over RDS) and a `RouteConfiguration` with one virtual host per service.
 //! - **Proxyless gRPC** (gRFC A27) asks for a `Listener` by service name and
@@ -49,7 +51,12 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
-use envoy_types::pb::envoy::extensions::load_balancing_policies::common::v3::ConsistentHashingLbConfig;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::common::v3::locality_lb_config::{
+    LocalityConfigSpecifier as LocalitySpecifier, ZoneAwareLbConfig as XZoneAwareLbConfig,
+};
+use envoy_types::pb::envoy::extensions::load_balancing_policies::common::v3::{
+    ConsistentHashingLbConfig, LocalityLbConfig,
+};
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::maglev::v3::Maglev;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::ring_hash::v3::{
@@ -59,13 +66,14 @@ use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
+use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{
     Any, Duration as PDuration, Struct, UInt32Value, UInt64Value, Value, value,
 };
 use prost::Message;
 
 use meshwire_mesh::model::{
-    self, Cluster, Endpoint, HashLb, HashSource, LbPolicy, ModelError, Protocol,
+    self, Cluster, Endpoint, HashLb, HashSource, LbPolicy, ModelError, Protocol, ZoneRouting,
 };
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -283,15 +291,20 @@ fn hash_lb(c: Option<&ConsistentHashingLbConfig>) -> Result<HashLb, String> {
 /// request, then round robin for clients without it (proxyless gRPC
 /// rejects the legacy `lb_policy: LEAST_REQUEST` enum). Maglev is followed
 /// by ring hash, so gRPC (which has no Maglev) still hashes.
-fn lb_policies(lb: LbPolicy, slow_start: Option<Duration>) -> LoadBalancingPolicy {
+fn lb_policies(
+    lb: LbPolicy,
+    slow_start: Option<Duration>,
+    zones: ZoneRouting,
+) -> LoadBalancingPolicy {
     let slow_start_config = crate::resilience::slow_start_config(slow_start);
+    let locality_lb_config = Some(zone_aware(zones));
     let round_robin = policy(
         "envoy.load_balancing_policies.round_robin",
         to_any(
             ROUND_ROBIN,
             &RoundRobin {
                 slow_start_config: slow_start_config.clone(),
-                ..Default::default()
+                locality_lb_config,
             },
         ),
     );
@@ -310,6 +323,7 @@ fn lb_policies(lb: LbPolicy, slow_start: Option<Duration>) -> LoadBalancingPolic
                             runtime_key: "meshwire.active_request_bias".into(),
                         }),
                         slow_start_config,
+                        locality_lb_config,
                         ..Default::default()
                     },
                 ),
@@ -480,6 +494,8 @@ pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
             })),
         ),
     };
+    // Only for hashing: Envoy refuses common_lb_config's locality fields
+    // beside load_balancing_policy, so zones go into the typed policies.
     let common_lb_config = c.lb.hash().and_then(consistent_hashing).map(|ch| CommonLbConfig {
         consistent_hashing_lb_config: Some(
             envoy_types::pb::envoy::config::cluster::v3::cluster::common_lb_config::ConsistentHashingLbConfig {
@@ -536,6 +552,13 @@ pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
     if let Some(n) = res.circuit_breakers.max_requests_per_endpoint {
         fields.insert("max_requests_per_endpoint".to_owned(), num_value(n.into()));
     }
+    if c.zones.min_healthy != ZoneRouting::DEFAULT_MIN_HEALTHY {
+        // Envoy's zone-aware routing has no such threshold.
+        fields.insert(
+            "zone_min_healthy".to_owned(),
+            num_value(c.zones.min_healthy),
+        );
+    }
     if let (Some(w), Some(_)) = (res.slow_start, c.lb.hash()) {
         fields.insert("slow_start_ms".to_owned(), num_value(w.as_millis() as f64));
     }
@@ -589,7 +612,7 @@ pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
         lb_policy: lb_policy as i32,
         lb_config,
         common_lb_config,
-        load_balancing_policy: Some(lb_policies(c.lb, c.resilience.slow_start)),
+        load_balancing_policy: Some(lb_policies(c.lb, c.resilience.slow_start, c.zones)),
         outlier_detection: Some(crate::resilience::encode_outlier(&c.resilience.outlier)),
         circuit_breakers: Some(crate::resilience::encode_circuit_breakers(&c.resilience)),
         typed_extension_protocol_options: [(
@@ -601,6 +624,69 @@ pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
         metadata,
         ..Default::default()
     }
+}
+
+/// Zone-aware routing in Envoy's field, the least-request / round-robin
+/// policy's `locality_lb_config.zone_aware_lb_config`: on is
+/// `routing_enabled` 100 %, off 0 %; `min_cluster_size` 1, since Meshwire
+/// applies zones to any size (a stock Envoy routes by zone only with a
+/// `local_cluster_name` in its bootstrap, and then by its own model of the
+/// callers' spread).
+fn zone_aware(z: ZoneRouting) -> LocalityLbConfig {
+    LocalityLbConfig {
+        locality_config_specifier: Some(LocalitySpecifier::ZoneAwareLbConfig(XZoneAwareLbConfig {
+            routing_enabled: Some(Percent {
+                value: if z.enabled { 100.0 } else { 0.0 },
+            }),
+            min_cluster_size: Some(UInt64Value { value: 1 }),
+            ..Default::default()
+        })),
+    }
+}
+
+/// The zone settings back: `routing_enabled` 0 % is off, anything else (or
+/// no setting) on; the threshold from our metadata, else the default.
+fn decode_zones(x: &XCluster) -> Result<ZoneRouting, String> {
+    let mut z = ZoneRouting::default();
+    let mut routing = None;
+    for entry in x.load_balancing_policy.iter().flat_map(|p| &p.policies) {
+        let Some(any) = entry
+            .typed_extension_config
+            .as_ref()
+            .and_then(|t| t.typed_config.as_ref())
+        else {
+            continue;
+        };
+        let locality = match any.type_url.as_str() {
+            LEAST_REQUEST => {
+                LeastRequest::decode(any.value.as_slice())
+                    .map_err(|e| e.to_string())?
+                    .locality_lb_config
+            }
+            ROUND_ROBIN => {
+                RoundRobin::decode(any.value.as_slice())
+                    .map_err(|e| e.to_string())?
+                    .locality_lb_config
+            }
+            _ => continue,
+        };
+        if let Some(LocalitySpecifier::ZoneAwareLbConfig(cfg)) =
+            locality.and_then(|l| l.locality_config_specifier)
+        {
+            routing = cfg.routing_enabled;
+        }
+        break;
+    }
+    if let Some(p) = routing {
+        if !(0.0..=100.0).contains(&p.value) {
+            return Err(format!("routing_enabled {} is not a percentage", p.value));
+        }
+        z.enabled = p.value > 0.0;
+    }
+    if let Some(f) = meta_num(x.metadata.as_ref(), META, "zone_min_healthy") {
+        z.min_healthy = f;
+    }
+    Ok(z)
 }
 
 /// A cluster's settings from xDS (endpoints come separately, from EDS).
@@ -671,6 +757,7 @@ pub fn decode_cluster(any: &Any) -> Result<Cluster, ResourceError> {
                 .map_err(|e| err("metadata.rate_limit", format!("invalid rate limit: {e}")))?,
         );
     }
+    c.zones = decode_zones(&x).map_err(|e| err("load_balancing_policy", e))?;
     c.permissive = md
         .and_then(|m| m.filter_metadata.get(META))
         .and_then(|s| s.fields.get("permissive"))
@@ -834,8 +921,10 @@ fn socket(a: SocketAddr) -> Address {
     }
 }
 
-/// A CLA's endpoints, validated. Unhealthy endpoints are dropped; draining
-/// ones kept (marked) so their in-flight calls finish.
+/// A CLA's endpoints, validated. Unhealthy endpoints are kept, marked
+/// unhealthy ([`Endpoint::is_unhealthy`]): the sidecar sends them nothing but
+/// counts them in their zone's capacity (zone-aware routing); draining ones
+/// are kept (marked) so their in-flight calls finish.
 pub fn decode_cla(any: &Any) -> Result<(String, Vec<Endpoint>), ResourceError> {
     if any.type_url != ENDPOINT {
         return Err(ResourceError::WrongType {
@@ -866,9 +955,7 @@ pub fn decode_cla(any: &Any) -> Result<(String, Vec<Endpoint>), ResourceError> {
                 reason,
             };
             let health = HealthStatus::try_from(lb.health_status).unwrap_or(HealthStatus::Unknown);
-            if matches!(health, HealthStatus::Unhealthy | HealthStatus::Timeout) {
-                continue;
-            }
+            let unhealthy = matches!(health, HealthStatus::Unhealthy | HealthStatus::Timeout);
             let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
                 return Err(err(
                     "endpoint",
@@ -919,7 +1006,10 @@ pub fn decode_cla(any: &Any) -> Result<(String, Vec<Endpoint>), ResourceError> {
                 metadata,
                 // Reports live on the control plane; HEALTHY and UNKNOWN
                 // endpoints are used alike.
-                health: None,
+                health: unhealthy.then_some(meshwire_mesh::ReportedHealth {
+                    healthy: false,
+                    at: std::time::SystemTime::UNIX_EPOCH,
+                }),
             };
             e.validate().map_err(|m| err(&m.field, m.reason))?;
             out.push(e);
@@ -1222,6 +1312,73 @@ mod tests {
                 .lb,
             LbPolicy::RoundRobin
         );
+    }
+
+    #[test]
+    fn zone_routing_round_trips_through_envoys_field() {
+        for zones in [
+            ZoneRouting::default(),
+            ZoneRouting {
+                enabled: false,
+                min_healthy: 0.5,
+            },
+            ZoneRouting {
+                enabled: true,
+                min_healthy: 1.0,
+            },
+        ] {
+            for lb in [LbPolicy::default(), LbPolicy::RoundRobin] {
+                let c = Cluster {
+                    zones,
+                    lb,
+                    ..Cluster::new("z")
+                };
+                let x = encode_cluster(&c);
+                assert!(
+                    x.common_lb_config.is_none(),
+                    "Envoy refuses common_lb_config's locality fields beside load_balancing_policy"
+                );
+                let any = x.load_balancing_policy.as_ref().unwrap().policies[0]
+                    .typed_extension_config
+                    .as_ref()
+                    .unwrap()
+                    .typed_config
+                    .clone()
+                    .unwrap();
+                let locality = if lb == LbPolicy::RoundRobin {
+                    RoundRobin::decode(any.value.as_slice())
+                        .unwrap()
+                        .locality_lb_config
+                } else {
+                    LeastRequest::decode(any.value.as_slice())
+                        .unwrap()
+                        .locality_lb_config
+                };
+                let Some(LocalitySpecifier::ZoneAwareLbConfig(z)) =
+                    locality.and_then(|l| l.locality_config_specifier)
+                else {
+                    panic!("no zone_aware_lb_config: {x:?}");
+                };
+                let want = if zones.enabled { 100.0 } else { 0.0 };
+                assert_eq!(z.routing_enabled.map(|p| p.value), Some(want));
+                assert_eq!(z.min_cluster_size.map(|n| n.value), Some(1));
+                let back = decode_cluster(&to_any(CLUSTER, &x)).unwrap();
+                assert_eq!(back.zones, zones);
+            }
+        }
+        // An out-of-range threshold is refused, naming the field.
+        let mut x = encode_cluster(&Cluster::new("z"));
+        x.metadata
+            .get_or_insert_default()
+            .filter_metadata
+            .entry(META.to_owned())
+            .or_default()
+            .fields
+            .insert("zone_min_healthy".into(), num_value(0.0));
+        let e = decode_cluster(&to_any(CLUSTER, &x))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("zones.min_healthy"), "{e}");
     }
 
     fn resilient(lb: LbPolicy) -> Cluster {
@@ -1630,7 +1787,7 @@ mod tests {
     }
 
     #[test]
-    fn unhealthy_endpoints_are_dropped() {
+    fn unhealthy_endpoints_are_kept_marked() {
         let mut cla = encode_cla(&cluster());
         for loc in &mut cla.endpoints {
             for e in &mut loc.lb_endpoints {
@@ -1638,11 +1795,14 @@ mod tests {
             }
         }
         let (_, eps) = decode_cla(&to_any(ENDPOINT, &cla)).unwrap();
-        assert!(eps.is_empty());
+        assert_eq!(eps.len(), cluster().endpoints.len());
+        assert!(eps.iter().all(Endpoint::is_unhealthy), "{eps:?}");
+        // Zones survive for them: they count in their zone's capacity.
+        assert!(eps.iter().any(|e| e.zone.is_some()), "{eps:?}");
     }
 
     #[test]
-    fn reported_health_is_pushed_and_unhealthy_endpoints_never_reach_a_sidecar() {
+    fn reported_health_is_pushed_and_unhealthy_endpoints_reach_a_sidecar_marked() {
         let mut c = cluster();
         c.endpoints[1].draining = false;
         let at = std::time::SystemTime::UNIX_EPOCH;
@@ -1668,9 +1828,12 @@ mod tests {
             Some(HealthStatus::Healthy as i32)
         );
         let (_, eps) = decode_cla(&to_any(ENDPOINT, &cla)).unwrap();
-        let addrs: Vec<_> = eps.iter().map(|e| e.address).collect();
-        assert!(!addrs.contains(&c.endpoints[0].address), "{addrs:?}");
-        assert!(addrs.contains(&c.endpoints[1].address), "{addrs:?}");
+        let unhealthy: Vec<_> = eps
+            .iter()
+            .filter(|e| e.is_unhealthy())
+            .map(|e| e.address)
+            .collect();
+        assert_eq!(unhealthy, [c.endpoints[0].address], "{eps:?}");
         // Draining wins over a report: its in-flight calls finish.
         c.endpoints[0].draining = true;
         let cla = encode_cla(&c);

@@ -157,6 +157,7 @@ fn start_client(
         servers: vec![format!("http://{addr}")],
         node_id: "node-1".into(),
         service: "caller".into(),
+        zone: None,
         user_agent: "meshwire-sidecar".into(),
         connect_timeout: Duration::from_secs(1),
         tls: None,

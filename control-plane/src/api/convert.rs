@@ -28,7 +28,7 @@ const MAX_METADATA_VALUE: usize = 4096;
 const MAX_IDENTITY: usize = 2048;
 
 /// The fields `UpdateService` can change.
-const UPDATABLE: &str = "lb_policy, active_request_bias, connect_timeout, request_timeout, authority, permissive, policy, protocol, hash_policy, hash_balance_factor, outlier, retry, circuit_breakers, slow_start, rate_limit (or one field of those, e.g. retry.max_attempts)";
+const UPDATABLE: &str = "lb_policy, active_request_bias, connect_timeout, request_timeout, authority, permissive, policy, protocol, hash_policy, hash_balance_factor, outlier, retry, circuit_breakers, slow_start, rate_limit, zone_aware, zone_min_healthy (or one field of those, e.g. retry.max_attempts)";
 
 /// Bounds on a policy, so one call cannot bloat every snapshot.
 const MAX_RULES: usize = 256;
@@ -364,6 +364,8 @@ pub(super) fn new_service(s: &pb::Service) -> Result<Cluster, ModelError> {
                 .collect(),
         )),
         rate_limit: Some(s.rate_limit.as_ref().map(rate_limit).transpose()?),
+        zone_aware: Some(s.zone_aware.unwrap_or(true)),
+        zone_min_healthy: Some(s.zone_min_healthy),
     };
     patch.apply(&mut c)?;
     c.validate().map_err(api_field)?;
@@ -423,6 +425,8 @@ pub(super) fn service_patch(s: &pb::Service, paths: &[String]) -> Result<Service
                 patch.hash_policy = Some(hash_policy(&s.hash_policy).map_err(in_service)?);
             }
             "hash_balance_factor" => patch.hash_balance_factor = Some(s.hash_balance_factor),
+            "zone_aware" => patch.zone_aware = Some(s.zone_aware.unwrap_or(true)),
+            "zone_min_healthy" => patch.zone_min_healthy = Some(s.zone_min_healthy),
             "policy" => {
                 patch.policy = Some(
                     s.policy
@@ -563,6 +567,8 @@ pub(super) fn service_pb(info: &ServiceInfo) -> pb::Service {
         ),
         slow_start: c.resilience.slow_start.and_then(dur),
         rate_limit: c.rate_limit.as_ref().map(rate_limit_pb),
+        zone_aware: Some(c.zones.enabled),
+        zone_min_healthy: Some(c.zones.min_healthy),
     }
 }
 
@@ -781,6 +787,41 @@ mod tests {
         let mut s = svc("greeter");
         s.authority = Some(String::new());
         assert_eq!(new_service(&s).unwrap_err().field, "authority");
+    }
+
+    #[test]
+    fn zone_settings_convert_both_ways_and_bad_thresholds_name_the_field() {
+        let mut s = svc("greeter");
+        s.zone_aware = Some(false);
+        s.zone_min_healthy = Some(0.5);
+        let c = new_service(&s).unwrap();
+        assert_eq!(
+            c.zones,
+            meshwire_mesh::ZoneRouting {
+                enabled: false,
+                min_healthy: 0.5
+            }
+        );
+        let info = ServiceInfo {
+            settings: c.clone(),
+            endpoints: 0,
+        };
+        let back = service_pb(&info);
+        assert_eq!(
+            (back.zone_aware, back.zone_min_healthy),
+            (Some(false), Some(0.5))
+        );
+        s.zone_min_healthy = Some(0.0);
+        assert_eq!(new_service(&s).unwrap_err().field, "zone_min_healthy");
+        // An update naming the threshold with no value resets it.
+        let p = service_patch(&svc("greeter"), &["zone_min_healthy".into()]).unwrap();
+        let mut c = c;
+        p.apply(&mut c).unwrap();
+        assert_eq!(
+            c.zones.min_healthy,
+            meshwire_mesh::ZoneRouting::DEFAULT_MIN_HEALTHY
+        );
+        assert!(!c.zones.enabled, "not named: kept");
     }
 
     #[test]

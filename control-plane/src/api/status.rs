@@ -37,6 +37,9 @@ pub(super) fn api_field(mut e: ModelError) -> ModelError {
     if e.field == "lb.balance_factor" {
         e.field = "hash_balance_factor".into();
     }
+    if e.field == "zones.min_healthy" {
+        e.field = "zone_min_healthy".into();
+    }
     e
 }
 

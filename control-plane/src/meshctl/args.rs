@@ -244,6 +244,15 @@ pub(super) struct ServiceOpts {
     /// Ring hash / Maglev: bounded loads, no endpoint above F × its share of calls in flight (F ≥ 1).
     #[arg(long, value_name = "F")]
     pub(super) hash_balance_factor: Option<f64>,
+    /// Zone-aware routing (default on): callers that know their zone keep
+    /// calls there while enough of it is healthy (see --zone-min-healthy).
+    #[arg(long, value_enum, value_name = "on|off")]
+    pub(super) zone_aware: Option<OnOff>,
+    /// Fraction of the caller's zone's endpoint weight that must be healthy
+    /// for it to keep every call, in (0, 1] (default 0.7); below it, calls
+    /// spill to other zones in proportion.
+    #[arg(long, value_name = "F")]
+    pub(super) zone_min_healthy: Option<f64>,
     /// The hash flags above in command-line order (see [`parse_cli`]).
     #[arg(skip)]
     pub(super) hash_policy: Vec<pb::HashSource>,
@@ -284,6 +293,12 @@ fn rate_override(s: &str) -> Result<(String, String), String> {
     s.rsplit_once('=')
         .map(|(id, rate)| (id.to_owned(), rate.to_owned()))
         .ok_or_else(|| format!("{s:?}: write it as spiffe://.../sa/NAME=N/s"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -7,8 +7,8 @@ use tonic::Request;
 
 use super::Failure;
 use super::args::{
-    CaCmd, Cli, Command, CpCmd, EndpointCmd, Lb, LimitPerArg, Output, PolicyCmd, ProtocolArg,
-    ServiceCmd, ServiceOpts, TokenCmd,
+    CaCmd, Cli, Command, CpCmd, EndpointCmd, Lb, LimitPerArg, OnOff, Output, PolicyCmd,
+    ProtocolArg, ServiceCmd, ServiceOpts, TokenCmd,
 };
 use super::client::{Client, connect, req};
 use super::output::{
@@ -110,6 +110,14 @@ fn service_msg(name: &str, opts: &ServiceOpts) -> (pb::Service, Vec<String>) {
         }
         .into();
         paths.push("protocol".to_owned());
+    }
+    if let Some(z) = opts.zone_aware {
+        s.zone_aware = Some(z == OnOff::On);
+        paths.push("zone_aware".to_owned());
+    }
+    if let Some(f) = opts.zone_min_healthy {
+        s.zone_min_healthy = Some(f);
+        paths.push("zone_min_healthy".to_owned());
     }
     opts.resilience.fill(&mut s, &mut paths);
     let rl = &opts.rate_limit;
@@ -629,6 +637,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--hash-cookie"), "{e}");
+    }
+
+    #[test]
+    fn zone_flags_name_their_paths() {
+        let cli = Cli::try_parse_from([
+            "meshctl",
+            "service",
+            "update",
+            "echo",
+            "--zone-aware",
+            "off",
+            "--zone-min-healthy",
+            "0.5",
+        ])
+        .unwrap();
+        let Command::Service(ServiceCmd::Update { name, opts, .. }) = cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        let (s, paths) = service_msg(&name, &opts);
+        assert_eq!(paths, ["zone_aware", "zone_min_healthy"]);
+        assert_eq!((s.zone_aware, s.zone_min_healthy), (Some(false), Some(0.5)));
+        assert_eq!(super::super::output::zones_summary(&s), "off");
+        let on = pb::Service {
+            zone_aware: Some(true),
+            zone_min_healthy: Some(0.7),
+            ..Default::default()
+        };
+        assert_eq!(
+            super::super::output::zones_summary(&on),
+            "on (min healthy 0.7)"
+        );
+        let e = Cli::try_parse_from(["meshctl", "service", "update", "a", "--zone-aware", "maybe"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("on") && e.contains("off"), "{e}");
     }
 
     #[test]

@@ -50,6 +50,15 @@ pub(super) fn hash_summary(s: &pb::Service) -> String {
     }
 }
 
+/// `on (min healthy 0.7)` or `off`.
+pub(super) fn zones_summary(s: &pb::Service) -> String {
+    match (s.zone_aware.unwrap_or(true), s.zone_min_healthy) {
+        (false, _) => "off".to_owned(),
+        (true, Some(f)) => format!("on (min healthy {f})"),
+        (true, None) => "on".to_owned(),
+    }
+}
+
 pub(super) fn service_json(s: &pb::Service) -> Value {
     let mut v = service_json_base(s);
     if let Value::Object(m) = &mut v
@@ -84,6 +93,8 @@ fn service_json_base(s: &pb::Service) -> Value {
                 "burst": o.burst,
             })).collect::<Vec<_>>(),
         })),
+        "zone_aware": s.zone_aware.unwrap_or(true),
+        "zone_min_healthy": s.zone_min_healthy,
     })
 }
 
@@ -387,6 +398,7 @@ impl Printer {
                     if s.permissive { "yes" } else { "no" }.to_owned(),
                     policy_summary(s.policy.as_ref()),
                     rate_limit_summary(s.rate_limit.as_ref()),
+                    zones_summary(s),
                 ]
             })
             .collect();
@@ -403,6 +415,7 @@ impl Printer {
                 "PERMISSIVE",
                 "POLICY",
                 "RATE LIMIT",
+                "ZONES",
             ],
             &rows,
         ));
@@ -437,6 +450,7 @@ impl Printer {
             ("protocol:", protocol_name(s.protocol).to_owned()),
             ("lb:", lb),
             ("hash:", hash_summary(&s)),
+            ("zones:", zones_summary(&s)),
             ("connect timeout:", or_dash(dur(s.connect_timeout.as_ref()))),
             ("request timeout:", or_dash(dur(s.request_timeout.as_ref()))),
             ("authority:", or_dash(s.authority.as_ref())),

@@ -227,6 +227,17 @@ pub struct ServiceRecord {
     /// The inbound rate limit (records written before have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<meshwire_mesh::RateLimit>,
+    /// Zone-aware routing; absent (records written before, or the defaults):
+    /// on with the default threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zones: Option<ZonesRecord>,
+}
+
+/// Zone-aware routing as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ZonesRecord {
+    pub enabled: bool,
+    pub min_healthy: f64,
 }
 
 /// The protocol as its name, so stored records stay readable.
@@ -336,6 +347,10 @@ impl From<&Cluster> for ServiceRecord {
             hash_policy: c.hash_policy.clone(),
             resilience: (*c.resilience).clone(),
             rate_limit: c.rate_limit.clone(),
+            zones: (c.zones != meshwire_mesh::ZoneRouting::default()).then_some(ZonesRecord {
+                enabled: c.zones.enabled,
+                min_healthy: c.zones.min_healthy,
+            }),
         }
     }
 }
@@ -367,6 +382,12 @@ impl ServiceRecord {
         c.protocol = self.protocol;
         c.resilience = Box::new(self.resilience);
         c.rate_limit = self.rate_limit;
+        if let Some(z) = self.zones {
+            c.zones = meshwire_mesh::ZoneRouting {
+                enabled: z.enabled,
+                min_healthy: z.min_healthy,
+            };
+        }
         c
     }
 }

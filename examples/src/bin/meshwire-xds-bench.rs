@@ -210,6 +210,7 @@ async fn main() -> anyhow::Result<()> {
                 servers: vec![server.clone()],
                 node_id: format!("bench-{}", clients.len()),
                 service: "bench".into(),
+                zone: None,
                 user_agent: "meshwire-xds-bench".into(),
                 connect_timeout: Duration::from_secs(5),
                 tls: None,

@@ -23,6 +23,22 @@
 //!   factor, endpoints over their bound are passed over too. A call without
 //!   a key is balanced by least request.
 //!
+//! - **Zones** ([`meshwire_mesh::ZoneRouting`]): a sidecar that knows its
+//!   zone splits the endpoints into its own zone's and the others'. Each call
+//!   first draws which group it goes to: the local group with the *local
+//!   share* `min(1, healthy / min_healthy)` (healthy: the fraction of the
+//!   zone's weight neither ejected nor unreachable, counting endpoints the
+//!   control plane reports unhealthy as unhealthy weight), the others with
+//!   the rest; the
+//!   picker above then balances within the group, so the spill-over
+//!   reaches the other zones in proportion to their healthy weight. When
+//!   the drawn group has nothing usable the other one takes the call. The
+//!   share is recomputed once per endpoint set and per health change
+//!   (ejection, return, pool starting or ending a backoff:
+//!   [`ClusterHealth::generation`]), never per call. Calls with a hash key
+//!   ignore zones (a key's endpoint is the same on every sidecar, whatever
+//!   its zone); calls without one use them.
+//!
 //! Draining endpoints get no calls; endpoints backing off after failed
 //! connects, and endpoints the outlier detector ejected, are skipped while
 //! any other can be used (past the ejection share: panic mode, all count).
@@ -30,9 +46,10 @@
 //! Recent consecutive failures count as outstanding calls, so an endpoint
 //! that fails fast never looks like the least loaded one.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use meshwire_mesh::LbPolicy;
+use meshwire_mesh::{LbPolicy, ZoneRouting};
 
 use super::hash::{self, BoundedLoad, HashTable};
 use crate::endpoint::Endpoint;
@@ -60,13 +77,50 @@ struct Hashing {
     total_weight: u64,
 }
 
+/// Zone-aware routing over a set: the groups are built once per endpoint
+/// set, the local share once per health change.
+#[derive(Debug)]
+struct Zones {
+    /// The caller's zone.
+    zone: Arc<str>,
+    /// Endpoints in the caller's zone, and all the others (no zone included).
+    local: Vec<usize>,
+    remote: Vec<usize>,
+    /// Weight of local endpoints the control plane reports unhealthy (not in
+    /// the set, but part of the zone's capacity).
+    unhealthy_weight: u64,
+    routing: ZoneRouting,
+    /// The local share in millionths (low 32 bits) and the
+    /// [`ClusterHealth::generation`] it was computed at (high 32 bits).
+    share: AtomicU64,
+}
+
+/// One million: shares are kept in millionths.
+const PPM: u32 = 1_000_000;
+
+/// How the caller's zone stands, for `/clusters`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ZoneReport {
+    pub zone: Arc<str>,
+    /// Healthy and total weight of the caller's zone (unhealthy included).
+    pub healthy_weight: u64,
+    pub total_weight: u64,
+    /// Share of calls (without a hash key) kept in the zone, 0..=1.
+    pub local_share: f64,
+    /// Share of calls each other zone gets (`""`: endpoints without a zone).
+    pub spill: Vec<(String, f64)>,
+}
+
 /// An immutable endpoint list with its picker; replaced as a whole on updates.
 #[derive(Debug)]
 pub struct EndpointSet {
     entries: Vec<Entry>,
+    /// `0..entries.len()`: the candidates when zones do not apply.
+    all: Vec<usize>,
     picker: Picker,
     health: Arc<ClusterHealth>,
     hashing: Option<Hashing>,
+    zones: Option<Zones>,
 }
 
 impl EndpointSet {
@@ -110,11 +164,75 @@ impl EndpointSet {
             }
         });
         Self {
+            all: (0..entries.len()).collect(),
             entries,
             picker,
             hashing,
             health,
+            zones: None,
         }
+    }
+
+    /// Prefers the endpoints of `zone` (the caller's) as `routing` says.
+    /// `unhealthy_weight`: the weight of that zone's endpoints the control
+    /// plane reports unhealthy (left out of the set). Nothing changes when
+    /// routing is off, or when the set has no other zone to spill to or none
+    /// of the caller's zone at all.
+    pub fn with_zones(mut self, zone: &str, routing: ZoneRouting, unhealthy_weight: u64) -> Self {
+        let (local, remote): (Vec<usize>, Vec<usize>) = self
+            .all
+            .iter()
+            .partition(|&&i| self.entries[i].endpoint.zone.as_deref() == Some(zone));
+        if !routing.enabled || remote.is_empty() || (local.is_empty() && unhealthy_weight == 0) {
+            return self;
+        }
+        let z = Zones {
+            zone: Arc::from(zone),
+            local,
+            remote,
+            unhealthy_weight,
+            routing,
+            share: AtomicU64::new(0),
+        };
+        z.refresh(&self.entries, self.health.generation());
+        self.zones = Some(z);
+        self
+    }
+
+    /// The caller's zone and how calls are split, when zones apply.
+    pub fn zone_report(&self) -> Option<ZoneReport> {
+        let z = self.zones.as_ref()?;
+        let (healthy, total) = z.local_weights(&self.entries);
+        let local_share = f64::from(self.local_share_ppm(z)) / f64::from(PPM);
+        let mut by_zone: std::collections::BTreeMap<&str, u64> = Default::default();
+        for &i in &z.remote {
+            let e = &self.entries[i];
+            let w = by_zone
+                .entry(e.endpoint.zone.as_deref().unwrap_or(""))
+                .or_default();
+            if healthy_entry(e) {
+                *w += u64::from(e.weight);
+            }
+        }
+        let remote_healthy: u64 = by_zone.values().sum();
+        let spill = by_zone
+            .into_iter()
+            .map(|(zone, w)| {
+                let share = if remote_healthy == 0 {
+                    0.0
+                } else {
+                    (1.0 - local_share) * w as f64 / remote_healthy as f64
+                };
+                (zone.to_owned(), share)
+            })
+            .collect();
+        Some(ZoneReport {
+            zone: z.zone.clone(),
+            healthy_weight: healthy,
+            total_weight: total,
+            local_share,
+            spill,
+        })
     }
 
     /// Each endpoint's share of the hash key space, for consistent-hash sets.
@@ -144,13 +262,41 @@ impl EndpointSet {
         if let (Some(h), Some(key)) = (&self.hashing, key) {
             return self.pick_hash(h, key, exclude);
         }
+        let (first, second): (&[usize], &[usize]) = match &self.zones {
+            None => (&self.all, &[]),
+            Some(z) => {
+                if fastrand::u32(..PPM) < self.local_share_ppm(z) {
+                    (&z.local, &z.remote)
+                } else {
+                    (&z.remote, &z.local)
+                }
+            }
+        };
+        self.pick_in(first, exclude)
+            .or_else(|| self.pick_in(second, exclude))
+            .or_else(|| self.last_resort(exclude))
+    }
+
+    /// The picker over `candidates` only; `None` if none of them is usable.
+    fn pick_in(&self, candidates: &[usize], exclude: &[usize]) -> Option<usize> {
         match &self.picker {
-            Picker::PowerOfTwo => self.pick_p2c(exclude),
+            Picker::PowerOfTwo => self.pick_p2c(candidates, exclude),
             Picker::Stride { bias, passes } => {
                 let mut passes = passes.lock().unwrap_or_else(|e| e.into_inner());
-                self.pick_stride(*bias, &mut passes, exclude)
+                self.pick_stride(*bias, &mut passes, candidates, exclude)
             }
         }
+    }
+
+    /// The local share, recomputed only if an endpoint was ejected or came
+    /// back since it was last computed.
+    fn local_share_ppm(&self, z: &Zones) -> u32 {
+        let generation = self.health.generation();
+        let packed = z.share.load(Ordering::Relaxed);
+        if (packed >> 32) as u32 == generation {
+            return packed as u32;
+        }
+        z.refresh(&self.entries, generation)
     }
 
     /// Whether an endpoint outside `exclude` could still take a call.
@@ -217,49 +363,52 @@ impl EndpointSet {
             .min_by_key(|&i| self.load(i))
     }
 
-    fn pick_p2c(&self, exclude: &[usize]) -> Option<usize> {
-        let n = self.entries.len();
+    fn pick_p2c(&self, candidates: &[usize], exclude: &[usize]) -> Option<usize> {
+        let n = candidates.len();
         if n == 0 {
             return None;
         }
         if n == 1 {
-            return if self.usable(0, exclude) {
-                Some(0)
-            } else {
-                self.last_resort(exclude)
-            };
+            let only = candidates[0];
+            return self.usable(only, exclude).then_some(only);
         }
-        let a = fastrand::usize(..n);
-        let mut b = fastrand::usize(..n - 1);
-        if b >= a {
-            b += 1;
+        let x = fastrand::usize(..n);
+        let mut y = fastrand::usize(..n - 1);
+        if y >= x {
+            y += 1;
         }
+        let (a, b) = (candidates[x], candidates[y]);
         match (self.usable(a, exclude), self.usable(b, exclude)) {
             (true, true) => Some(if self.load(b) < self.load(a) { b } else { a }),
             (true, false) => Some(a),
             (false, true) => Some(b),
-            (false, false) => (0..n)
+            (false, false) => candidates
+                .iter()
+                .copied()
                 .filter(|&i| self.usable(i, exclude))
-                .min_by_key(|&i| self.load(i))
-                .or_else(|| self.last_resort(exclude)),
+                .min_by_key(|&i| self.load(i)),
         }
     }
 
-    fn pick_stride(&self, bias: f64, passes: &mut [f64], exclude: &[usize]) -> Option<usize> {
+    fn pick_stride(
+        &self,
+        bias: f64,
+        passes: &mut [f64],
+        candidates: &[usize],
+        exclude: &[usize],
+    ) -> Option<usize> {
         let mut best: Option<usize> = None;
-        for i in 0..self.entries.len() {
+        for &i in candidates {
             if self.usable(i, exclude) && best.is_none_or(|b| passes[i] < passes[b]) {
                 best = Some(i);
             }
         }
-        let Some(best) = best else {
-            return self.last_resort(exclude);
-        };
+        let best = best?;
         let now = passes[best];
         // Skipped endpoints must not bank credit and burst when they return.
-        for (i, p) in passes.iter_mut().enumerate() {
-            if *p < now && !self.usable(i, exclude) {
-                *p = now;
+        for &i in candidates {
+            if passes[i] < now && !self.usable(i, exclude) {
+                passes[i] = now;
             }
         }
         let e = &self.entries[best];
@@ -279,6 +428,46 @@ impl EndpointSet {
     }
 }
 
+/// Counts as healthy capacity for zone shares: not draining, not ejected,
+/// and reachable (its pool is not backing off after failed connects).
+fn healthy_entry(e: &Entry) -> bool {
+    !e.draining && !e.endpoint.outlier.is_out() && e.endpoint.pool.is_available()
+}
+
+// === impl Zones ===
+
+impl Zones {
+    /// Healthy and total weight of the caller's zone.
+    fn local_weights(&self, entries: &[Entry]) -> (u64, u64) {
+        let mut healthy = 0;
+        let mut total = self.unhealthy_weight;
+        for &i in &self.local {
+            let e = &entries[i];
+            if e.draining {
+                // Leaving on purpose: no longer part of the zone's capacity.
+                continue;
+            }
+            total += u64::from(e.weight);
+            if healthy_entry(e) {
+                healthy += u64::from(e.weight);
+            }
+        }
+        (healthy, total)
+    }
+
+    /// Recomputes the local share as of `generation`; returns it in millionths.
+    fn refresh(&self, entries: &[Entry], generation: u32) -> u32 {
+        let (healthy, total) = self.local_weights(entries);
+        let share = self.routing.local_share(healthy, total);
+        let ppm = (share * f64::from(PPM)).round() as u32;
+        self.share.store(
+            u64::from(generation) << 32 | u64::from(ppm),
+            Ordering::Relaxed,
+        );
+        ppm
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The balancer against a closed-loop simulation: `conc` callers, each
@@ -295,14 +484,22 @@ mod tests {
     use crate::pool::H2Settings;
 
     fn set(weights: &[u32], lb: LbPolicy) -> EndpointSet {
+        zoned(&vec![None; weights.len()], weights, lb)
+    }
+
+    /// A set whose endpoint `i` is in `zones[i]` with weight `weights[i]`.
+    fn zoned(zones: &[Option<&str>], weights: &[u32], lb: LbPolicy) -> EndpointSet {
         let settings = Arc::new(H2Settings::default());
         let health = ClusterHealth::new(crate::outlier::OutlierSettings::default());
         health.update(Default::default(), weights.len());
         let entries = weights
             .iter()
+            .zip(zones)
             .enumerate()
-            .map(|(i, &w)| {
-                let spec = meshwire_mesh::Endpoint::new(([127, 0, 0, 1], 1000 + i as u16).into());
+            .map(|(i, (&w, zone))| {
+                let mut spec =
+                    meshwire_mesh::Endpoint::new(([127, 0, 0, 1], 1000 + i as u16).into());
+                spec.zone = zone.map(str::to_owned);
                 Entry {
                     endpoint: Endpoint::new(
                         &spec,
@@ -469,6 +666,181 @@ mod tests {
             );
         }
         assert!((10..40).contains(&at_home), "{at_home} of 40 at home");
+    }
+
+    /// Ejects endpoint `i` the way calls do: consecutive failures.
+    fn eject(s: &EndpointSet, i: usize) {
+        let e = &s.entries[i].endpoint;
+        for _ in 0..5 {
+            e.outlier
+                .observe(&e.health, crate::outlier::Outcome::Status(14));
+        }
+        assert!(e.outlier.is_out());
+    }
+
+    /// Each zone's share of `calls` picks without a key (in 0..1).
+    fn zone_split(s: &EndpointSet, calls: usize) -> std::collections::BTreeMap<String, f64> {
+        let mut counts = std::collections::BTreeMap::new();
+        for _ in 0..calls {
+            let i = s.pick(&[], None).expect("an endpoint");
+            let zone = s.entries[i].endpoint.zone.clone().unwrap_or_default();
+            *counts.entry(zone).or_insert(0usize) += 1;
+        }
+        counts
+            .into_iter()
+            .map(|(z, n)| (z, n as f64 / calls as f64))
+            .collect()
+    }
+
+    const ABC: [Option<&str>; 6] = [
+        Some("a"),
+        Some("a"),
+        Some("b"),
+        Some("b"),
+        Some("c"),
+        Some("c"),
+    ];
+
+    #[test]
+    fn local_share_follows_the_healthy_fraction_over_the_threshold() {
+        let z = ZoneRouting {
+            enabled: true,
+            min_healthy: 0.7,
+        };
+        // At or above the threshold: everything stays.
+        assert_eq!(z.local_share(3, 3), 1.0);
+        assert_eq!(z.local_share(7, 10), 1.0);
+        // Below: healthy fraction / threshold (2/3 / 0.7, 1/3 / 0.7).
+        assert!((z.local_share(2, 3) - 0.952_380).abs() < 1e-6);
+        assert!((z.local_share(1, 3) - 0.476_190).abs() < 1e-6);
+        assert_eq!(z.local_share(0, 3), 0.0, "none healthy: fail over");
+        assert_eq!(z.local_share(0, 0), 0.0, "no local endpoints");
+        let strict = ZoneRouting {
+            enabled: true,
+            min_healthy: 1.0,
+        };
+        assert!((strict.local_share(9, 10) - 0.9).abs() < 1e-9);
+        let off = ZoneRouting {
+            enabled: false,
+            ..z
+        };
+        assert_eq!(off.local_share(3, 3), 0.0);
+        assert!(
+            ZoneRouting {
+                min_healthy: 0.0,
+                ..z
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            ZoneRouting {
+                min_healthy: 1.01,
+                ..z
+            }
+            .validate()
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn zones_keep_calls_local_then_spill_in_proportion() {
+        for lb in [LR, LbPolicy::RoundRobin] {
+            let s = zoned(&ABC, &[1; 6], lb).with_zones("a", ZoneRouting::default(), 0);
+            let split = zone_split(&s, 20_000);
+            assert_eq!(split.get("a").copied(), Some(1.0), "all healthy: {split:?}");
+
+            // One of two local endpoints out: 0.5 / 0.7 stays, recomputed on
+            // the ejection (no new set).
+            eject(&s, 0);
+            let want = 0.5 / 0.7;
+            assert!((s.zone_report().unwrap().local_share - want).abs() < 1e-6);
+            let split = zone_split(&s, 20_000);
+            assert!((split["a"] - want).abs() < 0.02, "{lb:?} {split:?}");
+            // The rest goes to b and c by their healthy weight (equal here).
+            for z in ["b", "c"] {
+                assert!((split[z] - (1.0 - want) / 2.0).abs() < 0.02, "{split:?}");
+            }
+            let report = s.zone_report().unwrap();
+            assert_eq!((report.healthy_weight, report.total_weight), (1, 2));
+            assert!((report.spill[0].1 - (1.0 - want) / 2.0).abs() < 1e-6);
+
+            // None healthy locally: everything fails over.
+            eject(&s, 1);
+            let split = zone_split(&s, 5_000);
+            assert_eq!(split.get("a"), None, "{split:?}");
+        }
+    }
+
+    #[test]
+    fn spill_follows_the_other_zones_healthy_weight() {
+        // b has weight 3 (one endpoint), c weight 1; a loses all.
+        let zones = [Some("a"), Some("b"), Some("c")];
+        let s = zoned(&zones, &[1, 3, 1], LR).with_zones("a", ZoneRouting::default(), 0);
+        eject(&s, 0);
+        let split = zone_split(&s, 20_000);
+        assert!((split["b"] - 0.75).abs() < 0.02, "{split:?}");
+    }
+
+    #[test]
+    fn unhealthy_endpoints_count_in_their_zones_capacity() {
+        // Two healthy local endpoints, one the control plane reports
+        // unhealthy (not in the set): 2/3 healthy.
+        let s = zoned(&ABC, &[1; 6], LR).with_zones("a", ZoneRouting::default(), 1);
+        let r = s.zone_report().unwrap();
+        assert_eq!((r.healthy_weight, r.total_weight), (2, 3));
+        assert!((r.local_share - (2.0 / 3.0) / 0.7).abs() < 1e-6);
+        // All of the zone unhealthy: no local endpoint left in the set.
+        let s = zoned(&ABC[2..], &[1; 4], LR).with_zones("a", ZoneRouting::default(), 2);
+        assert_eq!(s.zone_report().unwrap().local_share, 0.0);
+    }
+
+    #[test]
+    fn without_zones_calls_spread_as_before() {
+        let cases = [
+            // The sidecar's zone has no endpoints in this service.
+            zoned(&ABC, &[1; 6], LR).with_zones("x", ZoneRouting::default(), 0),
+            // Routing off for the service.
+            zoned(&ABC, &[1; 6], LR).with_zones(
+                "a",
+                ZoneRouting {
+                    enabled: false,
+                    ..Default::default()
+                },
+                0,
+            ),
+            // Endpoints without zones.
+            zoned(&[None; 6], &[1; 6], LR).with_zones("a", ZoneRouting::default(), 0),
+            // Every endpoint local: nowhere to spill.
+            zoned(&[Some("a"); 6], &[1; 6], LR).with_zones("a", ZoneRouting::default(), 0),
+        ];
+        for s in &cases {
+            assert!(s.zone_report().is_none());
+            let mut seen = [0usize; 6];
+            for _ in 0..6_000 {
+                seen[s.pick(&[], None).unwrap()] += 1;
+            }
+            assert!(seen.iter().all(|&n| n > 700), "{seen:?}");
+        }
+    }
+
+    #[test]
+    fn a_drawn_zone_with_nothing_usable_hands_the_call_over() {
+        // Local endpoints excluded (already failed this call): the call goes
+        // to another zone instead of failing.
+        let s = zoned(&ABC, &[1; 6], LR).with_zones("a", ZoneRouting::default(), 0);
+        for _ in 0..200 {
+            let i = s.pick(&[0, 1], None).unwrap();
+            assert!(i >= 2);
+        }
+        // Hashed calls ignore zones: a key's endpoint is the same everywhere.
+        let ring = LbPolicy::RingHash(meshwire_mesh::HashLb::default());
+        let s = zoned(&ABC, &[1; 6], ring).with_zones("a", ZoneRouting::default(), 0);
+        let remote_keys = (0..200u64)
+            .filter(|k| s.pick(&[], Some(hash::hash_key(&k.to_le_bytes()))).unwrap() >= 2)
+            .count();
+        assert!(remote_keys > 80, "{remote_keys} of 200 keys outside zone a");
+        assert!((0..200).all(|_| s.pick(&[], None).unwrap() < 2));
     }
 
     #[test]

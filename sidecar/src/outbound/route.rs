@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use meshwire_mesh::{Cluster, HashSource, LbPolicy, ModelError, Protocol, Resilience};
+use meshwire_mesh::{Cluster, HashSource, LbPolicy, ModelError, Protocol, Resilience, ZoneRouting};
 
 use super::balance::{EndpointSet, Entry};
 use crate::connect::Connector;
@@ -31,6 +31,9 @@ pub struct ClusterState {
     pub lb: LbPolicy,
     /// Where calls' hash keys come from (consistent-hash policies only).
     pub hash_policy: Vec<HashSource>,
+    /// Zone-aware routing as the service sets it (applies only when this
+    /// sidecar knows its zone).
+    pub zones: ZoneRouting,
     pub request_timeout: Option<Duration>,
     pub connect_timeout: Duration,
     /// Parsed once: the `:authority` to send upstream, if rewritten.
@@ -94,6 +97,7 @@ impl ClusterState {
             && self.lb == c.lb
             && self.protocol == c.protocol
             && self.hash_policy == hash_policy(c)
+            && self.zones == c.zones
             && self.request_timeout == c.request_timeout
             && self.connect_timeout == c.connect_timeout
             && self.authority.as_ref().map(Authority::as_str) == c.authority.as_deref()
@@ -135,6 +139,8 @@ pub struct Routes {
     max_requests: usize,
     /// Slow-start window for new and recovered endpoints (zero: off).
     slow_start: Duration,
+    /// This sidecar's zone: calls prefer endpoints there ([`ZoneRouting`]).
+    zone: Option<Arc<str>>,
 }
 
 /// Default for [`Routes::with_max_requests`] (Envoy's default `max_requests`).
@@ -153,6 +159,7 @@ impl Routes {
             max_endpoints: DEFAULT_MAX_ENDPOINTS,
             max_requests: DEFAULT_MAX_REQUESTS,
             slow_start: Duration::ZERO,
+            zone: None,
         }
     }
 
@@ -167,6 +174,17 @@ impl Routes {
                 crate::outlier::sweep(&c.health, set.entries().iter().map(|e| &e.endpoint.outlier))
             })
             .sum()
+    }
+
+    /// This sidecar runs in `zone`: services with zone-aware routing prefer
+    /// endpoints there.
+    pub fn with_zone(mut self, zone: Option<&str>) -> Self {
+        self.zone = zone.map(Arc::from);
+        self
+    }
+
+    pub fn zone(&self) -> Option<&str> {
+        self.zone.as_deref()
     }
 
     /// The mesh hop is mutual TLS.
@@ -252,7 +270,8 @@ impl Routes {
             );
             // In place: endpoints keep their detector state across a change.
             let res = &c.resilience;
-            health.update(outlier_settings(&res.outlier), c.endpoints.len());
+            let serving = c.endpoints.iter().filter(|e| !e.is_unhealthy()).count();
+            health.update(outlier_settings(&res.outlier), serving);
             health.set_slow_start(res.slow_start.unwrap_or(self.slow_start));
             health.retry_budget.configure(
                 res.retry.budget_percent(),
@@ -271,6 +290,7 @@ impl Routes {
                     protocol: c.protocol,
                     lb: c.lb,
                     hash_policy: hash_policy(c),
+                    zones: c.zones,
                     request_timeout: c.request_timeout,
                     connect_timeout: c.connect_timeout,
                     // Validated by `Cluster::validate`.
@@ -308,13 +328,22 @@ impl Routes {
         health: &Arc<ClusterHealth>,
         first: bool,
     ) -> EndpointSet {
+        // Endpoints the control plane reports unhealthy get no calls; in the
+        // caller's zone they still count as (missing) capacity.
+        let unhealthy_local: u64 = c
+            .endpoints
+            .iter()
+            .filter(|e| e.is_unhealthy() && e.zone.as_deref() == self.zone.as_deref())
+            .map(|e| u64::from(e.weight))
+            .sum();
         let entries = c
             .endpoints
             .iter()
+            .filter(|spec| !spec.is_unhealthy())
             .map(|spec| {
                 let endpoint = match keep.get(&spec.address) {
-                    // A new expected identity needs connections verified against it.
-                    Some(ep) if ep.identity == spec.identity => {
+                    // A new expected identity (or zone) needs a new endpoint.
+                    Some(ep) if ep.identity == spec.identity && ep.zone == spec.zone => {
                         ep.pool.set_connect_timeout(c.connect_timeout);
                         ep.clone()
                     }
@@ -339,7 +368,11 @@ impl Routes {
                 }
             })
             .collect();
-        EndpointSet::new(entries, c.lb, health.clone())
+        let set = EndpointSet::new(entries, c.lb, health.clone());
+        match &self.zone {
+            Some(zone) => set.with_zones(zone, c.zones, unhealthy_local),
+            None => set,
+        }
     }
 }
 
@@ -479,6 +512,48 @@ mod tests {
         // Back to the defaults: the sidecar's flag again.
         r.update(&[cluster("a", &[(1, 1), (2, 1)])]).unwrap();
         assert_eq!(r.load().get("a").unwrap().max_requests, 1024);
+    }
+
+    #[test]
+    fn unhealthy_endpoints_get_no_calls_but_count_in_their_zone() {
+        let r = routes().with_zone(Some("a"));
+        let mut c = cluster("z", &[(1, 1), (2, 1), (3, 1), (4, 1)]);
+        for (e, zone) in c.endpoints.iter_mut().zip(["a", "a", "a", "b"]) {
+            e.zone = Some(zone.into());
+        }
+        c.endpoints[0].health = Some(meshwire_mesh::ReportedHealth {
+            healthy: false,
+            at: std::time::SystemTime::UNIX_EPOCH,
+        });
+        r.update(std::slice::from_ref(&c)).unwrap();
+        let state = r.load().get("z").unwrap().clone();
+        let set = state.endpoints.load();
+        let ports: Vec<u16> = set
+            .entries()
+            .iter()
+            .map(|e| e.endpoint.addr.port())
+            .collect();
+        assert_eq!(
+            ports,
+            [2, 3, 4],
+            "the unhealthy endpoint is not in the picks"
+        );
+        let z = set.zone_report().expect("zones apply");
+        assert_eq!((z.healthy_weight, z.total_weight), (2, 3));
+        assert!((z.local_share - (2.0 / 3.0) / 0.7).abs() < 1e-6, "{z:?}");
+        // A sidecar without a zone: today's behaviour.
+        let plain = routes();
+        plain.update(&[c]).unwrap();
+        assert!(
+            plain
+                .load()
+                .get("z")
+                .unwrap()
+                .endpoints
+                .load()
+                .zone_report()
+                .is_none()
+        );
     }
 
     #[test]

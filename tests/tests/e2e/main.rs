@@ -31,3 +31,4 @@ mod resilience;
 mod resilience_config;
 mod telemetry;
 mod xds_sidecar;
+mod zones;

@@ -3,12 +3,11 @@
 //! with a 2 s deadline per call. Calls that never reached an app are
 //! retried on another endpoint without the caller seeing anything.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use meshwire_examples::load::{Load, LoadConfig, Report};
+use meshwire_examples::load::{Load, LoadConfig};
 use meshwire_sidecar::{Sidecar, SidecarConfig};
 use meshwire_tests::*;
 
@@ -146,64 +145,6 @@ async fn metrics_text(admin: SocketAddr) -> String {
         .expect("metrics");
     assert_eq!(status, 200);
     String::from_utf8_lossy(&body).into_owned()
-}
-
-/// What the load saw between two of its totals.
-#[derive(Debug, Default)]
-struct Tally {
-    /// Calls answered, per app.
-    ok: BTreeMap<String, u64>,
-    /// Calls failed, per gRPC code name.
-    failed: BTreeMap<String, u64>,
-    /// The load's last failure (perhaps older than this tally).
-    last_error: Option<String>,
-}
-
-impl Tally {
-    fn between(before: &Report, now: &Report) -> Tally {
-        let mut t = Tally::default();
-        for s in &now.servers {
-            let was = before.server(&s.name).map_or(0, |b| b.calls);
-            if s.calls > was {
-                t.ok.insert(s.name.clone(), s.calls - was);
-            }
-        }
-        for (code, n) in &now.errors {
-            let was = before.errors.get(code).copied().unwrap_or(0);
-            if *n > was {
-                t.failed.insert(code.clone(), n - was);
-            }
-        }
-        t.last_error = now.last_error.clone();
-        t
-    }
-
-    fn calls(&self) -> u64 {
-        self.ok.values().sum::<u64>() + self.failures()
-    }
-
-    fn failures(&self) -> u64 {
-        self.failed.values().sum()
-    }
-}
-
-/// Waits (bounded) until `n` more calls finished, and returns what they did.
-async fn next_calls(load: &Load, n: u64) -> Tally {
-    let before = load.total();
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    let start = tokio::time::Instant::now();
-    loop {
-        tick.tick().await;
-        let t = Tally::between(&before, &load.total());
-        if t.calls() >= n {
-            return t;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "only {} calls in 60 s: {t:?}",
-            t.calls()
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
