@@ -1497,3 +1497,77 @@ async fn near_its_descriptor_limit_the_control_plane_serves_the_api_and_identity
         "only {closed} held connections were closed"
     );
 }
+
+// === defect 16: certificates ===
+
+/// `meshctl` with an expired admin certificate (signed by the mesh's own
+/// root) says the certificate expired and when, not `UNKNOWN: transport
+/// error`; the same command with the token still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_names_an_expired_client_certificate() {
+    let data = data_dir();
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
+    let work = data_dir();
+    // The control plane's root and key, as it wrote them.
+    let roots = data.path().join("ca/roots");
+    let read = |ext: &str| {
+        let f = std::fs::read_dir(&roots)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == ext))
+            .unwrap_or_else(|| panic!("a .{ext} in {}", roots.display()));
+        std::fs::read_to_string(f).unwrap()
+    };
+    let (root_pem, root_key) = (read("crt"), read("key"));
+    let issuer =
+        rcgen::Issuer::from_ca_cert_pem(&root_pem, rcgen::KeyPair::from_pem(&root_key).unwrap())
+            .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://meshwire.local/ns/meshwire-system/sa/admin"
+            .try_into()
+            .unwrap(),
+    ));
+    let now = std::time::SystemTime::now();
+    p.not_before = (now - Duration::from_secs(2 * 86_400)).into();
+    p.not_after = (now - Duration::from_secs(86_400)).into();
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    let (cert_file, key_file, bundle_file) = (
+        work.path().join("admin.crt"),
+        work.path().join("admin.key"),
+        work.path().join("bundle.pem"),
+    );
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    std::fs::write(&bundle_file, &root_pem).unwrap();
+
+    let tls_url = cp.tls_url();
+    let meshctl = |auth: Vec<String>| {
+        let mut cmd = Command::new(meshwire_tests::bins::MESHCTL);
+        cmd.args(["--server", &tls_url, "--ca-bundle"])
+            .arg(&bundle_file)
+            .args(auth)
+            .args(["service", "list"])
+            .env_remove("MESHWIRE_ADMIN_TOKEN")
+            .env_remove("MESHCTL_SERVER")
+            .stdin(std::process::Stdio::null());
+        cmd.output().expect("run meshctl")
+    };
+    let out = meshctl(vec![
+        "--cert".into(),
+        cert_file.to_str().unwrap().into(),
+        "--key".into(),
+        key_file.to_str().unwrap().into(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains("expired at") && stderr.contains("not-after"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("admin-cert"), "{stderr}");
+    assert!(!stderr.contains("transport error"), "{stderr}");
+    let out = meshctl(vec!["--token".into(), cp.token.clone()]);
+    assert!(out.status.success(), "{out:?}");
+}
