@@ -1187,8 +1187,9 @@ async fn a_token_for_another_service_is_refused() {
 /// on the plaintext port the stream is refused (FAILED_PRECONDITION, naming
 /// the TLS port and the flag), on the TLS port without a client certificate
 /// too (UNAUTHENTICATED); a certificate binds its streams to its service
-/// (PERMISSION_DENIED for a node of another one); no refused stream
-/// registers a node; a sidecar that joined with a token gets its config.
+/// (PERMISSION_DENIED for a node of another one, or a node id that does not
+/// name its service); no refused stream registers a node; a sidecar that
+/// joined with a token gets its config, and its node id cannot be taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xds_is_refused_to_clients_without_a_mesh_certificate() {
     use envoy_types::pb::envoy::config::core::v3::Node;
@@ -1307,6 +1308,33 @@ async fn xds_is_refused_to_clients_without_a_mesh_certificate() {
     assert!(
         !status.nodes.iter().any(|n| n.node_id == "forged-node"),
         "a refused stream registered a node: {:?}",
+        status.nodes
+    );
+
+    // The `web` certificate cannot take the echo sidecar's node id, even
+    // claiming its own service: the node id must name the certificate's.
+    let real = status
+        .nodes
+        .iter()
+        .find(|n| n.service == "echo" && n.connected)
+        .unwrap_or_else(|| panic!("the echo sidecar's node: {:?}", status.nodes))
+        .node_id
+        .clone();
+    let mut taken = forged();
+    taken.node.as_mut().unwrap().cluster = "web".into();
+    taken.node.as_mut().unwrap().id = real.clone();
+    let e = first_answer(as_web().await, taken).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("node id"), "{e:?}");
+    let status = admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let under_real: Vec<_> = status.nodes.iter().filter(|n| n.node_id == real).collect();
+    assert!(
+        under_real.len() == 1 && under_real[0].service == "echo",
+        "a forged node id was registered: {:?}",
         status.nodes
     );
 }
