@@ -1603,3 +1603,160 @@ async fn meshctl_names_an_expired_client_certificate() {
     let out = meshctl(vec!["--token".into(), cp.token.clone()]);
     assert!(out.status.success(), "{out:?}");
 }
+
+// === must have 3: SETTINGS and PING floods ===
+
+/// Resident memory of a process, in KiB (`VmRSS` of `/proc/PID/status`).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Writes the HTTP/2 preface, then `frame` `count` times, never reading
+/// (the ACKs pile up on the server's side); stops when the server stops
+/// reading or closes, or after `limit`. Returns the frames written.
+async fn h2_flood(addr: SocketAddr, frame: &[u8], count: usize, limit: Duration) -> usize {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    let batch: Vec<u8> = frame.repeat(1024);
+    let mut sent = 0;
+    let _ = tokio::time::timeout(limit, async {
+        // The preface and an empty SETTINGS frame.
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await?;
+        while sent < count {
+            tcp.write_all(&batch).await?;
+            sent += 1024;
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    sent
+}
+
+/// 200,000 SETTINGS frames and 200,000 PINGs, never reading the ACKs, at a
+/// sidecar's outbound (h2c) and at the other's inbound: a normal call goes
+/// through meanwhile and after, and neither sidecar's RSS grows by more
+/// than 64 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_and_ping_floods_leave_memory_bounded_and_calls_served() {
+    const SETTINGS: &[u8] = b"\0\0\0\x04\0\0\0\0\0";
+    const PING: &[u8] = b"\0\0\x08\x06\0\0\0\0\0flood!!!";
+    let app = echo("app").await;
+    let server = SidecarProcess::spawn(&["--app", &app.addr.to_string()], &[]).await;
+    let inbound = server.addrs.inbound.expect("inbound");
+    let dir = data_dir();
+    let cfg = one_service(dir.path(), "echo", inbound, None);
+    let client = SidecarProcess::spawn(&["--static-config", &cfg], &[]).await;
+    ready(&client).await;
+    let mut caller = echo_client(client.addrs.outbound, "echo").await;
+    caller
+        .echo(EchoRequest::default())
+        .await
+        .expect("a call before");
+    let before = [rss_kib(client.id()), rss_kib(server.id())];
+
+    let limit = Duration::from_secs(10);
+    let mut floods = tokio::task::JoinSet::new();
+    for target in [client.addrs.outbound, inbound] {
+        for frame in [SETTINGS, PING] {
+            floods.spawn(h2_flood(target, frame, 200_000, limit));
+        }
+    }
+    // Meanwhile.
+    for i in 0..5 {
+        tokio::time::timeout(Duration::from_secs(5), caller.echo(EchoRequest::default()))
+            .await
+            .unwrap_or_else(|_| panic!("call {i} during the floods: no answer in 5 s"))
+            .expect("a call during the floods");
+    }
+    let sent: usize = floods.join_all().await.into_iter().sum();
+    assert!(sent > 0, "no flood frame was written");
+    caller
+        .echo(EchoRequest::default())
+        .await
+        .expect("a call after the floods");
+    let after = [rss_kib(client.id()), rss_kib(server.id())];
+    for (who, (b, a)) in ["client sidecar", "server sidecar"]
+        .iter()
+        .zip(before.iter().zip(after.iter()))
+    {
+        assert!(
+            a.saturating_sub(*b) < 64 * 1024,
+            "{who}: RSS {b} KiB before, {a} KiB after the floods ({sent} frames sent)"
+        );
+    }
+}
+
+/// Oversized request heads: over HTTP/1.1 at the outbound a 100 KB header
+/// gets 431 and a 100 KB URI 414; over HTTP/2 (outbound, and the other
+/// sidecar's inbound) a header list over 64 KiB gets 431; the app sees none,
+/// calls go through after, and RSS stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_and_uris_are_refused_with_431_and_414() {
+    let app = echo("app").await;
+    let server = SidecarProcess::spawn(&["--app", &app.addr.to_string()], &[]).await;
+    let inbound = server.addrs.inbound.expect("inbound");
+    let dir = data_dir();
+    let cfg = one_service(dir.path(), "echo", inbound, None);
+    let client = SidecarProcess::spawn(&["--static-config", &cfg], &[]).await;
+    ready(&client).await;
+    let mut caller = echo_client(client.addrs.outbound, "echo").await;
+    caller
+        .echo(EchoRequest::default())
+        .await
+        .expect("a call before");
+    let served = app.stats.calls.load(Ordering::Relaxed);
+    let before = [rss_kib(client.id()), rss_kib(server.id())];
+    let big = "a".repeat(100_000);
+    let limit = Duration::from_secs(10);
+
+    for _ in 0..20 {
+        let header = format!("GET /x HTTP/1.1\r\nhost: echo\r\nx-big: {big}\r\n\r\n");
+        let out = raw_tcp_exchange(client.addrs.outbound, header.as_bytes(), limit).await;
+        assert!(
+            out.starts_with("HTTP/1.1 431"),
+            "{:?}",
+            &out[..out.len().min(200)]
+        );
+        let uri = format!("GET /{big} HTTP/1.1\r\nhost: echo\r\n\r\n");
+        let out = raw_tcp_exchange(client.addrs.outbound, uri.as_bytes(), limit).await;
+        assert!(
+            out.starts_with("HTTP/1.1 414"),
+            "{:?}",
+            &out[..out.len().min(200)]
+        );
+        for target in [client.addrs.outbound, inbound] {
+            let h2 = h2_client(target).await;
+            let mut req = grpc_request("echo", "/meshwire.example.v1.Echo/Echo");
+            req.headers_mut()
+                .insert("x-big", http::HeaderValue::from_str(&big).unwrap());
+            let mut send = h2.ready().await.expect("h2 ready");
+            let (resp, _body) = send.send_request(req, true).expect("send");
+            let resp = tokio::time::timeout(limit, resp)
+                .await
+                .expect("an answer within 10 s")
+                .expect("a response");
+            assert_eq!(resp.status(), 431, "{target}: {resp:?}");
+        }
+        tokio::time::timeout(Duration::from_secs(5), caller.echo(EchoRequest::default()))
+            .await
+            .expect("a normal call meanwhile: no answer in 5 s")
+            .expect("a normal call meanwhile");
+    }
+    // Only the normal calls reached the app.
+    assert_eq!(app.stats.calls.load(Ordering::Relaxed), served + 20);
+    let after = [rss_kib(client.id()), rss_kib(server.id())];
+    for (who, (b, a)) in ["client sidecar", "server sidecar"]
+        .iter()
+        .zip(before.iter().zip(after.iter()))
+    {
+        assert!(
+            a.saturating_sub(*b) < 64 * 1024,
+            "{who}: RSS {b} KiB before, {a} KiB after"
+        );
+    }
+}
