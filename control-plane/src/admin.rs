@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::net::Acceptor;
+use crate::net::{Acceptor, Conn, Connections};
 use crate::registry::Registry;
 use crate::telemetry::CpMetrics;
 
@@ -87,24 +87,39 @@ impl AdminState {
     }
 }
 
-/// Serves the admin pages on `listener` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
+/// Serves the admin pages on `listener` until `stop` is cancelled; every
+/// connection has its place in `conns` (the first-request and idle timeouts,
+/// the connection budget).
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    conns: Arc<Connections>,
+    stop: CancellationToken,
+) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     let mut acceptor = Acceptor::new("admin");
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             () = stop.cancelled() => break,
             c = acceptor.accept(&listener) => c,
+        };
+        let Some(slot) = conns.admit("admin").await else {
+            continue;
         };
         let state = state.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let activity = slot.activity.clone();
+            let tcp = Conn::new(tcp, (), slot, "admin", peer);
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let mut call = activity.start();
                 let resp = state.handle(&req);
+                call.answered = true;
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let conn =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(TokioIo::new(tcp), svc);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}

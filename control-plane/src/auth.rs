@@ -159,8 +159,17 @@ impl tonic::service::Interceptor for RequireToken {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         self.check(req.metadata(), req.extensions().get::<TlsConnectInfo>())
             .inspect_err(|s| {
-            tracing::debug!(remote = ?req.remote_addr(), reason = s.message(), "admin call refused");
-        })?;
+                let remote = req
+                    .extensions()
+                    .get::<TlsConnectInfo>()
+                    .map(|i| i.remote_addr)
+                    .or_else(|| {
+                        req.extensions()
+                            .get::<crate::net::PlainConnectInfo>()
+                            .map(|i| i.remote_addr)
+                    });
+                tracing::debug!(remote = ?remote, reason = s.message(), "admin call refused");
+            })?;
         Ok(req)
     }
 }
@@ -269,6 +278,7 @@ mod tests {
             req.extensions_mut().insert(TlsConnectInfo {
                 remote_addr: "127.0.0.1:1".parse().unwrap(),
                 peer_id: peer.map(|p| meshwire_tls::SpiffeId::parse(p).unwrap()),
+                activity: Default::default(),
             });
             check.call(req).map(|_| ()).map_err(|s| s.code())
         };

@@ -110,6 +110,19 @@ pub struct Args {
     /// open report stream refreshes it every third of this.
     #[arg(long, env = "MESHWIRE_HEALTH_TTL", default_value = "60s", value_parser = parse_duration)]
     pub health_ttl: Duration,
+    /// A connection (any port) that makes no call this long after it was
+    /// accepted (after its TLS handshake on the TLS port) is closed.
+    #[arg(long, env = "MESHWIRE_CP_FIRST_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    pub first_request_timeout: Duration,
+    /// A connection with no call in flight and none started this long is
+    /// closed (an open xDS or Watch stream is a call in flight).
+    #[arg(long, env = "MESHWIRE_CP_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_timeout)]
+    pub idle_timeout: Duration,
+    /// Connections held at once over all ports; at the budget a new one
+    /// closes the oldest that has asked nothing yet, else the one idle
+    /// longest. Default: the descriptor limit at start less those open and 32.
+    #[arg(long, env = "MESHWIRE_CP_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
     #[command(subcommand)]
     pub command: Option<Sub>,
 }
@@ -204,6 +217,15 @@ fn open_etcd_ca(
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("the CA in etcd: {e}"))
     })
+}
+
+/// A connection timeout: a duration above zero (zero would close every
+/// connection at once).
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be above zero (write e.g. 10s, 5m)".into()),
+        d => Ok(d),
+    }
 }
 
 /// `--tls-listen`: an address, or `off`.
@@ -375,6 +397,11 @@ pub fn main() -> ExitCode {
     cfg.health_ttl = args.health_ttl;
     cfg.tls_listen = args.tls_listen.0;
     cfg.plaintext_xds = args.plaintext_xds;
+    cfg.conn_limits = crate::net::ConnLimits {
+        first_request: args.first_request_timeout,
+        idle: args.idle_timeout,
+    };
+    cfg.max_connections = args.max_connections.map(|n| n as usize);
     if !args.tls_names.is_empty() {
         cfg.tls_names = args.tls_names.clone();
     }

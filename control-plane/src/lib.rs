@@ -44,7 +44,7 @@ pub mod cli;
 pub mod health;
 pub mod identity_api;
 pub mod meshctl;
-mod net;
+pub mod net;
 pub mod nodes;
 pub mod publish;
 pub mod registry;
@@ -108,6 +108,13 @@ pub struct ControlPlaneConfig {
     /// service's endpoints, identities and policies, and a stream registers a
     /// node under the id it claims. For local Envoy / proxyless experiments.
     pub plaintext_xds: bool,
+    /// When every port closes a connection: no call within the first-request
+    /// timeout, or idle ([`net::ConnLimits`]).
+    pub conn_limits: net::ConnLimits,
+    /// Connections held at once over all ports; at the budget a new one
+    /// closes the oldest silent or idle one ([`net::Connections`]). `None`:
+    /// from the descriptor limit at start.
+    pub max_connections: Option<usize>,
 }
 
 /// Where the mesh configuration is kept.
@@ -143,6 +150,8 @@ impl ControlPlaneConfig {
             store: StoreConfig::Embedded,
             health_ttl: health::DEFAULT_TTL,
             plaintext_xds: false,
+            conn_limits: net::ConnLimits::default(),
+            max_connections: None,
         }
     }
 
@@ -249,6 +258,8 @@ impl ControlPlane {
                 .map_err(|source| StartError::Bind { addr, source })?;
             Ok::<_, StartError>((l, local))
         };
+        // Before anything is bound: the budget counts what is open now.
+        let conns = net::Connections::new(cfg.max_connections, cfg.conn_limits);
         // The admin port first: while etcd is awaited, probes get "not ready".
         let nodes = Arc::new(NodeRegistry::default());
         let metrics = Arc::new(CpMetrics::new(nodes.clone()));
@@ -265,7 +276,12 @@ impl ControlPlane {
                     stopping: shutdown.clone(),
                 };
                 (
-                    Some(tokio::spawn(admin::serve(l, state, admin_stop.clone()))),
+                    Some(tokio::spawn(admin::serve(
+                        l,
+                        state,
+                        conns.clone(),
+                        admin_stop.clone(),
+                    ))),
                     Some(local),
                 )
             }
@@ -350,6 +366,12 @@ impl ControlPlane {
         let stop = shutdown.clone();
         let anonymous_xds = cfg.plaintext_xds;
         let plain = tonic::transport::Server::builder()
+            .layer(net::TrackLayer {
+                find: |e| {
+                    e.get::<net::PlainConnectInfo>()
+                        .map(|i| i.activity.clone())
+                },
+            })
             .add_service(admin.clone())
             .add_service(InterceptedService::new(
                 ads.clone(),
@@ -364,9 +386,12 @@ impl ControlPlane {
                 },
             ))
             .add_service(identity.clone())
-            .serve_with_incoming_shutdown(net::incoming(listener, "plaintext"), async move {
-                stop.cancelled().await;
-            });
+            .serve_with_incoming_shutdown(
+                net::incoming(listener, "plaintext", conns.clone()),
+                async move {
+                    stop.cancelled().await;
+                },
+            );
         let mut rotator = None;
         let secure = match (tls_listener, tls_config) {
             (Some((listener, _)), Some((config, renew_at))) => {
@@ -380,6 +405,12 @@ impl ControlPlane {
                 let stop = shutdown.clone();
                 Some(
                     tonic::transport::Server::builder()
+                        .layer(net::TrackLayer {
+                            find: |e| {
+                                e.get::<tls::TlsConnectInfo>()
+                                    .map(|i| i.activity.clone())
+                            },
+                        })
                         .add_service(admin)
                         .add_service(InterceptedService::new(
                             ads,
@@ -406,7 +437,7 @@ impl ControlPlane {
                         ))
                         .add_service(identity)
                         .serve_with_incoming_shutdown(
-                            tls::incoming(listener, config, shutdown.clone()),
+                            tls::incoming(listener, config, conns.clone(), shutdown.clone()),
                             async move {
                                 stop.cancelled().await;
                             },

@@ -12,22 +12,19 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use meshwire_mesh::conn::ConnActivity;
 use meshwire_tls::SpiffeId;
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::Connected;
 
 use crate::ca::{Ca, CaError};
-use crate::net::Acceptor;
+use crate::net::{Acceptor, Conn, Connections};
 
 /// A handshake that takes longer than this is dropped (a client on a slow
 /// link needs a few round trips; a silent one holds a slot this long).
@@ -49,62 +46,12 @@ pub struct TlsConnectInfo {
     /// The SPIFFE ID of the client certificate, if one was presented (it
     /// chained to the trust bundle, or the handshake would have failed).
     pub peer_id: Option<SpiffeId>,
+    /// The connection's calls, for its first-request and idle timeouts.
+    pub(crate) activity: Arc<ConnActivity>,
 }
 
 /// An accepted, handshaken connection.
-#[derive(Debug)]
-pub struct TlsIo {
-    stream: tokio_rustls::server::TlsStream<TcpStream>,
-    info: TlsConnectInfo,
-}
-
-impl Connected for TlsIo {
-    type ConnectInfo = TlsConnectInfo;
-
-    fn connect_info(&self) -> TlsConnectInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for TlsIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-}
+pub type TlsIo = Conn<tokio_rustls::server::TlsStream<TcpStream>, TlsConnectInfo>;
 
 /// The default `--tls-name`s: this host's name, `localhost`, `127.0.0.1`.
 pub fn default_names() -> Vec<String> {
@@ -189,10 +136,14 @@ pub async fn rotate(
 }
 
 /// Accepts TCP connections on `listener`, handshakes them with the current
-/// `config`, and yields them to tonic; ends on `shutdown`.
-pub fn incoming(
+/// `config`, and yields them to tonic; ends on `shutdown`. Each takes a
+/// place in `conns` from its accept (a handshake in progress is a silent
+/// connection there); its first-request timeout runs from the end of its
+/// handshake.
+pub(crate) fn incoming(
     listener: TcpListener,
     config: Arc<ArcSwap<ServerConfig>>,
+    conns: Arc<Connections>,
     shutdown: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsIo>> {
     let (tx, rx) = mpsc::channel(ACCEPTED_BACKLOG);
@@ -212,33 +163,40 @@ pub fn incoming(
                 tracing::debug!(remote = %remote_addr, "too many TLS handshakes from this address; closed");
                 continue;
             };
+            let Some(slot) = conns.admit("tls").await else {
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _slots = (permit, peer_slot);
-                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(remote = %remote_addr, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(remote = %remote_addr, "TLS handshake timed out");
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                let stream = tokio::select! {
+                    r = handshake => match r {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(remote = %remote_addr, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(remote = %remote_addr, "TLS handshake timed out");
+                            return;
+                        }
+                    },
+                    () = slot.evict.cancelled() => {
+                        tracing::debug!(remote = %remote_addr, "TLS handshake closed for a newer connection (connection budget full)");
                         return;
                     }
                 };
                 let peer_id = meshwire_tls::peer_id(stream.get_ref().1.peer_certificates())
                     .and_then(|id| SpiffeId::parse(&id).ok());
-                let io = TlsIo {
-                    stream,
-                    info: TlsConnectInfo {
-                        remote_addr,
-                        peer_id,
-                    },
+                let info = TlsConnectInfo {
+                    remote_addr,
+                    peer_id,
+                    activity: slot.activity.clone(),
                 };
+                let io = Conn::new(stream, info, slot, "tls", remote_addr);
                 let _ = tx.send(Ok(io)).await;
             });
         }

@@ -10,9 +10,12 @@
 //!
 //! Beside the model: [`grpc::Code`], the typed gRPC status with the one table
 //! of code names every metric and CLI prints, and [`cli`], the helpers the
-//! binaries share (`parse_duration`, `wait_for_signal`).
+//! binaries share (`parse_duration`, `wait_for_signal`), and [`conn`], the
+//! per-connection call accounting behind every listener's first-request and
+//! idle timeouts.
 
 pub mod cli;
+pub mod conn;
 pub mod grpc;
 pub mod model;
 pub mod policy;

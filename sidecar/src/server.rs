@@ -18,7 +18,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,8 +25,8 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use meshwire_mesh::conn::{CallGuard, ConnActivity, Ended};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -48,8 +47,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const LINGER: Duration = Duration::from_secs(1);
 /// A TLS record of type handshake: how a ClientHello starts.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-/// Streams a connection opens before its cancellations are judged.
-pub const RESET_MIN_STREAMS: u64 = 100;
+pub use meshwire_mesh::conn::RESET_MIN_STREAMS;
 /// How long a connection told to go away for cancelling most of its calls
 /// may take to finish the rest.
 pub const ABUSE_DRAIN: Duration = Duration::from_secs(5);
@@ -495,107 +493,6 @@ impl tokio::io::AsyncWrite for Lingering {
     }
 }
 
-// === impl ConnActivity ===
-
-/// What one connection's requests tell its task (see the module docs).
-#[derive(Debug)]
-struct ConnActivity {
-    epoch: Instant,
-    started: AtomicU64,
-    in_flight: AtomicUsize,
-    /// Calls the client cancelled before they were answered.
-    cancelled: AtomicU64,
-    /// When a call last started or ended, in ms since `epoch`.
-    last_ms: AtomicU64,
-    abusive: tokio::sync::Notify,
-}
-
-/// Why a connection's watch ended it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ended {
-    NoRequest,
-    Idle,
-    Abusive,
-}
-
-impl Ended {
-    fn as_str(self) -> &'static str {
-        match self {
-            Ended::NoRequest => "no request in time",
-            Ended::Idle => "idle",
-            Ended::Abusive => "most calls cancelled",
-        }
-    }
-}
-
-impl ConnActivity {
-    fn new() -> Self {
-        Self {
-            epoch: Instant::now(),
-            started: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-            cancelled: AtomicU64::new(0),
-            last_ms: AtomicU64::new(0),
-            abusive: tokio::sync::Notify::new(),
-        }
-    }
-
-    fn touch(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn start(&self) {
-        self.started.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.touch();
-    }
-
-    fn end(&self, answered: bool) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.touch();
-        if !answered {
-            let cancelled = self.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
-            let started = self.started.load(Ordering::Relaxed);
-            if started >= RESET_MIN_STREAMS && cancelled * 2 > started {
-                self.abusive.notify_one();
-            }
-        }
-    }
-
-    /// Resolves when the connection should end: no request within `first`,
-    /// idle for `idle`, or abusive.
-    async fn watch(&self, first: Duration, idle: Duration) -> Ended {
-        // Instants cannot hold any duration a flag accepts.
-        let idle = idle.min(Duration::from_secs(10 * 365 * 86_400));
-        let abusive = self.abusive.notified();
-        tokio::pin!(abusive);
-        tokio::select! {
-            () = abusive.as_mut() => return Ended::Abusive,
-            () = tokio::time::sleep(first) => {}
-        }
-        if self.started.load(Ordering::Relaxed) == 0 {
-            return Ended::NoRequest;
-        }
-        loop {
-            let last = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let quiet = self.in_flight.load(Ordering::Relaxed) == 0;
-            if quiet && last.elapsed() >= idle {
-                return Ended::Idle;
-            }
-            let wake = if quiet {
-                last + idle
-            } else {
-                Instant::now() + idle
-            };
-            tokio::select! {
-                () = abusive.as_mut() => return Ended::Abusive,
-                () = tokio::time::sleep_until(wake) => {}
-            }
-        }
-    }
-}
-
 /// A connection's service, counting its calls in the connection's
 /// [`ConnActivity`].
 #[derive(Debug)]
@@ -613,13 +510,10 @@ where
     type Future = TrackedFuture<S::Future>;
 
     fn call(&self, req: Request<B>) -> Self::Future {
-        self.activity.start();
+        let guard = self.activity.start();
         TrackedFuture {
             inner: self.inner.call(req),
-            guard: CallEnd {
-                activity: self.activity.clone(),
-                answered: false,
-            },
+            guard,
         }
     }
 }
@@ -630,7 +524,7 @@ pin_project_lite::pin_project! {
     struct TrackedFuture<F> {
         #[pin]
         inner: F,
-        guard: CallEnd,
+        guard: CallGuard,
     }
 }
 
@@ -657,18 +551,6 @@ fn cancelled<B>(r: &Response<B>) -> bool {
             && r.headers()
                 .get(crate::grpc::GRPC_STATUS)
                 .is_some_and(|v| v == "1"))
-}
-
-#[derive(Debug)]
-struct CallEnd {
-    activity: Arc<ConnActivity>,
-    answered: bool,
-}
-
-impl Drop for CallEnd {
-    fn drop(&mut self) {
-        self.activity.end(self.answered);
-    }
 }
 
 #[cfg(test)]
@@ -725,46 +607,5 @@ mod tests {
         tracker.close();
         assert!(tracker.is_empty());
         tracker.wait().await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn silent_idle_and_abusive_connections_end() {
-        let first = Duration::from_secs(10);
-        let idle = Duration::from_secs(60);
-        let a = ConnActivity::new();
-        assert_eq!(a.watch(first, idle).await, Ended::NoRequest);
-
-        let a = ConnActivity::new();
-        a.start();
-        a.end(true);
-        let t = Instant::now();
-        assert_eq!(a.watch(first, idle).await, Ended::Idle);
-        assert!(t.elapsed() >= idle);
-
-        // A call in flight is never idle; once it ends, the clock starts.
-        let a = Arc::new(ConnActivity::new());
-        a.start();
-        let w = tokio::spawn({
-            let a = a.clone();
-            async move { a.watch(first, idle).await }
-        });
-        tokio::time::sleep(idle * 3).await;
-        assert!(!w.is_finished());
-        a.end(true);
-        assert_eq!(w.await.unwrap(), Ended::Idle);
-
-        // Cancelled calls: fine below half of the streams, abusive above.
-        let a = ConnActivity::new();
-        for _ in 0..RESET_MIN_STREAMS {
-            a.start();
-            a.end(true);
-        }
-        for _ in 0..RESET_MIN_STREAMS {
-            a.start();
-            a.end(false);
-        }
-        a.start();
-        a.end(false);
-        assert_eq!(a.watch(first, idle).await, Ended::Abusive);
     }
 }

@@ -94,7 +94,13 @@ impl ControlPlaneProcess {
         listen: Option<SocketAddr>,
         envs: &[(&str, &str)],
     ) -> Self {
-        Self::start(data_dir, listen, None, envs, true).await
+        Self::start(data_dir, listen, None, envs, true, None, &[]).await
+    }
+
+    /// Starts it under `prlimit --nofile=N:N` (if given: the limit holds from
+    /// the start) with `args` added to its command line.
+    pub async fn spawn_limited(data_dir: &Path, nofile: Option<usize>, args: &[&str]) -> Self {
+        Self::start(data_dir, None, None, &[], true, nofile, args).await
     }
 
     /// [`Self::spawn_with`], the admin HTTP port on `admin` (default
@@ -105,13 +111,13 @@ impl ControlPlaneProcess {
         admin: Option<SocketAddr>,
         envs: &[(&str, &str)],
     ) -> Self {
-        Self::start(data_dir, listen, admin, envs, true).await
+        Self::start(data_dir, listen, admin, envs, true, None, &[]).await
     }
 
     /// As deployed: xDS only to clients with a mesh certificate (no
     /// `--plaintext-xds`).
     pub async fn spawn_secure(data_dir: &Path) -> Self {
-        Self::start(data_dir, None, None, &[], false).await
+        Self::start(data_dir, None, None, &[], false, None, &[]).await
     }
 
     async fn start(
@@ -120,10 +126,20 @@ impl ControlPlaneProcess {
         admin: Option<SocketAddr>,
         envs: &[(&str, &str)],
         plaintext_xds: bool,
+        nofile: Option<usize>,
+        extra: &[&str],
     ) -> Self {
         let run = tempfile::tempdir().unwrap();
         let addr_file = run.path().join(ADDR_FILE);
-        let mut cmd = Command::new(bins::CONTROL_PLANE);
+        let mut cmd = match nofile {
+            // prlimit execs the control plane: same pid, the limit from the start.
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg(bins::CONTROL_PLANE);
+                c
+            }
+            None => Command::new(bins::CONTROL_PLANE),
+        };
         let listen = listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
         let admin = admin.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
         cmd.args([
@@ -147,6 +163,7 @@ impl ControlPlaneProcess {
             // http:// URL, take xDS without a certificate (loopback only).
             cmd.arg("--plaintext-xds");
         }
+        cmd.args(extra);
         let (process, (addr, admin)) = Process::start(
             "control-plane",
             cmd,

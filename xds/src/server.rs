@@ -379,10 +379,21 @@ impl<S> Sub<S> {
 
 /// The service a stream's verified client certificate names
 /// (`spiffe://.../sa/<service>`), put in the request's extensions by the
-/// transport: the stream may only subscribe as a node of that service, so a
-/// certificate cannot be used to pose as another service's node.
+/// transport: the stream may only subscribe as a node of that service, under
+/// a node id that names it ([`node_id_names_service`]), so a certificate
+/// cannot be used to pose as another service's node.
 #[derive(Debug, Clone)]
 pub struct PeerService(pub Arc<str>);
+
+/// On a stream bound to `service` (by its client certificate) a node id
+/// must name that service: `service` itself or `service-...`, so a
+/// certificate of one service cannot register a node under another
+/// service's node ids (the sidecar's default id is `<service>-<host>-<pid>`).
+pub fn node_id_names_service(node_id: &str, service: &str) -> bool {
+    node_id
+        .strip_prefix(service)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+}
 
 struct AdsStream<V: Variant> {
     server: AdsServer,
@@ -470,6 +481,19 @@ impl<V: Variant> AdsStream<V> {
                     .send(Err(Status::permission_denied(format!(
                         "the node's cluster {} is not the service of the client certificate ({svc:?})",
                         meshwire_mesh::grpc::shown(&node.cluster)
+                    ))))
+                    .await;
+                return Err(StreamClosed);
+            }
+            if let Some(svc) = &self.bound
+                && !node_id_names_service(&node.id, svc)
+            {
+                tracing::warn!(stream = self.id, node = %node.id, certificate = %svc, "xDS stream refused: its node id does not name its certificate's service");
+                let _ = self
+                    .tx
+                    .send(Err(Status::permission_denied(format!(
+                        "the node id {} does not name the service of the client certificate: it must be {svc:?} or start with \"{svc}-\" (the sidecar's default is <service>-<host>-<pid>)",
+                        meshwire_mesh::grpc::shown(&node.id)
                     ))))
                     .await;
                 return Err(StreamClosed);
@@ -789,6 +813,15 @@ impl AggregatedDiscoveryService for AdsServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bound_node_id_names_its_service() {
+        assert!(node_id_names_service("web", "web"));
+        assert!(node_id_names_service("web-host-12", "web"));
+        assert!(!node_id_names_service("webshop-1", "web"));
+        assert!(!node_id_names_service("echo-host-12", "web"));
+        assert!(!node_id_names_service("", "web"));
+    }
 
     #[test]
     fn acks_of_older_responses_count_and_never_go_back() {

@@ -90,6 +90,7 @@ pub(crate) fn ca_error(e: CaError) -> Status {
         }
         CaError::UnknownRoot(_) => Code::NotFound,
         CaError::FailedPrecondition(_) => Code::FailedPrecondition,
+        CaError::PermissionDenied(_) => Code::PermissionDenied,
         CaError::File { .. } | CaError::Identity(_) | CaError::Rcgen(_) | CaError::Task(_) => {
             Code::Internal
         }

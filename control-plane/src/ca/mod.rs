@@ -82,6 +82,8 @@ pub enum CaError {
     AmbiguousRoot(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("CA task failed: {0}")]
     Task(String),
     /// etcd (holding the CA's state and tokens) failed or refused.

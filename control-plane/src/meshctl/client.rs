@@ -133,6 +133,7 @@ fn tls_connector(cli: &Cli) -> Result<meshwire_tls::TlsConnector, Failure> {
                     cert.display()
                 )));
             }
+            check_validity(cert, &chain[0], std::time::SystemTime::now())?;
             let key_der = meshwire_tls::key_from_pem(&read("--key", key)?)
                 .map_err(|e| Failure::Usage(format!("--key {}: {e}", key.display())))?;
             Some(meshwire_tls::Credentials {
@@ -150,6 +151,36 @@ fn tls_connector(cli: &Cli) -> Result<meshwire_tls::TlsConnector, Failure> {
     .map_err(|e| Failure::Usage(format!("--trust-domain {:?}: {e}", cli.trust_domain)))?;
     crate::tls::connector(&bundle, creds.as_ref(), Some(&expect))
         .map_err(|e| Failure::Usage(format!("--cert/--key: {e}")))
+}
+
+/// A client certificate out of its validity period would be refused by
+/// the control plane after the handshake, which meshctl could only report
+/// as a transport error: say so before connecting, naming the dates.
+fn check_validity(
+    path: &std::path::Path,
+    leaf: &[u8],
+    now: std::time::SystemTime,
+) -> Result<(), Failure> {
+    let info = meshwire_tls::cert_info(leaf)
+        .map_err(|e| Failure::Usage(format!("--cert {}: {e}", path.display())))?;
+    let at = |t| humantime::format_rfc3339_seconds(t);
+    let renew =
+        "make a new one with `meshwire-control-plane admin-cert` on the control plane's host";
+    if info.not_after <= now {
+        return Err(Failure::Usage(format!(
+            "--cert {}: the certificate expired at {} (its not-after); {renew}",
+            path.display(),
+            at(info.not_after)
+        )));
+    }
+    if info.not_before > now {
+        return Err(Failure::Usage(format!(
+            "--cert {}: the certificate is not valid before {} (its not-before; check this host's clock)",
+            path.display(),
+            at(info.not_before)
+        )));
+    }
+    Ok(())
 }
 
 /// A unary request bounded by `--timeout`.

@@ -178,6 +178,103 @@ fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
+/// The mesh CA's trust bundle, from the admin API.
+async fn trust_bundle(admin: &mut meshwire_tests::Admin) -> meshwire_tls::TrustBundle {
+    let ca = admin
+        .get_ca(pb::GetCaRequest {})
+        .await
+        .expect("GetCa")
+        .into_inner();
+    meshwire_tls::TrustBundle::from_pem(&ca.trust_bundle_pem).expect("trust bundle")
+}
+
+/// A gRPC channel to the TLS port at `url`, presenting `creds` if given
+/// (the server's chain checked against `bundle`).
+async fn tls_channel(
+    url: &str,
+    bundle: &meshwire_tls::TrustBundle,
+    creds: Option<&meshwire_tls::Credentials>,
+) -> tonic::transport::Channel {
+    let connector = meshwire_tls::TlsConnector {
+        config: std::sync::Arc::new(arc_swap::ArcSwap::new(
+            meshwire_tls::client_config(creds, bundle).expect("client config"),
+        )),
+        expect: None,
+    };
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .expect("TLS connect")
+}
+
+/// Trades a join token for a certificate over `channel` (Identity.Issue).
+async fn issue(
+    channel: tonic::transport::Channel,
+    token: String,
+) -> Result<meshwire_tls::Credentials, tonic::Status> {
+    let (key, csr) = meshwire_tls::new_key_and_csr().unwrap();
+    let issued = meshwire_proto::identity::v1::identity_client::IdentityClient::new(channel)
+        .issue(meshwire_proto::identity::v1::IssueRequest {
+            join_token: token,
+            csr_pem: csr,
+        })
+        .await?
+        .into_inner();
+    Ok(meshwire_tls::Credentials {
+        chain: meshwire_tls::certs_from_pem(&issued.cert_chain_pem).unwrap(),
+        key,
+    })
+}
+
+/// A join token for `service`.
+async fn join_token(admin: &mut meshwire_tests::Admin, service: &str) -> String {
+    admin
+        .create_join_token(pb::CreateJoinTokenRequest {
+            service: service.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("join token")
+        .into_inner()
+        .token
+}
+
+/// A TLS connection to `addr` whose handshake completed (no client
+/// certificate), held open without a byte more.
+async fn tls_handshaken(
+    addr: SocketAddr,
+    bundle: &meshwire_tls::TrustBundle,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let cfg = meshwire_tls::client_config(None, bundle).expect("client config");
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake")
+}
+
+/// How long until the server closes `conn` (reads until EOF or an error),
+/// from `since`; `None` if it is still open after `limit`.
+async fn closed_after(
+    mut conn: impl tokio::io::AsyncRead + Unpin,
+    since: tokio::time::Instant,
+    limit: Duration,
+) -> Option<Duration> {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(limit, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return since.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
 // === defect 1: accept loops back off ===
 
 /// Out of descriptors, the control plane's accept loops (plaintext gRPC,
@@ -1090,8 +1187,9 @@ async fn a_token_for_another_service_is_refused() {
 /// on the plaintext port the stream is refused (FAILED_PRECONDITION, naming
 /// the TLS port and the flag), on the TLS port without a client certificate
 /// too (UNAUTHENTICATED); a certificate binds its streams to its service
-/// (PERMISSION_DENIED for a node of another one); no refused stream
-/// registers a node; a sidecar that joined with a token gets its config.
+/// (PERMISSION_DENIED for a node of another one, or a node id that does not
+/// name its service); no refused stream registers a node; a sidecar that
+/// joined with a token gets its config, and its node id cannot be taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xds_is_refused_to_clients_without_a_mesh_certificate() {
     use envoy_types::pb::envoy::config::core::v3::Node;
@@ -1144,64 +1242,18 @@ async fn xds_is_refused_to_clients_without_a_mesh_certificate() {
         .unwrap()
         .into_inner();
     let bundle = meshwire_tls::TrustBundle::from_pem(&ca.trust_bundle_pem).unwrap();
-    let no_cert = meshwire_tls::client_config(None, &bundle).unwrap();
-    let connector = meshwire_tls::TlsConnector {
-        config: std::sync::Arc::new(arc_swap::ArcSwap::new(no_cert)),
-        expect: None,
-    };
-    let tls = tonic::transport::Endpoint::from_shared(cp.tls_url())
-        .unwrap()
-        .connect_with_connector(connector)
-        .await
-        .unwrap();
+    let tls = tls_channel(&cp.tls_url(), &bundle, None).await;
     let e = first_answer(tls, forged()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
 
     // A certificate of service `web` binds its streams to `web`: claiming to
     // be a node of `echo` is refused, claiming `web` is served.
     api::create_service(&mut admin, "web").await;
-    let web_token = admin
-        .create_join_token(pb::CreateJoinTokenRequest {
-            service: "web".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    let connector = |cfg| meshwire_tls::TlsConnector {
-        config: std::sync::Arc::new(arc_swap::ArcSwap::new(cfg)),
-        expect: None,
-    };
-    let anon = tonic::transport::Endpoint::from_shared(cp.tls_url())
-        .unwrap()
-        .connect_with_connector(connector(
-            meshwire_tls::client_config(None, &bundle).unwrap(),
-        ))
-        .await
-        .unwrap();
-    let (key, csr) = meshwire_tls::new_key_and_csr().unwrap();
-    let issued = meshwire_proto::identity::v1::identity_client::IdentityClient::new(anon)
-        .issue(meshwire_proto::identity::v1::IssueRequest {
-            join_token: web_token,
-            csr_pem: csr,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let web = meshwire_tls::Credentials {
-        chain: meshwire_tls::certs_from_pem(&issued.cert_chain_pem).unwrap(),
-        key,
-    };
-    let as_web = || async {
-        tonic::transport::Endpoint::from_shared(cp.tls_url())
-            .unwrap()
-            .connect_with_connector(connector(
-                meshwire_tls::client_config(Some(&web), &bundle).unwrap(),
-            ))
-            .await
-            .unwrap()
-    };
+    let web_token = join_token(&mut admin, "web").await;
+    let anon = tls_channel(&cp.tls_url(), &bundle, None).await;
+    let web = issue(anon, web_token).await.expect("a certificate for web");
+    let url = cp.tls_url();
+    let as_web = || tls_channel(&url, &bundle, Some(&web));
     let e = first_answer(as_web().await, forged()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     assert!(
@@ -1258,4 +1310,453 @@ async fn xds_is_refused_to_clients_without_a_mesh_certificate() {
         "a refused stream registered a node: {:?}",
         status.nodes
     );
+
+    // The `web` certificate cannot take the echo sidecar's node id, even
+    // claiming its own service: the node id must name the certificate's.
+    let real = status
+        .nodes
+        .iter()
+        .find(|n| n.service == "echo" && n.connected)
+        .unwrap_or_else(|| panic!("the echo sidecar's node: {:?}", status.nodes))
+        .node_id
+        .clone();
+    let mut taken = forged();
+    taken.node.as_mut().unwrap().cluster = "web".into();
+    taken.node.as_mut().unwrap().id = real.clone();
+    let e = first_answer(as_web().await, taken).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("node id"), "{e:?}");
+    let status = admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let under_real: Vec<_> = status.nodes.iter().filter(|n| n.node_id == real).collect();
+    assert!(
+        under_real.len() == 1 && under_real[0].service == "echo",
+        "a forged node id was registered: {:?}",
+        status.nodes
+    );
+}
+
+// === defect 5 on the control plane: bounded silent connections, fd headroom ===
+
+/// On every control-plane port a connection that asks nothing is closed
+/// after `--first-request-timeout` (silent TCP and a partial HTTP/2 preface
+/// on the plaintext port, a completed TLS handshake then silence on the TLS
+/// port, silent TCP on the admin HTTP port), one that made a call and then
+/// idles after `--idle-timeout`; the admin API answers meanwhile and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_closes_silent_partial_and_idle_connections() {
+    let data = data_dir();
+    let (first, idle) = (Duration::from_secs(2), Duration::from_secs(3));
+    let cp = ControlPlaneProcess::spawn_limited(
+        data.path(),
+        None,
+        &["--first-request-timeout", "2s", "--idle-timeout", "3s"],
+    )
+    .await;
+    let mut admin = cp.client().await;
+    let bundle = trust_bundle(&mut admin).await;
+    let tls_addr = cp.tls_addr().expect("TLS port");
+
+    let t0 = tokio::time::Instant::now();
+    let silent = TcpStream::connect(cp.addr).await.expect("connect");
+    let mut partial = TcpStream::connect(cp.addr).await.expect("connect");
+    // 18 of the preface's 24 bytes.
+    partial
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM")
+        .await
+        .expect("write");
+    let tls_silent = tls_handshaken(tls_addr, &bundle).await;
+    let admin_silent = TcpStream::connect(cp.admin).await.expect("connect");
+    // One call (refused for want of a token), then nothing.
+    let tcp = TcpStream::connect(cp.addr).await.expect("connect");
+    let (mut h2, h2_conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let idle_conn = tokio::spawn(async move {
+        let _ = h2_conn.await;
+    });
+    let req = http::Request::post(format!(
+        "http://{}/meshwire.admin.v1.MeshAdmin/ListServices",
+        cp.addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (resp, mut body) = h2.send_request(req, false).expect("send");
+    // Refused from its headers, the call may be answered before its message.
+    let _ = body.send_data(grpc_frame(&pb::ListServicesRequest {}), true);
+    let resp = resp.await.expect("an answer");
+    assert_eq!(
+        resp.headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap()),
+        Some("16"),
+        "{resp:?}"
+    );
+    let called = tokio::time::Instant::now();
+
+    // Meanwhile the admin API serves.
+    admin
+        .list_services(pb::ListServicesRequest {})
+        .await
+        .expect("the API while silent connections are held");
+
+    let limit = Duration::from_secs(10);
+    let tls_silent = tokio::spawn(closed_after(tls_silent, t0, limit));
+    let admin_silent = tokio::spawn(closed_after(admin_silent, t0, limit));
+    let partial = tokio::spawn(closed_after(partial, t0, limit));
+    let silent = closed_after(silent, t0, limit).await;
+    let bound = first + Duration::from_secs(3);
+    for (what, closed) in [
+        ("silent plaintext", silent),
+        ("partial preface", partial.await.unwrap()),
+        ("silent after the TLS handshake", tls_silent.await.unwrap()),
+        ("silent admin HTTP", admin_silent.await.unwrap()),
+    ] {
+        let after = closed.unwrap_or_else(|| panic!("{what}: still open after {limit:?}"));
+        assert!(
+            after >= first - Duration::from_millis(500) && after <= bound,
+            "{what}: closed after {after:?} (first-request timeout {first:?})"
+        );
+    }
+    tokio::time::timeout(limit, idle_conn)
+        .await
+        .expect("the idle HTTP/2 connection is closed")
+        .unwrap();
+    let idle_for = called.elapsed();
+    assert!(
+        idle_for >= idle - Duration::from_millis(500),
+        "the idle connection was closed after {idle_for:?} (idle timeout {idle:?})"
+    );
+
+    // And after, on a new connection (as meshctl makes). `admin`'s own
+    // connection went idle too and is being closed about now, without a
+    // GOAWAY: a call racing that close may fail once (SECURITY.md).
+    drop(admin);
+    cp.client()
+        .await
+        .list_services(pb::ListServicesRequest {})
+        .await
+        .expect("the API after the connections were closed");
+}
+
+/// Started under `prlimit --nofile=256:256`, the control plane holds more
+/// silent connections (plaintext, admin HTTP, TLS handshaken) than it has
+/// descriptors without running out: it closes the oldest silent ones for new
+/// ones, so the admin API and certificate issuance over TLS still answer,
+/// and no accept ever fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_its_descriptor_limit_the_control_plane_serves_the_api_and_identity() {
+    const NOFILE: usize = 256;
+    let data = data_dir();
+    // A first-request timeout far beyond the test: what frees descriptors
+    // here is the budget, not the timeout.
+    let cp = ControlPlaneProcess::spawn_limited(
+        data.path(),
+        Some(NOFILE),
+        &["--first-request-timeout", "10m"],
+    )
+    .await;
+    let pid = cp.id();
+    let mut admin = cp.client().await;
+    api::create_service(&mut admin, "echo").await;
+    let bundle = trust_bundle(&mut admin).await;
+    let tls_url = cp.tls_url();
+    let tls_addr = cp.tls_addr().unwrap();
+
+    let mut held_tls = Vec::new();
+    let mut held = Vec::new();
+    for round in 0..3 {
+        for _ in 0..20 {
+            held_tls.push(tls_handshaken(tls_addr, &bundle).await);
+        }
+        for _ in 0..NOFILE {
+            held.push(TcpStream::connect(cp.addr).await.expect("connect"));
+        }
+        for _ in 0..20 {
+            held.push(TcpStream::connect(cp.admin).await.expect("connect"));
+        }
+        let open = fd_count(pid);
+        assert!(open < NOFILE, "round {round}: {open} descriptors open");
+
+        let limit = Duration::from_secs(5);
+        let mut api = tokio::time::timeout(limit, cp.client())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: no API connection within {limit:?}"));
+        let token = tokio::time::timeout(limit, join_token(&mut api, "echo"))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: no join token within {limit:?}"));
+        let cert = tokio::time::timeout(limit, async {
+            issue(tls_channel(&tls_url, &bundle, None).await, token).await
+        })
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: no certificate within {limit:?}"))
+        .expect("a certificate while silent connections fill the budget");
+        let id = meshwire_tls::cert_info(&cert.chain[0])
+            .unwrap()
+            .spiffe_id
+            .unwrap();
+        assert!(id.ends_with("/sa/echo"), "{id}");
+        let answer = http_get_on(
+            TcpStream::connect(cp.admin).await.expect("connect"),
+            "/ready",
+            limit,
+        )
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "round {round}: {answer:?}"
+        );
+    }
+    let log = cp.log();
+    assert_eq!(count(&log, "accept failed"), 0, "{}", tail(&log));
+    assert!(
+        log.contains("connection budget full"),
+        "the budget was never reached:\n{}",
+        tail(&log)
+    );
+    // The oldest held ends were closed by the server (EOF), not left open.
+    let mut closing = tokio::task::JoinSet::new();
+    let now = tokio::time::Instant::now();
+    for c in held.drain(..) {
+        closing.spawn(closed_after(c, now, Duration::from_secs(1)));
+    }
+    let closed = closing.join_all().await.iter().flatten().count();
+    assert!(
+        closed >= NOFILE,
+        "only {closed} held connections were closed"
+    );
+}
+
+// === defect 16: certificates ===
+
+/// `meshctl` with an expired admin certificate (signed by the mesh's own
+/// root) says the certificate expired and when, not `UNKNOWN: transport
+/// error`; the same command with the token still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_names_an_expired_client_certificate() {
+    let data = data_dir();
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
+    let work = data_dir();
+    // The control plane's root and key, as it wrote them.
+    let roots = data.path().join("ca/roots");
+    let read = |ext: &str| {
+        let f = std::fs::read_dir(&roots)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == ext))
+            .unwrap_or_else(|| panic!("a .{ext} in {}", roots.display()));
+        std::fs::read_to_string(f).unwrap()
+    };
+    let (root_pem, root_key) = (read("crt"), read("key"));
+    let issuer =
+        rcgen::Issuer::from_ca_cert_pem(&root_pem, rcgen::KeyPair::from_pem(&root_key).unwrap())
+            .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://meshwire.local/ns/meshwire-system/sa/admin"
+            .try_into()
+            .unwrap(),
+    ));
+    let now = std::time::SystemTime::now();
+    p.not_before = (now - Duration::from_secs(2 * 86_400)).into();
+    p.not_after = (now - Duration::from_secs(86_400)).into();
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    let (cert_file, key_file, bundle_file) = (
+        work.path().join("admin.crt"),
+        work.path().join("admin.key"),
+        work.path().join("bundle.pem"),
+    );
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    std::fs::write(&bundle_file, &root_pem).unwrap();
+
+    let tls_url = cp.tls_url();
+    let meshctl = |auth: Vec<String>| {
+        let mut cmd = Command::new(meshwire_tests::bins::MESHCTL);
+        cmd.args(["--server", &tls_url, "--ca-bundle"])
+            .arg(&bundle_file)
+            .args(auth)
+            .args(["service", "list"])
+            .env_remove("MESHWIRE_ADMIN_TOKEN")
+            .env_remove("MESHCTL_SERVER")
+            .stdin(std::process::Stdio::null());
+        cmd.output().expect("run meshctl")
+    };
+    let out = meshctl(vec![
+        "--cert".into(),
+        cert_file.to_str().unwrap().into(),
+        "--key".into(),
+        key_file.to_str().unwrap().into(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains("expired at") && stderr.contains("not-after"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("admin-cert"), "{stderr}");
+    assert!(!stderr.contains("transport error"), "{stderr}");
+    let out = meshctl(vec!["--token".into(), cp.token.clone()]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+// === must have 3: SETTINGS and PING floods ===
+
+/// Resident memory of a process, in KiB (`VmRSS` of `/proc/PID/status`).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Writes the HTTP/2 preface, then `frame` `count` times, never reading
+/// (the ACKs pile up on the server's side); stops when the server stops
+/// reading or closes, or after `limit`. Returns the frames written.
+async fn h2_flood(addr: SocketAddr, frame: &[u8], count: usize, limit: Duration) -> usize {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    let batch: Vec<u8> = frame.repeat(1024);
+    let mut sent = 0;
+    let _ = tokio::time::timeout(limit, async {
+        // The preface and an empty SETTINGS frame.
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await?;
+        while sent < count {
+            tcp.write_all(&batch).await?;
+            sent += 1024;
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    sent
+}
+
+/// 200,000 SETTINGS frames and 200,000 PINGs, never reading the ACKs, at a
+/// sidecar's outbound (h2c) and at the other's inbound: a normal call goes
+/// through meanwhile and after, and neither sidecar's RSS grows by more
+/// than 64 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_and_ping_floods_leave_memory_bounded_and_calls_served() {
+    const SETTINGS: &[u8] = b"\0\0\0\x04\0\0\0\0\0";
+    const PING: &[u8] = b"\0\0\x08\x06\0\0\0\0\0flood!!!";
+    let app = echo("app").await;
+    let server = SidecarProcess::spawn(&["--app", &app.addr.to_string()], &[]).await;
+    let inbound = server.addrs.inbound.expect("inbound");
+    let dir = data_dir();
+    let cfg = one_service(dir.path(), "echo", inbound, None);
+    let client = SidecarProcess::spawn(&["--static-config", &cfg], &[]).await;
+    ready(&client).await;
+    let mut caller = echo_client(client.addrs.outbound, "echo").await;
+    caller
+        .echo(EchoRequest::default())
+        .await
+        .expect("a call before");
+    let before = [rss_kib(client.id()), rss_kib(server.id())];
+
+    let limit = Duration::from_secs(10);
+    let mut floods = tokio::task::JoinSet::new();
+    for target in [client.addrs.outbound, inbound] {
+        for frame in [SETTINGS, PING] {
+            floods.spawn(h2_flood(target, frame, 200_000, limit));
+        }
+    }
+    // Meanwhile.
+    for i in 0..5 {
+        tokio::time::timeout(Duration::from_secs(5), caller.echo(EchoRequest::default()))
+            .await
+            .unwrap_or_else(|_| panic!("call {i} during the floods: no answer in 5 s"))
+            .expect("a call during the floods");
+    }
+    let sent: usize = floods.join_all().await.into_iter().sum();
+    assert!(sent > 0, "no flood frame was written");
+    caller
+        .echo(EchoRequest::default())
+        .await
+        .expect("a call after the floods");
+    let after = [rss_kib(client.id()), rss_kib(server.id())];
+    for (who, (b, a)) in ["client sidecar", "server sidecar"]
+        .iter()
+        .zip(before.iter().zip(after.iter()))
+    {
+        assert!(
+            a.saturating_sub(*b) < 64 * 1024,
+            "{who}: RSS {b} KiB before, {a} KiB after the floods ({sent} frames sent)"
+        );
+    }
+}
+
+/// Oversized request heads: over HTTP/1.1 at the outbound a 100 KB header
+/// gets 431 and a 100 KB URI 414; over HTTP/2 (outbound, and the other
+/// sidecar's inbound) a header list over 64 KiB gets 431; the app sees none,
+/// calls go through after, and RSS stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_and_uris_are_refused_with_431_and_414() {
+    let app = echo("app").await;
+    let server = SidecarProcess::spawn(&["--app", &app.addr.to_string()], &[]).await;
+    let inbound = server.addrs.inbound.expect("inbound");
+    let dir = data_dir();
+    let cfg = one_service(dir.path(), "echo", inbound, None);
+    let client = SidecarProcess::spawn(&["--static-config", &cfg], &[]).await;
+    ready(&client).await;
+    let mut caller = echo_client(client.addrs.outbound, "echo").await;
+    caller
+        .echo(EchoRequest::default())
+        .await
+        .expect("a call before");
+    let served = app.stats.calls.load(Ordering::Relaxed);
+    let before = [rss_kib(client.id()), rss_kib(server.id())];
+    let big = "a".repeat(100_000);
+    let limit = Duration::from_secs(10);
+
+    for _ in 0..20 {
+        let header = format!("GET /x HTTP/1.1\r\nhost: echo\r\nx-big: {big}\r\n\r\n");
+        let out = raw_tcp_exchange(client.addrs.outbound, header.as_bytes(), limit).await;
+        assert!(
+            out.starts_with("HTTP/1.1 431"),
+            "{:?}",
+            &out[..out.len().min(200)]
+        );
+        let uri = format!("GET /{big} HTTP/1.1\r\nhost: echo\r\n\r\n");
+        let out = raw_tcp_exchange(client.addrs.outbound, uri.as_bytes(), limit).await;
+        assert!(
+            out.starts_with("HTTP/1.1 414"),
+            "{:?}",
+            &out[..out.len().min(200)]
+        );
+        for target in [client.addrs.outbound, inbound] {
+            let h2 = h2_client(target).await;
+            let mut req = grpc_request("echo", "/meshwire.example.v1.Echo/Echo");
+            req.headers_mut()
+                .insert("x-big", http::HeaderValue::from_str(&big).unwrap());
+            let mut send = h2.ready().await.expect("h2 ready");
+            let (resp, _body) = send.send_request(req, true).expect("send");
+            let resp = tokio::time::timeout(limit, resp)
+                .await
+                .expect("an answer within 10 s")
+                .expect("a response");
+            assert_eq!(resp.status(), 431, "{target}: {resp:?}");
+        }
+        tokio::time::timeout(Duration::from_secs(5), caller.echo(EchoRequest::default()))
+            .await
+            .expect("a normal call meanwhile: no answer in 5 s")
+            .expect("a normal call meanwhile");
+    }
+    // Only the normal calls reached the app.
+    assert_eq!(app.stats.calls.load(Ordering::Relaxed), served + 20);
+    let after = [rss_kib(client.id()), rss_kib(server.id())];
+    for (who, (b, a)) in ["client sidecar", "server sidecar"]
+        .iter()
+        .zip(before.iter().zip(after.iter()))
+    {
+        assert!(
+            a.saturating_sub(*b) < 64 * 1024,
+            "{who}: RSS {b} KiB before, {a} KiB after"
+        );
+    }
 }
