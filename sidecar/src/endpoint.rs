@@ -142,6 +142,26 @@ impl Endpoint {
     /// Counts a call against this endpoint until the guard drops.
     pub fn start_call(self: &Arc<Self>) -> CallGuard {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
+        self.guard()
+    }
+
+    /// [`Endpoint::start_call`] unless `max` calls are outstanding already
+    /// (0: no limit). Exact: the count is taken in one compare-and-swap, so
+    /// callers racing for the last place cannot both get it.
+    pub fn try_start_call(self: &Arc<Self>, max: usize) -> Option<CallGuard> {
+        if max == 0 {
+            return Some(self.start_call());
+        }
+        self.outstanding
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(self.guard())
+    }
+
+    /// The guard for one outstanding unit already counted.
+    fn guard(self: &Arc<Self>) -> CallGuard {
         self.stats.picks.fetch_add(1, Ordering::Relaxed);
         CallGuard {
             endpoint: self.clone(),

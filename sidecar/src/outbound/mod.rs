@@ -244,23 +244,19 @@ impl Outbound {
             };
             tried[attempt] = i;
             let endpoint = &set.entries()[i].endpoint;
-            // Per endpoint (approximate: the outstanding count races), then
-            // per service (exact); a full endpoint sends the call elsewhere.
-            if cluster.max_requests_per_endpoint != 0
-                && endpoint.outstanding() >= cluster.max_requests_per_endpoint
-            {
+            // Exact per service; re-taken per attempt (a failed one frees it).
+            let Some(slot) = cluster.in_flight.try_admit(cluster.max_requests) else {
+                return Err(ProxyError::Overloaded(cluster.name.clone()));
+            };
+            // Then exact per endpoint: a full endpoint sends the call elsewhere.
+            // Counted from here: waiting for a connection is outstanding work.
+            let Some(mut guard) = endpoint.try_start_call(cluster.max_requests_per_endpoint) else {
                 endpoint_full = true;
                 if let Some(s) = &span {
                     s.attempt_failed(endpoint.addr, attempt + 1, "full");
                 }
                 continue;
-            }
-            // Exact per service; re-taken per attempt (a failed one frees it).
-            let Some(slot) = cluster.in_flight.try_admit(cluster.max_requests) else {
-                return Err(ProxyError::Overloaded(cluster.name.clone()));
             };
-            // Counted from here: waiting for a connection is outstanding work.
-            let mut guard = endpoint.start_call();
             guard.hold(crate::limits::Hold::Slot(slot));
             let lease = match endpoint.pool.acquire().await {
                 Ok(l) => l,

@@ -339,6 +339,39 @@ async fn max_requests_set_with_meshctl_changes_the_callers_limit() {
     assert_eq!((ok, failed.len()), (12, 0), "back to the flag: {failed:?}");
 }
 
+/// `--max-requests-per-endpoint 2` over two endpoints: of 6 calls at once,
+/// held by the apps, exactly 2 reach each app (a full endpoint sends the call
+/// to the other; the count is exact, not approximate) and the other 2 are shed
+/// at once as overloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_per_endpoint_holds_exactly_and_sends_the_rest_elsewhere() {
+    let apps = [echo("echo-0").await, echo("echo-1").await];
+    let w = World::new(&[apps[0].addr, apps[1].addr]).await;
+    w.update(&["--max-requests-per-endpoint", "2"]).await;
+    let before: Vec<u64> = apps
+        .iter()
+        .map(|a| a.stats.calls.load(Ordering::Relaxed))
+        .collect();
+    let (ok, failed) = burst(w.client.addrs.outbound, 6, Duration::from_millis(1000)).await;
+    assert_eq!((ok, failed.len()), (4, 2), "{failed:?}");
+    for (code, kind) in &failed {
+        assert_eq!(
+            (*code, kind.as_str()),
+            (tonic::Code::Unavailable, "overloaded")
+        );
+    }
+    for (a, b) in apps.iter().zip(&before) {
+        assert_eq!(
+            a.stats.calls.load(Ordering::Relaxed) - b,
+            2,
+            "each endpoint took 2"
+        );
+    }
+    w.update(&["--max-requests-per-endpoint", "default"]).await;
+    let (ok, failed) = burst(w.client.addrs.outbound, 6, Duration::from_millis(300)).await;
+    assert_eq!((ok, failed.len()), (6, 0), "no limit again: {failed:?}");
+}
+
 /// An endpoint failing every call with INTERNAL beside a good one (outlier
 /// detection off, budget 100 %, so only the retry policy decides): by
 /// default INTERNAL is not retried (about half the calls fail with it);
