@@ -17,7 +17,7 @@ use meshwire_tests::*;
 struct World {
     _data: tempfile::TempDir,
     cp: ControlPlaneProcess,
-    _admin: Admin,
+    admin: Admin,
     servers: Vec<SidecarProcess>,
     client: SidecarProcess,
 }
@@ -60,7 +60,7 @@ impl World {
         let w = World {
             _data: data,
             cp,
-            _admin: admin,
+            admin,
             servers,
             client,
         };
@@ -370,6 +370,75 @@ async fn max_requests_per_endpoint_holds_exactly_and_sends_the_rest_elsewhere() 
     w.update(&["--max-requests-per-endpoint", "default"]).await;
     let (ok, failed) = burst(w.client.addrs.outbound, 6, Duration::from_millis(300)).await;
     assert_eq!((ok, failed.len()), (6, 0), "no limit again: {failed:?}");
+}
+
+/// `meshctl service update echo --slow-start 6s` while the client sidecar's
+/// own `--slow-start` is off: an endpoint added under load starts with well
+/// under the half least-request would give it (nothing in flight there) and
+/// takes its share once the window is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_set_for_the_service_ramps_a_new_endpoint_up() {
+    let (a, b) = (echo("echo-0").await, echo("echo-1").await);
+    let mut w = World::new(&[a.addr]).await;
+    w.update(&["--slow-start", "6s"]).await;
+    let channel = meshwire_examples::load::channel(&w.client.addrs.outbound.to_string(), "echo")
+        .expect("channel");
+    let load = meshwire_examples::load::Load::start(
+        channel,
+        &meshwire_examples::load::LoadConfig {
+            concurrency: 16,
+            timeout: Duration::from_secs(2),
+            ..Default::default()
+        },
+    );
+    next_calls(&load, 500).await;
+    let b_sidecar = SidecarProcess::spawn(
+        &[
+            "--app",
+            &b.addr.to_string(),
+            "--control-plane",
+            &w.cp.url(),
+            "--service",
+            "echo",
+            "--health",
+            "none",
+        ],
+        &[],
+    )
+    .await;
+    api::add_endpoint(&mut w.admin, "echo", b_sidecar.addrs.inbound.unwrap(), 1).await;
+    eventually(
+        "the client sidecar has the new endpoint",
+        Duration::from_secs(5),
+        || async {
+            admin_json(w.client.addrs.admin, "/clusters").await["clusters"][0]["endpoints"]
+                .as_array()
+                .is_some_and(|e| e.len() == 2)
+        },
+    )
+    .await;
+    let share = |t: &Tally| t.ok.get("echo-1").copied().unwrap_or(0) as f64 / t.calls() as f64;
+    let early = next_calls(&load, 300).await;
+    assert_eq!(early.failures(), 0, "{early:?}");
+    assert!(
+        share(&early) < 0.3,
+        "the new endpoint took {:.0} % of the first calls: {early:?}",
+        share(&early) * 100.0
+    );
+    eventually(
+        "the new endpoint takes its share",
+        Duration::from_secs(20),
+        || {
+            let load = &load;
+            async move {
+                let t = next_calls(load, 1000).await;
+                assert_eq!(t.failures(), 0, "{t:?}");
+                share(&t) > 0.4
+            }
+        },
+    )
+    .await;
+    load.stop().await;
 }
 
 /// An endpoint failing every call with INTERNAL beside a good one (outlier
