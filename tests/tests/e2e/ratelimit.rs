@@ -394,22 +394,34 @@ async fn a_refusal_is_never_retried_on_another_endpoint_even_when_retry_on_names
     .await;
     let mut c = echo_client(caller.outbound_addr, "greeter").await;
     let (mut ok, mut limited) = (0, 0);
-    for _ in 0..4 {
+    // Calls until both endpoints have spent their token: the balancer picks
+    // among equally idle endpoints at random, so a few calls may all land on
+    // one (4 calls did, once in a CI run: 1 admitted, 3 refused).
+    for _ in 0..40 {
         match c.echo(EchoRequest::default()).await {
             Ok(_) => ok += 1,
             Err(e) if e.code() == Code::ResourceExhausted => limited += 1,
             Err(e) => panic!("{e:?}"),
         }
+        if ok == 2 && limited >= 2 {
+            break;
+        }
     }
-    // Two tokens in all: two calls admitted, two refused, and each refusal
-    // was made once (a retry elsewhere would have been refused again there).
-    assert_eq!((ok, limited), (2, 2));
+    // Two tokens in all: two calls admitted, the rest refused, and each
+    // refusal made once (a retry elsewhere would have been refused there too,
+    // or admitted by a token the caller then never saw refused).
+    assert_eq!(ok, 2, "{limited} refused");
+    assert!(limited >= 2, "{limited} refused");
     let mut refused = 0.0;
     for s in &servers {
         let m = prom::scrape(s.admin_addr).await;
         refused += m.sum("meshwire_rate_limited_total", &[("service", "greeter")]);
     }
-    assert_eq!(refused, 2.0, "no refused call was sent again");
+    assert_eq!(
+        refused,
+        f64::from(limited),
+        "no refused call was sent again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
