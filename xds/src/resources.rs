@@ -25,8 +25,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
-    ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig, LbConfig,
-    LbPolicy as XLbPolicy, LeastRequestLbConfig, MaglevLbConfig, RingHashLbConfig,
+    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbConfig, LbPolicy as XLbPolicy,
+    LeastRequestLbConfig, MaglevLbConfig, RingHashLbConfig,
 };
 use envoy_types::pb::envoy::config::cluster::v3::{
     Cluster as XCluster, LoadBalancingPolicy, load_balancing_policy,
@@ -494,17 +494,11 @@ pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
             })),
         ),
     };
-    // Only for hashing: Envoy refuses common_lb_config's locality fields
-    // beside load_balancing_policy, so zones go into the typed policies.
-    let common_lb_config = c.lb.hash().and_then(consistent_hashing).map(|ch| CommonLbConfig {
-        consistent_hashing_lb_config: Some(
-            envoy_types::pb::envoy::config::cluster::v3::cluster::common_lb_config::ConsistentHashingLbConfig {
-                hash_balance_factor: ch.hash_balance_factor,
-                ..Default::default()
-            },
-        ),
-        ..Default::default()
-    });
+    // No common_lb_config: beside load_balancing_policy, Envoy refuses its
+    // consistent_hashing_lb_config and locality fields ("cannot be combined
+    // with partial fields ... of common_lb_config"), which would reject the
+    // cluster. The typed ring-hash / Maglev policies carry the balance
+    // factor; clients reading only the legacy fields do without it.
     let mut fields = BTreeMap::new();
     if !c.hash_policy.is_empty() {
         let json = serde_json::to_string(&c.hash_policy).unwrap_or_default();
@@ -611,7 +605,6 @@ pub(crate) fn encode_cluster(c: &Cluster) -> XCluster {
         // The legacy enum for older clients; `load_balancing_policy` wins where understood.
         lb_policy: lb_policy as i32,
         lb_config,
-        common_lb_config,
         load_balancing_policy: Some(lb_policies(c.lb, c.resilience.slow_start, c.zones)),
         outlier_detection: Some(crate::resilience::encode_outlier(&c.resilience.outlier)),
         circuit_breakers: Some(crate::resilience::encode_circuit_breakers(&c.resilience)),
@@ -1608,10 +1601,17 @@ mod tests {
             let mut back = decode_cluster(&to_any(CLUSTER, &x)).unwrap();
             back.endpoints = c.endpoints.clone();
             assert_eq!(back, c);
-            // Clients without the typed list read the legacy fields.
+            // Stock Envoy refuses common_lb_config's hashing fields beside the typed list.
+            assert!(x.common_lb_config.is_none());
+            // Clients without the typed list read the legacy fields: the same
+            // policy, without a balance factor.
             let mut legacy = x.clone();
             legacy.load_balancing_policy = None;
-            assert_eq!(decode_cluster(&to_any(CLUSTER, &legacy)).unwrap().lb, lb);
+            let plain = match lb {
+                LbPolicy::RingHash(_) => LbPolicy::RingHash(HashLb::default()),
+                _ => LbPolicy::Maglev(HashLb::default()),
+            };
+            assert_eq!(decode_cluster(&to_any(CLUSTER, &legacy)).unwrap().lb, plain);
             // gRPC has no Maglev: ring hash follows it in the list.
             let urls: Vec<_> = x
                 .load_balancing_policy

@@ -155,3 +155,34 @@ async fn envoy_over_ads_delta() {
     init_tracing();
     scenario(true).await;
 }
+
+/// A ring-hash service with a balance factor, created with meshctl, reaches
+/// a stock Envoy fed by our control plane: Envoy takes the cluster and its
+/// host. (Our CDS also carried `common_lb_config.consistent_hashing_lb_config`
+/// beside the typed policy, which Envoy refuses: "load_balancing_policy cannot
+/// be combined with partial fields ... of common_lb_config".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_takes_a_hashing_service_with_a_balance_factor() {
+    let a = echo("a").await;
+    let data = tempfile::tempdir().unwrap();
+    let cp = ControlPlaneProcess::spawn(data.path()).await;
+    let out = std::process::Command::new(meshwire_tests::bins::MESHCTL)
+        .args(["--server", &cp.url(), "--token", &cp.token])
+        .args(["service", "create", "sticky", "--lb", "ring-hash"])
+        .args(["--hash-header", "x-user", "--hash-balance-factor", "1.25"])
+        .output()
+        .expect("run meshctl");
+    assert!(out.status.success(), "{out:?}");
+    let mut admin = cp.client().await;
+    api::add_endpoint(&mut admin, "sticky", a.addr, 1).await;
+    let envoy = EnvoyProcess::start(cp.addr, "envoy-hash", false).await;
+    let want: BTreeMap<String, u32> = [(a.addr.to_string(), 1)].into_iter().collect();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for _ in 0..500 {
+        tick.tick().await;
+        if envoy.hosts("sticky").await == want {
+            return;
+        }
+    }
+    panic!("envoy never took the sticky cluster:\n{}", envoy.log());
+}
