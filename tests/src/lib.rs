@@ -35,7 +35,7 @@ pub use clients::*;
 pub use control_plane::*;
 pub use meshwire_proto::example::v1::{EchoReply, EchoRequest, StreamRequest};
 pub use peers::*;
-pub use process::Process;
+pub use process::{CommandOut, Process, run_command};
 pub use sidecar::*;
 pub use tally::{Tally, next_calls};
 pub use wait::*;

@@ -114,3 +114,24 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// What a finished command (`meshctl`, the control plane's subcommands)
+/// printed.
+#[derive(Debug)]
+pub struct CommandOut {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` to its end off the async workers and collects what it printed.
+pub async fn run_command(mut cmd: std::process::Command) -> CommandOut {
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run the command"))
+        .await
+        .expect("the command's thread");
+    CommandOut {
+        code: out.status.code().expect("the command exited"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

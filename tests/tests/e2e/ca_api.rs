@@ -636,12 +636,7 @@ async fn permissive_and_policy_round_trip_into_the_pushed_cluster() {
 
 // === meshctl ===
 
-#[derive(Debug)]
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+use meshwire_tests::CommandOut as Out;
 
 async fn run(bin: Bin, cwd: &Path, args: Vec<String>) -> Out {
     let mut cmd = Command::new(bin);
@@ -654,14 +649,7 @@ async fn run(bin: Bin, cwd: &Path, args: Vec<String>) -> Out {
         .env_remove("MESHCTL_CERT")
         .env_remove("MESHCTL_KEY")
         .stdin(Stdio::null());
-    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run"))
-        .await
-        .unwrap();
-    Out {
-        code: out.status.code().expect("exited"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    meshwire_tests::run_command(cmd).await
 }
 
 fn ok(out: &Out) -> &str {

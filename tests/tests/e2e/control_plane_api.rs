@@ -24,13 +24,7 @@ const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 
 // === harness ===
 
-/// What a finished `meshctl` run printed.
-#[derive(Debug)]
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+use meshwire_tests::CommandOut as Out;
 
 /// Runs `meshctl` in `cwd` with a clean environment (plus `envs`).
 async fn meshctl(cwd: &Path, args: &[&str], envs: &[(&str, &str)]) -> Out {
@@ -42,14 +36,7 @@ async fn meshctl(cwd: &Path, args: &[&str], envs: &[(&str, &str)]) -> Out {
         .env_remove("MESHCTL_SERVER")
         .envs(envs.iter().copied())
         .stdin(Stdio::null());
-    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run meshctl"))
-        .await
-        .unwrap();
-    Out {
-        code: out.status.code().expect("meshctl exited"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    meshwire_tests::run_command(cmd).await
 }
 
 /// Asserts a failed meshctl run: its exit code and one line on stderr.

@@ -26,13 +26,7 @@ use prost::Message;
 use meshwire_tests::bins::MESHCTL;
 const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 
-/// What a finished `meshctl` run printed.
-#[derive(Debug)]
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+use meshwire_tests::CommandOut as Out;
 
 async fn meshctl(cp: &ControlPlaneProcess, data: &Path, args: &[&str]) -> Out {
     let mut cmd = Command::new(MESHCTL);
@@ -42,14 +36,7 @@ async fn meshctl(cp: &ControlPlaneProcess, data: &Path, args: &[&str]) -> Out {
         .env_remove("MESHWIRE_ADMIN_TOKEN")
         .env_remove("MESHCTL_SERVER")
         .stdin(Stdio::null());
-    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run meshctl"))
-        .await
-        .unwrap();
-    Out {
-        code: out.status.code().expect("meshctl exited"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    run_command(cmd).await
 }
 
 #[track_caller]

@@ -21,13 +21,7 @@ use meshwire_tls::TrustBundle;
 use meshwire_tls::testing::TestCa;
 use tonic::Code;
 
-/// What a finished `meshctl` run printed.
-#[derive(Debug)]
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+use meshwire_tests::CommandOut as Out;
 
 /// A control-plane process with its services, and what sidecars need to join.
 struct Cp {
@@ -105,14 +99,7 @@ impl Cp {
             .env("MESHWIRE_ADMIN_TOKEN", &self.process.token)
             .env_remove("MESHCTL_SERVER")
             .stdin(Stdio::null());
-        let out = tokio::task::spawn_blocking(move || cmd.output().expect("run meshctl"))
-            .await
-            .unwrap();
-        Out {
-            code: out.status.code().expect("meshctl exited"),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        run_command(cmd).await
     }
 
     async fn meshctl_ok(&self, args: &[&str]) -> String {
